@@ -1,0 +1,133 @@
+"""The offline API for researchers and tests.
+
+    from dsjax import LLM, SamplingParams
+    llm = LLM(model="tiny-llama", dummy_weights=True)
+    outs = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling=SamplingParams(max_tokens=16, temperature=0.0))
+    outs[0].token_ids  # generated ids only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from pathlib import Path
+from typing import Sequence
+
+import jax.numpy as jnp
+
+from dsjax.engine import Engine
+from dsjax.kv_cache import CacheConfig
+from dsjax.request import FinishReason, Lifecycle, Request
+from dsjax.runner import ModelRunner
+from dsjax.sampling_params import SamplingParams
+from dsjax.scheduler import SchedulerConfig
+from dsjax.tokenizer import load_tokenizer
+from models.attention import BACKENDS, default_backend
+from models.config import ModelConfig
+from models.transformer import CausalLM
+from models.weights import load_model
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DEFAULT_KV_BYTES = 512 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    lifecycle: Lifecycle
+
+
+def validate_prompt(config: ModelConfig, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
+    """The checks every entry point applies (offline API and gRPC): ValueError names the field."""
+    if len(prompt_token_ids) == 0:
+        raise ValueError("prompt is empty: prompt_token_ids must hold at least one token")
+    bad = [t for t in prompt_token_ids if not 0 <= int(t) < config.vocab_size]
+    if bad:
+        raise ValueError(f"prompt_token_ids hold ids outside the vocabulary [0, {config.vocab_size}): {bad[:8]}")
+    if len(prompt_token_ids) >= config.max_position:
+        raise ValueError(f"prompt length {len(prompt_token_ids)} must be below the context length {config.max_position}")
+    if len(prompt_token_ids) + sampling.max_tokens > config.max_position:
+        raise ValueError(
+            f"max_tokens={sampling.max_tokens} with a {len(prompt_token_ids)}-token prompt exceeds the context length {config.max_position}"
+        )
+
+
+def default_num_blocks(config: ModelConfig, block_size: int, max_num_seqs: int, dtype_bytes: int) -> int:
+    """Room for max_num_seqs full contexts, capped at ~512 MiB of KV, plus the null block."""
+    want = max_num_seqs * -(-config.max_position // block_size)
+    cap = _DEFAULT_KV_BYTES // (config.kv_bytes_per_token(dtype_bytes) * block_size)
+    return max(2, min(want, cap) + 1)
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dummy_weights: bool = False,
+        dtype: str = "float32",
+        seed: int = 0,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        scheduler: SchedulerConfig | None = None,
+        attention_backend: str | None = None,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
+        backend = attention_backend or default_backend()
+        if backend not in BACKENDS:
+            raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
+        self.config, params = load_model(model, dtype=DTYPES[dtype], dummy_weights=dummy_weights, seed=seed)
+        model_dir = Path(model) if Path(model).is_dir() else None
+        self.tokenizer = load_tokenizer(model_dir, self.config)
+        self.scheduler_config = scheduler or SchedulerConfig()
+        jdtype = DTYPES[dtype]
+        if num_blocks is None:
+            num_blocks = default_num_blocks(self.config, block_size, self.scheduler_config.max_num_seqs, jnp.dtype(jdtype).itemsize)
+        self.model = CausalLM(config=self.config, dtype=jdtype, backend=backend)
+        runner = ModelRunner(self.model, params, CacheConfig(num_blocks=num_blocks, block_size=block_size))
+        self.engine = Engine(runner, self.scheduler_config)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for a batch of text prompts or token-id prompts; outputs keep the input order."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("pass exactly one of prompts (text) or prompt_token_ids")
+        if prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            prompt_token_ids = [self.tokenizer.encode(p) for p in prompts]
+        prompt_token_ids = [list(map(int, p)) for p in prompt_token_ids]
+        sampling = sampling or SamplingParams()
+        params = [sampling] * len(prompt_token_ids) if isinstance(sampling, SamplingParams) else list(sampling)
+        if len(params) != len(prompt_token_ids):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompt_token_ids)} prompts")
+        for ids, sp in zip(prompt_token_ids, params):
+            validate_prompt(self.config, ids, sp)
+        reqs = []
+        for ids, sp in zip(prompt_token_ids, params):
+            req = Request(
+                request_id=f"offline-{next(self._ids)}", prompt_token_ids=ids, sampling=sp,
+                seed=sp.seed if sp.seed is not None else random.getrandbits(32), eos_token_id=self.config.eos_token_id,
+            )
+            self.engine.add_request(req)
+            reqs.append(req)
+        while self.engine.has_unfinished():
+            self.engine.step()
+        return [
+            RequestOutput(
+                request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, token_ids=list(r.output_token_ids),
+                text=self.tokenizer.decode(r.output_token_ids), finish_reason=r.finish_reason, lifecycle=r.lifecycle,
+            )
+            for r in reqs
+        ]

@@ -1,0 +1,27 @@
+"""The shape policy: which padded shapes the jitted programs are compiled for.
+
+Every dynamic size is rounded up to a bucket so that a serving run compiles a handful of programs:
+
+- prefill: total packed tokens T -> next power of two >= 16; number of requests B -> next power of
+  two; block-table width MB -> next power of two of the longest request's blocks.
+- decode: batch B -> next power of two; block-table width MB -> next power of two.
+
+So a prefill program is keyed by (T, B, MB) and a decode program by (B, MB): with a 2048-token
+context and 16-token blocks at most 8 x 5 x 8 prefill and 6 x 8 decode variants exist, and a
+workload touches far fewer. Padding rows use the null block (block 0) and zero lengths.
+"""
+
+from __future__ import annotations
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def prefill_bucket(num_tokens: int, num_seqs: int, max_blocks: int) -> tuple[int, int, int]:
+    return next_pow2(num_tokens, 16), next_pow2(num_seqs), next_pow2(max_blocks)
+
+
+def decode_bucket(batch: int, max_blocks: int) -> tuple[int, int]:
+    return next_pow2(batch), next_pow2(max_blocks)

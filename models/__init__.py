@@ -1,0 +1,7 @@
+"""Flax decoder models (OPT, LLaMA family), presets and weight loading."""
+
+from models.attention import DecodeMeta, PrefillMeta
+from models.config import PRESETS, ModelConfig, get_preset
+from models.transformer import CausalLM, KVCache
+
+__all__ = ["CausalLM", "DecodeMeta", "KVCache", "ModelConfig", "PRESETS", "PrefillMeta", "get_preset"]

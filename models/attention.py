@@ -1,0 +1,141 @@
+"""The attention seam between the model and the kernels, and the per-step metadata it reads.
+
+KV cache layout (one pair of arrays per layer; see dsjax/kv_cache.py for the pool):
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+A request's token at logical position p lives in physical block ``block_tables[b, p // block_size]``,
+row ``p % block_size``. Block 0 is the *null block*: the block manager never hands it out, padding
+tokens write their K/V there, and padding entries of a block table point at it, so every index the
+programs compute is in bounds and no real block is ever clobbered by padding.
+
+Worked example (block_size 4): a request with 6 cached tokens and block table [7, 3, 0, 0] keeps
+positions 0-3 in block 7 and positions 4-5 in rows 0-1 of block 3; its next token (position 6)
+goes to slot 3 * 4 + 2 = 14 of the flattened [num_blocks * block_size] view.
+
+The metadata is an explicit pytree argument of the jitted programs (never a global). Prefill packs
+the prompts of a batch along one token axis (request b owns rows cu_q_lens[b]:cu_q_lens[b+1]);
+decode has exactly one token per request. The type of the metadata, not a mode string, selects the
+attention routine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Backend = Literal["xla", "pallas"]
+BACKENDS = ("xla", "pallas")
+
+
+@struct.dataclass
+class PrefillMeta:
+    positions: jax.Array  # [T] int32 logical position of each packed token (0 for padding)
+    slots: jax.Array  # [T] int32 flat cache slot (block * block_size + row); padding -> null block
+    block_tables: jax.Array  # [B, max_blocks] int32
+    cu_q_lens: jax.Array  # [B + 1] int32, cu_q_lens[0] == 0; rows >= cu_q_lens[B] are padding
+    kv_lens: jax.Array  # [B] int32 cached prefix + new tokens; 0 for padding requests
+
+
+@struct.dataclass
+class DecodeMeta:
+    positions: jax.Array  # [B] int32 position of the token being decoded
+    slots: jax.Array  # [B] int32 flat cache slot for that token
+    block_tables: jax.Array  # [B, max_blocks] int32
+    kv_lens: jax.Array  # [B] int32 positions + 1 for live rows, 0 for padding rows
+
+
+Meta = PrefillMeta | DecodeMeta
+
+
+def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatter new K/V rows into the paged cache at flat `slots`.
+
+    k_cache, v_cache: [NB, BS, Hkv, D]; k, v: [T, Hkv, D]; slots: [T]. The reshape to the flat
+    [NB * BS, Hkv, D] view is free, and with the cache donated the scatter happens in place.
+    """
+    nb, bs, h, d = k_cache.shape
+    k_flat = k_cache.reshape(nb * bs, h, d).at[slots].set(k.astype(k_cache.dtype))
+    v_flat = v_cache.reshape(nb * bs, h, d).at[slots].set(v.astype(v_cache.dtype))
+    return k_flat.reshape(nb, bs, h, d), v_flat.reshape(nb, bs, h, d)
+
+
+def _gather_kv(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """[NB, BS, Hkv, D] gathered through [B, MB] block tables -> [B, MB * BS, Hkv, D]."""
+    b, mb = block_tables.shape
+    _, bs, h, d = cache.shape
+    return cache[block_tables].reshape(b, mb * bs, h, d)
+
+
+def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: float) -> jax.Array:
+    """Ragged prefill attention in plain jnp (the CPU path and the engine's reference).
+
+    q: [T, Hq, D] -> [T, Hq, D]. Each token scores against the gathered KV of every request in the
+    batch ([T, Hkv, G, B, S] scores) and a mask keeps only its own request's positions <= its own:
+    with a cached prefix, query i of request b sits at position kv_len - q_len + i, which is exactly
+    `positions`, so the causal limit is bottom-right aligned. The extra factor B in score work is
+    small next to the projections for the batch sizes the token budget admits.
+    """
+    t, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    keys = _gather_kv(k_cache, meta.block_tables)  # [B, S, Hkv, D]
+    vals = _gather_kv(v_cache, meta.block_tables)
+    nreq, s = keys.shape[0], keys.shape[1]
+    token_idx = jnp.arange(t, dtype=jnp.int32)
+    seq = jnp.searchsorted(meta.cu_q_lens[1:], token_idx, side="right").astype(jnp.int32)  # [T]; B for padding
+    own = seq[:, None] == jnp.arange(nreq, dtype=jnp.int32)[None, :]  # [T, B]
+    causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= meta.positions[:, None]  # [T, S]
+    mask = own[:, :, None] & causal[:, None, :]  # [T, B, S]
+    qg = q.reshape(t, hkv, g, d)
+    scores = jnp.einsum("tkgd,bskd->tkgbs", qg, keys, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    flat = scores.reshape(t, hkv, g, nreq * s)
+    probs = jax.nn.softmax(flat, axis=-1, where=mask.reshape(t, 1, 1, nreq * s))
+    probs = jnp.where(jnp.isnan(probs), 0.0, probs).reshape(t, hkv, g, nreq, s)
+    out = jnp.einsum("tkgbs,bskd->tkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    return out.reshape(t, hq, d).astype(q.dtype)
+
+
+def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: float) -> jax.Array:
+    """Paged decode attention in plain jnp: q [B, Hq, D] -> [B, Hq, D]; padding rows give 0."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    keys = _gather_kv(k_cache, meta.block_tables)  # [B, S, Hkv, D]
+    vals = _gather_kv(v_cache, meta.block_tables)
+    s = keys.shape[1]
+    mask = jnp.arange(s, dtype=jnp.int32)[None, :] < meta.kv_lens[:, None]  # [B, S]
+    scores = jnp.einsum("bkgd,bskd->bkgs", q.reshape(b, hkv, g, d), keys, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1, where=mask[:, None, None, :])
+    probs = jnp.where(jnp.isnan(probs), 0.0, probs)
+    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend) -> jax.Array:
+    """Dispatch on the metadata type (prefill or decode) and the static backend name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
+    if isinstance(meta, PrefillMeta):
+        if backend == "pallas":
+            import pallas_kernels
+
+            return pallas_kernels.ragged_prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, sm_scale=sm_scale
+            )
+        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
+    if backend == "pallas":
+        import pallas_kernels
+
+        return pallas_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, sm_scale=sm_scale)
+    return decode_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
+
+
+def default_backend() -> Backend:
+    """Pallas kernels on GPU, the jnp path elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
