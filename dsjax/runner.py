@@ -1,41 +1,100 @@
-"""ModelRunner: one model replica's device state (params, KV pool) and its two programs.
+"""ModelRunner: one model instance's device state (params, KV pool) and its programs.
 
-The runner executes whatever batch it is handed; choosing the batch is the scheduler's job. Inputs
-are packed on the host (dsjax/batch.py), the jitted program runs with the pool donated, and only
-the sampled token ids come back to the host, once per step.
+An instance is `pp` pipeline stages, each on its own mesh of `tp` devices with its slice of layers,
+its params sharded by the phase's rules and its own KV pool (those layers only). The runner executes
+whatever batches it is handed; choosing them is the scheduler's job. Inputs are packed on the host
+(dsjax/batch.py); every micro-batch is dispatched through all stages before any result is read,
+so with pp stages up to pp micro-batches are in flight (JAX dispatch is asynchronous, and each
+stage's devices work on one micro-batch while the next stage works on the previous one). Only the
+sampled token ids come back to the host, once per step.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
 
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from dsjax import sharding as shd
 from dsjax.batch import Chunk, pack_decode, pack_prefill
 from dsjax.kv_cache import CacheConfig, allocate_cache
-from dsjax.programs import programs
+from dsjax.programs import stage_programs
 from dsjax.request import Request
-from models.transformer import CausalLM
+from models.transformer import CausalLM, KVCache
+
+
+@dataclasses.dataclass
+class Stage:
+    first_layer: int
+    last_layer: int
+    mesh: Mesh | None  # None: default device, no explicit sharding
+    params: dict
+    cache: KVCache
+    prefill_fn: object
+    decode_fn: object
+
+    def put(self, x):
+        return x if self.mesh is None else jax.device_put(x, shd.replicated(self.mesh))
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, params, cache_config: CacheConfig):
+    def __init__(self, model: CausalLM, params, cache_config: CacheConfig, meshes: tuple[Mesh, ...] | None = None,
+                 rules: shd.ShardingRules | None = None):
         self.model = model
-        self.params = params
         self.cache_config = cache_config
-        self.cache = allocate_cache(model.config, cache_config, model.dtype)
-        self._prefill, self._decode = programs(model)
+        self.stages: list[Stage] = []
+        cfg = model.config
+        if meshes is None:
+            prefill_fn, decode_fn = stage_programs(model, 0, cfg.num_layers)
+            cache = allocate_cache(cfg, cache_config, model.dtype)
+            self.stages.append(Stage(0, cfg.num_layers, None, params, cache, prefill_fn, decode_fn))
+            return
+        for mesh, (first, last) in zip(meshes, shd.stage_layers(cfg.num_layers, len(meshes)), strict=True):
+            shd.check_tp(cfg, mesh.size)
+            stage_params = shd.shard_stage_params(model, params, mesh, first, last, rules)
+            cache = allocate_cache(cfg, cache_config, model.dtype, num_layers=last - first, sharding=shd.cache_sharding(mesh, last - first))
+            prefill_fn, decode_fn = stage_programs(model, first, last)
+            self.stages.append(Stage(first, last, mesh, stage_params, cache, prefill_fn, decode_fn))
 
     @property
     def block_size(self) -> int:
         return self.cache_config.block_size
 
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    def devices(self) -> list:
+        if self.stages[0].mesh is None:
+            return [jax.devices()[0]]
+        return [d for s in self.stages for d in s.mesh.devices.flat]
+
+    def _dispatch(self, packed, decode: bool):
+        inputs, meta, sampling = packed
+        for stage in self.stages:
+            fn = stage.decode_fn if decode else stage.prefill_fn
+            inputs, stage.cache = fn(stage.params, stage.cache, stage.put(inputs), stage.put(meta), stage.put(sampling))
+        return inputs  # [B] sampled tokens (device array, maybe not ready yet)
+
     def prefill(self, chunks: list[Chunk], tables: list[list[int]]) -> np.ndarray:
         """Run one packed prefill; returns the sampled token of each chunk ([len(chunks)])."""
-        token_ids, meta, sampling = pack_prefill(chunks, tables, self.block_size)
-        out, self.cache = self._prefill(self.params, self.cache, token_ids, meta, sampling)
-        return np.asarray(out)[: len(chunks)]
+        return self.prefill_many([(chunks, tables)])[0]
+
+    def prefill_many(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[np.ndarray]:
+        """Several prefill batches, all dispatched before any is read (pipeline micro-batches)."""
+        outs = [self._dispatch(pack_prefill(c, t, self.block_size), decode=False) for c, t in batches]
+        return [np.asarray(o)[: len(c)] for o, (c, _) in zip(outs, batches)]
 
     def decode(self, reqs: list[Request], tables: list[list[int]]) -> np.ndarray:
-        """Advance each request one token; returns the sampled tokens ([len(reqs)])."""
-        token_ids, meta, sampling = pack_decode(reqs, tables, self.block_size)
-        out, self.cache = self._decode(self.params, self.cache, token_ids, meta, sampling)
-        return np.asarray(out)[: len(reqs)]
+        """Advance each request one token ([len(reqs)] tokens). With pp stages the batch is split
+        into pp micro-batches that flow through the pipeline back to back."""
+        n = len(reqs)
+        parts = max(1, min(self.pp, n))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        outs = [
+            self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size), decode=True)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        return np.concatenate([np.asarray(o)[: b - a] for o, (a, b) in zip(outs, zip(bounds, bounds[1:]))])
