@@ -41,7 +41,7 @@ def _tables(tables: list[list[int]], rows: int, width: int) -> np.ndarray:
 def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int):
     """-> (token_ids [T], PrefillMeta, SamplingArrays) as numpy, padded to the prefill bucket."""
     total = sum(c.num_tokens for c in chunks)
-    max_blocks = max(-(-c.end // block_size) for c in chunks)
+    max_blocks = max(len(t) for t in tables)
     t_pad, b_pad, mb_pad = shapes.prefill_bucket(total, len(chunks), max_blocks)
     token_ids = np.zeros(t_pad, np.int32)
     positions = np.zeros(t_pad, np.int32)

@@ -1,13 +1,21 @@
-"""A single-instance engine: continuous batching with prefill first (vLLM-style colocation).
+"""A colocated instance: both phases on one model replica, two policies.
 
-One step is: pick a batch, run it, record the tokens:
+- prefill-first (vLLM-style): a step is either a prefill batch, when prompts wait and fit, or a
+  decode step of every running request;
+- chunked prefill (Sarathi, vLLM's default today): every step carries all running decodes (one
+  token each) and fills the rest of a token budget with a chunk of the oldest waiting prompt. A
+  decode token is a chunk of length one, so the mixed batch is one call of the prefill program.
+
+
+A prefill-first step is: pick a batch, run it, record the tokens:
 
     batch = pick_prefill_batch(...) or pick_decode_batch(...)
     tokens = runner.prefill(...) / runner.decode(...)
     finished = [r for r, t in zip(batch, tokens) if r.append_token(t, now)]
 
-Prefill batches take priority, so a new prompt delays the running decodes by one prefill; that
-interference is exactly what disaggregation removes.
+Prefill batches take priority, so a new prompt delays the running decodes by one prefill; chunking
+bounds that delay but slows every step that carries a chunk. That interference is exactly what
+disaggregation removes.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from dsjax.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_bat
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: SchedulerConfig):
+    def __init__(self, runner: ModelRunner, scheduler: SchedulerConfig, chunked: bool = False):
         self.runner = runner
         self.cfg = scheduler
+        self.chunked = chunked
+        self._computed: dict[str, int] = {}  # chunked mode: prompt tokens already in the cache
         self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -53,6 +63,7 @@ class Engine:
             self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
+        self._computed.pop(request_id, None)
         req.finish_reason = FinishReason.CANCELLED
         self._finish(req, time.perf_counter())
         return True
@@ -67,8 +78,13 @@ class Engine:
         self._by_id.pop(req.request_id, None)
 
     # ---- one step ------------------------------------------------------------------------
+    def load(self) -> int:
+        return sum(r.num_tokens for r in self.running) + sum(r.num_tokens for r in self.waiting)
+
     def step(self) -> list[Request]:
-        """Run one prefill or decode batch; returns the requests that finished in it."""
+        """Run one batch; returns the requests that finished in it."""
+        if self.chunked:
+            return self._chunked_step()
         room = self.cfg.max_num_seqs - len(self.running)
         batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg, max_seqs=room) if room > 0 else []
         if batch:
@@ -102,3 +118,69 @@ class Engine:
             elif newly_prefilled:
                 self.running.append(r)
         return finished
+
+    def _chunked_step(self) -> list[Request]:
+        decode_batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg) if self.running else ([], [])
+        for r in preempted:
+            self._computed.pop(r.request_id, None)
+        self.waiting.extendleft(reversed(preempted))
+        budget = self.cfg.max_prefill_tokens - len(decode_batch)
+        chunks = [Chunk(r, r.num_tokens - 1, r.num_tokens) for r in decode_batch]
+        # Fill the budget with chunks of waiting prompts, oldest first; a prompt's blocks are
+        # allocated whole when its first chunk is scheduled.
+        prefilling: list[Request] = []
+        room = self.cfg.max_num_seqs - len(self.running)
+        for req in list(self.waiting):
+            if budget <= 0 or len(prefilling) >= room:
+                break
+            rid = req.request_id
+            if rid not in self._computed:
+                if not self.blocks.can_allocate(req.num_tokens):
+                    break
+                self.blocks.allocate(rid, req.num_tokens)
+                self._computed[rid] = 0
+            done = self._computed[rid]
+            end = min(req.num_tokens, done + budget)
+            chunks.append(Chunk(req, done, end))
+            prefilling.append(req)
+            budget -= end - done
+        if not chunks:
+            return []
+        start = time.perf_counter()
+        for r in prefilling:
+            r.lifecycle.prefill_start = r.lifecycle.prefill_start or start
+        tokens = self.runner.prefill(chunks, [self.blocks.block_table(c.request.request_id) for c in chunks])
+        now = time.perf_counter()
+        finished = self._record(decode_batch, tokens[: len(decode_batch)], now, newly_prefilled=False)
+        completed, completed_tokens = [], []
+        for c, tok in zip(chunks[len(decode_batch):], tokens[len(decode_batch):]):
+            rid = c.request.request_id
+            self._computed[rid] = c.end
+            if c.end == c.request.num_tokens:  # last chunk: its sampled token is the first output
+                del self._computed[rid]
+                self.waiting.remove(c.request)
+                c.request.lifecycle.prefill_end = now
+                c.request.lifecycle.decode_start = c.request.lifecycle.decode_start or now
+                c.request.status = Status.RUNNING
+                completed.append(c.request)
+                completed_tokens.append(tok)
+        return finished + self._record(completed, completed_tokens, now, newly_prefilled=True)
+
+
+class ReplicatedEngine:
+    """Independent colocated replicas; each request goes to the least-loaded one."""
+
+    def __init__(self, engines: list[Engine]):
+        self.engines = engines
+
+    def add_request(self, req: Request) -> None:
+        min(self.engines, key=lambda e: e.load()).add_request(req)
+
+    def abort(self, request_id: str) -> bool:
+        return any(e.abort(request_id) for e in self.engines)
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.engines)
+
+    def step(self) -> list[Request]:
+        return [r for e in self.engines for r in e.step()]

@@ -16,10 +16,10 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from dsjax.engine import Engine
+from dsjax.cluster import build_engine
 from dsjax.kv_cache import CacheConfig
+from dsjax.placement import Placement
 from dsjax.request import FinishReason, Lifecycle, Request
-from dsjax.runner import ModelRunner
 from dsjax.sampling_params import SamplingParams
 from dsjax.scheduler import SchedulerConfig
 from dsjax.tokenizer import load_tokenizer
@@ -76,6 +76,8 @@ class LLM:
         num_blocks: int | None = None,
         scheduler: SchedulerConfig | None = None,
         attention_backend: str | None = None,
+        placement: Placement | None = None,
+        mode: str = "colocated",
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
@@ -90,8 +92,10 @@ class LLM:
         if num_blocks is None:
             num_blocks = default_num_blocks(self.config, block_size, self.scheduler_config.max_num_seqs, jnp.dtype(jdtype).itemsize)
         self.model = CausalLM(config=self.config, dtype=jdtype, backend=backend)
-        runner = ModelRunner(self.model, params, CacheConfig(num_blocks=num_blocks, block_size=block_size))
-        self.engine = Engine(runner, self.scheduler_config)
+        self.engine = build_engine(
+            self.model, params, placement=placement, mode=mode,
+            cache=CacheConfig(num_blocks=num_blocks, block_size=block_size), scheduler=self.scheduler_config,
+        )
         self._ids = itertools.count()
 
     def generate(

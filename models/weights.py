@@ -299,17 +299,17 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any, dummy_weights: bo
     Presets have no weights: they need `dummy_weights=True` (random init from `seed`). A directory
     loads its safetensors, or with `dummy_weights=True` only its config.json, with random weights.
     """
-    name = str(name_or_path)
-    if not Path(name).is_dir() and name in PRESETS:
+    name, path = str(name_or_path), Path(name_or_path)
+    if not path.is_dir():
+        if name not in PRESETS:
+            raise ValueError(f"{name!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}")
         if not dummy_weights:
             raise ValueError(f"preset {name!r} has no weights: pass dummy_weights=True for random ones, or a checkpoint directory")
         config = PRESETS[name]
     elif dummy_weights:
-        config = config_from_hf(read_hf_config(name), name=Path(name).resolve().name, source=str(Path(name) / "config.json"))
+        config = config_from_hf(read_hf_config(path), name=path.resolve().name, source=str(path / "config.json"))
     else:
-        if not Path(name).is_dir():
-            raise ValueError(f"{name!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}")
-        return load_hf_checkpoint(name, dtype=dtype)
+        return load_hf_checkpoint(path, dtype=dtype)
     return config, CausalLM(config=config, dtype=jnp.dtype(dtype)).init(jax.random.PRNGKey(seed))
 
 

@@ -1,0 +1,204 @@
+"""Text <-> token ids: a Hugging Face `tokenizer.json` wrapper, or a byte tokenizer for dummy models.
+
+Both tokenizers share one interface:
+
+    encode(text) -> list[int]        with BOS first when the model's HF tokenizer would add it
+    decode(ids) -> str               special tokens skipped
+    incremental_decoder(prefix_ids)  an `IncrementalDecoder` for streaming
+    bos_token_id, eos_token_id, eos_token_ids, vocab_size
+
+Byte tokenizer layout (ids the model may emit beyond it decode to nothing):
+
+    0..255  the UTF-8 bytes      256 BOS      257 EOS      258 PAD      (vocab_size 259)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from models.config import ModelConfig
+from models.hf_config import eos_token_ids_from_hf
+
+BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
+BYTE_VOCAB_SIZE = 259
+_REPLACEMENT = "\ufffd"
+# Tokens of context kept before the first new token, so a decoder that strips a leading space
+# (SentencePiece's "▁") or merges across tokens sees the same neighbourhood as a full decode.
+_CONTEXT_TOKENS = 6
+
+
+class Tokenizer(Protocol):
+    bos_token_id: int | None
+    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def incremental_decoder(self, prefix_ids: Sequence[int] = ()) -> IncrementalDecoder: ...
+
+
+class IncrementalDecoder:
+    """Turns a growing list of generated ids into text deltas that never split a character.
+
+        dec = tokenizer.incremental_decoder(prompt_ids)
+        for ids_so_far in stream:          # all generated ids so far, growing by >= 0 each call
+            send(dec.step(ids_so_far))     # only the new, complete text
+        send(dec.flush())                  # whatever was held back, with U+FFFD for broken bytes
+
+    It decodes the window ids[prefix:] and compares with ids[prefix:read]; text is released only
+    when it grew and does not end in U+FFFD (an incomplete UTF-8 sequence from a byte-level
+    token). Offsets advance on release, so the window stays a few tokens long.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prefix_ids: Sequence[int] = ()):
+        self._tokenizer = tokenizer
+        self._ids = [int(t) for t in prefix_ids[-_CONTEXT_TOKENS:]] if prefix_ids else []
+        self._num_context = len(self._ids)
+        self._prefix = 0  # start of the decode window
+        self._read = len(self._ids)  # ids before this are already released as text
+
+    def step(self, token_ids: Sequence[int]) -> str:
+        """New complete text given all generated ids so far (ValueError if the list shrank)."""
+        seen = len(self._ids) - self._num_context
+        if len(token_ids) < seen:
+            raise ValueError(f"token list shrank from {seen} to {len(token_ids)} ids between steps")
+        self._ids.extend(int(t) for t in token_ids[seen:])
+        if len(self._ids) == self._read:
+            return ""
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        if len(text) <= len(prefix_text) or text.endswith(_REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """Release the held-back tail (incomplete sequences become U+FFFD); call once at the end."""
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(prefix_text) :]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 plus BOS/EOS/PAD (for dummy-weight models without tokenizer files)."""
+
+    bos_token_id = BYTE_BOS
+    eos_token_id = BYTE_EOS
+    eos_token_ids = (BYTE_EOS,)
+    pad_token_id = BYTE_PAD
+    vocab_size = BYTE_VOCAB_SIZE
+
+    def __init__(self, model_vocab_size: int):
+        if model_vocab_size < BYTE_VOCAB_SIZE:
+            raise ValueError(
+                f"the byte tokenizer needs vocab_size >= {BYTE_VOCAB_SIZE} (256 bytes + BOS, EOS, PAD), "
+                f"the model has vocab_size={model_vocab_size}"
+            )
+
+    def encode(self, text: str) -> list[int]:
+        return [BYTE_BOS, *text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
+
+    def incremental_decoder(self, prefix_ids: Sequence[int] = ()) -> IncrementalDecoder:
+        return IncrementalDecoder(self, prefix_ids)
+
+
+def _token_content(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` from `tokenizer.json` (or GPT-2 style `vocab.json` + `merges.txt`,
+    as the OPT repositories ship), with BOS handled explicitly.
+
+    The text is encoded without the file's post-processor and BOS is prepended when
+    `add_bos_token` (tokenizer_config.json; default True, as OPT's and LLaMA's tokenizers do),
+    EOS appended when `add_eos_token` (default False). That matches HF for both families whether
+    or not the file's post-processor template adds BOS itself.
+    """
+
+    def __init__(self, model_dir: Path, config: ModelConfig):
+        # Special tokens may sit in special_tokens_map.json; tokenizer_config.json wins.
+        tok_config = {**_read_json(model_dir / "special_tokens_map.json"), **_read_json(model_dir / "tokenizer_config.json")}
+        self._tok = _load_rust_tokenizer(model_dir, tok_config)
+        self.add_bos = bool(tok_config.get("add_bos_token", True))
+        self.add_eos = bool(tok_config.get("add_eos_token", False))
+        self.bos_token_id = self._special_id(tok_config.get("bos_token"), config.bos_token_id)
+        self.eos_token_id = config.eos_token_id if config.eos_token_id is not None else self._special_id(tok_config.get("eos_token"), None)
+        model_eos = eos_token_ids_from_hf(_read_json(model_dir / "config.json")) + eos_token_ids_from_hf(
+            _read_json(model_dir / "generation_config.json")
+        )
+        ids = [self.eos_token_id, *model_eos]
+        self.eos_token_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        if self.add_bos and self.bos_token_id is None:
+            raise ValueError(f"{model_dir}: add_bos_token is set but no BOS token id is known")
+
+    def _special_id(self, token, fallback: int | None) -> int | None:
+        content = _token_content(token)
+        found = self._tok.token_to_id(content) if content else None
+        return found if found is not None else fallback
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos:
+            ids = [self.bos_token_id, *ids]
+        if self.add_eos and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(t) for t in ids], skip_special_tokens=True)
+
+    def incremental_decoder(self, prefix_ids: Sequence[int] = ()) -> IncrementalDecoder:
+        return IncrementalDecoder(self, prefix_ids)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _load_rust_tokenizer(model_dir: Path, tok_config: dict):
+    """tokenizer.json, else a byte-level BPE from vocab.json + merges.txt (the GPT-2/OPT slow-tokenizer
+    files) with the special tokens named in `tok_config` registered."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    if (model_dir / "tokenizer.json").is_file():
+        return RustTokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = RustTokenizer(models.BPE.from_file(str(model_dir / "vocab.json"), str(model_dir / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(tok_config.get("add_prefix_space", False)))
+    tok.decoder = decoders.ByteLevel()
+    specials = [_token_content(tok_config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+    tok.add_special_tokens(sorted({t for t in specials if t}))
+    return tok
+
+
+def _has_hf_tokenizer(model_dir: Path) -> bool:
+    return (model_dir / "tokenizer.json").is_file() or (
+        (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file()
+    )
+
+
+def load_tokenizer(model_dir: str | Path | None, config: ModelConfig) -> Tokenizer:
+    """The HF tokenizer when `model_dir` has tokenizer.json (or vocab.json + merges.txt), else the
+    byte tokenizer."""
+    if model_dir is not None and _has_hf_tokenizer(Path(model_dir)):
+        return HFTokenizer(Path(model_dir), config)
+    return ByteTokenizer(config.vocab_size)

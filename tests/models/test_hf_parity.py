@@ -1,0 +1,74 @@
+"""Logit parity with Hugging Face transformers on tiny random checkpoints (float32, CPU, offline)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from models.transformer import CausalLM
+from models.weights import load_hf_checkpoint
+from tests.models.hf_fixtures import load_hf_model, make_hf_checkpoint
+
+MAX_REL_ERR = 1e-4
+
+# name -> (arch, make_hf_checkpoint keyword arguments, prompt lengths). Each length compiles
+# prompt_logits afresh, so they are few; every position of every prompt is compared, and the
+# lengths cover a single token, 16-token block crossings and a long prompt.
+VARIANTS = {
+    "opt": ("opt", {}, (1, 17, 130)),
+    "opt-sharded": ("opt", {"max_shard_size": "40KB", "seed": 1}, (33,)),
+    "llama-gqa": ("llama", {}, (1, 17, 130)),
+    "llama-tied-headdim32-theta5e5": ("llama", {"tie_word_embeddings": True, "head_dim": 32, "rope_theta": 5e5, "seed": 2}, (64,)),
+    "llama-mqa-sharded": ("llama", {"num_key_value_heads": 1, "max_shard_size": "40KB", "seed": 3}, (33,)),
+    "llama-bf16-file": ("llama", {"torch_dtype": torch.bfloat16, "seed": 4}, (17,)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(name, checkpoint path, torch reference model, prompt lengths), built once per variant."""
+    arch, kwargs, lengths = VARIANTS[request.param]
+    path = make_hf_checkpoint(tmp_path_factory.mktemp("parity"), arch, **kwargs)
+    return request.param, path, load_hf_model(path), lengths
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel <= MAX_REL_ERR, f"{what}: max relative error {rel:.2e} > {MAX_REL_ERR:.0e}"
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=5e-5, err_msg=what)
+
+
+def test_prompt_logits_match_transformers(variant):
+    name, path, hf_model, lengths = variant
+    config, params = load_hf_checkpoint(path, dtype=jnp.float32)
+    prompt_logits = jax.jit(CausalLM(config=config, dtype=jnp.float32).prompt_logits)
+    rng = np.random.default_rng(len(name))
+    for length in lengths:
+        ids = rng.integers(0, config.vocab_size, size=length)
+        ours = np.asarray(prompt_logits(params, jnp.asarray(ids, jnp.int32)))
+        with torch.no_grad():
+            ref = hf_model(torch.as_tensor(ids[None])).logits[0].numpy()
+        assert ours.shape == ref.shape == (length, config.vocab_size)
+        assert_logits_close(ours, ref, f"{name}, prompt length {length}")
+
+
+def test_config_matches_hf_model(variant):
+    name, path, hf_model, _ = variant
+    config, _ = load_hf_checkpoint(path, dtype=jnp.float32)
+    hf = hf_model.config
+    assert config.arch == hf.model_type
+    assert (config.vocab_size, config.hidden_size, config.num_layers, config.num_heads) == (
+        hf.vocab_size, hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads
+    )
+    assert config.tie_embeddings == hf.tie_word_embeddings
+    assert config.max_position == hf.max_position_embeddings
+    assert (config.bos_token_id, config.eos_token_id) == (hf.bos_token_id, hf.eos_token_id)
+    if config.arch == "llama":
+        assert config.num_kv_heads == hf.num_key_value_heads
+        assert config.head_dim == hf.head_dim
+        rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}  # transformers 5 | 4
+        assert config.rope_theta == rope["rope_theta"]
+        assert config.norm_eps == hf.rms_norm_eps
