@@ -1,0 +1,64 @@
+"""The discrete-event core: a heapq of timed callbacks and a table of per-request times."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from dsjax.planner.trace import Trace
+
+
+class EventLoop:
+    """Callbacks `fn(t, arg)` run in time order; ties run in scheduling order (FIFO)."""
+
+    __slots__ = ("heap", "seq", "now", "num_events")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, Callable[[float, Any], None], Any]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.num_events = 0
+
+    def at(self, t: float, fn: Callable[[float, Any], None], arg: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, fn, arg))
+
+    def run(self) -> None:
+        heap = self.heap
+        pop = heapq.heappop
+        n = 0
+        while heap:
+            t, _, fn, arg = pop(heap)
+            self.now = t
+            fn(t, arg)
+            n += 1
+        self.num_events += n
+
+
+class RequestTable:
+    """Lengths and outcome times of every request, as plain lists (fast scalar access)."""
+
+    __slots__ = ("arrival", "prompt", "output", "need", "first", "finish")
+
+    def __init__(self, trace: Trace) -> None:
+        self.arrival: list[float] = trace.arrival_s.tolist()
+        self.prompt: list[int] = trace.prompt_len.tolist()
+        self.output: list[int] = trace.output_len.tolist()
+        self.need: list[int] = [p + o for p, o in zip(self.prompt, self.output)]  # peak KV tokens
+        n = len(self.arrival)
+        self.first: list[float] = [math.inf] * n
+        self.finish: list[float] = [math.inf] * n
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "arrival_s": np.array(self.arrival),
+            "first_token_s": np.array(self.first),
+            "finish_s": np.array(self.finish),
+            "output_len": np.array(self.output),
+        }

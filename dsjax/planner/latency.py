@@ -1,0 +1,303 @@
+"""Latency model: DistServe's fitted per-(model, TP) forms, in milliseconds.
+
+    prefill(batch) = a + b * sum(len) + c * sum(len^2)
+    decode(batch)  = a + b * sum(ctx_len + 1) + c * batch_size
+
+with `decoding_smallbs` coefficients below `decoding_large_small_bs_threshold` requests and
+`decoding_largebs` at or above it. With pipeline parallelism of degree pp > 1 every stage costs
+prefill/pp + pp_overhead_ms * pp (DistServe's public simulator: prefill/pp + pp) and decode/pp.
+
+Profile files use DistServe's schema, keyed by model name ("facebook/opt-13b") then TP as a string:
+
+    {"facebook/opt-13b": {"1": {"prefill": [a, b, c], "decoding_smallbs": [...],
+                                "decoding_largebs": [...], "decoding_large_small_bs_threshold": 95}},
+     "metadata": {"device": "...", "dtype": "...", "date": "..."}}      # optional, ours
+
+`fit_profile` fits the coefficient triples from measured samples by least squares on relative error,
+so the engine's profiler can write a profile in the same schema with `save_profile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dsjax.planner.models import canonical_model_name
+
+Coeffs = tuple[float, float, float]
+DEFAULT_LARGE_BS_THRESHOLD = 95
+
+
+def _triple(name: str, value: Any) -> Coeffs:
+    try:
+        a, b, c = (float(x) for x in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}={value!r} must be three numbers [a, b, c]") from e
+    return (a, b, c)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LatencyCoeffs:
+    """Fitted coefficients of one (model, TP) pair; all times in milliseconds."""
+
+    prefill: Coeffs
+    decode_small: Coeffs
+    decode_large: Coeffs
+    large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD
+
+    def __post_init__(self) -> None:
+        for name in ("prefill", "decode_small", "decode_large"):
+            object.__setattr__(self, name, _triple(name, getattr(self, name)))
+        if self.large_bs_threshold < 1:
+            raise ValueError(f"large_bs_threshold={self.large_bs_threshold} must be >= 1")
+
+    def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
+        """One prefill batch on the whole model (no pipeline split)."""
+        a, b, c = self.prefill
+        return a + b * sum_len + c * sum_len_sq
+
+    def decode_coeffs(self, batch_size: int) -> Coeffs:
+        return self.decode_small if batch_size < self.large_bs_threshold else self.decode_large
+
+    def decode_ms(self, batch_size: int, sum_ctx_plus_1: float) -> float:
+        """One decode step of `batch_size` requests whose (ctx_len + 1) sum to `sum_ctx_plus_1`."""
+        a, b, c = self.decode_coeffs(batch_size)
+        return a + b * sum_ctx_plus_1 + c * batch_size
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decoding_large_small_bs_threshold": self.large_bs_threshold,
+            "prefill": list(self.prefill),
+            "decoding_smallbs": list(self.decode_small),
+            "decoding_largebs": list(self.decode_large),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], *, where: str = "") -> "LatencyCoeffs":
+        missing = {"prefill", "decoding_smallbs", "decoding_largebs"} - set(d)
+        if missing:
+            raise ValueError(f"profile entry {where} lacks {sorted(missing)}")
+        return cls(
+            prefill=d["prefill"],
+            decode_small=d["decoding_smallbs"],
+            decode_large=d["decoding_largebs"],
+            large_bs_threshold=int(d.get("decoding_large_small_bs_threshold", DEFAULT_LARGE_BS_THRESHOLD)),
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LatencyModel:
+    """Latency of one instance: coefficients of its TP degree, split over `pp` pipeline stages."""
+
+    coeffs: LatencyCoeffs
+    tp: int = 1
+    pp: int = 1
+    pp_overhead_ms: float = 1.0  # charged pp times per stage when pp > 1 (DistServe: "+ pp")
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp={self.tp} and pp={self.pp} must be >= 1")
+
+    def prefill_stage_s(self, sum_len: float, sum_len_sq: float) -> float:
+        """Time one pipeline stage is busy with a prefill batch (the whole model when pp == 1)."""
+        ms = self.coeffs.prefill_ms(sum_len, sum_len_sq)
+        if self.pp > 1:
+            ms = ms / self.pp + self.pp_overhead_ms * self.pp
+        return ms * 1e-3
+
+    def prefill_s(self, sum_len: float, sum_len_sq: float) -> float:
+        """End-to-end latency of a prefill batch through all stages of an otherwise idle pipeline."""
+        return self.pp * self.prefill_stage_s(sum_len, sum_len_sq)
+
+    def decode_step_s(self, batch_size: int, sum_ctx_plus_1: float) -> float:
+        """Time for every running request to gain one token.
+
+        With pp > 1 the batch is split into pp micro-batches of ceil(B/pp) requests that flow through
+        the pipeline back to back; a stage spends decode(mb)/pp per micro-batch, so each request waits
+        pp of those: decode(mb) in total. (For B < pp the pipeline is partly empty and the step is just
+        the full-model latency of a batch of one.)
+        """
+        if batch_size <= 0:
+            return 0.0
+        if self.pp == 1:
+            return self.coeffs.decode_ms(batch_size, sum_ctx_plus_1) * 1e-3
+        mb = -(-batch_size // self.pp)
+        return self.coeffs.decode_ms(mb, sum_ctx_plus_1 * mb / batch_size) * 1e-3
+
+    def decode_linear_s(self, batch_size: int, sum_ctx_plus_1: float) -> tuple[float, float]:
+        """(first step time, growth per step) in seconds for a batch whose composition stays fixed.
+
+        Every step each request's context grows by one, so sum(ctx+1) grows by B per step and the
+        step time grows linearly: step_j = alpha + beta * j. The simulator uses this to jump over
+        many decode steps at once.
+        """
+        if batch_size <= 0:
+            return 0.0, 0.0
+        mb = batch_size if self.pp == 1 else -(-batch_size // self.pp)
+        b = self.coeffs.decode_coeffs(mb)[1]
+        return self.decode_step_s(batch_size, sum_ctx_plus_1), b * mb * 1e-3
+
+    def mixed_step_s(self, chunk_tokens: int, chunk_quad: float, batch_size: int, sum_ctx_plus_1: float) -> float:
+        """One chunked-prefill step: prefill chunks plus `batch_size` decodes in one forward pass.
+
+        The prefill form covers the chunks (a chunk of c tokens after p cached ones contributes
+        c * (2p + c) to the quadratic term, so the chunks of one prompt add up to len^2); the decodes
+        add their marginal cost b * sum(ctx + 1) + c * batch, without a second fixed cost. With
+        pp > 1 the step crosses every stage, pp * (pp_overhead_ms) extra, with no overlap between
+        steps.
+        """
+        ms = self.coeffs.prefill_ms(chunk_tokens, chunk_quad) if chunk_tokens else self.coeffs.decode_coeffs(batch_size)[0]
+        if batch_size:
+            _, b, c = self.coeffs.decode_coeffs(batch_size)
+            ms += b * sum_ctx_plus_1 + c * batch_size
+        if self.pp > 1:
+            ms += self.pp_overhead_ms * self.pp * self.pp
+        return ms * 1e-3
+
+    def saturating_prefill_tokens(self, efficiency: float = 0.9) -> int:
+        """L_m: the smallest batch token count whose prefill throughput reaches `efficiency` of the
+        asymptotic (fixed cost amortised) throughput 1/b, ignoring the quadratic term:
+        L / (a + b L) >= efficiency / b  <=>  L >= efficiency * a / ((1 - efficiency) * b)."""
+        if not 0 < efficiency < 1:
+            raise ValueError(f"efficiency={efficiency} must be in (0, 1)")
+        a, b, _ = self.coeffs.prefill
+        if b <= 0 or a <= 0:
+            return 2048
+        return int(round(efficiency * a / ((1 - efficiency) * b)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class Profile:
+    """Coefficients per model name (canonical, e.g. "facebook/opt-13b") and TP degree."""
+
+    entries: Mapping[str, Mapping[int, LatencyCoeffs]]
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    def _entry(self, model: str) -> Mapping[int, LatencyCoeffs]:
+        for key in (model, canonical_model_name(model)):
+            if key in self.entries:
+                return self.entries[key]
+        raise ValueError(f"profile {self.source or '<memory>'} has no model {model!r}; it has {sorted(self.entries)}")
+
+    def tp_degrees(self, model: str) -> tuple[int, ...]:
+        return tuple(sorted(self._entry(model)))
+
+    def has(self, model: str, tp: int) -> bool:
+        try:
+            return tp in self._entry(model)
+        except ValueError:
+            return False
+
+    def coeffs(self, model: str, tp: int) -> LatencyCoeffs:
+        entry = self._entry(model)
+        if tp not in entry:
+            raise ValueError(f"profile {self.source or '<memory>'} has no tp={tp} for {model!r}; it has tp in {sorted(entry)}")
+        return entry[tp]
+
+    def latency(self, model: str, *, tp: int, pp: int = 1, pp_overhead_ms: float = 1.0) -> LatencyModel:
+        return LatencyModel(coeffs=self.coeffs(model, tp), tp=tp, pp=pp, pp_overhead_ms=pp_overhead_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            model: {str(tp): c.to_json() for tp, c in sorted(by_tp.items())} for model, by_tp in self.entries.items()
+        }
+        if self.metadata:
+            doc["metadata"] = dict(self.metadata)
+        return doc
+
+
+def profile_from_json(doc: Mapping[str, Any], *, source: str = "") -> Profile:
+    """Parse DistServe's schema; a top-level "metadata" object is kept aside, not read as a model."""
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"profile {source} must be a JSON object, got {type(doc).__name__}")
+    entries: dict[str, dict[int, LatencyCoeffs]] = {}
+    for model, by_tp in doc.items():
+        if model == "metadata":
+            continue
+        if not isinstance(by_tp, Mapping):
+            raise ValueError(f"profile {source}: {model!r} must map TP degrees to coefficients")
+        entries[model] = {}
+        for tp_key, d in by_tp.items():
+            try:
+                tp = int(tp_key)
+            except ValueError as e:
+                raise ValueError(f"profile {source}: {model!r} has non-integer TP key {tp_key!r}") from e
+            entries[model][tp] = LatencyCoeffs.from_json(d, where=f"{source}:{model}:{tp_key}")
+    meta = doc.get("metadata", {})
+    return Profile(entries=entries, metadata=dict(meta) if isinstance(meta, Mapping) else {}, source=source)
+
+
+def load_profile(path: str | Path) -> Profile:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"profile file {str(p)!r} does not exist")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"profile file {str(p)!r} is not JSON: {e}") from e
+    return profile_from_json(doc, source=str(p))
+
+
+def save_profile(path: str | Path, profile: Profile) -> None:
+    """Write `profile` in DistServe's schema plus our optional "metadata" object."""
+    Path(path).write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting
+
+
+def _fit_relative(features: np.ndarray, observed_ms: np.ndarray) -> Coeffs:
+    """argmin_beta sum(((X beta - y) / y)^2): ordinary least squares on rows scaled by 1/y."""
+    if np.any(observed_ms <= 0):
+        raise ValueError(f"observed times must be > 0 ms, got min {float(observed_ms.min())}")
+    a = features / observed_ms[:, None]
+    beta, *_ = np.linalg.lstsq(a, np.ones(len(observed_ms)), rcond=None)
+    return (float(beta[0]), float(beta[1]), float(beta[2]))
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coeffs:
+    """Fit [a, b, c] of a + b*sum(len) + c*sum(len^2) from (prompt lengths of a batch, ms) samples."""
+    if len(samples) < 3:
+        raise ValueError(f"need at least 3 prefill samples to fit 3 coefficients, got {len(samples)}")
+    x = np.array([[1.0, float(sum(lens)), float(sum(l * l for l in lens))] for lens, _ in samples])
+    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
+
+
+def fit_decode(samples: Sequence[tuple[Sequence[int], float]]) -> Coeffs:
+    """Fit [a, b, c] of a + b*sum(ctx+1) + c*batch from (context lengths of a batch, ms) samples."""
+    if len(samples) < 3:
+        raise ValueError(f"need at least 3 decode samples to fit 3 coefficients, got {len(samples)}")
+    x = np.array([[1.0, float(sum(c + 1 for c in ctx)), float(len(ctx))] for ctx, _ in samples])
+    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
+
+
+def fit_profile(
+    *,
+    prefill: Sequence[tuple[Sequence[int], float]],
+    decode: Sequence[tuple[Sequence[int], float]],
+    large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD,
+) -> LatencyCoeffs:
+    """Fit one (model, TP) entry from measured samples.
+
+    prefill: (prompt lengths in the batch, measured ms); decode: (context lengths in the batch,
+    measured ms). Decode samples are split at `large_bs_threshold`; a regime with fewer than 3
+    samples reuses the other regime's fit.
+    """
+    small = [s for s in decode if len(s[0]) < large_bs_threshold]
+    large = [s for s in decode if len(s[0]) >= large_bs_threshold]
+    if len(small) < 3 and len(large) < 3:
+        raise ValueError(f"need at least 3 decode samples in one batch-size regime, got {len(small)} small and {len(large)} large")
+    small_c = fit_decode(small) if len(small) >= 3 else None
+    large_c = fit_decode(large) if len(large) >= 3 else None
+    return LatencyCoeffs(
+        prefill=fit_prefill(prefill),
+        decode_small=small_c or large_c,
+        decode_large=large_c or small_c,
+        large_bs_threshold=large_bs_threshold,
+    )

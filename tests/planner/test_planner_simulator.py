@@ -1,0 +1,201 @@
+import math
+
+import numpy as np
+import pytest
+
+from dsjax.placement import Placement, PhaseParallel
+from dsjax.planner.batch import RunningBatch
+from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
+from dsjax.planner.metrics import SLO
+from dsjax.planner.models import MemoryModel, get_model
+from dsjax.planner.simulator import SchedulerConfig, Simulator, md1_mean_ttft
+from dsjax.planner.trace import FixedLengths, Trace, generate_trace
+
+COEFFS = LatencyCoeffs(prefill=(18.1, 0.1019, 7.12e-6), decode_small=(19.93, 6.27e-4, 0.0385), decode_large=(7.17, 5.8e-4, 0.158))
+PROFILE = Profile(entries={"facebook/opt-13b": {1: COEFFS, 2: COEFFS}})
+MODEL = get_model("opt-13b")
+BIG = MemoryModel(model=MODEL, table={"facebook/opt-13b": {(tp, pp): 10**7 for tp in (1, 2) for pp in (1, 2, 4)}})
+SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
+
+
+def _sim(placement, memory=BIG, **cfg):
+    return Simulator(placement=placement, profile=PROFILE, model=MODEL, memory=memory, config=SchedulerConfig(**cfg))
+
+
+def _trace(rows):
+    a, p, o = zip(*rows)
+    return Trace(arrival_s=np.array(a, float), prompt_len=np.array(p), output_len=np.array(o))
+
+
+def _disagg(tp=1, pp=1, n=1, dtp=1, dpp=1, m=1):
+    return Placement(prefill=PhaseParallel(tp=tp, pp=pp, replicas=n), decode=PhaseParallel(tp=dtp, pp=dpp, replicas=m))
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.5, 0.65, 0.8])
+def test_prefill_queue_matches_md1(rho):
+    """One prefill instance, one request per batch (L_m = prompt length), fixed prompts, Poisson."""
+    lat = LatencyModel(coeffs=COEFFS)
+    service = lat.prefill_s(512, 512**2)
+    rate = rho / service
+    trace = generate_trace(num_requests=30000, rate=rate, lengths=FixedLengths(prompt_len=512, output_len=1), seed=3)
+    result = _sim(_disagg(), prefill_token_budget=512).run(trace, slo=SLO_, phase="prefill")
+    assert result.ttft_s.mean() == pytest.approx(md1_mean_ttft(service, trace.mean_rate), rel=0.05)
+
+
+def test_single_request_latencies_are_exact():
+    trace = _trace([(0.0, 512, 11)])
+    r = _sim(_disagg()).run(trace, slo=SLO_)
+    prefill = COEFFS.prefill_ms(512, 512**2) * 1e-3
+    steps = [COEFFS.decode_ms(1, 513 + j) * 1e-3 for j in range(10)]
+    assert r.ttft_s[0] == pytest.approx(prefill)
+    assert r.tpot_s[0] == pytest.approx(sum(steps) / 10)
+    assert r.attainment == 1.0
+
+
+def _reference_decode(trace, latency, max_batch):
+    """Naive per-step continuous batching of one decode instance (requests arrive prefilled)."""
+    n = len(trace)
+    arrival, prompt, out = trace.arrival_s, trace.prompt_len, trace.output_len
+    finish = np.full(n, math.inf)
+    t, nxt = 0.0, 0
+    running: dict[int, int] = {}  # rid -> tokens generated so far (first one by prefill)
+    waiting: list[int] = []
+    while nxt < n or running or waiting:
+        while nxt < n and arrival[nxt] <= t:
+            if out[nxt] == 1:
+                finish[nxt] = arrival[nxt]
+            else:
+                waiting.append(nxt)
+            nxt += 1
+        while waiting and len(running) < max_batch:
+            running[waiting.pop(0)] = 1
+        if not running:
+            t = arrival[nxt]
+            continue
+        t += latency.decode_step_s(len(running), sum(prompt[r] + g for r, g in running.items()))
+        for r in list(running):
+            running[r] += 1
+            if running[r] == out[r]:
+                finish[r] = t
+                del running[r]
+    return finish
+
+
+@pytest.mark.parametrize("pp,max_batch", [(1, 256), (1, 3), (2, 256)])
+def test_decode_skip_ahead_matches_per_step_reference(pp, max_batch):
+    rng = np.random.default_rng(pp + max_batch)
+    trace = generate_trace(num_requests=60, rate=20.0, lengths=FixedLengths(prompt_len=1, output_len=1), seed=1)
+    trace = Trace(arrival_s=trace.arrival_s, prompt_len=rng.integers(1, 800, 60), output_len=rng.integers(1, 60, 60))
+    sim = _sim(_disagg(dpp=pp), decode_max_batch_size=max_batch)
+    r = sim.run(trace, slo=SLO_, phase="decode")
+    finish = _reference_decode(trace, sim.decode.latency, max_batch)
+    mask = trace.output_len > 1
+    expected = (finish - trace.arrival_s)[mask] / (trace.output_len[mask] - 1)
+    np.testing.assert_allclose(r.tpot_s[mask], expected, rtol=1e-9)
+
+
+def test_running_batch_time_math():
+    lat = LatencyModel(coeffs=COEFFS)
+    b = RunningBatch(lat)
+    b.join(0, context_len=100, steps=3)
+    b.join(1, context_len=300, steps=1)
+    assert b.sum_ctx == 402
+    b.start_segment(1.0)
+    assert b.time_after(2) == pytest.approx(1.0 + lat.decode_step_s(2, 402) + lat.decode_step_s(2, 404))
+    for t in (1.0, 1.01, 1.05, 1.3):
+        k = b.steps_until(t)
+        assert b.time_after(k) >= t and (k == 1 or b.time_after(k - 1) < t)
+    assert b.advance(1) == [1]
+    assert b.sum_ctx == 102
+
+
+def test_pipelined_prefill_overlaps_batches():
+    # Two long prompts arriving together: with pp=2 the second enters stage 0 when the first leaves it.
+    trace = _trace([(0.0, 1500, 1), (0.0, 1500, 1)])
+    r1 = _sim(_disagg(pp=1), prefill_token_budget=1500).run(trace, slo=SLO_, phase="prefill")
+    r2 = _sim(_disagg(pp=2), prefill_token_budget=1500).run(trace, slo=SLO_, phase="prefill")
+    lat2 = LatencyModel(coeffs=COEFFS, pp=2)
+    stage = lat2.prefill_stage_s(1500, 1500**2)
+    np.testing.assert_allclose(r2.ttft_s, [2 * stage, 3 * stage])
+    assert r2.ttft_s[1] < r1.ttft_s[1]
+
+
+def test_prefill_batches_short_prompts():
+    trace = _trace([(0.0, 2000, 1)] + [(0.001, 100, 1)] * 5)
+    r = _sim(_disagg(), prefill_token_budget=512).run(trace, slo=SLO_, phase="prefill")
+    first = COEFFS.prefill_ms(2000, 2000**2) * 1e-3
+    batch = COEFFS.prefill_ms(500, 5 * 100**2) * 1e-3
+    np.testing.assert_allclose(r.ttft_s[1:], first + batch - 0.001)
+
+
+def test_kv_capacity_limits_and_unserved():
+    small = MemoryModel(model=MODEL, table={"facebook/opt-13b": {(1, 1): 1000}})
+    trace = _trace([(0.0, 400, 200), (0.0, 400, 200), (0.0, 2000, 10)])  # decode fits one at a time
+    r = _sim(_disagg(), memory=small).run(trace, slo=SLO_)
+    assert np.isinf(r.ttft_s[2]) and r.summary()["num_unserved"] == 1
+    # The second request waits (KV stays on the prefill side) until the first one finishes.
+    assert r.tpot_s[1] > 1.5 * r.tpot_s[0]
+    unlimited = _sim(_disagg(), memory=small, kv_capacity_limit=False).run(trace, slo=SLO_)
+    assert np.isfinite(unlimited.ttft_s).all()
+
+
+def test_kv_transfer_time():
+    trace = _trace([(0.0, 1000, 5)])
+    free = _sim(_disagg()).run(trace, slo=SLO_)
+    slow = _sim(_disagg(), link_bytes_per_s=25e9 / 8).run(trace, slo=SLO_)
+    expected = 1000 * MODEL.kv_bytes_per_token / (25e9 / 8) / 4  # spread over 4 decode steps
+    assert slow.tpot_s[0] - free.tpot_s[0] == pytest.approx(expected, rel=0.2)
+
+
+def test_dispatch_spreads_over_instances():
+    trace = generate_trace(num_requests=400, rate=30.0, lengths=FixedLengths(prompt_len=600, output_len=20), seed=0)
+    one = _sim(_disagg()).run(trace, slo=SLO(ttft_s=0.3, tpot_s=0.1))
+    four = _sim(_disagg(n=4, m=2)).run(trace, slo=SLO(ttft_s=0.3, tpot_s=0.1))
+    assert four.attainment > 0.95 > one.attainment
+
+
+def test_colocated_prefill_stalls_decodes():
+    trace = _trace([(0.0, 100, 50), (0.3, 1800, 2)])
+    colo = _sim(Placement.colocated(tp=1)).run(trace, slo=SLO_)
+    alone = _sim(Placement.colocated(tp=1)).run(trace.head(1), slo=SLO_)
+    stall = COEFFS.prefill_ms(1800, 1800**2) * 1e-3
+    assert colo.tpot_s[0] * 49 - alone.tpot_s[0] * 49 == pytest.approx(stall, rel=0.05)
+    dis = _sim(_disagg()).run(trace, slo=SLO_)
+    assert dis.tpot_s[0] == pytest.approx(alone.tpot_s[0], rel=0.01)  # no stall, one shared step
+
+
+def test_chunked_prefill_bounds_the_stall():
+    trace = _trace([(0.0, 100, 50), (0.3, 1800, 2)])
+    colo = _sim(Placement.colocated(tp=1)).run(trace, slo=SLO_)
+    chunked = _sim(Placement.colocated(tp=1, mode="chunked"), chunk_tokens=256).run(trace, slo=SLO_)
+    assert chunked.tpot_s[0] < colo.tpot_s[0]
+    assert chunked.ttft_s[1] > colo.ttft_s[1]
+    single = _sim(Placement.colocated(tp=1, mode="chunked"), chunk_tokens=4096).run(trace.head(1), slo=SLO_)
+    assert single.ttft_s[0] == pytest.approx(COEFFS.prefill_ms(100, 100**2) * 1e-3)
+
+
+def test_no_per_token_events(monkeypatch):
+    from dsjax.planner import events
+
+    counts = []
+    real_run = events.EventLoop.run
+
+    def counting_run(self):
+        real_run(self)
+        counts.append(self.num_events)
+
+    monkeypatch.setattr(events.EventLoop, "run", counting_run)
+    trace = generate_trace(num_requests=500, rate=5.0, lengths=FixedLengths(prompt_len=300, output_len=200), seed=0)
+    _sim(_disagg()).run(trace, slo=SLO_)
+    assert counts[0] < 10 * len(trace) < int(trace.output_len.sum())
+
+
+def test_simulator_validates_configs():
+    with pytest.raises(ValueError, match="does not divide num_heads"):
+        _sim(_disagg(tp=3))
+    with pytest.raises(ValueError, match="does not fit"):
+        _sim(_disagg(), memory=MemoryModel(model=MODEL, table={"facebook/opt-13b": {}}))
+    with pytest.raises(ValueError, match="phase='prefill' needs a disaggregated"):
+        _sim(Placement.colocated(tp=1)).run(_trace([(0.0, 1, 1)]), slo=SLO_, phase="prefill")
+    with pytest.raises(ValueError, match="prefill_token_budget=0"):
+        SchedulerConfig(prefill_token_budget=0)
