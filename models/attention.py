@@ -70,34 +70,68 @@ def _gather_kv(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     return cache[block_tables].reshape(b, mb * bs, h, d)
 
 
-def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: float) -> jax.Array:
-    """Ragged prefill attention in plain jnp (the CPU path and the engine's reference).
+def _softmax_masked(scores, mask):
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1, where=mask)
+    return jnp.where(mask, probs, 0.0)  # fully masked rows (padding) give 0, not NaN
 
-    q: [T, Hq, D] -> [T, Hq, D]. Each token scores against the gathered KV of every request in the
-    batch ([T, Hkv, G, B, S] scores) and a mask keeps only its own request's positions <= its own:
-    with a cached prefix, query i of request b sits at position kv_len - q_len + i, which is exactly
-    `positions`, so the causal limit is bottom-right aligned. The extra factor B in score work is
-    small next to the projections for the batch sizes the token budget admits.
+
+def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: float) -> jax.Array:
+    """Ragged prefill attention in plain jnp (the CPU path): q [T, Hq, D] -> [T, Hq, D].
+
+    With a cached prefix, query i of request b sits at position kv_len - q_len + i, which is
+    exactly `positions`, so "key position <= query position" is the bottom-right-aligned causal
+    mask. Two exact formulations; the cheaper one for the (static) shapes is chosen at trace time,
+    with B requests, S = max_blocks * block_size keys each, T packed tokens:
+      - packed: every token scores against every request's keys, a mask keeps its own:
+        T * B * S scores. Best when one request (or long prefixes) dominates (S >= T).
+      - padded: queries are regrouped per request into [B, min(T, S)] rows: B * S * min(T, S)
+        scores. Best for many short prompts (S < T).
     """
-    t, hq, d = q.shape
-    hkv = k_cache.shape[2]
-    g = hq // hkv
+    t = q.shape[0]
+    s = meta.block_tables.shape[1] * k_cache.shape[1]
     keys = _gather_kv(k_cache, meta.block_tables)  # [B, S, Hkv, D]
     vals = _gather_kv(v_cache, meta.block_tables)
-    nreq, s = keys.shape[0], keys.shape[1]
-    token_idx = jnp.arange(t, dtype=jnp.int32)
-    seq = jnp.searchsorted(meta.cu_q_lens[1:], token_idx, side="right").astype(jnp.int32)  # [T]; B for padding
-    own = seq[:, None] == jnp.arange(nreq, dtype=jnp.int32)[None, :]  # [T, B]
-    causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= meta.positions[:, None]  # [T, S]
-    mask = own[:, :, None] & causal[:, None, :]  # [T, B, S]
-    qg = q.reshape(t, hkv, g, d)
-    scores = jnp.einsum("tkgd,bskd->tkgbs", qg, keys, preferred_element_type=jnp.float32) * sm_scale
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    flat = scores.reshape(t, hkv, g, nreq * s)
-    probs = jax.nn.softmax(flat, axis=-1, where=mask.reshape(t, 1, 1, nreq * s))
-    probs = jnp.where(jnp.isnan(probs), 0.0, probs).reshape(t, hkv, g, nreq, s)
+    if s < t:
+        return _prefill_padded(q, keys, vals, meta, sm_scale)
+    return _prefill_packed(q, keys, vals, meta, sm_scale)
+
+
+def _prefill_packed(q, keys, vals, meta: PrefillMeta, sm_scale):
+    t, hq, d = q.shape
+    nreq, s, hkv, _ = keys.shape
+    g = hq // hkv
+    seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]; B = padding
+    own = seq[:, None] == jnp.arange(nreq)[None, :]  # [T, B]
+    causal = jnp.arange(s)[None, :] <= meta.positions[:, None]  # [T, S]
+    mask = (own[:, :, None] & causal[:, None, :]).reshape(t, 1, 1, nreq * s)
+    scores = jnp.einsum("tkgd,bskd->tkgbs", q.reshape(t, hkv, g, d), keys, preferred_element_type=jnp.float32) * sm_scale
+    probs = _softmax_masked(scores.reshape(t, hkv, g, nreq * s), mask).reshape(t, hkv, g, nreq, s)
     out = jnp.einsum("tkgbs,bskd->tkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
     return out.reshape(t, hq, d).astype(q.dtype)
+
+
+def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale):
+    t, hq, d = q.shape
+    nreq, s, hkv, _ = keys.shape
+    g = hq // hkv
+    qmax = min(t, s)  # a request's queries never outnumber its keys
+    starts, q_lens = meta.cu_q_lens[:-1], meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]  # [B]
+    rows = jnp.arange(qmax, dtype=jnp.int32)
+    valid = rows[None, :] < q_lens[:, None]  # [B, Q]
+    idx = jnp.clip(starts[:, None] + rows[None, :], 0, t - 1)  # [B, Q] packed row of each padded query
+    qp = q[idx].reshape(nreq, qmax, hkv, g, d)
+    pos = meta.positions[idx]  # [B, Q]
+    mask = valid[:, :, None] & (jnp.arange(s)[None, None, :] <= pos[:, :, None])  # [B, Q, S]
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qp, keys, preferred_element_type=jnp.float32) * sm_scale
+    probs = _softmax_masked(scores, mask[:, None, None])
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    # back to packed rows: token t is row t - cu[b] of its request b; padding tokens give 0
+    seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]
+    row = jnp.arange(t) - meta.cu_q_lens[jnp.minimum(seq, nreq - 1)]
+    packed = out[jnp.minimum(seq, nreq - 1), jnp.clip(row, 0, qmax - 1)]  # [T, Hkv, G, D]
+    packed = jnp.where((seq < nreq)[:, None, None, None], packed, 0.0)
+    return packed.reshape(t, hq, d).astype(q.dtype)
 
 
 def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: float) -> jax.Array:
@@ -110,9 +144,7 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
     s = keys.shape[1]
     mask = jnp.arange(s, dtype=jnp.int32)[None, :] < meta.kv_lens[:, None]  # [B, S]
     scores = jnp.einsum("bkgd,bskd->bkgs", q.reshape(b, hkv, g, d), keys, preferred_element_type=jnp.float32) * sm_scale
-    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1, where=mask[:, None, None, :])
-    probs = jnp.where(jnp.isnan(probs), 0.0, probs)
+    probs = _softmax_masked(scores, mask[:, None, None, :])
     out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
     return out.reshape(b, hq, d).astype(q.dtype)
 

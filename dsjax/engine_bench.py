@@ -1,0 +1,134 @@
+"""Engine micro-benchmarks: prefill tokens/s, decode step time, in-process KV migration.
+
+    python -m dsjax.engine_bench [--model small-llama] [--dtype float32] [--reps 5]
+
+Every shape runs once untimed (compilation) before it is timed; times are medians over `--reps`.
+Migration copies a request's blocks from a prefill instance on device 0 to a decode instance on
+device 1 (two fake CPU devices here) and is compared with one plain `jax.device_put` of the same
+number of bytes between the same devices, measured side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dsjax.batch import Chunk  # noqa: E402
+from dsjax.block_manager import BlockManager  # noqa: E402
+from dsjax.kv_cache import CacheConfig  # noqa: E402
+from dsjax.llm import DTYPES  # noqa: E402
+from dsjax.migration import migrate  # noqa: E402
+from dsjax.request import Request  # noqa: E402
+from dsjax.runner import ModelRunner  # noqa: E402
+from dsjax.sampling_params import SamplingParams  # noqa: E402
+from dsjax.sharding import InstanceMeshes, _instance  # noqa: E402
+from dsjax.placement import PhaseParallel  # noqa: E402
+from models.transformer import CausalLM  # noqa: E402
+from models.weights import load_model  # noqa: E402
+
+GREEDY = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
+
+
+def _median_time(fn, reps: int) -> float:
+    fn()  # compile / warm
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _requests(n: int, length: int, rng) -> list[Request]:
+    return [Request(request_id=f"b{i}", prompt_token_ids=[int(x) for x in rng.integers(0, 256, length)], sampling=GREEDY, seed=0) for i in range(n)]
+
+
+def bench_prefill(runner: ModelRunner, shapes, reps, rng):
+    rows = []
+    for n, length in tqdm(shapes, desc="prefill", leave=False):
+        reqs = _requests(n, length, rng)
+        bm = BlockManager(runner.cache_config.num_blocks, runner.block_size)
+        tables = [bm.allocate(r.request_id, length) for r in reqs]
+        chunks = [Chunk(r, 0, length) for r in reqs]
+        t = _median_time(lambda: runner.prefill(chunks, tables), reps)
+        rows.append({"batch": n, "prompt_len": length, "ms": 1e3 * t, "tokens_per_s": n * length / t})
+    return rows
+
+
+def bench_decode(runner: ModelRunner, batches, context, reps, rng):
+    rows = []
+    for n in tqdm(batches, desc="decode", leave=False):
+        reqs = _requests(n, context, rng)
+        bm = BlockManager(runner.cache_config.num_blocks, runner.block_size)
+        tables = [bm.allocate(r.request_id, context + 1) for r in reqs]
+        for r in reqs:
+            r.output_token_ids.append(1)
+        t = _median_time(lambda: runner.decode(reqs, tables), reps)
+        rows.append({"batch": n, "context": context, "step_ms": 1e3 * t, "tokens_per_s": n / t})
+    return rows
+
+
+def bench_migration(model: CausalLM, params, cache: CacheConfig, lengths, reps):
+    devs = jax.devices()
+    if len(devs) < 2:
+        return []
+    one = PhaseParallel()
+    src = ModelRunner(model, params, cache, _instance([devs[0]], one).meshes)
+    dst = ModelRunner(model, params, cache, _instance([devs[1]], one).meshes)
+    rows = []
+    for length in tqdm(lengths, desc="migration", leave=False):
+        nblk = -(-length // cache.block_size)
+        src_table, dst_table = list(range(1, nblk + 1)), list(range(1, nblk + 1))
+        t_mig = _median_time(lambda: migrate(src, src_table, dst, dst_table), reps)
+        nbytes = model.config.kv_bytes_per_token(jnp.dtype(model.dtype).itemsize) * nblk * cache.block_size
+        blob = jax.device_put(np.zeros(nbytes // 4, np.float32), devs[0])
+        t_put = _median_time(lambda: jax.device_put(blob, devs[1]).block_until_ready(), reps)
+        rows.append({"tokens": length, "bytes": nbytes, "migrate_ms": 1e3 * t_mig, "device_put_ms": 1e3 * t_put,
+                     "us_per_token": 1e6 * t_mig / length, "ratio": t_mig / t_put})
+    return rows
+
+
+def _table(rows) -> str:
+    if not rows:
+        return "(not run)\n"
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:,.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="small-llama")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = ap.parse_args(argv)
+    config, params = load_model(args.model, dtype=DTYPES[args.dtype], dummy_weights=True)
+    model = CausalLM(config=config, dtype=DTYPES[args.dtype])
+    cache = CacheConfig(num_blocks=1024, block_size=16)
+    runner = ModelRunner(model, params, cache)
+    rng = np.random.default_rng(0)
+    prefill_shapes = [(1, 128), (1, 512), (4, 128)] if args.quick else [(1, 128), (1, 512), (1, 1024), (4, 128), (8, 128), (4, 512)]
+    decode_batches = [1, 8] if args.quick else [1, 8, 32]
+    print(f"# {args.model} ({config.num_params() / 1e6:.1f}M params, {args.dtype}) on {jax.devices()[0].device_kind}, jax {jax.__version__}\n")
+    print("## Prefill\n" + _table(bench_prefill(runner, prefill_shapes, args.reps, rng)))
+    print("## Decode (context 512)\n" + _table(bench_decode(runner, decode_batches, 512, args.reps, rng)))
+    print("## In-process KV migration (device 0 -> device 1) vs one device_put of the same bytes\n"
+          + _table(bench_migration(model, params, cache, [64, 512, 1024] if not args.quick else [512], args.reps)))
+
+
+if __name__ == "__main__":
+    main()
