@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     config, params = load_model(args.model, dtype=DTYPES[args.dtype], dummy_weights=True)
     model = CausalLM(config=config, dtype=DTYPES[args.dtype])
-    cache = CacheConfig(num_blocks=1024, block_size=16)
+    cache = CacheConfig(num_blocks=2200, block_size=16)
     runner = ModelRunner(model, params, cache)
     rng = np.random.default_rng(0)
     prefill_shapes = [(1, 128), (1, 512), (4, 128)] if args.quick else [(1, 128), (1, 512), (1, 1024), (4, 128), (8, 128), (4, 512)]
