@@ -9,9 +9,11 @@ mode: a disaggregated prefill instance uses `pick_prefill_batch`, a decode insta
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import deque
 
-from dsjax.block_manager import BlockManager
+from dsjax.block_manager import BlockManager, blocks_for
+from dsjax.planner.policies import prefill_batch_count
 from dsjax.request import Request, Status
 
 
@@ -36,19 +38,16 @@ def pick_prefill_batch(
     """Pop an FCFS prefix of `waiting` that fits the token budget, the free blocks and `max_seqs`
     (room left in a colocated decode batch), allocating each chosen request's blocks.
     Head-of-line order is kept: no request overtakes another."""
-    batch: list[Request] = []
-    tokens = 0
     limit = cfg.max_prefill_seqs if max_seqs is None else min(cfg.max_prefill_seqs, max_seqs)
-    while waiting and len(batch) < limit:
-        req = waiting[0]
-        n = req.num_tokens
-        if batch and tokens + n > cfg.max_prefill_tokens:
-            break
-        if not blocks.can_allocate(n):
-            break
-        blocks.allocate(req.request_id, n)
-        batch.append(waiting.popleft())
-        tokens += n
+    bs = blocks.block_size
+    head = list(itertools.islice(waiting, max(0, limit)))
+    count = prefill_batch_count(
+        [r.num_tokens for r in head], token_budget=cfg.max_prefill_tokens, max_batch_size=limit,
+        free_kv_tokens=blocks.num_free_blocks * bs, kv_tokens=[blocks_for(r.num_tokens, bs) * bs for r in head],
+    )
+    batch = [waiting.popleft() for _ in range(count)]
+    for req in batch:
+        blocks.allocate(req.request_id, req.num_tokens)
     return batch
 
 
