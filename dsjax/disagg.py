@@ -20,10 +20,11 @@ import time
 from collections import deque
 
 import jax.numpy as jnp
+import numpy as np
 
 from dsjax.batch import Chunk
 from dsjax.block_manager import BlockManager, blocks_for
-from dsjax.migration import KVDescriptor, migrate
+from dsjax.migration import KVDescriptor, StagedKV, gather_request, insert_request, migrate
 from dsjax.request import FinishReason, Request, Status
 from dsjax.runner import ModelRunner
 from dsjax.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
@@ -38,6 +39,7 @@ class PrefillInstance:
         self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
         self.waiting: deque[Request] = deque()
         self.ready: deque[Request] = deque()  # prefilled, KV held here until a decode instance pulls it
+        self.staged: dict[str, StagedKV] = {}  # threaded mode: KV gathered out of the pool at prefill end
 
     def queued_tokens(self) -> int:
         return sum(r.num_tokens for r in self.waiting)
@@ -45,6 +47,13 @@ class PrefillInstance:
     def step(self) -> tuple[list[Request], list[Request]]:
         """Run up to pp prefill batches (one per pipeline stage in flight).
         Returns (newly prefilled requests, requests that finished at their first token)."""
+        pending = self.launch()
+        if pending is None:
+            return [], []
+        return self.complete(pending, self.runner.collect(pending[1]))
+
+    def launch(self):
+        """Pick up to pp FCFS batches and dispatch them; None when there is nothing to run."""
         batches = []
         for _ in range(self.runner.pp):
             batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg)
@@ -52,23 +61,34 @@ class PrefillInstance:
                 break
             batches.append(batch)
         if not batches:
-            return [], []
+            return None
         start = time.perf_counter()
         for batch in batches:
             for r in batch:
                 r.lifecycle.prefill_start = r.lifecycle.prefill_start or start
-        outs = self.runner.prefill_many(
+        launched = self.runner.launch_prefill(
             [([Chunk(r, 0, r.num_tokens) for r in b], [self.blocks.block_table(r.request_id) for r in b]) for b in batches]
         )
+        return batches, launched
+
+    def complete(self, pending, outs, stage_kv: bool = False) -> tuple[list[Request], list[Request]]:
+        """Record the sampled first tokens. Prefilled requests wait in `ready` with their KV in
+        this pool; with `stage_kv` their blocks are also gathered right away into `staged` copies
+        that a concurrent decode thread can pull without waiting for later prefills."""
+        batches, _ = pending
         now = time.perf_counter()
         prefilled, finished = [], []
         for batch, tokens in zip(batches, outs):
             for r, tok in zip(batch, tokens):
+                if r.status is Status.FINISHED:  # aborted while its prefill ran (threaded mode)
+                    continue
                 r.lifecycle.prefill_end = now
                 if r.append_token(int(tok), now):
                     self.blocks.free(r.request_id)
                     finished.append(r)
                 else:
+                    if stage_kv:
+                        self.staged[r.request_id] = gather_request(self.runner, self.blocks.block_table(r.request_id))
                     r.status = Status.PREFILLED
                     self.ready.append(r)
                     prefilled.append(r)
@@ -80,6 +100,7 @@ class PrefillInstance:
             self.ready.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
+        self.staged.pop(req.request_id, None)
         self.blocks.free(req.request_id)
 
 
@@ -106,11 +127,16 @@ class DecodeInstance:
         return need <= self.blocks.num_free_blocks
 
     def pull(self, req: Request, src: PrefillInstance) -> int:
-        """Copy the request's KV from `src` into this pool, then free it on `src`."""
+        """Copy the request's KV from `src` into this pool, then free it on `src`. A copy staged at
+        prefill end (threaded mode) is used when present, without waiting for it to land."""
         req.status = Status.MIGRATING
         req.lifecycle.migration_start = time.perf_counter()
         table = self.blocks.allocate(req.request_id, req.num_tokens - 1)  # the last token's KV is written by decode
-        moved = migrate(src.runner, src.blocks.block_table(req.request_id), self.runner, table)
+        staged = src.staged.pop(req.request_id, None)
+        if staged is None:
+            moved = migrate(src.runner, src.blocks.block_table(req.request_id), self.runner, table)
+        else:  # ordered before the next decode step by data dependence on the pool
+            moved = insert_request(self.runner, table, staged, wait=False)
         src.release(req)
         req.lifecycle.migration_end = time.perf_counter()
         req.status = Status.RUNNING
@@ -121,21 +147,34 @@ class DecodeInstance:
 
     def step(self) -> tuple[list[Request], list[Request]]:
         """One decode step. Returns (finished, preempted-for-recompute)."""
-        if not self.running:
-            return [], []
-        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg)
+        batch, preempted, launched = self.launch()
         if not batch:
             return [], preempted
-        tokens = self.runner.decode(batch, [self.blocks.block_table(r.request_id) for r in batch])
+        return self.complete(batch, self.runner.collect(launched)), preempted
+
+    def launch(self):
+        """Pick the decode batch (preempting if blocks run out) and dispatch it:
+        (batch, preempted, launched)."""
+        if not self.running:
+            return [], [], []
+        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg)
+        if not batch:
+            return [], preempted, []
+        return batch, preempted, self.runner.launch_decode(batch, [self.blocks.block_table(r.request_id) for r in batch])
+
+    def complete(self, batch: list[Request], outs) -> list[Request]:
+        """Record one token per request; returns those that finished (their blocks are freed)."""
         now = time.perf_counter()
         finished = []
-        for r, tok in zip(batch, tokens):
+        for r, tok in zip(batch, np.concatenate(outs)):
+            if r.status is Status.FINISHED:  # aborted while its step ran (threaded mode)
+                continue
             r.lifecycle.decode_start = r.lifecycle.decode_start or now
             if r.append_token(int(tok), now):
                 self.running.remove(r)
                 self.blocks.free(r.request_id)
                 finished.append(r)
-        return finished, preempted
+        return finished
 
 
 class DisaggEngine:

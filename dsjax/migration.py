@@ -91,19 +91,37 @@ def _put_ids(stage, ids: np.ndarray):
     return jnp.asarray(ids) if stage.mesh is None else jax.device_put(ids, shd.replicated(stage.mesh))
 
 
-def migrate(src, src_table: list[int], dst, dst_table: list[int]) -> int:
-    """Copy a request's blocks from runner `src` to runner `dst` (same model); returns the bytes
-    moved. Blocks up to len(src_table) are copied; the caller frees src blocks afterwards."""
-    if src.block_size != dst.block_size:
-        raise ValueError(f"block sizes differ: prefill block_size={src.block_size}, decode block_size={dst.block_size}")
-    if len(dst_table) < len(src_table):
-        raise ValueError(f"destination table has {len(dst_table)} blocks, source {len(src_table)}")
-    moved = 0
+@dataclasses.dataclass(frozen=True)
+class StagedKV:
+    """A request's gathered blocks, still on the source devices: for each piece (start, end) of its
+    block list, per source stage (first_layer, last_layer, k, v) with k, v [L_s, n, BS, H, D].
+    These arrays no longer depend on the source pool, so later programs on the source instance
+    neither wait for nor disturb them."""
+
+    num_blocks: int
+    pieces: tuple[tuple[int, int, tuple[tuple[int, int, jax.Array, jax.Array], ...]], ...]
+
+
+def gather_request(src, src_table: list[int]) -> StagedKV:
+    """Step 1: dispatch the gathers of a request's blocks on every source stage (asynchronous).
+    Once dispatched, the source blocks may be freed: later writes to them are ordered after the
+    gathers by the runtime."""
+    out = []
     for a, b in pieces(len(src_table)):
-        src_ids = np.asarray(src_table[a:b], np.int32)
+        ids = np.asarray(src_table[a:b], np.int32)
+        out.append((a, b, tuple((s.first_layer, s.last_layer, *_gather(s.cache.k, s.cache.v, _put_ids(s, ids))) for s in src.stages)))
+    return StagedKV(num_blocks=len(src_table), pieces=tuple(out))
+
+
+def insert_request(dst, dst_table: list[int], staged: StagedKV, *, wait: bool = True) -> int:
+    """Steps 2 and 3: move the staged blocks onto each destination stage (resharding heads and
+    regrouping layers) and insert them at `dst_table`. Returns the bytes moved; with `wait` the
+    copy has landed on return."""
+    if len(dst_table) < staged.num_blocks:
+        raise ValueError(f"destination table has {len(dst_table)} blocks, source {staged.num_blocks}")
+    moved = 0
+    for a, b, parts in staged.pieces:
         dst_ids = np.asarray(dst_table[a:b], np.int32)
-        # 1. gather on every source stage: layer range -> (k, v) [L_s, n, BS, H, D]
-        parts = [(s.first_layer, s.last_layer, *_gather(s.cache.k, s.cache.v, _put_ids(s, src_ids))) for s in src.stages]
         for d in dst.stages:
             ks, vs = [], []
             for first, last, k, v in parts:
@@ -122,6 +140,57 @@ def migrate(src, src_table: list[int], dst, dst_table: list[int]) -> int:
             # 3. insert in place (the pool is donated)
             new_k, new_v = _insert(d.cache.k, d.cache.v, _put_ids(d, dst_ids), k_cat, v_cat)
             d.cache = type(d.cache)(k=new_k, v=new_v)
-    for d in dst.stages:  # the copy has landed once the last inserts are done
+    if wait:
+        for d in dst.stages:
+            jax.block_until_ready(d.cache)
+    return moved
+
+
+def migrate(src, src_table: list[int], dst, dst_table: list[int]) -> int:
+    """Copy a request's blocks from runner `src` to runner `dst` (same model); returns the bytes
+    moved. Blocks up to len(src_table) are copied; the caller frees src blocks afterwards."""
+    if src.block_size != dst.block_size:
+        raise ValueError(f"block sizes differ: prefill block_size={src.block_size}, decode block_size={dst.block_size}")
+    return insert_request(dst, dst_table, gather_request(src, src_table))
+
+
+def export_blocks(src, src_table: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of a request's K and V, [L, n, BS, H, D] each (all layers, all heads, the
+    blocks of `src_table` in order): the sending half of a transfer between processes. Every
+    gather is dispatched before the single device-to-host copy; when this returns, the source
+    blocks are no longer read."""
+    gathered = []
+    for a, b in pieces(len(src_table)):
+        ids = np.asarray(src_table[a:b], np.int32)
+        gathered.append([(s.first_layer, *_gather(s.cache.k, s.cache.v, _put_ids(s, ids))) for s in src.stages])
+    host = jax.device_get(gathered)
+    first = host[0][0][1]
+    shape = (sum(k.shape[0] for _, k, _ in host[0]), len(src_table), *first.shape[2:])
+    k_out, v_out = np.empty(shape, first.dtype), np.empty(shape, first.dtype)
+    for (a, b), parts in zip(pieces(len(src_table)), host):
+        for layer, k, v in parts:
+            k_out[layer : layer + k.shape[0], a:b] = k
+            v_out[layer : layer + v.shape[0], a:b] = v
+    return k_out, v_out
+
+
+def import_blocks(dst, dst_table: list[int], k: np.ndarray, v: np.ndarray) -> int:
+    """Write host K and V ([L, n, BS, H, D], all layers and heads) into blocks dst_table[:n] of
+    runner `dst`, resharding heads to each destination stage's mesh: the receiving half of a
+    transfer between processes. Returns the bytes written; the write has landed on return."""
+    n = k.shape[1]
+    if len(dst_table) < n:
+        raise ValueError(f"destination table has {len(dst_table)} blocks, the KV {n}")
+    moved = 0
+    for a, b in pieces(n):
+        for d in dst.stages:
+            target = _heads_sharding(d, 5)
+            k_dst = jax.device_put(k[d.first_layer : d.last_layer, a:b], target)
+            v_dst = jax.device_put(v[d.first_layer : d.last_layer, a:b], target)
+            moved += k_dst.nbytes + v_dst.nbytes
+            ids = _put_ids(d, np.asarray(dst_table[a:b], np.int32))
+            new_k, new_v = _insert(d.cache.k, d.cache.v, ids, k_dst, v_dst)
+            d.cache = type(d.cache)(k=new_k, v=new_v)
+    for d in dst.stages:
         jax.block_until_ready(d.cache)
     return moved

@@ -84,17 +84,28 @@ class ModelRunner:
 
     def prefill_many(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[np.ndarray]:
         """Several prefill batches, all dispatched before any is read (pipeline micro-batches)."""
-        outs = [self._dispatch(pack_prefill(c, t, self.block_size), decode=False) for c, t in batches]
-        return [np.asarray(o)[: len(c)] for o, (c, _) in zip(outs, batches)]
+        return self.collect(self.launch_prefill(batches))
+
+    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[tuple[object, int]]:
+        """Dispatch prefill batches without waiting: (device tokens, rows) per batch for `collect`."""
+        return [(self._dispatch(pack_prefill(c, t, self.block_size), decode=False), len(c)) for c, t in batches]
 
     def decode(self, reqs: list[Request], tables: list[list[int]]) -> np.ndarray:
-        """Advance each request one token ([len(reqs)] tokens). With pp stages the batch is split
-        into pp micro-batches that flow through the pipeline back to back."""
+        """Advance each request one token ([len(reqs)] tokens)."""
+        return np.concatenate(self.collect(self.launch_decode(reqs, tables)))
+
+    def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[tuple[object, int]]:
+        """Dispatch one decode step without waiting. With pp stages the batch is split into pp
+        micro-batches that flow through the pipeline back to back."""
         n = len(reqs)
         parts = max(1, min(self.pp, n))
         bounds = [round(i * n / parts) for i in range(parts + 1)]
-        outs = [
-            self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size), decode=True)
+        return [
+            (self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size), decode=True), b - a)
             for a, b in zip(bounds, bounds[1:])
         ]
-        return np.concatenate([np.asarray(o)[: b - a] for o, (a, b) in zip(outs, zip(bounds, bounds[1:]))])
+
+    @staticmethod
+    def collect(launched: list[tuple[object, int]]) -> list[np.ndarray]:
+        """Wait for dispatched steps; the sampled tokens of each (one host copy per step)."""
+        return [np.asarray(out)[:rows] for out, rows in launched]
