@@ -99,6 +99,50 @@ def bench_migration(model: CausalLM, params, cache: CacheConfig, lengths, reps):
     return rows
 
 
+def bench_interference(model: CausalLM, params, cache: CacheConfig, *, n_decode=8, decode_tokens=192,
+                       long_prompt=1024, n_long=4, gap_s=0.1):
+    """Decode inter-token latency of short requests while long prompts keep arriving: colocated
+    (prefill first), disaggregated driven by one loop, and disaggregated with a thread per
+    instance (prefill on device 0, decode on device 1)."""
+    from dsjax.cluster import build_engine
+    from dsjax.placement import Placement
+    from dsjax.scheduler import SchedulerConfig
+    from dsjax.threaded import ThreadedDisaggEngine
+
+    sched = SchedulerConfig(max_num_seqs=16, max_prefill_tokens=1024)
+    rng = np.random.default_rng(1)
+    rows = []
+    setups = [("colocated", "colocated", None, False),
+              ("disaggregated, one loop", "disaggregated", Placement(), False),
+              ("disaggregated, threaded", "disaggregated", Placement(), True)]
+    for name, mode, placement, threaded in tqdm(setups, desc="interference", leave=False):
+        engine = build_engine(model, params, placement=placement, mode=mode, cache=cache, scheduler=sched)
+        for warm in (True, False):  # the first pass compiles every shape, the second is timed
+            sp = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
+            short = [Request(request_id=f"s{i}{warm}", prompt_token_ids=[int(x) for x in rng.integers(0, 256, 32)], sampling=sp, seed=0) for i in range(n_decode)]
+            longs = [Request(request_id=f"l{i}{warm}", prompt_token_ids=[int(x) for x in rng.integers(0, 256, long_prompt)],
+                             sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), seed=0) for i in range(n_long)]
+            driver = ThreadedDisaggEngine(engine).start() if threaded else engine
+            for r in short:
+                driver.add_request(r)
+            t0 = time.perf_counter()
+            pending = list(longs)
+            while driver.has_unfinished() or pending:
+                now = time.perf_counter() - t0
+                while pending and now >= gap_s * (n_long - len(pending) + 1):
+                    driver.add_request(pending.pop(0))
+                if threaded:
+                    time.sleep(0.002)
+                else:
+                    driver.step()
+            if threaded:
+                driver.stop()
+        gaps = np.concatenate([np.diff(r.lifecycle.token_times) for r in short])
+        rows.append({"setup": name, "tpot_mean_ms": 1e3 * float(gaps.mean()), "itl_p50_ms": 1e3 * float(np.percentile(gaps, 50)),
+                     "itl_p99_ms": 1e3 * float(np.percentile(gaps, 99)), "itl_max_ms": 1e3 * float(gaps.max())})
+    return rows
+
+
 def _table(rows) -> str:
     if not rows:
         return "(not run)\n"
@@ -115,6 +159,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--only", choices=["prefill", "decode", "migration", "interference"], help="run one section")
     args = ap.parse_args(argv)
     config, params = load_model(args.model, dtype=DTYPES[args.dtype], dummy_weights=True)
     model = CausalLM(config=config, dtype=DTYPES[args.dtype])
@@ -124,10 +169,17 @@ def main(argv=None) -> None:
     prefill_shapes = [(1, 128), (1, 512), (4, 128)] if args.quick else [(1, 128), (1, 512), (1, 1024), (4, 128), (8, 128), (4, 512)]
     decode_batches = [1, 8] if args.quick else [1, 8, 32]
     print(f"# {args.model} ({config.num_params() / 1e6:.1f}M params, {args.dtype}) on {jax.devices()[0].device_kind}, jax {jax.__version__}\n")
-    print("## Prefill\n" + _table(bench_prefill(runner, prefill_shapes, args.reps, rng)))
-    print("## Decode (context 512)\n" + _table(bench_decode(runner, decode_batches, 512, args.reps, rng)))
-    print("## In-process KV migration (device 0 -> device 1) vs one device_put of the same bytes\n"
-          + _table(bench_migration(model, params, cache, [64, 512, 1024] if not args.quick else [512], args.reps)))
+    want = lambda name: args.only in (None, name)  # noqa: E731
+    if want("prefill"):
+        print("## Prefill\n" + _table(bench_prefill(runner, prefill_shapes, args.reps, rng)))
+    if want("decode"):
+        print("## Decode (context 512)\n" + _table(bench_decode(runner, decode_batches, 512, args.reps, rng)))
+    if want("migration"):
+        print("## In-process KV migration (device 0 -> device 1) vs one device_put of the same bytes\n"
+              + _table(bench_migration(model, params, cache, [64, 512, 1024] if not args.quick else [512], args.reps)))
+    if want("interference"):
+        print("## Decode inter-token latency of 8 requests x 192 tokens while four 1024-token prompts arrive every 100 ms\n"
+              + _table(bench_interference(model, params, CacheConfig(num_blocks=600, block_size=16))))
 
 
 if __name__ == "__main__":
