@@ -25,6 +25,7 @@ import numpy as np
 from dsjax.batch import Chunk
 from dsjax.block_manager import BlockManager, blocks_for
 from dsjax.migration import KVDescriptor, StagedKV, gather_request, insert_request, migrate
+from dsjax.planner.policies import decode_should_pull
 from dsjax.request import FinishReason, Request, Status
 from dsjax.runner import ModelRunner
 from dsjax.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
@@ -117,14 +118,19 @@ class DecodeInstance:
         return sum(r.num_tokens for r in self.running)
 
     def can_pull(self, req: Request) -> bool:
-        """Room for the request's KV (and its next token) plus one growth block per running request,
-        and fewer than 5% of blocks held by pulled-but-not-batched requests."""
+        """DistServe's pull rule (the planner's `decode_should_pull`, so the simulator predicts
+        it): room for the request's KV plus one growth block per running request, and the
+        requests pulled but not yet batched hold < 5% of the pool."""
+        bs = self.blocks.block_size
         idle = self.running[self.cfg.max_num_seqs :]
-        idle_blocks = sum(len(self.blocks.block_table(r.request_id)) for r in idle)
-        if idle_blocks >= PULL_WAITING_FRACTION * self.blocks.capacity_blocks and idle:
-            return False
-        need = blocks_for(req.num_tokens, self.blocks.block_size) + len(self.running[: self.cfg.max_num_seqs])
-        return need <= self.blocks.num_free_blocks
+        growth = len(self.running[: self.cfg.max_num_seqs])
+        return decode_should_pull(
+            need_tokens=(blocks_for(req.num_tokens, bs) + growth) * bs,
+            free_tokens=self.blocks.num_free_blocks * bs,
+            waiting_tokens=sum(len(self.blocks.block_table(r.request_id)) for r in idle) * bs,
+            capacity_tokens=self.blocks.capacity_blocks * bs,
+            waiting_fraction=PULL_WAITING_FRACTION,
+        )
 
     def pull(self, req: Request, src: PrefillInstance) -> int:
         """Copy the request's KV from `src` into this pool, then free it on `src`. A copy staged at
