@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import struct
 
@@ -229,8 +230,29 @@ class CausalLM:
         return params
 
     def init(self, rng) -> dict:
-        """Random weights (normal(0.02) matrices, unit norms, zero biases) as a plain dict."""
-        return _unbox(jax.jit(self._init_boxed)(rng))
+        """Random weights as a plain dict: normal(0.02) matrices, unit norm scales, zero biases.
+
+        Leaf i draws from its own stream seeded by (rng, i), so weights depend only on the seed.
+        Models under ~0.5B parameters draw on the host with numpy (no compilation: start-up of
+        small models was dominated by compiling an init program); larger ones draw on the device.
+        """
+        abstract = _unbox(self.abstract_params())
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+        on_host = self.config.num_params() < 500_000_000
+        out = []
+        for i, (path, leaf) in enumerate(leaves):
+            name = str(getattr(path[-1], "key", path[-1]))
+            if name == "scale":
+                out.append(jnp.ones(leaf.shape, leaf.dtype))
+            elif name.endswith("bias"):
+                out.append(jnp.zeros(leaf.shape, leaf.dtype))
+            elif on_host:
+                draw = np.random.default_rng([seed, i]).standard_normal(leaf.shape, dtype=np.float32) * 0.02
+                out.append(jnp.asarray(draw.astype(leaf.dtype)))
+            else:
+                out.append((0.02 * jax.random.normal(jax.random.PRNGKey(seed + i), leaf.shape, jnp.float32)).astype(leaf.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def embed(self, params, token_ids, positions):  # [T] -> [T, E]
         return Embed(self.config, self.dtype).apply({"params": params["embed"]}, token_ids, positions)
