@@ -213,6 +213,10 @@ class CausalLM:
         """Shapes, dtypes and logical axes of every weight, without allocating (boxed leaves)."""
         return jax.eval_shape(lambda: self._init_boxed(jax.random.PRNGKey(0)))
 
+    def param_shapes(self):
+        """The params tree as ShapeDtypeStructs (no logical-axis boxes)."""
+        return _unbox(self.abstract_params())
+
     def _init_boxed(self, rng):
         c = self.config
         tok = jnp.zeros((1,), jnp.int32)
@@ -236,7 +240,7 @@ class CausalLM:
         Models under ~0.5B parameters draw on the host with numpy (no compilation: start-up of
         small models was dominated by compiling an init program); larger ones draw on the device.
         """
-        abstract = _unbox(self.abstract_params())
+        abstract = self.param_shapes()
         leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         on_host = self.config.num_params() < 500_000_000
