@@ -11,6 +11,7 @@ sampled token ids come back to the host, once per step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
@@ -75,7 +76,9 @@ class ModelRunner:
         inputs, meta, sampling = packed
         for stage in self.stages:
             fn = stage.decode_fn if decode else stage.prefill_fn
-            inputs, stage.cache = fn(stage.params, stage.cache, stage.put(inputs), stage.put(meta), stage.put(sampling))
+            # Tracing under the stage's mesh lets the Pallas attention run per device (shard_map).
+            with jax.set_mesh(stage.mesh) if stage.mesh is not None else contextlib.nullcontext():
+                inputs, stage.cache = fn(stage.params, stage.cache, stage.put(inputs), stage.put(meta), stage.put(sampling))
         return inputs  # [B] sampled tokens (device array, maybe not ready yet)
 
     def prefill(self, chunks: list[Chunk], tables: list[list[int]]) -> np.ndarray:

@@ -149,22 +149,47 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
     return out.reshape(b, hq, d).astype(q.dtype)
 
 
+def _tp_mesh():
+    """The mesh the program is being traced for, if its "tp" axis splits the heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or "tp" not in mesh.axis_names or mesh.shape["tp"] == 1:
+        return None
+    return mesh
+
+
+def _pallas(q, k_cache, v_cache, meta: Meta, sm_scale: float):
+    """The Pallas kernels, per device: under tensor parallelism every device holds whole heads
+    (q [T, H/tp, D], pools [NB, BS, Hkv/tp, D]), so the kernel runs inside a shard_map over "tp"
+    with replicated metadata; attention needs no communication across heads."""
+    import pallas_kernels
+
+    if isinstance(meta, PrefillMeta):
+        def kernel(q, k, v, bt, lens, cu):
+            return pallas_kernels.ragged_prefill_attention(q, k, v, bt, cu, lens, sm_scale=sm_scale)
+        extra = (meta.cu_q_lens,)
+    else:
+        def kernel(q, k, v, bt, lens):
+            return pallas_kernels.paged_decode_attention(q, k, v, bt, lens, sm_scale=sm_scale)
+        extra = ()
+    args = (q, k_cache, v_cache, meta.block_tables, meta.kv_lens, *extra)
+    mesh = _tp_mesh()
+    if mesh is None:
+        return kernel(*args)
+    from jax.sharding import PartitionSpec as P
+
+    heads, pool = P(None, "tp", None), P(None, None, "tp", None)
+    specs = (heads, pool, pool) + (P(),) * (len(args) - 3)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
+
+
 def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend) -> jax.Array:
     """Dispatch on the metadata type (prefill or decode) and the static backend name."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
-    if isinstance(meta, PrefillMeta):
-        if backend == "pallas":
-            import pallas_kernels
-
-            return pallas_kernels.ragged_prefill_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.cu_q_lens, meta.kv_lens, sm_scale=sm_scale
-            )
-        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
     if backend == "pallas":
-        import pallas_kernels
-
-        return pallas_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.kv_lens, sm_scale=sm_scale)
+        return _pallas(q, k_cache, v_cache, meta, sm_scale)
+    if isinstance(meta, PrefillMeta):
+        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
     return decode_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
 
 

@@ -21,3 +21,18 @@ def test_pallas_backend_generation_equals_xla(monkeypatch):
     assert set(traced) == {"ragged_prefill_attention", "paged_decode_attention"}  # the kernels really ran
     assert outs["pallas"] == outs["xla"]
     assert all(len(t) == 5 for t in outs["xla"])
+
+
+def test_pallas_backend_under_tensor_parallelism():
+    """With heads split over tp devices the kernels run per device inside a shard_map."""
+    from dsjax import Placement
+    from dsjax.placement import PhaseParallel
+
+    prompts = [[5, 9, 2, 7], list(range(100, 121))]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    placement = Placement(prefill=PhaseParallel(tp=2), decode=PhaseParallel(tp=2))
+    outs = {}
+    for backend in ("xla", "pallas"):
+        llm = LLM(model="tiny-llama", dummy_weights=True, attention_backend=backend, placement=placement, mode="disaggregated")
+        outs[backend] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling=sp)]
+    assert outs["pallas"] == outs["xla"]
