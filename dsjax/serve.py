@@ -1,0 +1,116 @@
+"""`python -m dsjax.serve`: the gRPC server (router, prefill and decode workers).
+
+With no arguments: tiny-llama with dummy weights, disaggregated in this process on two local
+devices (prefill on device 0, decode on device 1; on a CPU host the two devices are made with
+XLA_FLAGS), gRPC on :50051 (health, reflection), Prometheus metrics on :9090.
+
+    python -m dsjax.serve                                   # the demo above
+    python -m dsjax.serve --workers processes --prefill-tp 2 --decode-replicas 2
+    python -m dsjax.serve --plan plan.json --model /ckpt/opt-13b
+    python -m dsjax.serve --mode chunked --prefill-tp 2     # a colocated baseline
+    # one role per host:
+    python -m dsjax.serve --role router --port 50051
+    python -m dsjax.serve --role prefill --router ROUTER:50051 --advertise-host THIS_HOST --prefill-tp 2
+    python -m dsjax.serve --role decode  --router ROUTER:50051 --advertise-host THIS_HOST
+
+docs/serving.md describes the processes, the wire format and the failure handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dsjax.placement import MODES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dsjax.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="tiny-llama", help="a preset name or a Hugging Face checkpoint directory")
+    m.add_argument("--dummy-weights", action="store_true", help="random weights (implied for presets)")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--seed", type=int, default=0, help="dummy-weight seed (identical weights in every process)")
+    s = p.add_argument_group("serving")
+    s.add_argument("--host", default="[::]")
+    s.add_argument("--port", type=int, default=None, help="gRPC port (0: any free port); default 50051, workers 0")
+    s.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics and /debug/instances (-1: off)")
+    s.add_argument("--mode", choices=MODES, default=None, help="default: the plan's, else disaggregated")
+    s.add_argument("--plan", help="a placement written by the planner (dsjax.placement.save_plan)")
+    s.add_argument("--workers", choices=("inprocess", "processes"), default="inprocess")
+    s.add_argument("--role", choices=("router", "prefill", "decode"), default=None,
+                   help="run one role only (one per host); without it, everything")
+    s.add_argument("--router", help="router address HOST:PORT (worker roles)")
+    s.add_argument("--advertise-host", default="127.0.0.1", help="host others use to reach this worker")
+    s.add_argument("--worker-id", help="stable worker name (worker roles); default ROLE-PID")
+    s.add_argument("--max-pending", type=int, default=256, help="admission queue: requests in flight before RESOURCE_EXHAUSTED")
+    s.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="cap on max_tokens (default: the context length)")
+    s.add_argument("--lease-seconds", type=float, default=30.0, help="KV held for transfer is freed if not pulled in time")
+    s.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="K+V bytes per KV chunk message")
+    s.add_argument("--max-recomputes", type=int, default=2)
+    s.add_argument("--no-restart", action="store_true", help="do not restart worker processes that die")
+    s.add_argument("--gpus", type=int, default=0, help="processes mode on a GPU host: split GPUs 0..N-1 among the workers")
+    s.add_argument("--log-dir", help="worker process logs (processes mode); default: inherit stderr")
+    s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/dsjax/jax-serve"),
+                   help="JAX persistent compilation cache ('' to disable)")
+    s.add_argument("--log-level", default="INFO")
+    for phase in ("prefill", "decode"):
+        g = p.add_argument_group(f"{phase} phase")
+        g.add_argument(f"--{phase}-tp", type=int, default=None, help="tensor-parallel degree (default 1)")
+        g.add_argument(f"--{phase}-pp", type=int, default=None, help="pipeline degree (default 1)")
+        g.add_argument(f"--{phase}-replicas", type=int, default=None, help="instances (default 1)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: room for max-num-seqs contexts)")
+    e.add_argument("--max-num-seqs", type=int, default=32)
+    e.add_argument("--max-prefill-tokens", type=int, default=1024)
+    return p.parse_args(argv)
+
+
+def placement_from_args(args: argparse.Namespace):
+    """--plan (its mode unless --mode is given), else the per-phase flags."""
+    from dsjax.placement import PhaseParallel, Placement, load_plan
+
+    def phase(name: str, base: PhaseParallel) -> PhaseParallel:
+        tp, pp, n = (getattr(args, f"{name}_{k}") for k in ("tp", "pp", "replicas"))
+        return PhaseParallel(tp=tp or base.tp, pp=pp or base.pp, replicas=n or base.replicas,
+                             devices=base.devices if tp is pp is n is None else None)
+
+    if args.plan:
+        plan, _ = load_plan(args.plan)
+        prefill, decode, mode = phase("prefill", plan.prefill), phase("decode", plan.decode), args.mode or plan.mode
+    else:
+        prefill, decode, mode = phase("prefill", PhaseParallel()), phase("decode", PhaseParallel()), args.mode or "disaggregated"
+    if mode != "disaggregated":
+        decode = prefill
+    return Placement(prefill=prefill, decode=decode, mode=mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.port is None:
+        args.port = 0 if args.role in ("prefill", "decode") else 50051
+    placement = placement_from_args(args)
+    # Devices exist once jax starts: on a CPU host, give this process as many as it will use.
+    if args.role in ("prefill", "decode"):
+        phase = placement.prefill if args.role == "prefill" else placement.decode
+        need = phase.tp * phase.pp
+    else:
+        need = placement.num_devices if args.workers == "inprocess" and args.role is None else 1
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags or args.role in ("prefill", "decode"):
+        from serving.supervisor import xla_flags_with_devices
+
+        os.environ["XLA_FLAGS"] = xla_flags_with_devices(flags, need)
+    from serving import launcher
+
+    return launcher.run(args, placement)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

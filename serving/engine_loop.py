@@ -1,0 +1,188 @@
+"""The one thread that drives an engine, and the mailboxes gRPC handlers talk to it through.
+
+JAX calls are not async and the KV pool is donated on every step, so exactly one thread per
+process touches the engine and the device: `EngineLoop`. gRPC handler threads never call into
+the engine; they `post` closures that the loop runs between steps (add, abort, export, stats),
+and read their request's `Outbox`, which the loop fills after each step (tokens already copied
+to the host: one copy per step, made by the runner). Every block allocation and free therefore
+happens on the loop thread, in order with the steps that read and write those blocks.
+
+    handler thread                     engine thread
+    --------------                     -------------
+    loop.post(add(req, outbox))  --->  drain commands; step(); outbox.put(TokenEvent)
+    for ev in outbox: yield ...  <---
+    context callback: loop.post(abort(rid))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, Iterator
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    token_ids: tuple[int, ...]
+    migration: object | None = None  # worker_pb2.Migration once the KV has landed (decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishEvent:
+    reason: object  # dsjax.request.FinishReason
+    breakdown: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorEvent:
+    code: grpc.StatusCode
+    message: str
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has died; nothing posted to it will run."""
+
+
+class Outbox:
+    """One request's events, written by the engine thread and read by its handler thread.
+    Closed after a FinishEvent or ErrorEvent; later writes are dropped."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def put(self, event: Event) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if not isinstance(event, TokenEvent):
+                self._closed = True
+        self._q.put(event)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            event = self._q.get()
+            yield event
+            if not isinstance(event, TokenEvent):
+                return
+
+
+class EngineLoop:
+    """Runs posted commands and `step()` on one daemon thread. Subclasses define `busy()` (is
+    there device work to do) and `step()`, and may override `tick()` (timers: leases, renewals)."""
+
+    idle_wait_s = 0.02
+
+    def __init__(self, name: str):
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine thread before its next step (EngineDead if the loop died)."""
+        if self.error is not None:
+            raise EngineDead(f"engine loop {self._thread.name} died: {self.error!r}")
+        self._commands.put(fn)
+
+    def _post_quietly(self, fn: Callable[[], None]) -> None:
+        """`post` from a callback, where a dead loop has nothing left to clean up."""
+        try:
+            self.post(fn)
+        except EngineDead:
+            pass
+
+    def call(self, fn: Callable[[], object], timeout: float | None = 30.0) -> object:
+        """Run `fn` on the engine thread and return its result (or raise its exception);
+        EngineDead if the loop dies first, TimeoutError after `timeout` seconds."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future = Future()
+
+        def run():
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed to the caller
+                    fut.set_exception(e)
+
+        self.post(run)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return fut.result(0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic())))
+            except FutureTimeout:
+                if self.error is not None or not self.alive:
+                    raise EngineDead(f"engine loop {self._thread.name} is not running") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    # ---- subclass hooks ------------------------------------------------------------------
+    def busy(self) -> bool:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """One unit of device work; returns False when nothing could run (then the loop waits
+        briefly for commands instead of spinning)."""
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Timers, run every loop iteration (cheap)."""
+
+    def fail_all(self, error: BaseException) -> None:
+        """The loop died: end every request (subclasses override)."""
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _drain(self, block: bool) -> None:
+        try:
+            fn = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn()
+            try:
+                fn = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        progressed = False
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not progressed)
+                self.tick()
+                progressed = bool(self.step()) if self.busy() else False
+        except BaseException as e:  # the engine is broken: fail loudly, end every stream
+            log.exception("engine loop %s died", self._thread.name)
+            self.error = e
+            self.fail_all(e)

@@ -1,0 +1,191 @@
+"""What `python -m dsjax.serve` runs, by role (dsjax/serve.py parses the flags):
+
+    no --role, --workers inprocess   router + one engine from build_engine in this process
+    no --role, --workers processes   router here + prefill/decode worker processes (supervised)
+    --role router                    router only; workers register from other hosts
+    --role prefill | decode          one worker (serving/worker.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("dsjax.serve")
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def _setup_jax(args: argparse.Namespace) -> None:
+    import jax
+
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _dummy(args: argparse.Namespace) -> bool:
+    """Presets have no weights: dummy weights are implied."""
+    return args.dummy_weights or not Path(args.model).is_dir()
+
+
+def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
+    from dsjax.kv_cache import CacheConfig
+    from dsjax.llm import default_num_blocks
+    from dsjax.scheduler import SchedulerConfig
+
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
+    num_blocks = args.num_blocks or default_num_blocks(config, args.block_size, sched.max_num_seqs, dtype_bytes)
+    return CacheConfig(num_blocks=num_blocks, block_size=args.block_size), sched
+
+
+def _limits(args: argparse.Namespace):
+    from serving.validation import Limits
+
+    return Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit)
+
+
+def _serve_router(args, backend, config, extra_servicers=()):
+    from dsjax.tokenizer import load_tokenizer
+    from serving.metrics import MetricsServer
+    from serving.router import RouterServer
+
+    model_dir = Path(args.model) if Path(args.model).is_dir() else None
+    router = RouterServer(backend, load_tokenizer(model_dir, config), config, port=args.port, host=args.host,
+                          limits=_limits(args), max_pending=args.max_pending, extra_servicers=extra_servicers).start()
+    metrics = None
+    if args.metrics_port >= 0:
+        metrics = MetricsServer(router.metrics, backend.instances, args.metrics_port)
+        log.info("metrics on :%d (/metrics, /debug/instances)", metrics.port)
+    log.info("router listening on %s:%d", args.host, router.port)
+    return router, metrics
+
+
+def run_inprocess(args: argparse.Namespace, placement) -> int:
+    _setup_jax(args)
+    import jax.numpy as jnp
+
+    from dsjax.cluster import build_engine
+    from dsjax.llm import DTYPES
+    from models.transformer import CausalLM
+    from models.weights import load_model
+    from dsjax.disagg import DisaggEngine
+    from serving.inprocess import InProcessBackend, ThreadedBackend
+
+    t0 = time.perf_counter()
+    config, params = load_model(args.model, dtype=DTYPES[args.dtype], dummy_weights=_dummy(args), seed=args.seed)
+    cache, sched = _cache_and_scheduler(args, config, jnp.dtype(DTYPES[args.dtype]).itemsize)
+    model = CausalLM(config=config, dtype=DTYPES[args.dtype])
+    engine = build_engine(model, params, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
+    backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
+    router, metrics = _serve_router(args, backend, config)
+    backend.start()
+    if not args.no_warmup:
+        backend.warmup()
+    backend.warm = True
+    log.info("%s %s ready in %.1fs (%s)", args.model, placement.mode, time.perf_counter() - t0, placement.to_dict())
+    _wait_for_signal()
+    router.stop()
+    backend.close()
+    if metrics:
+        metrics.close()
+    return 0
+
+
+def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: str) -> list[str]:
+    argv = ["--role", role, "--worker-id", worker_id, "--router", router, "--port", "0", "--model", args.model,
+            "--dtype", args.dtype, "--seed", str(args.seed), "--block-size", str(args.block_size),
+            "--max-num-seqs", str(args.max_num_seqs), "--max-prefill-tokens", str(args.max_prefill_tokens),
+            "--lease-seconds", str(args.lease_seconds), "--kv-chunk-bytes", str(args.kv_chunk_bytes),
+            "--compilation-cache", args.compilation_cache, "--log-level", args.log_level, "--exit-with-parent"]
+    if _dummy(args):
+        argv.append("--dummy-weights")
+    if args.num_blocks:
+        argv += ["--num-blocks", str(args.num_blocks)]
+    if args.no_warmup:
+        argv.append("--no-warmup")
+    return argv
+
+
+def run_router(args: argparse.Namespace, placement) -> int:
+    from serving.proto.dsjax.v1 import worker_pb2_grpc
+    from serving.registry import Registry
+    from serving.remote import RemoteBackend
+    from serving.supervisor import Supervisor, WorkerSpec, assign_gpus
+    from serving.validation import model_config
+
+    if placement.mode != "disaggregated":
+        raise SystemExit(f"--workers processes / --role router serve mode=disaggregated, not {placement.mode!r}: "
+                         "run colocated and chunked baselines with --workers inprocess")
+    config = model_config(args.model)
+    registry = Registry()
+    backend = RemoteBackend(registry, max_recomputes=args.max_recomputes)
+    router, metrics = _serve_router(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)])
+    supervisor = None
+    if args.role is None:  # start the workers here
+        address = f"127.0.0.1:{router.port}"
+        specs = []
+        for role, phase in (("prefill", placement.prefill), ("decode", placement.decode)):
+            for i in range(phase.replicas):
+                wid = f"{role}-{i}"
+                argv = _worker_argv(args, role, wid, address) + [f"--{role}-tp", str(phase.tp), f"--{role}-pp", str(phase.pp)]
+                specs.append(WorkerSpec(wid, argv, phase.tp * phase.pp))
+        if args.gpus:
+            for spec, gpus in zip(specs, assign_gpus([s.num_devices for s in specs], args.gpus)):
+                spec.gpus = gpus
+        supervisor = Supervisor(specs, restart=not args.no_restart, log_dir=args.log_dir)
+    _wait_for_signal()
+    if supervisor:
+        supervisor.stop()
+    router.stop()
+    backend.close()
+    if metrics:
+        metrics.close()
+    return 0
+
+
+def run_worker(args: argparse.Namespace, placement) -> int:
+    _setup_jax(args)
+    import jax.numpy as jnp
+
+    from dsjax.llm import DTYPES
+    from serving.validation import model_config
+    from serving.worker import WorkerConfig, WorkerProcess
+
+    if not args.router:
+        raise SystemExit(f"--role {args.role} needs --router HOST:PORT")
+    phase = placement.prefill if args.role == "prefill" else placement.decode
+    config = model_config(args.model)
+    cache, sched = _cache_and_scheduler(args, config, jnp.dtype(DTYPES[args.dtype]).itemsize)
+    cfg = WorkerConfig(
+        role=args.role, worker_id=args.worker_id or f"{args.role}-{os.getpid()}", router=args.router,
+        model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed, tp=phase.tp, pp=phase.pp,
+        cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
+        lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
+        exit_with_parent=args.exit_with_parent,
+    )
+    worker = WorkerProcess(cfg)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.request_stop())
+    worker.serve()
+    return 0
+
+
+def run(args: argparse.Namespace, placement) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.role in ("prefill", "decode"):
+        return run_worker(args, placement)
+    if args.role == "router" or args.workers == "processes":
+        return run_router(args, placement)
+    return run_inprocess(args, placement)

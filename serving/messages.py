@@ -1,0 +1,48 @@
+"""Conversions between the engine's Python objects and the dsjax.v1 messages (no jax)."""
+
+from __future__ import annotations
+
+from dsjax.request import FinishReason, Request
+from dsjax.sampling_params import SamplingParams
+from serving.proto.dsjax.v1 import dsjax_pb2 as pb
+from serving.proto.dsjax.v1 import worker_pb2 as wpb
+
+FINISH_TO_PROTO = {
+    FinishReason.LENGTH: pb.LENGTH,
+    FinishReason.STOP: pb.STOP,
+    FinishReason.EOS: pb.EOS,
+    FinishReason.CANCELLED: pb.CANCELLED,
+}
+FINISH_FROM_PROTO = {v: k for k, v in FINISH_TO_PROTO.items()}
+
+
+def sampling_to_proto(sp: SamplingParams) -> pb.SamplingParams:
+    """Every field set (workers get resolved parameters; `seed` travels in WorkerRequest)."""
+    return pb.SamplingParams(
+        max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+        stop_token_ids=list(sp.stop_token_ids), stop=list(sp.stop), ignore_eos=sp.ignore_eos,
+    )
+
+
+def sampling_from_worker_proto(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
+        stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+    )
+
+
+def worker_request(request_id: str, prompt: list[int], output: list[int], sampling: SamplingParams, seed: int,
+                   eos_token_id: int | None) -> wpb.WorkerRequest:
+    return wpb.WorkerRequest(
+        request_id=request_id, prompt_token_ids=prompt, output_token_ids=output, sampling=sampling_to_proto(sampling),
+        seed=seed, eos_token_id=-1 if eos_token_id is None else eos_token_id,
+    )
+
+
+def request_from_proto(msg: wpb.WorkerRequest) -> Request:
+    """An engine Request carrying the tokens generated so far (stop strings stay on the router)."""
+    return Request(
+        request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids), output_token_ids=list(msg.output_token_ids),
+        sampling=sampling_from_worker_proto(msg.sampling), seed=msg.seed,
+        eos_token_id=None if msg.eos_token_id < 0 else msg.eos_token_id,
+    )

@@ -1,0 +1,205 @@
+"""A prefill worker: one `PrefillInstance` (its own mesh of this host's devices) behind the
+`PrefillWorker` service.
+
+    Prefill   -> queued FCFS; the engine thread batches and runs prompts; the reply carries the
+                 sampled token and, unless the request ended there, a KV descriptor and a lease
+    PullKV    -> the engine thread exports the request's blocks to host memory (one copy), the
+                 handler streams them as KVChunks (serving/kv_transfer.py); renews the lease
+    ReleaseKV -> frees the blocks (the decode side inserted them, or the request was aborted);
+                 also drops a request still queued for prefill
+    (expiry)  -> a lease nobody renewed or released frees its blocks; a later pull gets NOT_FOUND
+
+Blocks are allocated, read (exported) and freed only on the engine thread, so a transfer never
+reads a freed block: a release that arrives during an export runs after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from concurrent.futures import Future
+
+import grpc
+import jax.numpy as jnp
+
+from dsjax.block_manager import blocks_for
+from dsjax.disagg import PrefillInstance
+from dsjax.migration import KVDescriptor, export_blocks
+from dsjax.request import Request
+from dsjax.sampling_params import SamplingParams
+from serving.engine_loop import EngineDead, EngineLoop
+from serving.kv_transfer import DEFAULT_CHUNK_BYTES, descriptor_to_proto, to_chunks
+from serving.leases import LeaseTable
+from serving.messages import FINISH_TO_PROTO, request_from_proto
+from serving.proto.dsjax.v1 import worker_pb2 as wpb
+from serving.proto.dsjax.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class _Rejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclasses.dataclass
+class _Pending:
+    request: Request
+    future: Future
+    arrival: float
+
+
+class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, instance: PrefillInstance, *, worker_id: str, lease_s: float = 30.0,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_waiting: int = 1024):
+        super().__init__(f"prefill-engine-{worker_id}")
+        self.inst = instance
+        self.worker_id = worker_id
+        self.chunk_bytes = chunk_bytes
+        self.max_waiting = max_waiting
+        self.leases: LeaseTable[Request] = LeaseTable(lease_s)
+        self._pending: dict[str, _Pending] = {}
+        self.migrations = 0
+        self.kv_bytes = 0
+        cfg = instance.runner.model.config
+        self._kv = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                        block_size=instance.runner.block_size, dtype=jnp.dtype(instance.runner.model.dtype).name)
+
+    # ---- gRPC handlers (server threads) ----------------------------------------------------
+    def Prefill(self, request, context):  # noqa: N802
+        req = request_from_proto(request.request)
+        fut: Future = Future()
+        try:
+            self.post(lambda: self._add(req, fut))
+            context.add_callback(lambda: self._post_quietly(lambda: self._drop_pending(req.request_id)))
+            return fut.result()
+        except _Rejected as e:
+            context.abort(e.code, e.message)
+        except EngineDead as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    def PullKV(self, request, context):  # noqa: N802
+        try:
+            desc, k, v = self.call(lambda: self._export(request.request_id), timeout=None)
+        except EngineDead as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{self.worker_id} holds no KV for request {request.request_id!r} "
+                                                      "(released, lease expired, or never prefilled)")
+        yield from to_chunks(desc, k, v, request.max_chunk_bytes or self.chunk_bytes)
+
+    def RenewLease(self, request, context):  # noqa: N802
+        ids = list(request.request_ids)
+        return wpb.LeaseResponse(unknown_ids=self.call(lambda: [r for r in ids if not self.leases.renew(r)]))
+
+    def ReleaseKV(self, request, context):  # noqa: N802
+        ids = list(request.request_ids)
+        return wpb.LeaseResponse(unknown_ids=self.call(lambda: [r for r in ids if not self._release(r)]))
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _add(self, req: Request, fut: Future) -> None:
+        rid = req.request_id
+        try:
+            if rid in self._pending or rid in self.leases:
+                raise _Rejected(grpc.StatusCode.ALREADY_EXISTS, f"request_id={rid!r} is already on {self.worker_id}")
+            need, cap = blocks_for(req.num_tokens, self.inst.blocks.block_size), self.inst.blocks.capacity_blocks
+            if need > cap:
+                raise _Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{req.num_tokens} tokens need {need} KV blocks, "
+                                                                  f"prefill worker {self.worker_id} has {cap}")
+            if len(self.inst.waiting) >= self.max_waiting:
+                raise _Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue of {self.worker_id} is full ({self.max_waiting})")
+        except _Rejected as e:
+            fut.set_exception(e)
+            return
+        self._pending[rid] = _Pending(req, fut, time.perf_counter())
+        self.inst.waiting.append(req)
+
+    def _drop_pending(self, rid: str) -> None:
+        """The Prefill call ended: if it ended before the prefill ran (cancelled), drop it."""
+        p = self._pending.pop(rid, None)
+        if p is not None:
+            self.inst.release(p.request)
+            p.future.set_exception(_Rejected(grpc.StatusCode.CANCELLED, "cancelled"))
+
+    def _release(self, rid: str) -> bool:
+        req = self.leases.pop(rid)
+        if req is not None:
+            self.inst.release(req)
+            return True
+        p = self._pending.get(rid)
+        if p is not None:
+            self._drop_pending(rid)
+            return True
+        return False
+
+    def _export(self, rid: str):
+        req = self.leases.get(rid)
+        if req is None:
+            raise KeyError(rid)
+        self.leases.renew(rid)
+        k, v = export_blocks(self.inst.runner, self.inst.blocks.block_table(rid))
+        self.migrations += 1
+        self.kv_bytes += k.nbytes + v.nbytes
+        return self._descriptor(req), k, v
+
+    def _descriptor(self, req: Request) -> KVDescriptor:
+        return KVDescriptor(num_tokens=req.num_tokens - 1, **self._kv)  # the last token's KV is decode's to write
+
+    def busy(self) -> bool:
+        return bool(self.inst.waiting)
+
+    def step(self) -> bool:
+        prefilled, finished = self.inst.step()
+        for req in prefilled + finished:
+            p = self._pending.pop(req.request_id)
+            lc = req.lifecycle
+            resp = wpb.PrefillResponse(token_id=req.output_token_ids[-1], queue_seconds=lc.prefill_start - p.arrival,
+                                       prefill_seconds=lc.prefill_end - lc.prefill_start)
+            if req.finish_reason is not None:
+                resp.finish_reason = FINISH_TO_PROTO[req.finish_reason]
+            else:
+                self.leases.hold(req.request_id, req)
+                resp.kv.CopyFrom(descriptor_to_proto(self._descriptor(req)))
+                resp.lease_ms = int(self.leases.lease_s * 1000)
+            p.future.set_result(resp)
+        return bool(prefilled or finished)
+
+    def tick(self) -> None:
+        for rid, req in self.leases.pop_expired():
+            log.warning("%s: KV lease of %s expired unpulled; freeing its blocks", self.worker_id, rid)
+            self.inst.release(req)
+
+    def fail_all(self, error: BaseException) -> None:
+        for p in self._pending.values():
+            p.future.set_exception(_Rejected(grpc.StatusCode.INTERNAL, f"prefill engine failed: {error!r}"))
+        self._pending.clear()
+
+    def stats(self, timeout: float = 10.0) -> wpb.InstanceStats:
+        def collect():
+            b, r = self.inst.blocks, self.inst.runner
+            return wpb.InstanceStats(
+                worker_id=self.worker_id, role=wpb.PREFILL, pid=os.getpid(), tp=len(r.devices()) // r.pp, pp=r.pp,
+                num_blocks=b.capacity_blocks, free_blocks=b.num_free_blocks, waiting=len(self.inst.waiting),
+                held=len(self.leases), migrations=self.migrations, kv_bytes=self.kv_bytes,
+                leases_expired=self.leases.num_expired, alive=True,
+            )
+
+        return self.call(collect, timeout=timeout)
+
+    def warmup(self, prompt_len: int = 8) -> None:
+        """Compile the prefill program and the KV export for a short prompt."""
+        req = Request(request_id="warmup", prompt_token_ids=[1] * prompt_len, seed=0,
+                      sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        fut: Future = Future()
+        self.post(lambda: self._add(req, fut))
+        fut.result()
+
+        def export_and_release():
+            self._export("warmup")
+            self._release("warmup")
+            self.migrations = self.kv_bytes = 0
+
+        self.call(export_and_release, timeout=None)

@@ -1,0 +1,184 @@
+"""The router's view of its workers: registration, heartbeats, liveness and load.
+
+Workers call `Register` when they start (after warming up) and `Heartbeat` every
+`heartbeat_s` with their stats. A worker is dropped when its heartbeats stop for `timeout_s`
+(a hung or partitioned process) or when a call to it fails with UNAVAILABLE (a dead one); the
+calls in flight to a dropped worker are cancelled so no request hangs on it. A worker that comes
+back (restarted, same worker_id) registers again and replaces its old entry; one the router has
+forgotten learns so from its next heartbeat (`registered=False`) and re-registers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+import grpc
+
+from serving.channels import Channels
+from serving.proto.dsjax.v1 import worker_pb2 as wpb
+from serving.proto.dsjax.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class WorkerEntry:
+    info: wpb.WorkerInfo
+    channel: grpc.Channel
+    last_seen: float
+    stats: wpb.InstanceStats | None = None
+    inflight: int = 0  # requests the router has on it now
+    calls: set = dataclasses.field(default_factory=set)
+
+    @property
+    def id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def address(self) -> str:
+        return self.info.address
+
+    @property
+    def prefill(self) -> worker_pb2_grpc.PrefillWorkerStub:
+        return worker_pb2_grpc.PrefillWorkerStub(self.channel)
+
+    @property
+    def decode(self) -> worker_pb2_grpc.DecodeWorkerStub:
+        return worker_pb2_grpc.DecodeWorkerStub(self.channel)
+
+    @property
+    def worker(self) -> worker_pb2_grpc.WorkerStub:
+        return worker_pb2_grpc.WorkerStub(self.channel)
+
+
+class Registry(worker_pb2_grpc.RegistryServicer):
+    def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0):
+        self.heartbeat_s = heartbeat_s
+        self.timeout_s = timeout_s
+        self.channels = Channels()
+        self._lock = threading.Lock()
+        self._workers: dict[str, WorkerEntry] = {}
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="registry-reaper", daemon=True)
+        self._reaper.start()
+
+    # ---- gRPC (workers call these) -------------------------------------------------------
+    def Register(self, request: wpb.WorkerInfo, context):  # noqa: N802
+        self.add(request)
+        return wpb.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
+
+    def Heartbeat(self, request: wpb.HeartbeatRequest, context):  # noqa: N802
+        with self._lock:
+            w = self._workers.get(request.worker_id)
+            if w is None or (request.stats.pid and request.stats.pid != w.info.pid):
+                return wpb.HeartbeatResponse(registered=False)
+            w.last_seen = time.monotonic()
+            w.stats = request.stats
+        return wpb.HeartbeatResponse(registered=True)
+
+    # ---- membership ----------------------------------------------------------------------
+    def add(self, info: wpb.WorkerInfo) -> None:
+        with self._lock:
+            old = self._workers.pop(info.worker_id, None)
+            if old is not None and old.address != info.address:
+                self.channels.drop(old.address)
+            self._workers[info.worker_id] = WorkerEntry(info, self.channels.get(info.address), time.monotonic())
+            self._changed.notify_all()
+        if old is not None:
+            self._cancel_calls(old)
+        log.info("worker %s (%s, pid %d) registered at %s", info.worker_id, wpb.Role.Name(info.role), info.pid, info.address)
+
+    def drop(self, worker_id: str, reason: str, entry: WorkerEntry | None = None) -> None:
+        """Forget a worker (only `entry` if given, not a newer registration) and cancel its calls."""
+        with self._lock:
+            w = self._workers.get(worker_id)
+            if w is None or (entry is not None and w is not entry):
+                return
+            del self._workers[worker_id]
+        log.warning("worker %s dropped: %s", worker_id, reason)
+        self._cancel_calls(w)
+
+    def _cancel_calls(self, w: WorkerEntry) -> None:
+        with self._lock:
+            calls, w.calls = list(w.calls), set()
+        for c in calls:
+            c.cancel()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            now = time.monotonic()
+            with self._lock:
+                stale = [w for w in self._workers.values() if now - w.last_seen > self.timeout_s]
+            for w in stale:
+                self.drop(w.id, f"no heartbeat for {now - w.last_seen:.1f}s", w)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.channels.close()
+
+    # ---- routing -------------------------------------------------------------------------
+    def workers(self, role: int | None = None) -> list[WorkerEntry]:
+        with self._lock:
+            return [w for w in self._workers.values() if role is None or w.info.role == role]
+
+    def has(self, role: int) -> bool:
+        return bool(self.workers(role))
+
+    def wait_for(self, role: int, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while sum(w.info.role == role for w in self._workers.values()) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def acquire(self, role: int) -> WorkerEntry | None:
+        """The least-loaded live worker of `role` (router in-flight count, then its reported
+        queue), or None; counted in flight until `release`."""
+        with self._lock:
+            live = [w for w in self._workers.values() if w.info.role == role]
+            if not live:
+                return None
+            w = min(live, key=lambda w: (w.inflight, w.stats.waiting if w.stats else 0, w.id))
+            w.inflight += 1
+            return w
+
+    def release(self, w: WorkerEntry) -> None:
+        with self._lock:
+            w.inflight -= 1
+
+    def track(self, w: WorkerEntry, call) -> bool:
+        """Remember a call to `w` so it is cancelled if `w` is dropped; False if already dropped."""
+        with self._lock:
+            if self._workers.get(w.id) is not w:
+                return False
+            w.calls.add(call)
+            return True
+
+    def untrack(self, w: WorkerEntry, call) -> None:
+        with self._lock:
+            w.calls.discard(call)
+
+    # ---- debug ---------------------------------------------------------------------------
+    def instances(self, timeout: float = 5.0) -> list[wpb.InstanceStats]:
+        """Live stats of every registered worker (a worker that does not answer: last known, alive=False)."""
+        out = []
+        entries = self.workers()
+        futs = [(w, w.worker.Stats.future(wpb.StatsRequest(), timeout=timeout)) for w in entries]
+        for w, fut in futs:
+            try:
+                s = fut.result()
+            except grpc.RpcError:
+                s = wpb.InstanceStats()
+                if w.stats is not None:
+                    s.CopyFrom(w.stats)
+                s.worker_id, s.role, s.alive = w.id, w.info.role, False
+            s.address = w.address
+            out.append(s)
+        return sorted(out, key=lambda s: (s.role, s.worker_id))

@@ -1,0 +1,170 @@
+"""One worker process: a prefill or decode instance on this host's devices, served over gRPC,
+registered with the router and kept alive by heartbeats.
+
+    python -m dsjax.serve --role decode --router HOST:PORT --decode-tp 1 --model tiny-llama --dummy-weights
+
+Start-up order: load the model (same seed everywhere: identical weights), build the instance on a
+mesh of `tp * pp` local devices, start the engine thread, warm up (compile the common programs),
+serve, then register: the router routes only to warm workers. Heartbeats carry the instance's
+stats; if the router forgets the worker (it restarted) the worker registers again. With
+`exit_with_parent`, the worker exits when the process that started it is gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+from dsjax.kv_cache import CacheConfig
+from dsjax.scheduler import SchedulerConfig
+from serving.channels import SERVER_OPTIONS, OPTIONS
+from serving.kv_transfer import DEFAULT_CHUNK_BYTES
+from serving.proto.dsjax.v1 import worker_pb2 as wpb
+from serving.proto.dsjax.v1 import worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    role: str  # "prefill" | "decode"
+    worker_id: str
+    router: str  # HOST:PORT of the router's Registry
+    model: str
+    dummy_weights: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+    tp: int = 1
+    pp: int = 1
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    host: str = "[::]"
+    port: int = 0  # 0: any free port
+    advertise_host: str = "127.0.0.1"  # how the router and other workers reach this one
+    lease_s: float = 30.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    warmup: bool = True
+    exit_with_parent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role={self.role!r} must be 'prefill' or 'decode'")
+
+
+class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine, address: str):
+        self.engine, self.address = engine, address
+
+    def Stats(self, request, context):  # noqa: N802
+        s = self.engine.stats()
+        s.address = self.address
+        return s
+
+
+def build_instance(cfg: WorkerConfig):
+    """The role's PrefillInstance or DecodeInstance on the first tp * pp local devices."""
+    import jax
+
+    from dsjax.disagg import DecodeInstance, PrefillInstance
+    from dsjax.llm import DTYPES
+    from dsjax.placement import Placement
+    from dsjax.runner import ModelRunner
+    from dsjax.sharding import carve
+    from models.transformer import CausalLM
+    from models.weights import load_model
+
+    config, params = load_model(cfg.model, dtype=DTYPES[cfg.dtype], dummy_weights=cfg.dummy_weights, seed=cfg.seed)
+    model = CausalLM(config=config, dtype=DTYPES[cfg.dtype])
+    placement = Placement.colocated(tp=cfg.tp, pp=cfg.pp)
+    meshes = carve(placement, jax.devices()[: cfg.tp * cfg.pp])["colocated"][0].meshes
+    runner = ModelRunner(model, params, cfg.cache, meshes)
+    return (PrefillInstance if cfg.role == "prefill" else DecodeInstance)(runner, cfg.scheduler)
+
+
+class WorkerProcess:
+    def __init__(self, cfg: WorkerConfig):
+        from serving.decode_worker import DecodeWorker
+        from serving.prefill_worker import PrefillWorker
+
+        self.cfg = cfg
+        inst = build_instance(cfg)
+        if cfg.role == "prefill":
+            self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes)
+        else:
+            self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes)
+        self.engine.start()
+        if cfg.warmup:
+            t = time.perf_counter()
+            self.engine.warmup()
+            log.info("%s warmed up in %.1fs", cfg.worker_id, time.perf_counter() - t)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS)
+        if cfg.role == "prefill":
+            worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
+        else:
+            worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self.engine, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
+            raise RuntimeError(f"could not bind worker {cfg.worker_id} to {cfg.host}:{cfg.port}")
+        self.address = f"{cfg.advertise_host}:{port}"
+        worker_pb2_grpc.add_WorkerServicer_to_server(_WorkerServicer(self.engine, self.address), self.server)
+        self.info = wpb.WorkerInfo(
+            worker_id=cfg.worker_id, role=wpb.PREFILL if cfg.role == "prefill" else wpb.DECODE, address=self.address,
+            pid=os.getpid(), tp=cfg.tp, pp=cfg.pp, model=cfg.model, block_size=cfg.cache.block_size,
+        )
+        self._stop = threading.Event()
+        self._parent = os.getppid()
+
+    def serve(self) -> None:
+        """Serve until stopped; registers and heartbeats on this thread."""
+        self.server.start()
+        log.info("%s serving at %s", self.cfg.worker_id, self.address)
+        channel = grpc.insecure_channel(self.cfg.router, options=OPTIONS)
+        registry = worker_pb2_grpc.RegistryStub(channel)
+        interval, registered, stats = 0.5, False, wpb.InstanceStats(worker_id=self.cfg.worker_id, pid=os.getpid(), alive=True)
+        while not self._stop.is_set():
+            if self.cfg.exit_with_parent and os.getppid() != self._parent:
+                log.warning("%s: parent process gone, exiting", self.cfg.worker_id)
+                break
+            if not self.engine.alive:
+                log.error("%s: engine thread died (%r), exiting", self.cfg.worker_id, self.engine.error)
+                break
+            try:
+                if not registered:
+                    interval = registry.Register(self.info, timeout=5.0).heartbeat_seconds or interval
+                    registered = True
+                    log.info("%s registered with the router at %s", self.cfg.worker_id, self.cfg.router)
+                else:
+                    stats = self._stats(stats)
+                    registered = registry.Heartbeat(wpb.HeartbeatRequest(worker_id=self.cfg.worker_id, stats=stats), timeout=5.0).registered
+            except grpc.RpcError as e:  # the router is down or restarting: keep trying
+                log.debug("%s: router unreachable (%s)", self.cfg.worker_id, e.code())
+                registered = False
+            self._stop.wait(interval)
+        self.stop()
+
+    def _stats(self, last: wpb.InstanceStats) -> wpb.InstanceStats:
+        """Fresh stats if the engine thread answers quickly, else the last ones: liveness is the
+        process answering, not the engine being between steps (a compile can take seconds)."""
+        try:
+            stats = self.engine.stats(timeout=0.25)
+        except TimeoutError:
+            return last
+        stats.address = self.address
+        return stats
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.stop(1.0).wait()
+        self.engine.stop()

@@ -1,0 +1,101 @@
+"""The router in front of in-process engines (`--workers inprocess`): a chunked colocated engine
+on the engine-loop backend and a disaggregated engine (prefill TP2, decode TP1 on this process's
+fake devices) on the threaded backend give the offline engine's greedy tokens; a cancelled
+request frees its blocks."""
+
+import concurrent.futures as cf
+
+import grpc
+import jax
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax.cluster import build_engine
+from dsjax.kv_cache import CacheConfig
+from dsjax.placement import PhaseParallel, Placement
+from dsjax.sampling_params import SamplingParams
+from dsjax.scheduler import SchedulerConfig
+from dsjax.tokenizer import ByteTokenizer
+from models.transformer import CausalLM
+from models.weights import load_model
+from serving.inprocess import InProcessBackend, ThreadedBackend
+from serving.proto.dsjax.v1 import dsjax_pb2 as pb
+from serving.proto.dsjax.v1 import dsjax_pb2_grpc
+from serving.router import RouterServer
+from serving.testing import wait_idle, wait_serving
+
+CACHE = CacheConfig(num_blocks=96, block_size=16)
+SCHED = SchedulerConfig(max_num_seqs=16, max_prefill_tokens=256)
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def weights():
+    import jax.numpy as jnp
+
+    config, params = load_model("tiny-llama", dtype=jnp.float32, dummy_weights=True, seed=0)
+    return CausalLM(config=config, dtype=jnp.float32), params
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(5)
+    return [[int(t) for t in rng.integers(0, 500, int(n))] for n in rng.integers(2, 40, 12)]
+
+
+@pytest.fixture(scope="module")
+def reference(prompts):
+    llm = dsjax.LLM(model="tiny-llama", dummy_weights=True, dtype="float32", num_blocks=96)
+    return [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling=SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))]
+
+
+def serve(backend, model):
+    router = RouterServer(backend, ByteTokenizer(model.config.vocab_size), model.config, port=0, host="localhost").start()
+    wait_serving(f"localhost:{router.port}", timeout=30)
+    return router
+
+
+@pytest.fixture(scope="module", params=["chunked", "disaggregated"])
+def server(request, weights):
+    model, params = weights
+    if request.param == "chunked":
+        backend = InProcessBackend(build_engine(model, params, placement=None, mode="chunked", cache=CACHE, scheduler=SCHED))
+    else:
+        placement = Placement(prefill=PhaseParallel(tp=2), decode=PhaseParallel(tp=1))
+        backend = ThreadedBackend(build_engine(model, params, placement=placement, mode="disaggregated", cache=CACHE,
+                                               scheduler=SCHED, devices=jax.devices()[:3]))
+    backend.start()
+    backend.warm = True
+    router = serve(backend, model)
+    try:
+        yield f"localhost:{router.port}"
+    finally:
+        router.stop(0)
+        backend.close()
+
+
+def test_concurrent_requests_match_offline(server, prompts, reference):
+    def run(p):
+        with grpc.insecure_channel(server) as ch:
+            req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+            msgs = list(dsjax_pb2_grpc.GenerationStub(ch).Generate(req, timeout=60))
+        return [t for m in msgs for t in m.token_ids], msgs[-1].finish_reason
+
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(run, prompts))
+    assert [ids for ids, _ in outs] == reference
+    assert all(reason == pb.LENGTH for _, reason in outs)
+    wait_idle(server)
+
+
+def test_cancel_frees_blocks(server):
+    with grpc.insecure_channel(server) as ch:
+        calls = [dsjax_pb2_grpc.GenerationStub(ch).Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[256, i + 3] * 10), sampling=pb.SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)))
+            for i in range(4)]
+        for i, c in enumerate(calls):
+            for _ in range(i):
+                next(c)
+            c.cancel()
+        wait_idle(server)
