@@ -2,6 +2,7 @@
 what the jnp path generates."""
 
 import pallas_kernels
+from dsjax.scheduler import SchedulerConfig
 from dsjax import LLM, SamplingParams
 
 
@@ -36,3 +37,19 @@ def test_pallas_backend_under_tensor_parallelism():
         llm = LLM(model="tiny-llama", dummy_weights=True, attention_backend=backend, placement=placement, mode="disaggregated")
         outs[backend] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling=sp)]
     assert outs["pallas"] == outs["xla"]
+
+
+def test_auto_backend_mixes_paths_and_matches_xla(monkeypatch):
+    """On CPU, "auto" sends large prefill shapes to the ragged kernel and the rest to jnp."""
+    used = []
+    real = pallas_kernels.ragged_prefill_attention
+    monkeypatch.setattr(pallas_kernels, "ragged_prefill_attention", lambda *a, **k: (used.append(a[0].shape), real(*a, **k))[1])
+    prompts = [list(range(1, 301)), list(range(7, 47)), [3] * 20]  # packs to 512 tokens x 512 keys
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for backend in ("xla", "auto"):
+        llm = LLM(model="tiny-llama", dummy_weights=True, attention_backend=backend,
+                  scheduler=SchedulerConfig(max_prefill_tokens=512))
+        outs[backend] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling=sp)]
+    assert used and all(shape[0] == 512 for shape in used)  # only the big prefill took the kernel
+    assert outs["auto"] == outs["xla"]
