@@ -1,22 +1,31 @@
-"""`python -m dsjax.plan`: simulate a placement, search for the best one, or generate a trace.
+"""`python -m dsjax.plan`: profile the engine, simulate a placement, search for the best one, or
+generate a trace.
 
+    python -m dsjax.plan profile --model small-llama --tp 1,2 --out profile.json [--quick]
     python -m dsjax.plan simulate --profile P.json --model opt-13b --mode disaggregated \\
         --prefill tp=2,pp=1,n=1 --decode tp=1,pp=1,m=1 --workload TRACE.jsonl --rate 4 \\
         --ttft 0.2 --tpot 0.1 --json
     python -m dsjax.plan search --profile P.json --model opt-13b --nodes 1 --gpus-per-node 4 \\
-        --workload sharegpt-like --ttft 0.2 --tpot 0.1 --out plan.json
-    python -m dsjax.plan trace --lengths sharegpt-like --num-requests 2000 --rate 1 --out t.jsonl
+        --workload sharegpt --ttft 0.2 --tpot 0.1 --out plan.json
+    python -m dsjax.plan trace --lengths sharegpt --num-requests 2000 --rate 1 --out t.jsonl
 
---workload is a JSON Lines trace file or a length spec (sharegpt-like, fixed:P:O,
-uniform:Pmin:Pmax:Omin:Omax, lognormal:Pmed:Psig:Omed:Osig) for a seeded Poisson trace.
+--workload is a JSON Lines trace file, a real dataset (sharegpt, humaneval, longbench: lengths from
+dsjax.workloads in OPT tokens, i.e. GPT-2 BPE + 1 for OPT's BOS, pairs of 2048 tokens or more
+dropped as DistServe does) or a length spec (sharegpt-like, fixed:P:O, uniform:Pmin:Pmax:Omin:Omax,
+lognormal:Pmed:Psig:Omed:Osig) for a seeded Poisson trace.
 KV capacities come from --max-num-tokens (default: max_num_tokens.csv next to the profile, if any;
 "none" estimates them from model and device memory).
+
+`profile` is the only command that imports jax (dsjax/planner/profiler.py). With tp * pp > 1 on a
+CPU it needs fake devices; unless XLA_FLAGS already sets --xla_force_host_platform_device_count it
+sets it to tp * pp before importing jax.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +33,7 @@ from typing import Any
 
 from dsjax.placement import Placement, PhaseParallel, save_plan
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated, ratio
-from dsjax.planner.latency import Profile, load_profile
+from dsjax.planner.latency import Profile, load_profile, save_profile
 from dsjax.planner.metrics import SLO
 from dsjax.planner.models import MemoryModel, get_device, get_model, read_max_num_tokens
 from dsjax.planner.search import GoodputConfig, SearchContext
@@ -32,13 +41,20 @@ from dsjax.planner.simulator import SchedulerConfig, Simulator
 from dsjax.planner.trace import (
     ARRIVALS,
     Trace,
+    TraceConfig,
     generate_trace,
     length_sampler_from_spec,
+    make_trace,
     read_trace,
     rescale_rate,
     resample,
     write_trace,
 )
+from dsjax.workloads.loader import WORKLOAD_NAMES, load_workload
+
+GIB = 1 << 30
+OPT_BOS_TOKENS = 1  # OPT's tokenizer prepends </s>; dsjax.workloads counts GPT-2 BPE tokens without it
+DATASET_MAX_TOTAL = 2048  # DistServe drops pairs with prompt + output >= 2048 OPT tokens
 
 
 def _phase(spec: str, count_key: str) -> PhaseParallel:
@@ -53,9 +69,32 @@ def _phase(spec: str, count_key: str) -> PhaseParallel:
     return PhaseParallel(**fields)
 
 
+def dataset_trace(name: str, *, num_requests: int, seed: int = 0, arrival: str = "poisson", cv: float = 1.0) -> Trace:
+    """A unit-rate trace of a real workload's lengths in OPT tokens.
+
+    `load_workload(name, num_requests=..., seed=...)` counts GPT-2 BPE tokens; OPT's tokenizer adds
+    a BOS token to every `encode`, so DistServe's prompt and output lengths are ours + 1. Pairs whose
+    OPT lengths sum to 2048 or more are then dropped (DistServe's rule), so a few fewer than
+    `num_requests` may remain.
+    """
+    pairs = [
+        (p + OPT_BOS_TOKENS, o + OPT_BOS_TOKENS)
+        for p, o in load_workload(name, num_requests=num_requests, seed=seed)
+        if p + o + 2 * OPT_BOS_TOKENS < DATASET_MAX_TOTAL
+    ]
+    if not pairs:
+        raise ValueError(f"workload {name!r} gave no requests under {DATASET_MAX_TOTAL} tokens")
+    return make_trace(pairs, TraceConfig(rate=1.0, arrival=arrival, cv=cv if arrival == "gamma" else 1.0, seed=seed))
+
+
 def _load_workload(spec: str, *, num_requests: int, seed: int, arrival: str, cv: float) -> Trace:
+    if spec in WORKLOAD_NAMES:
+        return dataset_trace(spec, num_requests=num_requests, seed=seed, arrival=arrival, cv=cv)
     if Path(spec).is_file():
-        return read_trace(spec)
+        trace = read_trace(spec)
+        if not len(trace):
+            raise ValueError(f"trace file {spec!r} has no requests")
+        return trace
     if spec.endswith(".jsonl"):
         raise ValueError(f"trace file {spec!r} does not exist")
     lengths = length_sampler_from_spec(spec)
@@ -80,13 +119,15 @@ def _scheduler(args: argparse.Namespace) -> SchedulerConfig:
         chunk_tokens=args.chunk_tokens,
         link_bytes_per_s=None if args.link_gbps is None else args.link_gbps * 1e9 / 8,
         kv_capacity_limit=not args.no_kv_limit,
+        shape_buckets=not args.no_buckets,
     )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, help="latency profile JSON (DistServe schema)")
     p.add_argument("--model", required=True, help="model preset, e.g. opt-13b (or facebook/opt-13b)")
-    p.add_argument("--workload", required=True, help="trace .jsonl or length spec (e.g. sharegpt-like)")
+    p.add_argument("--workload", required=True,
+                   help=f"trace .jsonl, a dataset ({', '.join(WORKLOAD_NAMES)}) or a length spec (e.g. sharegpt-like)")
     p.add_argument("--ttft", type=float, required=True, help="TTFT SLO, seconds")
     p.add_argument("--tpot", type=float, required=True, help="TPOT SLO, seconds")
     p.add_argument("--max-num-tokens", default=None, help="KV capacity CSV, or 'none' to estimate")
@@ -99,6 +140,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunked prefill: tokens per step")
     p.add_argument("--link-gbps", type=float, default=None, help="KV transfer bandwidth in Gbit/s (default: free)")
     p.add_argument("--no-kv-limit", action="store_true", help="ignore KV capacity (as DistServe's public simulator)")
+    p.add_argument("--no-buckets", action="store_true",
+                   help="ignore the profile's shape buckets (cost batches unpadded, as DistServe's profiles)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -197,12 +240,63 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    trace = generate_trace(
-        num_requests=args.num_requests, rate=args.rate, lengths=length_sampler_from_spec(args.lengths),
-        arrival=args.arrival, cv=args.cv, seed=args.seed,
-    )
+    if args.lengths in WORKLOAD_NAMES:
+        trace = rescale_rate(
+            dataset_trace(args.lengths, num_requests=args.num_requests, seed=args.seed, arrival=args.arrival, cv=args.cv),
+            args.rate,
+        )
+    else:
+        trace = generate_trace(
+            num_requests=args.num_requests, rate=args.rate, lengths=length_sampler_from_spec(args.lengths),
+            arrival=args.arrival, cv=args.cv, seed=args.seed,
+        )
     write_trace(args.out, trace)
     print(json.dumps({"out": args.out} | trace.stats()))
+    return 0
+
+
+def _int_list(spec: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{name}={spec!r} must be a comma-separated list of integers >= 1")
+    return values
+
+
+def _ensure_fake_devices(count: int) -> None:
+    """On a CPU, tp * pp > 1 needs that many (fake) devices, requested before jax is imported."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count > 1 and "xla_force_host_platform_device_count" not in flags and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    tps = _int_list(args.tp, "--tp")
+    if args.pp < 1:
+        raise ValueError(f"--pp={args.pp} must be >= 1")
+    _ensure_fake_devices(max(tps) * args.pp)
+    from dsjax.planner import profiler  # imports jax: only this command pays for it
+
+    profile = profiler.profile_engine(
+        args.model, tps=tps, pp=args.pp, dtype=args.dtype, block_size=args.block_size, quick=args.quick,
+        max_len=args.max_len, reps=args.reps, attention=args.attention, kv_budget_bytes=int(args.kv_budget_gib * GIB), seed=args.seed,
+        progress=not args.no_progress,
+    )
+    save_profile(args.out, profile)
+    meta = profile.metadata
+    for key, by_tp in profile.entries.items():
+        for tp, c in sorted(by_tp.items()):
+            fit = meta["fit"][str(tp)]
+            print(
+                f"{key} tp={tp}: prefill {[f'{x:.4g}' for x in c.prefill]}, decode {[f'{x:.4g}' for x in c.decode_small]}"
+                f" | fit error mean {fit['mean_rel_err']:.1%}, max {fit['max_rel_err']:.1%}"
+            )
+    print(
+        f"prefill_512_ms {meta['prefill_512_ms']:.2f}, decode_bs1_ctx512_ms {meta['decode_bs1_ctx512_ms']:.2f} "
+        f"(tp={meta['isolated_tp']}) | {meta['device']} ({meta['platform']}), {meta['wall_s']:.0f} s | written to {args.out}"
+    )
     return 0
 
 
@@ -239,8 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-progress", action="store_true")
     se.set_defaults(fn=_cmd_search)
 
-    tr = sub.add_parser("trace", help="generate a synthetic JSON Lines trace")
-    tr.add_argument("--lengths", default="sharegpt-like")
+    pr = sub.add_parser("profile", help="time the engine's prefill and decode programs and fit a latency profile")
+    pr.add_argument("--model", required=True, help="model preset (e.g. small-llama) or HF checkpoint dir; random weights")
+    pr.add_argument("--tp", default="1", help="comma-separated TP degrees, e.g. 1,2")
+    pr.add_argument("--pp", type=int, default=1, help="pipeline degree of the profiled instances")
+    pr.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    pr.add_argument("--block-size", type=int, default=16, help="KV block size (tokens)")
+    pr.add_argument("--quick", action="store_true", help="a ~16-shape grid (~1-2 min for small-llama on 2 CPU cores)")
+    pr.add_argument("--max-len", type=int, default=None, help="cap prompt and context lengths of the grid")
+    pr.add_argument("--reps", type=int, default=None, help="timed runs per shape (default: 3 quick, 5 full)")
+    pr.add_argument("--attention", choices=("auto", "padded", "dense", "ragged"), default="auto",
+                    help="shape-bucket features (planner.buckets.ShapeBuckets); auto: padded for XLA attention, ragged for Pallas")
+    pr.add_argument("--kv-budget-gib", type=float, default=1.0, help="KV pool size cap; full-grid decode points must fit")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", required=True, help="profile JSON to write (DistServe schema + metadata)")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(fn=_cmd_profile)
+
+    tr = sub.add_parser("trace", help="generate a JSON Lines trace (synthetic or real dataset lengths)")
+    tr.add_argument("--lengths", default="sharegpt-like", help=f"length spec or dataset ({', '.join(WORKLOAD_NAMES)})")
     tr.add_argument("--num-requests", type=int, default=1000)
     tr.add_argument("--rate", type=float, default=1.0)
     tr.add_argument("--arrival", choices=ARRIVALS, default="poisson")

@@ -1,9 +1,11 @@
 """Placement planner: workload traces, latency model, cluster simulator, Algorithms 1 and 2.
 
-Plain Python + numpy; no jax. Entry point: `python -m dsjax.plan` (see docs/planner.md).
+Plain Python + numpy; no jax, except `dsjax.planner.profiler` (the engine profiler), which this
+package never imports. Entry point: `python -m dsjax.plan` (see docs/planner.md).
 """
 
 from dsjax.planner.algorithms import ClusterSpec, PhaseCandidate, Plan, algorithm1, algorithm2, best_colocated
+from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.latency import (
     LatencyCoeffs,
     LatencyModel,
@@ -11,6 +13,7 @@ from dsjax.planner.latency import (
     fit_profile,
     load_profile,
     profile_from_json,
+    relative_errors,
     save_profile,
 )
 from dsjax.planner.metrics import SLO, SimResult
@@ -44,9 +47,9 @@ from dsjax.planner.trace import (
 __all__ = [
     "SHAREGPT_LIKE", "SLO", "ClusterSpec", "DeviceSpec", "FixedLengths", "GoodputConfig", "LatencyCoeffs",
     "LatencyModel", "LognormalLengths", "MODELS", "MemoryModel", "ModelSpec", "PairLengths", "PhaseCandidate",
-    "Plan", "Profile", "ReplanResult", "SchedulerConfig", "SearchContext", "SimResult", "Simulator", "Trace",
+    "Plan", "Profile", "ReplanResult", "SchedulerConfig", "SearchContext", "ShapeBuckets", "SimResult", "Simulator", "Trace",
     "UniformLengths", "algorithm1", "algorithm2", "best_colocated", "canonical_model_name", "check_and_replan",
     "find_goodput", "fit_profile", "generate_trace", "get_device", "get_model", "load_profile",
-    "profile_from_json", "read_max_num_tokens", "read_trace", "rescale_rate", "resample", "save_profile",
+    "profile_from_json", "read_max_num_tokens", "read_trace", "relative_errors", "rescale_rate", "resample", "save_profile",
     "simulate", "write_trace",
 ]

@@ -90,14 +90,16 @@ class PrefillInstance:
         batch = [queue.popleft() for _ in range(k)]
         total = 0
         sq = 0
+        longest = 0
         for r in batch:
             p = prompt[r]
             total += p
             sq += p * p
+            longest = p if p > longest else longest
         self.queued_tokens -= total
         self.inflight_tokens += total
         self.kv_used += total
-        s = self.latency.prefill_stage_s(total, sq)
+        s = self.latency.prefill_stage_s(total, sq, k, longest)
         free = self.stage_free
         end = t + s
         free[0] = end
@@ -249,7 +251,7 @@ class DecodeInstance:
             return
         self.active = True
         batch.start_segment(t)
-        self._schedule(batch.steps_to_next_finish())
+        self._schedule(batch.steps_to_next_boundary())
 
 
 class ColocatedInstance:
@@ -339,7 +341,7 @@ class ColocatedInstance:
         if len(self.batch):
             self.state = "decode"
             self.batch.start_segment(t)
-            self._schedule(self.batch.steps_to_next_finish())
+            self._schedule(self.batch.steps_to_next_boundary())
             return
         self.state = "idle"
 
@@ -360,13 +362,15 @@ class ColocatedInstance:
         new = [waiting.popleft() for _ in range(k)]
         total = 0
         sq = 0
+        longest = 0
         for rid in new:
             self._admit(rid)
             p = reqs.prompt[rid]
             total += p
             sq += p * p
+            longest = p if p > longest else longest
         self.state = "step"
-        self.loop.at(t + self.latency.prefill_s(total, sq), self._on_prefill_done, new)
+        self.loop.at(t + self.latency.prefill_s(total, sq, k, longest), self._on_prefill_done, new)
 
     def _on_prefill_done(self, t: float, new: list[int]) -> None:
         for rid in new:

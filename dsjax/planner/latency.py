@@ -14,7 +14,12 @@ Profile files use DistServe's schema, keyed by model name ("facebook/opt-13b") t
      "metadata": {"device": "...", "dtype": "...", "date": "..."}}      # optional, ours
 
 `fit_profile` fits the coefficient triples from measured samples by least squares on relative error,
-so the engine's profiler can write a profile in the same schema with `save_profile`.
+so the engine's profiler (profiler.py) writes a profile in the same schema with `save_profile`.
+
+Shape buckets (buckets.py, off unless a profile's metadata has "shape_buckets"): our engine runs
+padded programs (dsjax/shapes.py), so its step time is that of the padded shape. With buckets the
+features above are computed on the padded shape (`ShapeBuckets` says how) both when fitting and
+when predicting; DistServe's profiles have none and keep the plain forms.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.models import canonical_model_name
 
 Coeffs = tuple[float, float, float]
@@ -91,29 +97,56 @@ class LatencyCoeffs:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LatencyModel:
-    """Latency of one instance: coefficients of its TP degree, split over `pp` pipeline stages."""
+    """Latency of one instance: coefficients of its TP degree, split over `pp` pipeline stages.
+
+    With `buckets` every prefill and decode is costed at the engine's padded shape; callers then
+    pass the batch's request count and longest length (the defaults assume a uniform batch).
+    """
 
     coeffs: LatencyCoeffs
     tp: int = 1
     pp: int = 1
     pp_overhead_ms: float = 1.0  # charged pp times per stage when pp > 1 (DistServe: "+ pp")
+    buckets: ShapeBuckets | None = None
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ValueError(f"tp={self.tp} and pp={self.pp} must be >= 1")
 
-    def prefill_stage_s(self, sum_len: float, sum_len_sq: float) -> float:
+    @property
+    def needs_max_context(self) -> bool:
+        """Whether decode cost depends on the longest context (padded or dense buckets)."""
+        return self.buckets is not None and self.buckets.decode_pads_context
+
+    def prefill_ms(self, sum_len: float, sum_len_sq: float, num_seqs: int = 1, max_len: float | None = None) -> float:
+        """One prefill batch on the whole model (no pipeline split)."""
+        if self.buckets is not None:
+            sum_len, sum_len_sq = self.buckets.prefill_features(
+                sum_len, sum_len_sq, num_seqs, sum_len / max(num_seqs, 1) if max_len is None else max_len
+            )
+        return self.coeffs.prefill_ms(sum_len, sum_len_sq)
+
+    def prefill_stage_s(self, sum_len: float, sum_len_sq: float, num_seqs: int = 1, max_len: float | None = None) -> float:
         """Time one pipeline stage is busy with a prefill batch (the whole model when pp == 1)."""
-        ms = self.coeffs.prefill_ms(sum_len, sum_len_sq)
+        ms = self.prefill_ms(sum_len, sum_len_sq, num_seqs, max_len)
         if self.pp > 1:
             ms = ms / self.pp + self.pp_overhead_ms * self.pp
         return ms * 1e-3
 
-    def prefill_s(self, sum_len: float, sum_len_sq: float) -> float:
+    def prefill_s(self, sum_len: float, sum_len_sq: float, num_seqs: int = 1, max_len: float | None = None) -> float:
         """End-to-end latency of a prefill batch through all stages of an otherwise idle pipeline."""
-        return self.pp * self.prefill_stage_s(sum_len, sum_len_sq)
+        return self.pp * self.prefill_stage_s(sum_len, sum_len_sq, num_seqs, max_len)
 
-    def decode_step_s(self, batch_size: int, sum_ctx_plus_1: float) -> float:
+    def _decode_ms(self, batch_size: int, sum_ctx_plus_1: float, max_ctx_plus_1: float | None) -> float:
+        if self.buckets is not None:
+            mx = sum_ctx_plus_1 / batch_size if max_ctx_plus_1 is None else max_ctx_plus_1
+            batch_size, sum_ctx_plus_1 = self.buckets.decode_features(batch_size, sum_ctx_plus_1, mx)
+        return self.coeffs.decode_ms(batch_size, sum_ctx_plus_1)
+
+    def _micro_batch(self, batch_size: int) -> int:
+        return batch_size if self.pp == 1 else -(-batch_size // self.pp)
+
+    def decode_step_s(self, batch_size: int, sum_ctx_plus_1: float, max_ctx_plus_1: float | None = None) -> float:
         """Time for every running request to gain one token.
 
         With pp > 1 the batch is split into pp micro-batches of ceil(B/pp) requests that flow through
@@ -123,23 +156,31 @@ class LatencyModel:
         """
         if batch_size <= 0:
             return 0.0
-        if self.pp == 1:
-            return self.coeffs.decode_ms(batch_size, sum_ctx_plus_1) * 1e-3
-        mb = -(-batch_size // self.pp)
-        return self.coeffs.decode_ms(mb, sum_ctx_plus_1 * mb / batch_size) * 1e-3
+        mb = self._micro_batch(batch_size)
+        return self._decode_ms(mb, sum_ctx_plus_1 * mb / batch_size, max_ctx_plus_1) * 1e-3
 
-    def decode_linear_s(self, batch_size: int, sum_ctx_plus_1: float) -> tuple[float, float]:
+    def decode_linear_s(self, batch_size: int, sum_ctx_plus_1: float, max_ctx_plus_1: float | None = None) -> tuple[float, float]:
         """(first step time, growth per step) in seconds for a batch whose composition stays fixed.
 
         Every step each request's context grows by one, so sum(ctx+1) grows by B per step and the
         step time grows linearly: step_j = alpha + beta * j. The simulator uses this to jump over
-        many decode steps at once.
+        many decode steps at once. With padded or dense buckets the step costs the padded width,
+        constant until `decode_steps_to_reshape` steps (growth 0).
         """
         if batch_size <= 0:
             return 0.0, 0.0
-        mb = batch_size if self.pp == 1 else -(-batch_size // self.pp)
+        step = self.decode_step_s(batch_size, sum_ctx_plus_1, max_ctx_plus_1)
+        if self.needs_max_context:
+            return step, 0.0
+        mb = self._micro_batch(batch_size)
+        if self.buckets is not None:
+            mb = self.buckets.decode_features(mb, 0.0, 1)[0]  # regime of the padded batch
         b = self.coeffs.decode_coeffs(mb)[1]
-        return self.decode_step_s(batch_size, sum_ctx_plus_1), b * mb * 1e-3
+        return step, b * self._micro_batch(batch_size) * 1e-3
+
+    def decode_steps_to_reshape(self, max_ctx_plus_1: int) -> int | None:
+        """Steps until the decode program's padded context width changes (None: never matters)."""
+        return self.buckets.steps_to_reshape(max_ctx_plus_1) if self.needs_max_context else None
 
     def mixed_step_s(self, chunk_tokens: int, chunk_quad: float, batch_size: int, sum_ctx_plus_1: float) -> float:
         """One chunked-prefill step: prefill chunks plus `batch_size` decodes in one forward pass.
@@ -148,7 +189,7 @@ class LatencyModel:
         c * (2p + c) to the quadratic term, so the chunks of one prompt add up to len^2); the decodes
         add their marginal cost b * sum(ctx + 1) + c * batch, without a second fixed cost. With
         pp > 1 the step crosses every stage, pp * (pp_overhead_ms) extra, with no overlap between
-        steps.
+        steps. Shape buckets are not applied to mixed steps.
         """
         ms = self.coeffs.prefill_ms(chunk_tokens, chunk_quad) if chunk_tokens else self.coeffs.decode_coeffs(batch_size)[0]
         if batch_size:
@@ -161,13 +202,18 @@ class LatencyModel:
     def saturating_prefill_tokens(self, efficiency: float = 0.9) -> int:
         """L_m: the smallest batch token count whose prefill throughput reaches `efficiency` of the
         asymptotic (fixed cost amortised) throughput 1/b, ignoring the quadratic term:
-        L / (a + b L) >= efficiency / b  <=>  L >= efficiency * a / ((1 - efficiency) * b)."""
+        L / (a + b L) >= efficiency / b  <=>  L >= efficiency * a / ((1 - efficiency) * b).
+        With buckets it is rounded down to a bucket size (a batch just past a bucket pays for the
+        next one)."""
         if not 0 < efficiency < 1:
             raise ValueError(f"efficiency={efficiency} must be in (0, 1)")
         a, b, _ = self.coeffs.prefill
         if b <= 0 or a <= 0:
             return 2048
-        return int(round(efficiency * a / ((1 - efficiency) * b)))
+        tokens = int(round(efficiency * a / ((1 - efficiency) * b)))
+        if self.buckets is not None:
+            tokens = max(16, 1 << (max(tokens, 1).bit_length() - 1))
+        return tokens
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -199,8 +245,18 @@ class Profile:
             raise ValueError(f"profile {self.source or '<memory>'} has no tp={tp} for {model!r}; it has tp in {sorted(entry)}")
         return entry[tp]
 
-    def latency(self, model: str, *, tp: int, pp: int = 1, pp_overhead_ms: float = 1.0) -> LatencyModel:
-        return LatencyModel(coeffs=self.coeffs(model, tp), tp=tp, pp=pp, pp_overhead_ms=pp_overhead_ms)
+    @property
+    def buckets(self) -> ShapeBuckets | None:
+        """The engine's shape buckets the coefficients were fitted on (metadata "shape_buckets")."""
+        d = self.metadata.get("shape_buckets")
+        return ShapeBuckets.from_json(d) if isinstance(d, Mapping) else None
+
+    def latency(self, model: str, *, tp: int, pp: int = 1, pp_overhead_ms: float = 1.0, use_buckets: bool = True) -> LatencyModel:
+        """The instance latency model; `use_buckets=False` ignores the profile's shape buckets."""
+        return LatencyModel(
+            coeffs=self.coeffs(model, tp), tp=tp, pp=pp, pp_overhead_ms=pp_overhead_ms,
+            buckets=self.buckets if use_buckets else None,
+        )
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -229,7 +285,12 @@ def profile_from_json(doc: Mapping[str, Any], *, source: str = "") -> Profile:
                 raise ValueError(f"profile {source}: {model!r} has non-integer TP key {tp_key!r}") from e
             entries[model][tp] = LatencyCoeffs.from_json(d, where=f"{source}:{model}:{tp_key}")
     meta = doc.get("metadata", {})
-    return Profile(entries=entries, metadata=dict(meta) if isinstance(meta, Mapping) else {}, source=source)
+    profile = Profile(entries=entries, metadata=dict(meta) if isinstance(meta, Mapping) else {}, source=source)
+    try:
+        profile.buckets  # validate early, naming the file
+    except ValueError as e:
+        raise ValueError(f"profile {source}: {e}") from e
+    return profile
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -253,27 +314,62 @@ def save_profile(path: str | Path, profile: Profile) -> None:
 
 
 def _fit_relative(features: np.ndarray, observed_ms: np.ndarray) -> Coeffs:
-    """argmin_beta sum(((X beta - y) / y)^2): ordinary least squares on rows scaled by 1/y."""
+    """argmin_{beta >= 0} sum(((X beta - y) / y)^2): least squares on rows scaled by 1/y.
+
+    Coefficients are kept >= 0 (a time cannot shrink as tokens or requests are added; noisy
+    measurements otherwise trade a negative term against a positive one): with three features the
+    exact non-negative solution is the best unconstrained fit over the supports (subsets of
+    features) whose solution is non-negative.
+    """
     if np.any(observed_ms <= 0):
         raise ValueError(f"observed times must be > 0 ms, got min {float(observed_ms.min())}")
     a = features / observed_ms[:, None]
-    beta, *_ = np.linalg.lstsq(a, np.ones(len(observed_ms)), rcond=None)
+    ones = np.ones(len(observed_ms))
+    best: tuple[float, np.ndarray] | None = None
+    k = a.shape[1]
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        sol, *_ = np.linalg.lstsq(a[:, cols], ones, rcond=None)
+        if np.any(sol < 0):
+            continue
+        beta = np.zeros(k)
+        beta[cols] = sol
+        loss = float(np.sum((a @ beta - ones) ** 2))
+        if best is None or loss < best[0] - 1e-12 * max(loss, 1.0):
+            best = (loss, beta)
+    beta = best[1] if best is not None else np.zeros(k)
     return (float(beta[0]), float(beta[1]), float(beta[2]))
 
 
-def fit_prefill(samples: Sequence[tuple[Sequence[int], float]]) -> Coeffs:
-    """Fit [a, b, c] of a + b*sum(len) + c*sum(len^2) from (prompt lengths of a batch, ms) samples."""
+def _prefill_row(lens: Sequence[int], buckets: ShapeBuckets | None) -> list[float]:
+    sum_len, sum_sq = float(sum(lens)), float(sum(l * l for l in lens))
+    if buckets is not None:
+        sum_len, sum_sq = buckets.prefill_features(sum_len, sum_sq, len(lens), max(lens))
+    return [1.0, sum_len, sum_sq]
+
+
+def _decode_row(ctx: Sequence[int], buckets: ShapeBuckets | None) -> list[float]:
+    batch, sum_ctx = len(ctx), float(sum(c + 1 for c in ctx))
+    if buckets is not None:
+        batch, sum_ctx = buckets.decode_features(batch, sum_ctx, max(ctx) + 1)
+    return [1.0, sum_ctx, float(batch)]
+
+
+def fit_prefill(samples: Sequence[tuple[Sequence[int], float]], buckets: ShapeBuckets | None = None) -> Coeffs:
+    """Fit [a, b, c] of a + b*sum(len) + c*sum(len^2) from (prompt lengths of a batch, ms) samples
+    (features of the padded shape with `buckets`)."""
     if len(samples) < 3:
         raise ValueError(f"need at least 3 prefill samples to fit 3 coefficients, got {len(samples)}")
-    x = np.array([[1.0, float(sum(lens)), float(sum(l * l for l in lens))] for lens, _ in samples])
+    x = np.array([_prefill_row(lens, buckets) for lens, _ in samples])
     return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
 
 
-def fit_decode(samples: Sequence[tuple[Sequence[int], float]]) -> Coeffs:
-    """Fit [a, b, c] of a + b*sum(ctx+1) + c*batch from (context lengths of a batch, ms) samples."""
+def fit_decode(samples: Sequence[tuple[Sequence[int], float]], buckets: ShapeBuckets | None = None) -> Coeffs:
+    """Fit [a, b, c] of a + b*sum(ctx+1) + c*batch from (context lengths of a batch, ms) samples
+    (features of the padded shape with `buckets`)."""
     if len(samples) < 3:
         raise ValueError(f"need at least 3 decode samples to fit 3 coefficients, got {len(samples)}")
-    x = np.array([[1.0, float(sum(c + 1 for c in ctx)), float(len(ctx))] for ctx, _ in samples])
+    x = np.array([_decode_row(ctx, buckets) for ctx, _ in samples])
     return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
 
 
@@ -282,22 +378,42 @@ def fit_profile(
     prefill: Sequence[tuple[Sequence[int], float]],
     decode: Sequence[tuple[Sequence[int], float]],
     large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD,
+    buckets: ShapeBuckets | None = None,
 ) -> LatencyCoeffs:
     """Fit one (model, TP) entry from measured samples.
 
     prefill: (prompt lengths in the batch, measured ms); decode: (context lengths in the batch,
-    measured ms). Decode samples are split at `large_bs_threshold`; a regime with fewer than 3
-    samples reuses the other regime's fit.
+    measured ms; a request of context ctx attends ctx + 1 keys). Decode samples are split at
+    `large_bs_threshold` (of the padded batch with `buckets`); a regime with fewer than 3 samples
+    reuses the other regime's fit. With `buckets` the features are the padded shape's, and the
+    profile must carry the same buckets in its metadata to be read back the same way.
     """
-    small = [s for s in decode if len(s[0]) < large_bs_threshold]
-    large = [s for s in decode if len(s[0]) >= large_bs_threshold]
+    def padded_batch(ctx: Sequence[int]) -> int:
+        return len(ctx) if buckets is None else buckets.decode_features(len(ctx), 0.0, 1)[0]
+
+    small = [s for s in decode if padded_batch(s[0]) < large_bs_threshold]
+    large = [s for s in decode if padded_batch(s[0]) >= large_bs_threshold]
     if len(small) < 3 and len(large) < 3:
         raise ValueError(f"need at least 3 decode samples in one batch-size regime, got {len(small)} small and {len(large)} large")
-    small_c = fit_decode(small) if len(small) >= 3 else None
-    large_c = fit_decode(large) if len(large) >= 3 else None
+    small_c = fit_decode(small, buckets) if len(small) >= 3 else None
+    large_c = fit_decode(large, buckets) if len(large) >= 3 else None
     return LatencyCoeffs(
-        prefill=fit_prefill(prefill),
+        prefill=fit_prefill(prefill, buckets),
         decode_small=small_c or large_c,
         decode_large=large_c or small_c,
         large_bs_threshold=large_bs_threshold,
     )
+
+
+def relative_errors(
+    coeffs: LatencyCoeffs,
+    *,
+    prefill: Sequence[tuple[Sequence[int], float]],
+    decode: Sequence[tuple[Sequence[int], float]],
+    buckets: ShapeBuckets | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted - measured) / measured of every prefill and every decode sample."""
+    lat = LatencyModel(coeffs=coeffs, buckets=buckets)
+    pre = [(lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l)) - ms) / ms for l, ms in prefill]
+    dec = [(lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 - ms) / ms for c, ms in decode]
+    return np.array(pre), np.array(dec)

@@ -63,6 +63,13 @@ def _opt(name: str, layers: int, heads: int, hidden: int, params: float) -> Mode
     )
 
 
+def _small(name: str, *, layers: int, heads: int, kv_heads: int, hidden: int, ffn: int, params: float) -> ModelSpec:
+    return ModelSpec(
+        name=name, hf_name=name, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, hidden_size=hidden,
+        ffn_size=ffn, vocab_size=512, num_params=params, dtype_bytes=4,
+    )
+
+
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
@@ -79,6 +86,12 @@ MODELS: dict[str, ModelSpec] = {
                   hidden_size=8192, ffn_size=28672, vocab_size=32000, num_params=68.98e9),
         ModelSpec(name="llama-3-8b", hf_name="meta-llama/Meta-Llama-3-8B", num_layers=32, num_heads=32, num_kv_heads=8,
                   hidden_size=4096, ffn_size=14336, vocab_size=128256, num_params=8.03e9),
+        # The engine's test and CPU-benchmark presets (models/config.py), for profiles measured by
+        # `python -m dsjax.plan profile`; their profile key is the preset name.
+        _small("tiny-opt", layers=2, heads=4, kv_heads=4, hidden=64, ffn=128, params=131_200),
+        _small("tiny-llama", layers=2, heads=4, kv_heads=2, hidden=64, ffn=128, params=139_264),
+        _small("small-llama", layers=4, heads=8, kv_heads=4, hidden=256, ffn=768, params=3_407_872),
+        _small("small-opt", layers=4, heads=8, kv_heads=8, hidden=256, ffn=1024, params=3_801_600),
     )
 }
 _BY_HF_NAME = {m.hf_name.lower(): m for m in MODELS.values()}

@@ -178,10 +178,10 @@ class SearchContext:
         mean_p = float(w.prompt_len.mean())
         mean_o = float(w.output_len.mean())
         pf = placement.prefill
-        lat_p = self.profile.latency(self.model.name, tp=pf.tp, pp=pf.pp)
+        lat_p = self.profile.latency(self.model.name, tp=pf.tp, pp=pf.pp, use_buckets=self.scheduler.shape_buckets)
         prefill_rate = pf.replicas / max(lat_p.prefill_stage_s(mean_p, mean_p * mean_p), 1e-6)
         dc = placement.decode
-        lat_d = self.profile.latency(self.model.name, tp=dc.tp, pp=dc.pp)
+        lat_d = self.profile.latency(self.model.name, tp=dc.tp, pp=dc.pp, use_buckets=self.scheduler.shape_buckets)
         cap = self.memory.kv_capacity_tokens(dc.tp, dc.pp) or 1
         if not self.scheduler.kv_capacity_limit:
             cap = 1 << 62

@@ -53,6 +53,9 @@ class SchedulerConfig:
     # False: KV capacity never limits batching (DistServe's public simulator does not model it);
     # whether the weights fit is still checked.
     kv_capacity_limit: bool = True
+    # Cost batches at the engine's padded shapes when the profile records them (our profiler's do;
+    # DistServe's do not, so this changes nothing for them).
+    shape_buckets: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_token_budget is not None and self.prefill_token_budget < 1:
@@ -104,7 +107,9 @@ class Simulator:
         capacity = memory.kv_capacity_tokens(tp, pp)
         if capacity is None or capacity <= 0:
             raise ValueError(f"{self.model.name} with tp={tp}, pp={pp} does not fit in {memory.device.name} memory")
-        latency = profile.latency(self.model.name, tp=tp, pp=pp, pp_overhead_ms=self.config.pp_overhead_ms)
+        latency = profile.latency(
+            self.model.name, tp=tp, pp=pp, pp_overhead_ms=self.config.pp_overhead_ms, use_buckets=self.config.shape_buckets
+        )
         if not self.config.kv_capacity_limit:
             capacity = UNLIMITED_TOKENS
         return _PhaseSetup(latency=latency, capacity_tokens=capacity, replicas=replicas)

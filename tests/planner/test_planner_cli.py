@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from planner_reference import distserve_profile
 
 from dsjax.placement import load_plan
@@ -16,7 +18,7 @@ def test_trace_then_simulate_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     for key in ("attainment", "ttft_attainment", "tpot_attainment", "ttft_p90_s", "tpot_p90_s"):
         assert key in out
-    assert out["rate"] == 3.0 and out["num_devices"] == 3
+    assert out["rate"] == pytest.approx(3.0) and out["num_devices"] == 3
     for mode in ("colocated", "chunked"):
         assert main(["simulate", "--mode", mode, "--tp", "1", "--pp", "1"] + common) == 0
         lines = capsys.readouterr().out.strip().splitlines()
@@ -43,3 +45,36 @@ def test_bad_arguments_are_reported(capsys):
             "--rate", "1", "--ttft", "1", "--tpot", "1", "--prefill", "tp=2,xx=1"]
     assert main(argv) == 2
     assert "bad phase spec" in capsys.readouterr().err
+
+
+def test_dataset_workload_in_opt_tokens(tmp_path, monkeypatch, capsys):
+    """--workload/--lengths accept a dataset name: load_workload's GPT-2 counts + 1 (OPT's BOS)."""
+    from dsjax.plan import dataset_trace
+    from dsjax.planner.trace import read_trace
+    from dsjax.workloads import load_workload
+
+    monkeypatch.setenv("DSJAX_CACHE", str(tmp_path / "cache"))
+    trace = dataset_trace("humaneval", num_requests=100, seed=0)
+    raw = load_workload("humaneval", num_requests=100, seed=0)
+    assert trace.pairs() == [(p + 1, o + 1) for p, o in raw]
+    assert trace.arrival_s[0] == 0.0 and trace.mean_rate == pytest.approx(1.0, rel=0.3)
+    out = tmp_path / "he.jsonl"
+    assert main(["trace", "--lengths", "humaneval", "--num-requests", "100", "--rate", "4", "--out", str(out)]) == 0
+    assert read_trace(out).pairs() == trace.pairs() and read_trace(out).mean_rate == pytest.approx(4.0)
+    capsys.readouterr()
+    argv = ["simulate", "--profile", str(distserve_profile()), "--model", "opt-13b", "--workload", "humaneval",
+            "--num-requests", "100", "--rate", "2", "--ttft", "0.125", "--tpot", "0.2", "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["num_requests"] == 100
+
+
+def test_cli_and_planner_stay_jax_free():
+    """Only the `profile` command imports jax (dsjax/planner/profiler.py, imported on demand)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import dsjax.plan, dsjax.planner, dsjax.planner.trace, dsjax.workloads.trace_gen;"
+        "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -107,3 +107,13 @@ def test_fit_profile_errors_and_single_regime():
     assert fit.decode_large == fit.decode_small
     with pytest.raises(ValueError, match="> 0 ms"):
         fit_profile(prefill=[([1], 0.0)] * 3, decode=small_only)
+
+
+def test_fit_keeps_coefficients_nonnegative():
+    """Concave data (a negative quadratic term fits it best) gives c = 0, not c < 0."""
+    lens = [16, 64, 128, 256, 512, 1024, 2048]
+    prefill = [([n], 5.0 + 0.01 * n - 1e-6 * n * n) for n in lens]
+    decode = [([n] * b, 1.0 + 1e-3 * b * (n + 1) + 0.05 * b) for b in (1, 4, 16) for n in (100, 1000)]
+    fit = fit_profile(prefill=prefill, decode=decode)
+    assert min(fit.prefill) >= 0 and fit.prefill[2] == 0.0 and fit.prefill[1] > 0
+    np.testing.assert_allclose(fit.decode_small, (1.0, 1e-3, 0.05), rtol=1e-6)

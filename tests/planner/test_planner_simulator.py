@@ -72,7 +72,8 @@ def _reference_decode(trace, latency, max_batch):
         if not running:
             t = arrival[nxt]
             continue
-        t += latency.decode_step_s(len(running), sum(prompt[r] + g for r, g in running.items()))
+        ctx = [prompt[r] + g for r, g in running.items()]  # ctx + 1 of each running request
+        t += latency.decode_step_s(len(running), sum(ctx), max(ctx))
         for r in list(running):
             running[r] += 1
             if running[r] == out[r]:
@@ -81,12 +82,17 @@ def _reference_decode(trace, latency, max_batch):
     return finish
 
 
+@pytest.mark.parametrize("buckets", [None, "padded", "ragged"])
 @pytest.mark.parametrize("pp,max_batch", [(1, 256), (1, 3), (2, 256)])
-def test_decode_skip_ahead_matches_per_step_reference(pp, max_batch):
+def test_decode_skip_ahead_matches_per_step_reference(pp, max_batch, buckets):
     rng = np.random.default_rng(pp + max_batch)
     trace = generate_trace(num_requests=60, rate=20.0, lengths=FixedLengths(prompt_len=1, output_len=1), seed=1)
     trace = Trace(arrival_s=trace.arrival_s, prompt_len=rng.integers(1, 800, 60), output_len=rng.integers(1, 60, 60))
     sim = _sim(_disagg(dpp=pp), decode_max_batch_size=max_batch)
+    if buckets is not None:
+        profile = Profile(entries=PROFILE.entries, metadata={"shape_buckets": {"block_size": 16, "attention": buckets}})
+        sim = Simulator(placement=sim.placement, profile=profile, model=MODEL, memory=BIG, config=sim.config)
+        assert sim.decode.latency.buckets is not None
     r = sim.run(trace, slo=SLO_, phase="decode")
     finish = _reference_decode(trace, sim.decode.latency, max_batch)
     mask = trace.output_len > 1
