@@ -146,8 +146,11 @@ class RouterServer:
         max_message = max(64 << 20, 4 * limits.max_request_bytes)  # over it gRPC itself answers RESOURCE_EXHAUSTED
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_pending + 32, thread_name_prefix="router"),
+            # Workers ping the router (registry heartbeats over kept-alive channels): without these
+            # permits the server answers GOAWAY "too_many_pings" and healthy workers get dropped.
             options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                     ("grpc.http2.max_ping_strikes", 0), ("grpc.so_reuseport", 0)],
         )
         dsjax_pb2_grpc.add_GenerationServicer_to_server(self.generation, self.server)
         worker_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), self.server)

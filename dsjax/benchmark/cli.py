@@ -1,0 +1,197 @@
+"""Command line of `python -m dsjax.bench` (dsjax/bench.py is the entry point).
+
+    python -m dsjax.bench --target localhost:50051 --workload sharegpt --rates 1,2,4 --ttft 0.3 --tpot 0.015 \\
+        [--num-requests N] [--scale K] [--arrival poisson|gamma --cv C] [--seed S] [--out DIR]
+    python -m dsjax.bench compare [--quick] [--workload sharegpt] [--model small-llama] [--out DIR]
+    python -m dsjax.bench report DIR          # re-draw a compare directory's plots and summary.md
+
+The first form benchmarks a running server (several comma-separated targets are replicas: each
+request goes to the one with the fewest in flight). The second starts the three systems in turn and
+compares them (dsjax/benchmark/experiment.py). docs/results.md has the results and the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dsjax.bench_metrics import write_results_csv, write_results_json
+from dsjax.benchmark.analysis import SLOs, mean_breakdown, slo_scale_curve, write_json
+from dsjax.benchmark.experiment import CompareConfig, copy_plots, quick_config, rerender, run_compare
+from dsjax.benchmark.loadgen import DEFAULT_REQUEST_TIMEOUT_S
+from dsjax.benchmark.plots import plot_attainment_vs_rate, plot_attainment_vs_slo_scale, plot_latency_breakdown
+from dsjax.benchmark.prompts import PROMPT_FORMATS, load_bench_requests
+from dsjax.benchmark.servers import SYSTEMS, ServerOptions
+from dsjax.benchmark.sweep import SweepConfig, sweep_target
+from dsjax.workloads import WORKLOAD_NAMES
+from dsjax.workloads.trace_gen import ARRIVAL_PROCESSES
+
+
+def _floats(spec: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"{spec!r} must be a comma-separated list of numbers")
+    return values
+
+
+def _ints(spec: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} must be a comma-separated list of integers") from None
+
+
+def _add_workload(p: argparse.ArgumentParser, *, num_requests: int | None) -> None:
+    p.add_argument("--workload", choices=WORKLOAD_NAMES, default="sharegpt")
+    p.add_argument("--num-requests", type=int, default=num_requests, help="requests per rate (one seeded sample)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="divide prompt and output lengths (>= 1; default 1 for a server, 4 for compare)")
+    p.add_argument("--seed", type=int, default=0, help="drives the sample, the prompts and the arrivals")
+    p.add_argument("--arrival", choices=ARRIVAL_PROCESSES, default="poisson")
+    p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation of the gaps")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="bytes",
+                   help="bytes: real text as UTF-8 byte ids (dummy presets); gpt2: BPE ids; random: ids < --vocab-size; text")
+    p.add_argument("--max-bisections", type=int, default=None, help="goodput bisection probes after the scan")
+    p.add_argument("--rel-tol", type=float, default=None, help="bisection stops within this fraction of the failing rate")
+    p.add_argument("--target-attainment", type=float, default=0.9)
+    p.add_argument("--source-limit", type=int, default=None,
+                   help="read only the first N records of the dataset (fast demos and tests)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench", description="Benchmark a running dsjax server "
+                                "(`python -m dsjax.bench compare --help`: the headline experiment).")
+    p.add_argument("--target", required=True, help="HOST:PORT, or several comma-separated replicas")
+    p.add_argument("--rates", type=_floats, required=True, help="request rates to scan, req/s, increasing")
+    p.add_argument("--ttft", type=float, required=True, help="TTFT SLO, seconds")
+    p.add_argument("--tpot", type=float, required=True, help="TPOT SLO, seconds")
+    _add_workload(p, num_requests=200)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="served vocabulary (checks ids; needed by --prompt-format random)")
+    p.add_argument("--no-bisect", action="store_true", help="report the scan only (goodput = last passing scan rate)")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent at once before the scan, not measured")
+    p.add_argument("--timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="per-request deadline, seconds")
+    p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the server to answer")
+    p.add_argument("--label", default="server", help="system name in the results")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench compare",
+                                description="Per-device goodput of disaggregated vs colocated vs chunked prefill, "
+                                            "each started in turn on the same cores, plus the simulator's prediction.")
+    p.add_argument("--quick", action="store_true", help="~10 minutes: 60 requests, 2 bisections (see docs/results.md)")
+    p.add_argument("--model", default="small-llama", help="model preset served with dummy weights")
+    _add_workload(p, num_requests=None)
+    p.add_argument("--rates", type=_floats, default=None, help="scan rates, req/s (default: around the simulated goodputs)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    p.add_argument("--ttft", type=float, default=None, help="override the derived TTFT SLO, seconds")
+    p.add_argument("--tpot", type=float, default=None, help="override the derived TPOT SLO, seconds")
+    p.add_argument("--profile", type=Path, default=None, help="latency profile to use (default: cached, else measured)")
+    p.add_argument("--reprofile", action="store_true", help="measure the profile again even if cached")
+    p.add_argument("--full-profile", action="store_true", help="profile with the full grid instead of --quick")
+    p.add_argument("--cores", type=_ints, default=(0, 1), help="the two cores (devices) the servers are pinned to")
+    p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for every server process")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="decode batch cap of every system")
+    p.add_argument("--max-prefill-tokens", type=int, default=256,
+                   help="prefill batch budget L_m (and chunked step budget) of every system; 256: on one CPU core a "
+                        "packed prefill stops gaining from batching beyond ~256 tokens (docs/results.md)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up requests per system (at once, then at the top and bottom scan rates); default all")
+    p.add_argument("--out", type=Path, default=Path("bench-results/compare"))
+    p.add_argument("--docs-img", default=None, help="also copy the plots to docs/img/<PREFIX>-*.png")
+    return p
+
+
+def main_run(argv: list[str]) -> int:
+    args = build_run_parser().parse_args(argv)
+    slos = SLOs(ttft_s=args.ttft, tpot_s=args.tpot, target=args.target_attainment)
+    requests = load_bench_requests(args.workload, num_requests=args.num_requests, seed=args.seed, scale=args.scale or 1,
+                                   prompt_format=args.prompt_format, vocab_size=args.vocab_size,
+                                   source_limit=args.source_limit)
+    cfg = SweepConfig(rates=args.rates, arrival=args.arrival, cv=args.cv, seed=args.seed, bisect=not args.no_bisect,
+                      rel_tol=args.rel_tol or 0.05, max_bisections=4 if args.max_bisections is None else args.max_bisections,
+                      timeout_s=args.timeout, connect_timeout_s=args.connect_timeout, warmup_requests=args.warmup)
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = sweep_target(targets if len(targets) > 1 else targets[0], requests, cfg, slos, label=args.label,
+                         out_dir=out, progress=not args.no_progress)
+    write_results_json(out / "results.json", list(sweep.rows))
+    write_results_csv(out / "results.csv", list(sweep.rows))
+    summary = {
+        "target": args.target, "workload": args.workload, "scale": args.scale or 1, "num_requests": len(requests),
+        "slo": {"ttft_s": slos.ttft_s, "tpot_s": slos.tpot_s, "target": slos.target},
+        "goodput": sweep.goodput, "saturated": sweep.saturated, "probes": sweep.probes,
+        "tightest_slo_scale": {row["rate"]: row["tightest_slo_scale"] for row in sweep.full_rows()},
+    }
+    write_json(out / "summary.json", summary)
+    if not args.no_plots:
+        full = sweep.full_rows()
+        plot_attainment_vs_rate({args.label: full}, out / "attainment_vs_rate.png", target=slos.target,
+                                goodputs={args.label: sweep.goodput})
+        plot_attainment_vs_slo_scale({f"{row['rate']:g} req/s": slo_scale_curve(sweep.run_at(row["rate"]).records, slos)
+                                      for row in full}, out / "attainment_vs_slo_scale.png", target=slos.target)
+        plot_latency_breakdown({f"{row['rate']:g} req/s": mean_breakdown(sweep.run_at(row["rate"])) for row in full},
+                               out / "latency_breakdown.png")
+    print(f"goodput {sweep.goodput:.4g} req/s{' (every scanned rate passed)' if sweep.saturated else ''} at "
+          f"{slos.target:.0%} joint attainment (TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s); results in {out}")
+    return 0
+
+
+def main_compare(argv: list[str]) -> int:
+    args = build_compare_parser().parse_args(argv)
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    server = ServerOptions(model=args.model, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                           xla_flags=args.xla_flags, pin=not args.no_pin, cores=args.cores)
+    overrides = {k: v for k, v in dict(
+        out=args.out, model=args.model, workload=args.workload, seed=args.seed, prompt_format=args.prompt_format,
+        systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv, target=args.target_attainment,
+        ttft_s=args.ttft, tpot_s=args.tpot, profile=args.profile, reprofile=args.reprofile,
+        quick_profile=not args.full_profile, server=server, progress=not args.no_progress,
+        num_requests=args.num_requests, scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol,
+        warmup_requests=args.warmup, source_limit=args.source_limit,
+    ).items() if v is not None}
+    cfg = quick_config(**overrides) if args.quick else CompareConfig(**overrides)
+    summary = run_compare(cfg)
+    if args.docs_img:
+        copied = copy_plots(cfg.out, Path(__file__).resolve().parents[2] / "docs" / "img", args.docs_img)
+        print("plots copied to " + ", ".join(str(p) for p in copied))
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in summary["ratios"].items())
+    print(f"per-device goodput: " + ", ".join(f"{s} {d['per_device_goodput']:.3g}" for s, d in summary["systems"].items())
+          + (f"; {ratios}" if ratios else "") + f"; results in {cfg.out}")
+    return 0
+
+
+def main_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench report",
+                                description="Re-draw the plots and summary.md of a `compare` output directory.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--docs-img", default=None, help="also copy the plots to docs/img/<PREFIX>-*.png")
+    args = p.parse_args(argv)
+    summary = rerender(args.out)
+    if args.docs_img:
+        copy_plots(args.out, Path(__file__).resolve().parents[2] / "docs" / "img", args.docs_img)
+    print((args.out / "summary.md").read_text(), end="")
+    return 0 if summary else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["compare"]:
+            return main_compare(argv[1:])
+        if argv[:1] == ["report"]:
+            return main_report(argv[1:])
+        return main_run(argv)
+    except (ValueError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,219 @@
+"""Start the three systems of the headline experiment as separate server processes, one core each.
+
+"A device" is a CPU core: every process that runs a model is pinned to its own core with
+`taskset -c` (so XLA sizes its thread pools to that one core), the same model and engine settings
+everywhere.
+
+    disaggregated  router (unpinned)  +  prefill worker on core 0  +  decode worker on core 1
+                   (python -m dsjax.serve --role router / --role prefill / --role decode)
+    colocated      two servers, one per core, each router + one prefill-first engine
+    chunked        two servers, one per core, each router + one chunked-prefill engine
+                   (python -m dsjax.serve --workers inprocess --mode colocated|chunked)
+
+The launcher runs colocated and chunked only in process (`--workers processes` is disaggregated
+only), so a baseline replica is a whole server on its core and the benchmark client spreads requests
+over the two replicas (least in-flight requests, `loadgen`), standing in for the router. Each
+baseline router therefore shares its core with its engine, while the disaggregated router floats
+over both cores; either way the routers run on the same two cores as the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SYSTEMS = ("disaggregated", "colocated", "chunked")
+GENERATION_SERVICE = "dsjax.v1.Generation"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """What every system is started with (identical across systems)."""
+
+    model: str = "small-llama"
+    dtype: str = "float32"
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_prefill_tokens: int = 256  # L_m; see docs/results.md for why not the engine's 1024
+    num_blocks: int | None = None
+    xla_flags: str = ""  # appended to XLA_FLAGS of every server process
+    pin: bool = True  # taskset -c one core per model process
+    cores: tuple[int, ...] = (0, 1)
+    compilation_cache: str = os.path.expanduser("~/.cache/dsjax/jax-serve")
+    ready_timeout_s: float = 900.0
+    log_level: str = "WARNING"
+
+    def engine_args(self) -> list[str]:
+        args = ["--model", self.model, "--dummy-weights", "--dtype", self.dtype, "--block-size", str(self.block_size),
+                "--max-num-seqs", str(self.max_num_seqs), "--max-prefill-tokens", str(self.max_prefill_tokens),
+                "--compilation-cache", self.compilation_cache, "--log-level", self.log_level]
+        if self.num_blocks:
+            args += ["--num-blocks", str(self.num_blocks)]
+        return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    name: str  # e.g. "prefill", "replica-0"
+    proc: subprocess.Popen
+    core: int | None
+    log_path: Path
+
+    def cpu_seconds(self) -> float | None:
+        """utime + stime of the process (all its threads), from /proc; None once it is gone."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def affinity(self) -> list[int] | None:
+        try:
+            return sorted(os.sched_getaffinity(self.proc.pid))
+        except OSError:
+            return None
+
+    def num_threads(self) -> int | None:
+        try:
+            return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+        except OSError:
+            return None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+class LaunchedSystem:
+    """Processes of one system; `targets` are the gRPC addresses the client sends to."""
+
+    def __init__(self, name: str, num_devices: int):
+        self.name = name
+        self.num_devices = num_devices
+        self.processes: list[ServerProcess] = []
+        self.targets: list[str] = []
+
+    def start_process(self, name: str, argv: list[str], *, core: int | None, options: ServerOptions, log_dir: Path) -> None:
+        env = dict(os.environ)
+        if options.xla_flags:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {options.xla_flags}".strip()
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [sys.executable, "-m", "dsjax.serve", *argv]
+        if core is not None and options.pin:
+            if shutil.which("taskset") is None:
+                raise RuntimeError("taskset (util-linux) is needed to pin servers to cores; pass pin=False to skip")
+            cmd = ["taskset", "-c", str(core), *cmd]
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{self.name}-{name}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=_repo_root())
+        self.processes.append(ServerProcess(name=name, proc=proc, core=core if options.pin else None, log_path=log_path))
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Blocks until every target reports SERVING on the health service; returns the seconds taken."""
+        t0 = time.monotonic()
+        for target in self.targets:
+            with grpc.insecure_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    self._check_alive()
+                    try:
+                        status = stub.Check(health_pb2.HealthCheckRequest(service=GENERATION_SERVICE), timeout=2.0).status
+                        if status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if time.monotonic() - t0 > timeout_s:
+                        self.stop()
+                        raise TimeoutError(f"{self.name}: {target} not SERVING after {timeout_s:.0f} s")
+                    time.sleep(0.5)
+        return time.monotonic() - t0
+
+    def _check_alive(self) -> None:
+        for p in self.processes:
+            if p.proc.poll() is not None:
+                tails = "\n".join(f"--- {q.name} ({q.log_path}) ---\n{q.log_tail()}" for q in self.processes)
+                self.stop()
+                raise RuntimeError(f"{self.name}: {p.name} exited with {p.proc.returncode}\n{tails}")
+
+    def cpu_seconds(self) -> dict[str, float | None]:
+        return {p.name: p.cpu_seconds() for p in self.processes}
+
+    def describe(self) -> list[dict]:
+        return [{"name": p.name, "pid": p.proc.pid, "core": p.core, "affinity": p.affinity(), "threads": p.num_threads(),
+                 "log": str(p.log_path)} for p in self.processes]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM every process this object started (by pid), then SIGKILL the ones still alive."""
+        for p in reversed(self.processes):
+            if p.proc.poll() is None:
+                p.proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for p in self.processes:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+                p.proc.wait()
+
+    def __enter__(self) -> LaunchedSystem:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
+
+
+def launch_system(name: str, options: ServerOptions, log_dir: str | Path) -> LaunchedSystem:
+    """Starts `name` (one of SYSTEMS) on `options.cores` (two cores) and waits until it serves."""
+    if name not in SYSTEMS:
+        raise ValueError(f"system {name!r} must be one of {SYSTEMS}")
+    if len(options.cores) != 2:
+        raise ValueError(f"cores={options.cores} must name two cores (one per device)")
+    log_dir = Path(log_dir)
+    system = LaunchedSystem(name, num_devices=2)
+    common = options.engine_args()
+    if name == "disaggregated":
+        port = free_port()
+        router = f"127.0.0.1:{port}"
+        system.start_process("router", ["--role", "router", "--mode", "disaggregated", "--port", str(port),
+                                        "--host", "127.0.0.1", "--metrics-port", "-1", *common],
+                             core=None, options=options, log_dir=log_dir)
+        for role, core in (("prefill", options.cores[0]), ("decode", options.cores[1])):
+            system.start_process(role, ["--role", role, "--router", router, "--worker-id", f"{role}-0", "--port", "0",
+                                        "--host", "127.0.0.1", "--mode", "disaggregated", "--exit-with-parent", *common],
+                                 core=core, options=options, log_dir=log_dir)
+        system.targets = [router]
+    else:
+        for i, core in enumerate(options.cores):
+            port = free_port()
+            system.start_process(f"replica-{i}", ["--workers", "inprocess", "--mode", name, "--port", str(port),
+                                                  "--host", "127.0.0.1", "--metrics-port", "-1", *common],
+                                 core=core, options=options, log_dir=log_dir)
+            system.targets.append(f"127.0.0.1:{port}")
+    try:
+        system.wait_ready(options.ready_timeout_s)
+    except BaseException:
+        system.stop()
+        raise
+    return system

@@ -1,0 +1,92 @@
+"""The planner's simulator on the benchmark's own trace: real vs simulated attainment.
+
+For every system and rate the benchmark ran, the simulator replays the *same* requests (lengths as
+served) at the *same* scheduled send times, with the latency profile measured on this machine and
+the engine's scheduler limits, and reports its attainment beside the measured one (the planner's
+fidelity check, DistServe Table 2: goal within 3 points).
+
+Mapping of the engine's settings (dsjax/scheduler.py, `python -m dsjax.serve` flags) onto
+`planner.SchedulerConfig`: L_m = prefill token budget = --max-prefill-tokens, prefill batch <= 16
+requests, decode batch <= --max-num-seqs, colocated prefill budget and chunked step budget =
+--max-prefill-tokens. KV capacity is not limited: the server's default pool holds max-num-seqs full
+contexts, so the batch cap binds first. KV transfers cost nothing (the real transfer time is
+reported separately from the servers' latency breakdown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from dsjax.bench_metrics import goodput
+from dsjax.benchmark.analysis import SLOs
+from dsjax.benchmark.prompts import BenchRequest
+from dsjax.placement import PhaseParallel, Placement
+from dsjax.planner.latency import Profile
+from dsjax.planner.metrics import SLO
+from dsjax.planner.models import DeviceSpec, MemoryModel, get_model
+from dsjax.planner.simulator import SchedulerConfig, Simulator
+from dsjax.planner.trace import Trace
+
+# The engine's SchedulerConfig.max_prefill_seqs default (not a serve flag).
+ENGINE_MAX_PREFILL_SEQS = 16
+_HOST = DeviceSpec(name="cpu-host", memory_bytes=64 * 2**30)
+
+
+def placement_for(system: str, num_devices: int = 2) -> Placement:
+    """The placement each benchmarked system uses on `num_devices` single-core devices."""
+    if system == "disaggregated":
+        if num_devices != 2:
+            raise ValueError(f"the disaggregated system here is 1 prefill + 1 decode device, not {num_devices}")
+        return Placement(prefill=PhaseParallel(), decode=PhaseParallel())
+    return Placement.colocated(tp=1, pp=1, replicas=num_devices, mode=system)
+
+
+def scheduler_config(*, max_num_seqs: int, max_prefill_tokens: int) -> SchedulerConfig:
+    return SchedulerConfig(
+        prefill_token_budget=max_prefill_tokens,
+        prefill_max_batch_size=ENGINE_MAX_PREFILL_SEQS,
+        decode_max_batch_size=max_num_seqs,
+        colocated_token_budget=max_prefill_tokens,
+        chunk_tokens=max_prefill_tokens,
+        kv_capacity_limit=False,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimulatedRun:
+    attainment: float
+    ttft_attainment: float
+    tpot_attainment: float
+    ttft_p90_s: float
+    tpot_p90_s: float
+
+
+class TraceSimulator:
+    """One system's simulator, replaying benchmark schedules."""
+
+    def __init__(self, *, system: str, profile: Profile, model: str, slos: SLOs, max_num_seqs: int, max_prefill_tokens: int):
+        spec = get_model(model)
+        self.slos = slos
+        self.sim = Simulator(
+            placement=placement_for(system), profile=profile, model=spec, memory=MemoryModel(model=spec, device=_HOST),
+            config=scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens),
+        )
+
+    def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
+        trace = Trace(
+            arrival_s=np.asarray(offsets_s, dtype=np.float64),
+            prompt_len=np.array([r.prompt_len for r in requests]),
+            output_len=np.array([r.output_len for r in requests]),
+        )
+        result = self.sim.run(trace, slo=SLO(ttft_s=self.slos.ttft_s, tpot_s=self.slos.tpot_s))
+        s = result.summary()
+        return SimulatedRun(attainment=result.attainment, ttft_attainment=result.ttft_attainment,
+                            tpot_attainment=result.tpot_attainment, ttft_p90_s=s["ttft_p90_s"], tpot_p90_s=s["tpot_p90_s"])
+
+    def goodput(self, requests: Sequence[BenchRequest], schedule, rates: Sequence[float]) -> float:
+        """Simulated goodput with the benchmark's own search (`schedule(rate)` gives send offsets)."""
+        return goodput(lambda rate: self.run(requests, schedule(rate)).attainment, list(rates),
+                       target=self.slos.target, rel_tol=0.01).rate

@@ -1,0 +1,103 @@
+"""`python -m dsjax.bench` end to end against fake servers: the run command's files, and the compare
+experiment's orchestration (SLOs from a profile, per-device goodput ratios, simulator table)."""
+
+import json
+
+import pytest
+
+from dsjax.benchmark.cli import main
+from dsjax.benchmark.experiment import CompareConfig, auto_rates, derive_slos, run_compare
+from dsjax.benchmark.fake_server import FakeServer, FakeTiming
+from dsjax.benchmark.servers import ServerOptions
+from dsjax.planner.latency import LatencyCoeffs, Profile, save_profile
+
+PNGS = ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "latency_breakdown.png")
+
+
+def test_run_command_writes_json_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeServer(FakeTiming(prefill_fixed_s=0.004, tpot_s=0.001)) as server:
+        rc = main(["--target", server.target, "--workload", "humaneval", "--scale", "16", "--num-requests", "12",
+                   "--rates", "20,40", "--ttft", "0.5", "--tpot", "0.05", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["rate"] for r in rows] == [20.0, 40.0] and all(r["attainment_joint"] == 1.0 for r in rows)
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("system,rate,num_requests,num_failed,ttft_slo_s")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["goodput"] == 40.0 and summary["saturated"] is True
+    assert all((out / p).stat().st_size > 1000 for p in PNGS)
+    assert len((out / "requests-server-20.jsonl").read_text().splitlines()) == 12
+    assert "goodput 40 req/s (every scanned rate passed)" in capsys.readouterr().out
+
+
+def test_run_command_reports_an_unreachable_server(tmp_path, capsys):
+    rc = main(["--target", "127.0.0.1:1", "--workload", "humaneval", "--num-requests", "2", "--rates", "1",
+               "--ttft", "1", "--tpot", "1", "--no-progress", "--connect-timeout", "0.5", "--out", str(tmp_path)])
+    assert rc == 2 and "no gRPC server" in capsys.readouterr().err
+
+
+def test_slo_rule_and_auto_rates():
+    slos, how = derive_slos({"prefill_512_ms": 80.0, "decode_bs1_ctx512_ms": 2.5})
+    assert slos.ttft_s == pytest.approx(0.28) and slos.tpot_s == pytest.approx(0.0125)
+    assert "3.5 x prefill_512_ms" in how["rule"]
+    with pytest.raises(ValueError, match="prefill_512_ms"):
+        derive_slos({})
+    rates = auto_rates({"a": 4.0, "b": 2.0}, factors=(0.5, 1.0, 1.5))
+    assert rates == (1.0, 2.4, 6.0)
+
+
+class _FakeSystem:
+    """Stands in for servers.launch_system: two fake replicas (or one 'router') per system."""
+
+    TIMINGS = {"disaggregated": 0.004, "colocated": 0.030, "chunked": 0.015}
+
+    def __init__(self, name, options, log_dir):
+        self.name, self.num_devices = name, 2
+        self.servers = [FakeServer(FakeTiming(prefill_fixed_s=self.TIMINGS[name], tpot_s=0.001)).start()]
+        self.targets = [s.target for s in self.servers]
+
+    def cpu_seconds(self):
+        return {"fake": 0.0}
+
+    def describe(self):
+        return [{"name": "fake", "pid": 0, "affinity": [0], "threads": 1}]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for s in self.servers:
+            s.stop()
+
+
+def test_compare_orchestration_with_fake_systems(tmp_path):
+    coeffs = LatencyCoeffs(prefill=[2.0, 0.01, 0.0], decode_small=[1.0, 0.0001, 0.01], decode_large=[1.0, 0.0001, 0.01])
+    profile_path = tmp_path / "profile.json"
+    save_profile(profile_path, Profile(entries={"small-llama": {1: coeffs}},
+                                       metadata={"prefill_512_ms": 20.0, "decode_bs1_ctx512_ms": 2.0}))
+    cfg = CompareConfig(out=tmp_path / "cmp", workload="humaneval", scale=16, num_requests=16, rates=(20.0, 80.0),
+                        max_bisections=1, rel_tol=0.3, warmup_requests=2, profile=profile_path, progress=False,
+                        server=ServerOptions(model="small-llama"))
+    summary = run_compare(cfg, log=lambda _: None, launcher=_FakeSystem)
+    assert summary["slo"]["ttft_s"] == pytest.approx(0.070) and summary["slo"]["tpot_s"] == pytest.approx(0.010)
+    systems = summary["systems"]
+    assert set(systems) == {"disaggregated", "colocated", "chunked"}
+    for s in systems.values():
+        assert s["per_device_goodput"] == pytest.approx(s["goodput"] / 2) and s["simulated_goodput"] > 0
+    # Capacity 250 vs 33 req/s against 80 req/s: disaggregated passes the top rate, colocated fails it.
+    assert systems["disaggregated"]["goodput"] == 80.0, systems["disaggregated"]["probes"]
+    assert systems["colocated"]["goodput"] < 80.0, systems["colocated"]["probes"]
+    ratio = summary["ratios"]["disaggregated_over_colocated"]
+    assert ratio == pytest.approx(systems["disaggregated"]["goodput"] / systems["colocated"]["goodput"])
+    assert {f["system"] for f in summary["fidelity"]} == set(systems)
+    out = tmp_path / "cmp"
+    assert all((out / p).stat().st_size > 1000 for p in PNGS)
+    assert "| disaggregated | 2 |" in (out / "summary.md").read_text()
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["system"] for r in rows} == set(systems) and all(r["devices"] == 2 for r in rows)
+    # `python -m dsjax.bench report DIR` re-draws everything from the saved files alone.
+    first = (out / "summary.md").read_text()
+    for p in PNGS:
+        (out / p).unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "summary.md").read_text() == first and all((out / p).is_file() for p in PNGS)
