@@ -32,7 +32,7 @@ from dsjax.migration import migrate  # noqa: E402
 from dsjax.request import Request  # noqa: E402
 from dsjax.runner import ModelRunner  # noqa: E402
 from dsjax.sampling_params import SamplingParams  # noqa: E402
-from dsjax.sharding import InstanceMeshes, _instance  # noqa: E402
+from dsjax.sharding import instance_meshes  # noqa: E402
 from dsjax.placement import PhaseParallel  # noqa: E402
 from models.transformer import CausalLM  # noqa: E402
 from models.weights import load_model  # noqa: E402
@@ -84,8 +84,8 @@ def bench_migration(model: CausalLM, params, cache: CacheConfig, lengths, reps):
     if len(devs) < 2:
         return []
     one = PhaseParallel()
-    src = ModelRunner(model, params, cache, _instance([devs[0]], one).meshes)
-    dst = ModelRunner(model, params, cache, _instance([devs[1]], one).meshes)
+    src = ModelRunner(model, params, cache, instance_meshes([devs[0]], one).meshes)
+    dst = ModelRunner(model, params, cache, instance_meshes([devs[1]], one).meshes)
     rows = []
     for length in tqdm(lengths, desc="migration", leave=False):
         nblk = -(-length // cache.block_size)

@@ -17,7 +17,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from dsjax.cluster import build_engine
-from dsjax.kv_cache import CacheConfig
+from dsjax.kv_cache import CacheConfig, num_blocks_for_memory
 from dsjax.placement import Placement
 from dsjax.request import FinishReason, Lifecycle, Request
 from dsjax.sampling_params import SamplingParams
@@ -60,7 +60,7 @@ def validate_prompt(config: ModelConfig, prompt_token_ids: Sequence[int], sampli
 def default_num_blocks(config: ModelConfig, block_size: int, max_num_seqs: int, dtype_bytes: int) -> int:
     """Room for max_num_seqs full contexts, capped at ~512 MiB of KV, plus the null block."""
     want = max_num_seqs * -(-config.max_position // block_size)
-    cap = _DEFAULT_KV_BYTES // (config.kv_bytes_per_token(dtype_bytes) * block_size)
+    cap = num_blocks_for_memory(config, block_size, dtype_bytes, _DEFAULT_KV_BYTES)
     return max(2, min(want, cap) + 1)
 
 

@@ -69,7 +69,8 @@ class InstanceMeshes:
         return [d for m in self.meshes for d in m.devices.flat]
 
 
-def _instance(devs: list, phase: PhaseParallel) -> InstanceMeshes:
+def instance_meshes(devs: list, phase: PhaseParallel) -> InstanceMeshes:
+    """One instance on `devs` (stage-major: stage s takes devs[s*tp:(s+1)*tp])."""
     return InstanceMeshes(tuple(Mesh(np.array(devs[s * phase.tp : (s + 1) * phase.tp]), (TP_AXIS,)) for s in range(phase.pp)))
 
 
@@ -94,7 +95,7 @@ def carve(placement: Placement, devices: list | None = None) -> dict[str, list[I
             else:
                 devs = devices[cursor : cursor + phase.devices_per_instance]
                 cursor += phase.devices_per_instance
-            insts.append(_instance(devs, phase))
+            insts.append(instance_meshes(devs, phase))
         out[name] = insts
     return out
 
