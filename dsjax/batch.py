@@ -4,6 +4,13 @@ Prefill packs each chunk's tokens back to back (request b owns rows cu_q_lens[b]
 and pads to the bucket from dsjax/shapes.py; padding tokens write to slot 0 of the null block and
 padding requests have zero lengths. A chunk covers positions [start, end) of a request whose
 earlier positions are already in the cache (a chunked prefill or a recompute keeps start = 0).
+
+A mixed batch (a leading run of one-token chunks, the decodes of a chunked-prefill step, followed by
+at least one longer chunk) is packed in the split layout of models/attention.py: the one-token
+chunks take requests and rows 0..nd-1, padding decode requests nd..Bd_pad-1 (q_len 1, kv_len 1,
+position 0, slot 0, all-null block table) fill the decode region, and the other chunks are packed
+from row and request Bd_pad on. The sampled token of chunk j is then on output row j for j < nd and
+Bd_pad + j - nd after, which `pack_prefill` returns as `out_rows`.
 """
 
 from __future__ import annotations
@@ -32,34 +39,57 @@ class Chunk:
 
 
 def _tables(tables: list[list[int]], rows: int, width: int) -> np.ndarray:
+    return _tables_at(tables, range(len(tables)), rows, width)
+
+
+def _tables_at(tables: list[list[int]], at, rows: int, width: int) -> np.ndarray:
+    """[rows, width] int32 block tables, tables[i] on row at[i]; other entries 0 (the null block)."""
     out = np.zeros((rows, width), np.int32)
-    for i, t in enumerate(tables):
+    for i, t in zip(at, tables, strict=True):
         out[i, : len(t)] = t
     return out
 
 
+def _num_decode_chunks(chunks: list[Chunk]) -> int:
+    """Length of the leading run of one-token chunks; 0 unless a longer chunk follows it."""
+    n = next((i for i, c in enumerate(chunks) if c.num_tokens != 1), len(chunks))
+    return n if n < len(chunks) else 0
+
+
 def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int):
-    """-> (token_ids [T], PrefillMeta, SamplingArrays) as numpy, padded to the prefill bucket."""
-    total = sum(c.num_tokens for c in chunks)
+    """-> (token_ids [T], PrefillMeta, SamplingArrays, out_rows [len(chunks)]) as numpy, padded to
+    the prefill bucket (or the mixed one, see the module docstring); out_rows[j] is the row of the
+    program's [B] output that holds chunk j's sampled token."""
+    nd = _num_decode_chunks(chunks)
+    prompt_chunks = chunks[nd:]
+    total = sum(c.num_tokens for c in prompt_chunks)
     max_blocks = max(len(t) for t in tables)
-    t_pad, b_pad, mb_pad = shapes.prefill_bucket(total, len(chunks), max_blocks)
-    token_ids = np.zeros(t_pad, np.int32)
-    positions = np.zeros(t_pad, np.int32)
-    slots = np.zeros(t_pad, np.int32)
-    cu = np.full(b_pad + 1, total, np.int32)
-    kv_lens = np.zeros(b_pad, np.int32)
-    off = 0
-    for i, (c, table) in enumerate(zip(chunks, tables)):
-        cu[i] = off
+    if nd:
+        bd, t_pad, b_pad, mb_pad = shapes.mixed_prefill_bucket(nd, total, len(prompt_chunks), max_blocks)
+    else:
+        bd = 0
+        t_pad, b_pad, mb_pad = shapes.prefill_bucket(total, len(chunks), max_blocks)
+    token_ids = np.zeros(t_pad, np.int32)  # [T]
+    positions = np.zeros(t_pad, np.int32)  # [T]
+    slots = np.zeros(t_pad, np.int32)  # [T]
+    cu = np.full(b_pad + 1, bd + total, np.int32)  # [B + 1]; padding prefill requests are empty
+    cu[: bd + 1] = np.arange(bd + 1)  # decode region: request i owns row i
+    kv_lens = np.zeros(b_pad, np.int32)  # [B]
+    kv_lens[nd:bd] = 1  # padding decode requests see the null block's row 0 (written this step)
+    out_rows = np.concatenate([np.arange(nd), bd + np.arange(len(prompt_chunks))]).astype(np.int32)
+    for row, c, table in zip(out_rows, chunks, tables, strict=True):
+        off = cu[row]  # decode chunk i: row i; prompt chunks: back to back from row bd
         toks = c.request.prefill_token_ids[c.start : c.end]
         pos = np.arange(c.start, c.end, dtype=np.int32)
         token_ids[off : off + c.num_tokens] = toks
         positions[off : off + c.num_tokens] = pos
         slots[off : off + c.num_tokens] = np.asarray(table, np.int32)[pos // block_size] * block_size + pos % block_size
-        kv_lens[i] = c.end
-        off += c.num_tokens
-    meta = PrefillMeta(positions=positions, slots=slots, block_tables=_tables(tables, b_pad, mb_pad), cu_q_lens=cu, kv_lens=kv_lens)
-    return token_ids, meta, SamplingArrays.from_requests([c.request for c in chunks], b_pad)
+        kv_lens[row] = c.end
+        cu[row + 1] = off + c.num_tokens
+    meta = PrefillMeta(positions=positions, slots=slots, block_tables=_tables_at(tables, out_rows, b_pad, mb_pad),
+                       cu_q_lens=cu, kv_lens=kv_lens, num_decode_rows=bd)
+    sampling = SamplingArrays.from_requests([c.request for c in chunks], b_pad, rows=out_rows)
+    return token_ids, meta, sampling, out_rows
 
 
 def pack_decode(reqs: list[Request], tables: list[list[int]], block_size: int):

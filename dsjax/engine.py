@@ -4,7 +4,9 @@
   decode step of every running request;
 - chunked prefill (Sarathi, vLLM's default today): every step carries all running decodes (one
   token each) and fills the rest of a token budget with a chunk of the oldest waiting prompt. A
-  decode token is a chunk of length one, so the mixed batch is one call of the prefill program.
+  decode token is a chunk of length one, so the mixed batch is one call of the prefill program,
+  whose attention handles the decodes apart from the prompt chunks (the split layout of
+  models/attention.py); a step with no prompt chunk runs the decode program.
 
 
 A prefill-first step is: pick a batch, run it, record the tokens:
@@ -146,10 +148,14 @@ class Engine:
             budget -= end - done
         if not chunks:
             return []
+        tables = [self.blocks.block_table(c.request.request_id) for c in chunks]
+        if not prefilling:  # decodes only: the decode program, same tokens at a fraction of the cost
+            tokens = self.runner.decode(decode_batch, tables)
+            return self._record(decode_batch, tokens, time.perf_counter(), newly_prefilled=False)
         start = time.perf_counter()
         for r in prefilling:
             r.lifecycle.prefill_start = r.lifecycle.prefill_start or start
-        tokens = self.runner.prefill(chunks, [self.blocks.block_table(c.request.request_id) for c in chunks])
+        tokens = self.runner.prefill(chunks, tables)
         now = time.perf_counter()
         finished = self._record(decode_batch, tokens[: len(decode_batch)], now, newly_prefilled=False)
         completed, completed_tokens = [], []

@@ -8,6 +8,7 @@ generate a trace.
     python -m dsjax.plan search --profile P.json --model opt-13b --nodes 1 --gpus-per-node 4 \\
         --workload sharegpt --ttft 0.2 --tpot 0.1 --out plan.json
     python -m dsjax.plan trace --lengths sharegpt --num-requests 2000 --rate 1 --out t.jsonl
+    python -m dsjax.plan fit-served --profile P.json --model small-llama --out served.json steps/*.jsonl
 
 --workload is a JSON Lines trace file, a real dataset (sharegpt, humaneval, longbench: lengths from
 dsjax.workloads in OPT tokens, i.e. GPT-2 BPE + 1 for OPT's BOS, pairs of 2048 tokens or more
@@ -300,6 +301,26 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit_served(args: argparse.Namespace) -> int:
+    from dsjax.planner.served import fit_served, served_profile
+    from serving.step_log import read_step_log
+
+    base = load_profile(args.profile)
+    records = [rec for path in args.logs for rec in read_step_log(path, since=args.since, until=args.until)]
+    fit = fit_served(records, buckets=base.buckets, min_group=args.min_group)
+    profile = served_profile(base, args.model, args.tp, fit, logs=args.logs)
+    save_profile(args.out, profile)
+    old, new = base.coeffs(args.model, args.tp), fit.coeffs
+    print(f"{len(records)} served steps: {len(fit.samples.prefill)} prefill, {len(fit.samples.decode)} decode, "
+          f"{fit.samples.mixed} mixed and {fit.samples.multi} multi-call (not fitted)")
+    print(f"prefill {[f'{x:.4g}' for x in new.prefill]} (runner profile {[f'{x:.4g}' for x in old.prefill]}), "
+          f"{fit.prefill_groups} shapes, median error {fit.prefill_median_rel_err:.1%}")
+    print(f"decode  {[f'{x:.4g}' for x in new.decode_small]} (runner profile {[f'{x:.4g}' for x in old.decode_small]}), "
+          f"{fit.decode_groups} shapes, median error {fit.decode_median_rel_err:.1%}")
+    print(f"written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dsjax.plan", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -349,6 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="profile JSON to write (DistServe schema + metadata)")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(fn=_cmd_profile)
+
+    fs = sub.add_parser("fit-served", help="fit a profile on served step logs (python -m dsjax.serve --step-log DIR)")
+    fs.add_argument("logs", nargs="+", help="step log files (DIR/<worker>.jsonl)")
+    fs.add_argument("--profile", required=True, help="the engine profile whose shape buckets and other entries to keep")
+    fs.add_argument("--model", required=True, help="the model entry to replace (e.g. small-llama)")
+    fs.add_argument("--tp", type=int, default=1)
+    fs.add_argument("--since", type=float, default=None, help="only steps started at or after this time.time()")
+    fs.add_argument("--until", type=float, default=None, help="only steps started before this time.time()")
+    fs.add_argument("--min-group", type=int, default=3, help="records a padded shape needs to count")
+    fs.add_argument("--out", required=True)
+    fs.set_defaults(fn=_cmd_fit_served)
 
     tr = sub.add_parser("trace", help="generate a JSON Lines trace (synthetic or real dataset lengths)")
     tr.add_argument("--lengths", default="sharegpt-like", help=f"length spec or dataset ({', '.join(WORKLOAD_NAMES)})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Callable
 
 import jax
 import numpy as np
@@ -46,6 +47,9 @@ class ModelRunner:
         self.model = model
         self.cache_config = cache_config
         self.stages: list[Stage] = []
+        # Called with ("prefill", [(start, end) per chunk]) / ("decode", [context len per request])
+        # for every batch launched (serving/step_log.py uses it to time served steps).
+        self.launch_hook: Callable[[str, list], None] | None = None
         cfg = model.config
         if meshes is None:
             prefill_fn, decode_fn = stage_programs(model, 0, cfg.num_layers)
@@ -89,9 +93,17 @@ class ModelRunner:
         """Several prefill batches, all dispatched before any is read (pipeline micro-batches)."""
         return self.collect(self.launch_prefill(batches))
 
-    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[tuple[object, int]]:
-        """Dispatch prefill batches without waiting: (device tokens, rows) per batch for `collect`."""
-        return [(self._dispatch(pack_prefill(c, t, self.block_size), decode=False), len(c)) for c, t in batches]
+    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[tuple[object, np.ndarray]]:
+        """Dispatch prefill batches without waiting: (device tokens, output row of each chunk) per
+        batch for `collect` (a mixed batch has padding rows between its decodes and its prompts)."""
+        if self.launch_hook is not None:
+            for chunks, _ in batches:
+                self.launch_hook("prefill", [(c.start, c.end) for c in chunks])
+        launched = []
+        for c, t in batches:
+            token_ids, meta, sampling, out_rows = pack_prefill(c, t, self.block_size)
+            launched.append((self._dispatch((token_ids, meta, sampling), decode=False), out_rows))
+        return launched
 
     def decode(self, reqs: list[Request], tables: list[list[int]]) -> np.ndarray:
         """Advance each request one token ([len(reqs)] tokens)."""
@@ -100,6 +112,8 @@ class ModelRunner:
     def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[tuple[object, int]]:
         """Dispatch one decode step without waiting. With pp stages the batch is split into pp
         micro-batches that flow through the pipeline back to back."""
+        if self.launch_hook is not None:
+            self.launch_hook("decode", [r.num_tokens - 1 for r in reqs])
         n = len(reqs)
         parts = max(1, min(self.pp, n))
         bounds = [round(i * n / parts) for i in range(parts + 1)]
@@ -109,6 +123,7 @@ class ModelRunner:
         ]
 
     @staticmethod
-    def collect(launched: list[tuple[object, int]]) -> list[np.ndarray]:
-        """Wait for dispatched steps; the sampled tokens of each (one host copy per step)."""
-        return [np.asarray(out)[:rows] for out, rows in launched]
+    def collect(launched: list[tuple[object, int | np.ndarray]]) -> list[np.ndarray]:
+        """Wait for dispatched steps; the sampled tokens of each (one host copy per step). `rows` is
+        the number of leading rows that are real (decode) or the index of each real row (prefill)."""
+        return [np.asarray(out)[:rows] if isinstance(rows, int) else np.asarray(out)[rows] for out, rows in launched]

@@ -19,13 +19,14 @@ class SamplingArrays:
     step: jax.Array  # int32 index of the output token being sampled (key = fold_in(seed, step))
 
     @classmethod
-    def from_requests(cls, reqs, batch: int) -> "SamplingArrays":
+    def from_requests(cls, reqs, batch: int, rows=None) -> "SamplingArrays":
+        """Request i's parameters on row rows[i] (default i); the other rows are greedy padding."""
         temp = np.zeros(batch, np.float32)
         top_k = np.zeros(batch, np.int32)
         top_p = np.ones(batch, np.float32)
         seed = np.zeros(batch, np.uint32)
         step = np.zeros(batch, np.int32)
-        for i, r in enumerate(reqs):
+        for i, r in zip(range(len(reqs)) if rows is None else rows, reqs, strict=True):
             sp = r.sampling
             temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
             seed[i], step[i] = r.seed, len(r.output_token_ids)

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--gpus", type=int, default=0, help="processes mode on a GPU host: split GPUs 0..N-1 among the workers")
     s.add_argument("--log-dir", help="worker process logs (processes mode); default: inherit stderr")
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--step-log", metavar="DIR", default=None,
+                   help="time every served engine step into DIR/<worker>.jsonl (serving/step_log.py); "
+                        "`python -m dsjax.plan fit-served` turns the logs into a latency profile")
     s.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/dsjax/jax-serve"),
                    help="JAX persistent compilation cache ('' to disable)")

@@ -9,9 +9,18 @@ Every dynamic size is rounded up to a bucket so that a serving run compiles a ha
   donated pool: the whole pool was copied every step, 80-110 ms instead of 2.5 ms for small-llama.
   A padding row, which writes to the null block, keeps the scatter in place.)
 
+- mixed prefill (a chunked-prefill step: Bd one-token decode chunks before prompt chunks, see
+  models/attention.py): each region padded as its own program would be. Decode region Bd ->
+  next power of two, at least 2; the prompt chunks' N requests -> next power of two and their
+  tokens T_p -> next power of two >= 16; T = Bd_pad + T_p, B = Bd_pad + N_pad; block-table width as
+  for prefill. Pure prefill batches keep the prefill bucket. (Rounding Bd_pad + T_p as a whole
+  would double T whenever the decodes push a budget-sized chunk past a power of two: 8 decodes
+  + a 128-token chunk ran as T = 256, 18 ms, against 3 + 8 ms for the two programs apart.)
+
 So a prefill program is keyed by (T, B, MB) and a decode program by (B, MB): with a 2048-token
 context and 16-token blocks at most 8 x 5 x 8 prefill and 6 x 8 decode variants exist, and a
-workload touches far fewer. Padding rows use the null block (block 0) and zero lengths.
+workload touches far fewer (mixed steps add the decode-region size Bd_pad to the prefill key).
+Padding rows use the null block (block 0) and zero lengths.
 """
 
 from __future__ import annotations
@@ -28,3 +37,10 @@ def prefill_bucket(num_tokens: int, num_seqs: int, max_blocks: int) -> tuple[int
 
 def decode_bucket(batch: int, max_blocks: int) -> tuple[int, int]:
     return next_pow2(batch, 2), next_pow2(max_blocks)
+
+
+def mixed_prefill_bucket(num_decodes: int, num_tokens: int, num_seqs: int, max_blocks: int) -> tuple[int, int, int, int]:
+    """(Bd_pad, T, B, MB) of a mixed batch of num_decodes decode chunks plus num_seqs prompt chunks
+    holding num_tokens tokens; T and B count both regions' rows and requests."""
+    bd = next_pow2(num_decodes, 2)
+    return bd, bd + next_pow2(num_tokens, 16), bd + next_pow2(num_seqs), next_pow2(max_blocks)

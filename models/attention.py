@@ -17,6 +17,32 @@ The metadata is an explicit pytree argument of the jitted programs (never a glob
 the prompts of a batch along one token axis (request b owns rows cu_q_lens[b]:cu_q_lens[b+1]);
 decode has exactly one token per request. The type of the metadata, not a mode string, selects the
 attention routine.
+
+Mixed batches (a chunked-prefill step: running decodes as one-token chunks plus prompt chunks) run
+through the prefill program with `PrefillMeta.num_decode_rows = Bd > 0`, a static split of the
+packed batch into two regions, the way vLLM / FlashInfer split the decode and prefill tokens of one
+forward pass:
+
+- decode region: requests 0..Bd-1 and packed rows 0..Bd-1; request i owns exactly row i
+  (cu_q_lens[i] == i), its one query sits at position kv_lens[i] - 1;
+- prefill region: requests Bd..B-1, packed from row Bd on exactly like a plain prefill batch.
+
+Worked example (Bd = 4): two decodes at positions 9 and 5, two padding decode requests, then the
+first 6-token chunk of a prompt (B = 5 requests, T = 4 + 16 packed rows, see dsjax/shapes.py):
+
+    row          0   1   2   3 | 4  5  6  7  8  9 | 10 .. 19
+    request      0   1   2p  3p| 4  4  4  4  4  4 | padding rows
+    positions    9   5   0   0 | 0  1  2  3  4  5 | 0 ..
+    cu_q_lens    [0, 1, 2, 3, 4, 10]    kv_lens [10, 6, 1, 1, 6]
+
+The prefill region seen on its own: rows 4..19 as rows 0..15, cu_q_lens [0, 6], kv_lens [6].
+
+Padding decode requests (2p, 3p) have q_len 1, position 0, slot 0 and an all-zero block-table row:
+they attend row 0 of the null block, which the step's padding tokens have just written, so their
+(unused) output is finite. The jnp path attends the decode region with the decode formulation
+(B_d * S scores) and only the prefill region with a prefill formulation, instead of padding every
+decode to a prefill request; the split is also a valid ragged description, so the Pallas kernel
+reads the same metadata unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +70,18 @@ class PrefillMeta:
     block_tables: jax.Array  # [B, max_blocks] int32
     cu_q_lens: jax.Array  # [B + 1] int32, cu_q_lens[0] == 0; rows >= cu_q_lens[B] are padding
     kv_lens: jax.Array  # [B] int32 cached prefix + new tokens; 0 for padding requests
+    # Static: the first num_decode_rows requests own one row each, rows 0..num_decode_rows-1 (the
+    # decode region of a mixed batch, see the module docstring); 0 = a plain prefill batch.
+    num_decode_rows: int = struct.field(pytree_node=False, default=0)
+
+    def split(self) -> tuple[DecodeMeta, PrefillMeta]:
+        """(decode region, prefill region) of a mixed batch; the prefill region's rows start at 0."""
+        bd = self.num_decode_rows
+        decode = DecodeMeta(positions=self.positions[:bd], slots=self.slots[:bd], block_tables=self.block_tables[:bd],
+                            kv_lens=self.kv_lens[:bd])
+        prefill = PrefillMeta(positions=self.positions[bd:], slots=self.slots[bd:], block_tables=self.block_tables[bd:],
+                              cu_q_lens=self.cu_q_lens[bd:] - bd, kv_lens=self.kv_lens[bd:])
+        return decode, prefill
 
 
 @struct.dataclass
@@ -93,7 +131,28 @@ def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: f
         T * B * S scores. Best when one request (or long prefixes) dominates (S >= T).
       - padded: queries are regrouped per request into [B, min(T, S)] rows: B * S * min(T, S)
         scores. Best for many short prompts (S < T).
+
+    A mixed batch (meta.num_decode_rows = Bd > 0) is attended in two parts, rows [0, Bd) with the
+    decode formulation (Bd * S scores) and rows [Bd, T) with the cheaper of the two above on the
+    prefill region alone, then concatenated.
     """
+    bd = meta.num_decode_rows
+    if bd:
+        _check_split(q, meta)
+        decode_meta, prefill_meta = meta.split()
+        decoded = decode_attention_xla(q[:bd], k_cache, v_cache, decode_meta, sm_scale=sm_scale)  # [Bd, Hq, D]
+        prefilled = _prefill_unsplit(q[bd:], k_cache, v_cache, prefill_meta, sm_scale)  # [T - Bd, Hq, D]
+        return jnp.concatenate([decoded, prefilled], axis=0)
+    return _prefill_unsplit(q, k_cache, v_cache, meta, sm_scale)
+
+
+def _check_split(q, meta: PrefillMeta) -> None:
+    bd, t, nreq = meta.num_decode_rows, q.shape[0], meta.block_tables.shape[0]
+    if not 0 < bd < min(t, nreq):
+        raise ValueError(f"num_decode_rows={bd} must be in (0, min(T, B)) for {q.shape=}, {meta.block_tables.shape=}")
+
+
+def _prefill_unsplit(q, k_cache, v_cache, meta: PrefillMeta, sm_scale):
     t = q.shape[0]
     s = meta.block_tables.shape[1] * k_cache.shape[1]
     keys = _gather_kv(k_cache, meta.block_tables)  # [B, S, Hkv, D]
@@ -195,9 +254,10 @@ def _auto_uses_kernel(q, k_cache, meta: Meta) -> bool:
         return True
     if not isinstance(meta, PrefillMeta):
         return False
-    t, nreq = q.shape[0], meta.block_tables.shape[0]
+    bd = meta.num_decode_rows  # a mixed batch's decode region costs Bd * S scores on the jnp path
+    t, nreq = q.shape[0] - bd, meta.block_tables.shape[0] - bd
     s = meta.block_tables.shape[1] * k_cache.shape[1]
-    return min(t * nreq * s, nreq * s * min(t, s)) > AUTO_PREFILL_KERNEL_SCORES
+    return bd * s + min(t * nreq * s, nreq * s * min(t, s)) > AUTO_PREFILL_KERNEL_SCORES
 
 
 def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend) -> jax.Array:

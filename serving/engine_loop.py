@@ -95,6 +95,19 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
+        self._timer = None  # serving.step_log.StepTimer once a step log is attached
+
+    def attach_step_log(self, step_log, runners) -> None:
+        """Time every step from now on into `step_log` (serving/step_log.py), with the shapes of
+        the program calls of `runners` (their launch hook). Call after warm-up."""
+        from serving.step_log import StepTimer
+
+        def attach():
+            for r in runners:
+                r.launch_hook = step_log.note
+            self._timer = StepTimer(step_log)
+
+        self.call(attach)
 
     def start(self) -> None:
         self._thread.start()
@@ -181,7 +194,17 @@ class EngineLoop:
             while not self._stop.is_set():
                 self._drain(block=not progressed)
                 self.tick()
-                progressed = bool(self.step()) if self.busy() else False
+                timer = self._timer
+                if timer is not None:
+                    timer.stop()  # a served step ends where the next one could start
+                if self.busy():
+                    if timer is not None:
+                        timer.start()
+                    progressed = bool(self.step())
+                    if timer is not None and not progressed:
+                        timer.stop()  # the next drain blocks: do not count the wait
+                else:
+                    progressed = False
         except BaseException as e:  # the engine is broken: fail loudly, end every stream
             log.exception("engine loop %s died", self._thread.name)
             self.error = e

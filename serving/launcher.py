@@ -94,13 +94,35 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     if not args.no_warmup:
         backend.warmup()
     backend.warm = True
+    step_log = _attach_step_log(args, backend, engine)
     log.info("%s %s ready in %.1fs (%s)", args.model, placement.mode, time.perf_counter() - t0, placement.to_dict())
     _wait_for_signal()
     router.stop()
     backend.close()
+    if step_log is not None:
+        step_log.close()
     if metrics:
         metrics.close()
     return 0
+
+
+def _attach_step_log(args: argparse.Namespace, backend, engine):
+    """--step-log for an in-process engine: DIR/engine-PID.jsonl (colocated and chunked engines)."""
+    if not args.step_log:
+        return None
+    from dsjax.engine import Engine, ReplicatedEngine
+    from serving.step_log import StepLog
+
+    if isinstance(engine, Engine):
+        runners = [engine.runner]
+    elif isinstance(engine, ReplicatedEngine):
+        runners = [e.runner for e in engine.engines]
+    else:
+        raise SystemExit("--step-log times one engine loop; the in-process disaggregated engine runs a thread per "
+                         "instance: use --workers processes (each worker writes its own log)")
+    step_log = StepLog(os.path.join(args.step_log, f"engine-{os.getpid()}.jsonl"))
+    backend.attach_step_log(step_log, runners)
+    return step_log
 
 
 def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: str) -> list[str]:
@@ -115,6 +137,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv += ["--num-blocks", str(args.num_blocks)]
     if args.no_warmup:
         argv.append("--no-warmup")
+    if args.step_log:
+        argv += ["--step-log", args.step_log]
     return argv
 
 
@@ -173,7 +197,7 @@ def run_worker(args: argparse.Namespace, placement) -> int:
         model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed, tp=phase.tp, pp=phase.pp,
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
-        exit_with_parent=args.exit_with_parent,
+        exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log,
     )
     worker = WorkerProcess(cfg)
     for sig in (signal.SIGINT, signal.SIGTERM):

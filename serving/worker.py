@@ -52,6 +52,7 @@ class WorkerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     warmup: bool = True
     exit_with_parent: bool = False
+    step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -104,6 +105,12 @@ class WorkerProcess:
             t = time.perf_counter()
             self.engine.warmup()
             log.info("%s warmed up in %.1fs", cfg.worker_id, time.perf_counter() - t)
+        self.step_log = None
+        if cfg.step_log_dir:
+            from serving.step_log import StepLog
+
+            self.step_log = StepLog(os.path.join(cfg.step_log_dir, f"{cfg.worker_id}.jsonl"))
+            self.engine.attach_step_log(self.step_log, [inst.runner])
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS)
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
@@ -168,3 +175,5 @@ class WorkerProcess:
         self._stop.set()
         self.server.stop(1.0).wait()
         self.engine.stop()
+        if self.step_log is not None:
+            self.step_log.close()

@@ -212,6 +212,7 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
                             warmup_rates=(None, max(rates), min(rates)))
     sweeps: dict[str, SweepResult] = {}
     processes: dict[str, Any] = {}
+    served: dict[str, Any] = {}  # system -> ServedCalibration (the simulator fitted on its warm-up)
     for system in cfg.systems:
         t0 = time.perf_counter()
         log(f"[{system}] starting servers ({cfg.model}, cores {list(cfg.server.cores)})")
@@ -231,18 +232,47 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
             used["other processes"] = max(0.0, (busy1 - busy0) / (w1 - w0) - sum(used.values()))
             processes[system] = {"ready_s": ready_s, "processes": desc, "cpu_utilisation": used,
                                  "num_devices": launched.num_devices}
+        cal = _calibrate(system, launched, sweeps[system], profile, cfg, log)
+        if cal is not None:
+            served[system] = cal
         log(f"[{system}] goodput {sweeps[system].goodput:.3g} req/s"
             + (" (every scanned rate passed)" if sweeps[system].saturated else "")
             + "; CPU cores used per process: "
             + json.dumps({k: round(v, 2) for k, v in processes[system]["cpu_utilisation"].items()}))
 
+    served_sims = {s: TraceSimulator(system=s, profile=c.profile, model=cfg.model, slos=slos,
+                                     max_num_seqs=cfg.server.max_num_seqs, max_prefill_tokens=cfg.server.max_prefill_tokens,
+                                     transfer_fixed_s=c.transfer_fixed_s) for s, c in served.items()}
     summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path,
-                         rates, started)
+                         rates, started, served_sims=served_sims, served_info={s: c.info for s, c in served.items()},
+                         probe_rates=probe_rates)
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     return summary
 
 
-def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path, rates, started):
+def _calibrate(system: str, launched, sweep: SweepResult, profile, cfg: CompareConfig, log):
+    """The simulator's served calibration from this system's warm-up (None without step logs)."""
+    from dsjax.benchmark.simcompare import served_calibration
+
+    step_dir = getattr(launched, "step_log_dir", None)
+    if step_dir is None or sweep.warmup_window is None:
+        return None
+    try:
+        cal = served_calibration(step_log_dir=step_dir, window=sweep.warmup_window, base=profile, model=cfg.model,
+                                 warmup_runs=sweep.warmup_runs if system == "disaggregated" else ())
+    except ValueError as e:
+        log(f"[{system}] no served calibration: {e}")
+        return None
+    i = cal.info
+    log(f"[{system}] served profile from {i['steps_in_window']} warm-up steps ({i['prefill_shapes']} prefill / "
+        f"{i['decode_shapes']} decode shapes, median fit error {i['prefill_median_rel_err']:.0%} / "
+        f"{i['decode_median_rel_err']:.0%}); KV transfer {cal.transfer_fixed_s * 1e3:.1f} ms")
+    return cal
+
+
+def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path, rates, started,
+               *, served_sims=None, served_info=None, probe_rates=()):
+    served_sims, served_info = served_sims or {}, served_info or {}
     systems: dict[str, Any] = {}
     fidelity = []
     for system, sweep in sweeps.items():
@@ -253,16 +283,29 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
             "simulated_goodput": sim_goodput[system], "simulated_per_device_goodput": sim_goodput[system] / devices,
             **processes[system],
         }
+        served_sim = served_sims.get(system)
+        if served_sim is not None:
+            g = served_sim.goodput(requests, schedule, probe_rates)
+            systems[system].update(served_calibration=served_info.get(system), served_simulated_goodput=g,
+                                   served_simulated_per_device_goodput=g / devices)
         for row in sweep.full_rows():
             sim = sims[system].run(requests, schedule(row["rate"]))
-            fidelity.append({
+            entry = {
                 "system": system, "rate": row["rate"], "real": row["attainment_joint"], "simulated": sim.attainment,
                 "diff_points": 100 * (row["attainment_joint"] - sim.attainment),
                 "real_ttft": row["attainment_ttft"], "sim_ttft": sim.ttft_attainment,
                 "real_tpot": row["attainment_tpot"], "sim_tpot": sim.tpot_attainment,
                 "real_ttft_p90_s": row["ttft_p90_s"], "sim_ttft_p90_s": sim.ttft_p90_s,
                 "real_tpot_p90_s": row["tpot_p90_s"], "sim_tpot_p90_s": sim.tpot_p90_s,
-            })
+            }
+            if served_sim is not None:
+                ss = served_sim.run(requests, schedule(row["rate"]))
+                entry.update({
+                    "served_simulated": ss.attainment, "served_diff_points": 100 * (row["attainment_joint"] - ss.attainment),
+                    "served_sim_ttft": ss.ttft_attainment, "served_sim_tpot": ss.tpot_attainment,
+                    "served_sim_ttft_p90_s": ss.ttft_p90_s, "served_sim_tpot_p90_s": ss.tpot_p90_s,
+                })
+            fidelity.append(entry)
     ratios = {}
     if "disaggregated" in systems:
         d = systems["disaggregated"]["per_device_goodput"]
@@ -290,6 +333,8 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
         "tightest_slo_scale_at_reference_rate": scales,
         "fidelity": fidelity,
         "fidelity_max_abs_diff_points": max((abs(f["diff_points"]) for f in fidelity), default=None),
+        "served_fidelity_max_abs_diff_points": max((abs(f["served_diff_points"]) for f in fidelity
+                                                    if "served_diff_points" in f), default=None),
         "machine": {"start": started, "end": _machine_state()},
     }
 
@@ -372,14 +417,33 @@ def summary_markdown(summary: dict) -> str:
     for k, v in summary["ratios"].items():
         shown = f"**{v:.2f}x**" if v is not None and math.isfinite(v) else "n/a (the baseline has no goodput)"
         lines.append(f"\n{k.replace('_', ' ')}: {shown} per-device goodput")
-    lines += ["", "| system | rate (req/s) | real attainment | simulated | diff (points) | real TTFT / TPOT att. | "
-              "sim TTFT / TPOT att. | TTFT p90 real / sim (s) | TPOT p90 real / sim (ms) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    served = any("served_simulated" in f for f in summary["fidelity"])
+    if served:
+        lines += ["", "Served calibration (simulator fitted on each system's warm-up steps; the measured runs are not used):", "",
+                  "| system | warm-up steps | prefill / decode shapes | median fit error prefill / decode | KV transfer (ms) | "
+                  "served-sim per-device goodput |", "|---|---|---|---|---|---|"]
+        for s, d in summary["systems"].items():
+            i = d.get("served_calibration")
+            if i:
+                lines.append(f"| {s} | {i['steps_in_window']} | {i['prefill_shapes']} / {i['decode_shapes']} | "
+                             f"{i['prefill_median_rel_err']:.0%} / {i['decode_median_rel_err']:.0%} | "
+                             f"{i['transfer_fixed_s'] * 1e3:.1f} | {d['served_simulated_per_device_goodput']:.3g} |")
+    head = ("| system | rate (req/s) | real attainment | sim (runner profile) | diff | "
+            + ("sim (served) | diff | " if served else "")
+            + "real TTFT / TPOT att. | sim TTFT / TPOT att. | TTFT p90 real / sim (s) | TPOT p90 real / sim (ms) |")
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for f in summary["fidelity"]:
-        lines.append(f"| {f['system']} | {f['rate']:g} | {f['real']:.1%} | {f['simulated']:.1%} | {f['diff_points']:+.1f} | "
-                     f"{f['real_ttft']:.0%} / {f['real_tpot']:.0%} | {f['sim_ttft']:.0%} / {f['sim_tpot']:.0%} | "
-                     f"{_num(f.get('real_ttft_p90_s'), 1):.3f} / {_num(f.get('sim_ttft_p90_s'), 1):.3f} | "
-                     f"{_num(f.get('real_tpot_p90_s'), 1e3):.1f} / {_num(f.get('sim_tpot_p90_s'), 1e3):.1f} |")
+        # with the served calibration the sim columns on the right are the served simulator's
+        sim_ttft, sim_tpot, sim_ttft_p90, sim_tpot_p90 = (
+            (f["served_sim_ttft"], f["served_sim_tpot"], f.get("served_sim_ttft_p90_s"), f.get("served_sim_tpot_p90_s"))
+            if "served_simulated" in f else (f["sim_ttft"], f["sim_tpot"], f.get("sim_ttft_p90_s"), f.get("sim_tpot_p90_s")))
+        cells = [f["system"], f"{f['rate']:g}", f"{f['real']:.1%}", f"{f['simulated']:.1%}", f"{f['diff_points']:+.1f}"]
+        if served:
+            cells += ([f"{f['served_simulated']:.1%}", f"{f['served_diff_points']:+.1f}"] if "served_simulated" in f else ["", ""])
+        cells += [f"{f['real_ttft']:.0%} / {f['real_tpot']:.0%}", f"{sim_ttft:.0%} / {sim_tpot:.0%}",
+                  f"{_num(f.get('real_ttft_p90_s'), 1):.3f} / {_num(sim_ttft_p90, 1):.3f}",
+                  f"{_num(f.get('real_tpot_p90_s'), 1e3):.1f} / {_num(sim_tpot_p90, 1e3):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,9 @@ class ServerOptions:
     compilation_cache: str = os.path.expanduser("~/.cache/dsjax/jax-serve")
     ready_timeout_s: float = 900.0
     log_level: str = "WARNING"
+    # Every model process times its served steps into <log_dir>/steps-<system>/ (serving/step_log.py):
+    # the experiment fits the simulator's served profile on the warm-up's steps.
+    step_logs: bool = True
 
     def engine_args(self) -> list[str]:
         args = ["--model", self.model, "--dummy-weights", "--dtype", self.dtype, "--block-size", str(self.block_size),
@@ -109,6 +112,7 @@ class LaunchedSystem:
         self.num_devices = num_devices
         self.processes: list[ServerProcess] = []
         self.targets: list[str] = []
+        self.step_log_dir: Path | None = None  # where the model processes write their step logs
 
     def start_process(self, name: str, argv: list[str], *, core: int | None, options: ServerOptions, log_dir: Path) -> None:
         env = dict(os.environ)
@@ -193,6 +197,10 @@ def launch_system(name: str, options: ServerOptions, log_dir: str | Path) -> Lau
     log_dir = Path(log_dir)
     system = LaunchedSystem(name, num_devices=2)
     common = options.engine_args()
+    if options.step_logs:
+        system.step_log_dir = log_dir / f"steps-{name}"
+        shutil.rmtree(system.step_log_dir, ignore_errors=True)  # a previous run's steps
+        common += ["--step-log", str(system.step_log_dir)]
     if name == "disaggregated":
         port = free_port()
         router = f"127.0.0.1:{port}"

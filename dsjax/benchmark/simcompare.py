@@ -44,8 +44,9 @@ def placement_for(system: str, num_devices: int = 2) -> Placement:
     return Placement.colocated(tp=1, pp=1, replicas=num_devices, mode=system)
 
 
-def scheduler_config(*, max_num_seqs: int, max_prefill_tokens: int) -> SchedulerConfig:
+def scheduler_config(*, max_num_seqs: int, max_prefill_tokens: int, transfer_fixed_s: float = 0.0) -> SchedulerConfig:
     return SchedulerConfig(
+        transfer_fixed_s=transfer_fixed_s,
         prefill_token_budget=max_prefill_tokens,
         prefill_max_batch_size=ENGINE_MAX_PREFILL_SEQS,
         decode_max_batch_size=max_num_seqs,
@@ -67,12 +68,14 @@ class SimulatedRun:
 class TraceSimulator:
     """One system's simulator, replaying benchmark schedules."""
 
-    def __init__(self, *, system: str, profile: Profile, model: str, slos: SLOs, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(self, *, system: str, profile: Profile, model: str, slos: SLOs, max_num_seqs: int, max_prefill_tokens: int,
+                 transfer_fixed_s: float = 0.0):
         spec = get_model(model)
         self.slos = slos
         self.sim = Simulator(
             placement=placement_for(system), profile=profile, model=spec, memory=MemoryModel(model=spec, device=_HOST),
-            config=scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens),
+            config=scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
+                                    transfer_fixed_s=transfer_fixed_s),
         )
 
     def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
@@ -90,3 +93,42 @@ class TraceSimulator:
         """Simulated goodput with the benchmark's own search (`schedule(rate)` gives send offsets)."""
         return goodput(lambda rate: self.run(requests, schedule(rate)).attainment, list(rates),
                        target=self.slos.target, rel_tol=0.01).rate
+
+
+# ---- the served calibration ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServedCalibration:
+    """What a system's warm-up measured for the simulator: a latency profile fitted on its served
+    steps (dsjax/planner/served.py) and the fixed KV transfer latency (disaggregated)."""
+
+    profile: Profile
+    transfer_fixed_s: float
+    info: dict
+
+
+def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profile, model: str,
+                       warmup_runs: Sequence = ()) -> ServedCalibration:
+    """Fit on the step records of `window` (the warm-up: not the measured runs) in every
+    `*.jsonl` of `step_log_dir`. The transfer latency is the median `transfer_s` of the requests
+    of the last warm-up run (the lowest scan rate, where a transfer waits for nothing else)."""
+    from pathlib import Path
+
+    from dsjax.planner.served import fit_served, served_profile
+    from serving.step_log import read_step_log
+
+    logs = sorted(Path(step_log_dir).glob("*.jsonl"))
+    if not logs:
+        raise ValueError(f"no step logs in {step_log_dir}")
+    records = [rec for p in logs for rec in read_step_log(p, since=window[0], until=window[1])]
+    fit = fit_served(records, buckets=base.buckets)
+    transfer = 0.0
+    if warmup_runs:
+        done = [r.breakdown.transfer_s for r in warmup_runs[-1].results
+                if r.record.ok and r.breakdown is not None and r.breakdown.transfer_s > 0]
+        transfer = float(np.median(done)) if done else 0.0
+    profile = served_profile(base, model, 1, fit, logs=[str(p) for p in logs])
+    info = dict(profile.metadata["served_fit"], transfer_fixed_s=transfer, steps_in_window=len(records),
+                coeffs=fit.coeffs.to_json())
+    return ServedCalibration(profile=profile, transfer_fixed_s=transfer, info=info)

@@ -62,6 +62,8 @@ class SweepResult:
     probes: tuple[tuple[float, float], ...]  # (rate, joint attainment) in probe order
     runs: tuple[LoadRun, ...]
     rows: tuple[dict[str, Any], ...]  # one per run, sorted by rate
+    warmup_runs: tuple[LoadRun, ...] = ()  # not measured; in warm-up order
+    warmup_window: tuple[float, float] | None = None  # wall-clock (time.time()) start and end of the warm-up
 
     def run_at(self, rate: float) -> LoadRun | None:
         return next((r for r in self.runs if r.rate == rate), None)
@@ -90,11 +92,14 @@ def sweep_target(
     labels = {"system": label, **(labels or {})}
     n = len(requests)
     k = min(config.warmup_requests, n)
+    warmup_runs = []
+    warm_start = time.time()
     for rate in config.warmup_rates if k else ():
         offsets = [0.0] * k if rate is None else send_schedule(k, rate=rate, seed=config.seed + 1)
         log(f"[{label}] warm-up: {k} requests {'at once' if rate is None else f'at {rate:g} req/s'} (not measured)")
-        run_load(target, requests[:k], offsets, rate=rate or math.inf, timeout_s=config.timeout_s,
-                 connect_timeout_s=config.connect_timeout_s, progress=progress, tag=f"{label}-warmup")
+        warmup_runs.append(run_load(target, requests[:k], offsets, rate=rate or math.inf, timeout_s=config.timeout_s,
+                                    connect_timeout_s=config.connect_timeout_s, progress=progress, tag=f"{label}-warmup"))
+    warmup_window = (warm_start, time.time()) if warmup_runs else None
     stop_rule = StopRule(ttft_slo_s=slos.ttft_s, tpot_slo_s=slos.tpot_s, target=slos.target)
 
     def run_at(rate: float, early_stop: bool) -> LoadRun:
@@ -124,5 +129,5 @@ def sweep_target(
                 on_run(runs[-1])
     rows = tuple(sorted((run_row(r, slos, **labels) for r in runs), key=lambda row: row["rate"]))
     return SweepResult(label=label, goodput=search.rate, saturated=search.result.saturated, probes=search.result.probes,
-                       runs=tuple(runs), rows=rows)
+                       runs=tuple(runs), rows=rows, warmup_runs=tuple(warmup_runs), warmup_window=warmup_window)
 

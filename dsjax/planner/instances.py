@@ -145,9 +145,11 @@ class DecodeInstance:
         max_batch_size: int,
         waiting_fraction: float = 0.05,
         transfer_s_per_token: float = 0.0,
+        transfer_fixed_s: float = 0.0,
     ) -> None:
         self.loop, self.reqs = loop, reqs
         self.capacity = capacity_tokens
+        self.transfer_fixed_s = transfer_fixed_s
         self.max_batch_size = max_batch_size
         self.waiting_fraction = waiting_fraction
         self.transfer_s_per_token = transfer_s_per_token
@@ -195,7 +197,7 @@ class DecodeInstance:
             self.pending_tokens -= need
             self.reserved += need
             self.waiting_tokens += need
-            dt = self.transfer_s_per_token * reqs.prompt[rid]
+            dt = self.transfer_fixed_s + self.transfer_s_per_token * reqs.prompt[rid]
             if dt > 0.0:
                 self.loop.at(t + dt, self._on_transferred, (rid, src))
             else:

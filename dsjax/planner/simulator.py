@@ -49,6 +49,9 @@ class SchedulerConfig:
     colocated_token_budget: int = 2048  # vLLM's max_num_batched_tokens for 2048-token models
     chunk_tokens: int = 512  # chunked prefill: tokens per step (decodes + prefill chunks)
     link_bytes_per_s: float | None = None  # KV transfer bandwidth; None: transfers are free
+    # Fixed latency of one KV transfer on top of bytes / link_bytes_per_s (a pull's round trips,
+    # landing the KV in the decode pool): measured per request on a served run (dsjax.benchmark).
+    transfer_fixed_s: float = 0.0
     pp_overhead_ms: float = 1.0
     # False: KV capacity never limits batching (DistServe's public simulator does not model it);
     # whether the weights fit is still checked.
@@ -65,6 +68,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.pull_waiting_fraction <= 1:
             raise ValueError(f"pull_waiting_fraction={self.pull_waiting_fraction} must be in (0, 1]")
+        if self.transfer_fixed_s < 0:
+            raise ValueError(f"transfer_fixed_s={self.transfer_fixed_s} must be >= 0")
         if self.link_bytes_per_s is not None and self.link_bytes_per_s <= 0:
             raise ValueError(f"link_bytes_per_s={self.link_bytes_per_s} must be > 0 (or None for free transfers)")
 
@@ -146,6 +151,7 @@ class Simulator:
                 max_batch_size=cfg.decode_max_batch_size,
                 waiting_fraction=cfg.pull_waiting_fraction,
                 transfer_s_per_token=per_token,
+                transfer_fixed_s=cfg.transfer_fixed_s,
             )
             for _ in range(self.decode.replicas)
         ]

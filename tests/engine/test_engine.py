@@ -99,3 +99,39 @@ def test_abort_and_stop_tokens_free_blocks(tiny_llama, prompts):
     run(engine, [stop_req])
     assert stop_req.finish_reason is FinishReason.STOP
     assert stop_req.output_token_ids == expected[: expected.index(expected[3]) + 1]
+
+
+def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch):
+    """Chunked steps (decodes split from prompt chunks in one prefill call, decode-only steps on the
+    decode program) generate the prefill-first engine's greedy tokens."""
+    import dsjax.runner
+
+    model, params = tiny_llama
+    cache = CacheConfig(num_blocks=64, block_size=8)
+    reference = make_requests(prompts, 8)
+    run(Engine(ModelRunner(model, params, cache), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32)), reference)
+
+    decode_rows, decode_steps = [], []  # num_decode_rows of every prefill call; decode batch sizes
+    real_pack = dsjax.runner.pack_prefill
+    runner = ModelRunner(model, params, cache)
+    real_decode = runner.decode
+
+    def pack_spy(*args):
+        packed = real_pack(*args)
+        decode_rows.append(packed[1].num_decode_rows)
+        return packed
+
+    def decode_spy(reqs, tables):
+        decode_steps.append(len(reqs))
+        return real_decode(reqs, tables)
+
+    monkeypatch.setattr(dsjax.runner, "pack_prefill", pack_spy)
+    monkeypatch.setattr(runner, "decode", decode_spy)
+    engine = Engine(runner, SchedulerConfig(max_num_seqs=4, max_prefill_tokens=12), chunked=True)
+    reqs = make_requests(prompts, 8)
+    run(engine, reqs)
+    assert [r.output_token_ids for r in reqs] == [r.output_token_ids for r in reference]
+    assert sum(n > 0 for n in decode_rows) >= 3, decode_rows  # mixed steps took the split layout
+    assert decode_steps, decode_steps  # steps without a prompt chunk ran the decode program
+    assert engine.blocks.num_free_blocks == 63
+    engine.blocks.check_invariants()

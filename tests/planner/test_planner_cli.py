@@ -68,13 +68,44 @@ def test_dataset_workload_in_opt_tokens(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["num_requests"] == 100
 
 
+def test_fit_served_writes_a_profile(tmp_path, capsys):
+    """Step logs of a served run -> a profile in the same schema, the base's other entries kept."""
+    from dsjax.planner.latency import load_profile
+
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"small-llama": {"1": {"prefill": [1, 0.02, 0], "decoding_smallbs": [0.5, 0.001, 0.03],
+                                                      "decoding_largebs": [0.5, 0.001, 0.03]}},
+                                "metadata": {"shape_buckets": {"block_size": 16, "attention": "padded"}}}))
+    lines = []
+    for rep in range(3):
+        for n in (16, 64, 128, 256):
+            lines.append({"t": 100.0 + rep, "ms": 2.0 + 0.05 * n, "calls": [{"kind": "prefill", "chunks": [[0, n]]}]})
+        for b, ctx in ((1, 10), (4, 100), (8, 200), (16, 400)):
+            lines.append({"t": 100.0 + rep, "ms": 1.5 + 0.1 * b, "calls": [{"kind": "decode", "ctx": [ctx] * b}]})
+    lines.append({"t": 500.0, "ms": 9999.0, "calls": [{"kind": "decode", "ctx": [3]}]})  # outside --until
+    log = tmp_path / "decode-0.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "served.json"
+    assert main(["fit-served", str(log), "--profile", str(base), "--model", "small-llama", "--until", "200",
+                 "--out", str(out)]) == 0
+    assert "24 served steps" in capsys.readouterr().out
+    prof = load_profile(out)
+    a, b, c = prof.coeffs("small-llama", 1).decode_small
+    assert a + 16 * c + b * 16 * 512 == pytest.approx(1.5 + 1.6, rel=0.05)  # batch 16, padded to 512 keys
+    assert prof.metadata["served_fit"]["decode_shapes"] == 4
+    assert main(["fit-served", str(log), "--profile", str(base), "--model", "small-llama", "--since", "400",
+                 "--out", str(out)]) == 2
+    assert "need 3 of each" in capsys.readouterr().err
+
+
 def test_cli_and_planner_stay_jax_free():
     """Only the `profile` command imports jax (dsjax/planner/profiler.py, imported on demand)."""
     import subprocess
     import sys
 
     code = (
-        "import sys; import dsjax.plan, dsjax.planner, dsjax.planner.trace, dsjax.workloads.trace_gen;"
+        "import sys; import dsjax.plan, dsjax.planner, dsjax.planner.trace, dsjax.planner.served, serving.step_log,"
+        " dsjax.workloads.trace_gen;"
         "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

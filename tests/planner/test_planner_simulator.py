@@ -151,6 +151,9 @@ def test_kv_transfer_time():
     slow = _sim(_disagg(), link_bytes_per_s=25e9 / 8).run(trace, slo=SLO_)
     expected = 1000 * MODEL.kv_bytes_per_token / (25e9 / 8) / 4  # spread over 4 decode steps
     assert slow.tpot_s[0] - free.tpot_s[0] == pytest.approx(expected, rel=0.2)
+    fixed = _sim(_disagg(), link_bytes_per_s=25e9 / 8, transfer_fixed_s=0.02).run(trace, slo=SLO_)
+    assert fixed.tpot_s[0] - slow.tpot_s[0] == pytest.approx(0.02 / 4, rel=1e-6)
+    assert fixed.ttft_s[0] == free.ttft_s[0]  # the transfer follows the first token
 
 
 def test_dispatch_spreads_over_instances():
