@@ -154,24 +154,30 @@ def migrate(src, src_table: list[int], dst, dst_table: list[int]) -> int:
     return insert_request(dst, dst_table, gather_request(src, src_table))
 
 
-def export_blocks(src, src_table: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Host copies of a request's K and V, [L, n, BS, H, D] each (all layers, all heads, the
-    blocks of `src_table` in order): the sending half of a transfer between processes. Every
-    gather is dispatched before the single device-to-host copy; when this returns, the source
-    blocks are no longer read."""
-    gathered = []
-    for a, b in pieces(len(src_table)):
-        ids = np.asarray(src_table[a:b], np.int32)
-        gathered.append([(s.first_layer, *_gather(s.cache.k, s.cache.v, _put_ids(s, ids))) for s in src.stages])
-    host = jax.device_get(gathered)
+def staged_to_host(staged: StagedKV) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of staged K and V, [L, n, BS, H, D] each (all layers, all heads, blocks in
+    order): one device-to-host copy. Safe on any thread: the staged arrays are independent of the
+    source pool."""
+    host = jax.device_get([[(first, k, v) for first, _, k, v in parts] for _, _, parts in staged.pieces])
     first = host[0][0][1]
-    shape = (sum(k.shape[0] for _, k, _ in host[0]), len(src_table), *first.shape[2:])
+    shape = (sum(k.shape[0] for _, k, _ in host[0]), staged.num_blocks, *first.shape[2:])
     k_out, v_out = np.empty(shape, first.dtype), np.empty(shape, first.dtype)
-    for (a, b), parts in zip(pieces(len(src_table)), host):
+    for (a, b, _), parts in zip(staged.pieces, host):
         for layer, k, v in parts:
             k_out[layer : layer + k.shape[0], a:b] = k
             v_out[layer : layer + v.shape[0], a:b] = v
     return k_out, v_out
+
+
+def staged_nbytes(staged: StagedKV) -> int:
+    return sum(k.nbytes + v.nbytes for _, _, parts in staged.pieces for _, _, k, v in parts)
+
+
+def export_blocks(src, src_table: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of a request's K and V, [L, n, BS, H, D] each (all layers, all heads, the
+    blocks of `src_table` in order): the sending half of a transfer between processes. When this
+    returns, the source blocks are no longer read."""
+    return staged_to_host(gather_request(src, src_table))
 
 
 def import_blocks(dst, dst_table: list[int], k: np.ndarray, v: np.ndarray) -> int:

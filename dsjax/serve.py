@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-tokens-limit", type=int, default=None, help="cap on max_tokens (default: the context length)")
     s.add_argument("--lease-seconds", type=float, default=30.0, help="KV held for transfer is freed if not pulled in time")
     s.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="K+V bytes per KV chunk message")
+    s.add_argument("--kv-staging-mib", type=int, default=512,
+                   help="prefill workers gather held KV off the pool right after prefill, up to this many MiB, "
+                        "so pulls need not wait for the engine thread (0: export at pull time)")
     s.add_argument("--max-recomputes", type=int, default=2)
     s.add_argument("--no-restart", action="store_true", help="do not restart worker processes that die")
     s.add_argument("--gpus", type=int, default=0, help="processes mode on a GPU host: split GPUs 0..N-1 among the workers")

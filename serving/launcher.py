@@ -130,6 +130,7 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
             "--dtype", args.dtype, "--seed", str(args.seed), "--block-size", str(args.block_size),
             "--max-num-seqs", str(args.max_num_seqs), "--max-prefill-tokens", str(args.max_prefill_tokens),
             "--lease-seconds", str(args.lease_seconds), "--kv-chunk-bytes", str(args.kv_chunk_bytes),
+            "--kv-staging-mib", str(args.kv_staging_mib),
             "--compilation-cache", args.compilation_cache, "--log-level", args.log_level, "--exit-with-parent"]
     if _dummy(args):
         argv.append("--dummy-weights")
@@ -198,6 +199,7 @@ def run_worker(args: argparse.Namespace, placement) -> int:
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log,
+        max_staged_bytes=args.kv_staging_mib << 20,
     )
     worker = WorkerProcess(cfg)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,14 +3,22 @@
 
     Prefill   -> queued FCFS; the engine thread batches and runs prompts; the reply carries the
                  sampled token and, unless the request ended there, a KV descriptor and a lease
-    PullKV    -> the engine thread exports the request's blocks to host memory (one copy), the
-                 handler streams them as KVChunks (serving/kv_transfer.py); renews the lease
+    (staging) -> right after the prefill step, on the engine thread, each held request's blocks
+                 are gathered into device arrays of their own (`migration.gather_request`), while
+                 the staged total stays under `max_staged_bytes`
+    PullKV    -> a staged request is copied to host and streamed by the handler thread at once,
+                 without waiting for the engine thread to finish its current prefill (under load
+                 that wait was most of a transfer); an unstaged one is exported by the engine
+                 thread between steps. Chunks: serving/kv_transfer.py. Renews the lease
     ReleaseKV -> frees the blocks (the decode side inserted them, or the request was aborted);
                  also drops a request still queued for prefill
     (expiry)  -> a lease nobody renewed or released frees its blocks; a later pull gets NOT_FOUND
 
-Blocks are allocated, read (exported) and freed only on the engine thread, so a transfer never
-reads a freed block: a release that arrives during an export runs after it.
+Blocks are allocated, read (staged, exported) and freed only on the engine thread, so a transfer
+never reads a freed block: a release that arrives during an export runs after it, and a staged
+copy is independent of the pool (a handler still holding one after the release reads valid data).
+The blocks stay allocated while a request is staged, so staging never lets the prefill admit more
+than its pool holds; the staged copies are extra device memory, bounded by `max_staged_bytes`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future
 
@@ -26,7 +35,7 @@ import jax.numpy as jnp
 
 from dsjax.block_manager import blocks_for
 from dsjax.disagg import PrefillInstance
-from dsjax.migration import KVDescriptor, export_blocks
+from dsjax.migration import KVDescriptor, StagedKV, export_blocks, gather_request, staged_nbytes, staged_to_host
 from dsjax.request import Request
 from dsjax.sampling_params import SamplingParams
 from serving.engine_loop import EngineDead, EngineLoop
@@ -54,8 +63,12 @@ class _Pending:
 
 class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, instance: PrefillInstance, *, worker_id: str, lease_s: float = 30.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_waiting: int = 1024):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_waiting: int = 1024, max_staged_bytes: int = 512 << 20):
         super().__init__(f"prefill-engine-{worker_id}")
+        self.max_staged_bytes = max_staged_bytes
+        self._staged: dict[str, tuple[KVDescriptor, StagedKV]] = {}  # written by the engine thread
+        self._staged_lock = threading.Lock()
+        self._staged_bytes = 0
         self.inst = instance
         self.worker_id = worker_id
         self.chunk_bytes = chunk_bytes
@@ -82,13 +95,22 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     def PullKV(self, request, context):  # noqa: N802
-        try:
-            desc, k, v = self.call(lambda: self._export(request.request_id), timeout=None)
-        except EngineDead as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except KeyError:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"{self.worker_id} holds no KV for request {request.request_id!r} "
-                                                      "(released, lease expired, or never prefilled)")
+        rid = request.request_id
+        with self._staged_lock:
+            staged = self._staged.get(rid)
+        if staged is not None:
+            if self.error is not None:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine of {self.worker_id} died: {self.error!r}")
+            self._post_quietly(lambda: self._pulled(rid, staged_nbytes(staged[1])))
+            desc, (k, v) = staged[0], staged_to_host(staged[1])
+        else:
+            try:
+                desc, k, v = self.call(lambda: self._export(rid), timeout=None)
+            except EngineDead as e:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except KeyError:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"{self.worker_id} holds no KV for request {rid!r} "
+                                                          "(released, lease expired, or never prefilled)")
         yield from to_chunks(desc, k, v, request.max_chunk_bytes or self.chunk_bytes)
 
     def RenewLease(self, request, context):  # noqa: N802
@@ -124,7 +146,33 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
             self.inst.release(p.request)
             p.future.set_exception(_Rejected(grpc.StatusCode.CANCELLED, "cancelled"))
 
+    def _unstage(self, rid: str) -> None:
+        with self._staged_lock:
+            gone = self._staged.pop(rid, None)
+        if gone is not None:
+            self._staged_bytes -= staged_nbytes(gone[1])
+
+    def _stage(self, req: Request) -> None:
+        """Gather a held request's KV off the pool now, if the staging budget allows."""
+        need = blocks_for(req.num_tokens - 1, self.inst.blocks.block_size)
+        table = self.inst.blocks.block_table(req.request_id)[:need]
+        cfg = self.inst.runner.model.config
+        nbytes = 2 * cfg.num_layers * len(table) * self._kv["block_size"] * cfg.num_kv_heads * cfg.head_dim * \
+            jnp.dtype(self._kv["dtype"]).itemsize
+        if self._staged_bytes + nbytes > self.max_staged_bytes:
+            return
+        staged = gather_request(self.inst.runner, table)  # dispatched; ordered before later pool writes
+        self._staged_bytes += nbytes
+        with self._staged_lock:
+            self._staged[req.request_id] = (self._descriptor(req), staged)
+
+    def _pulled(self, rid: str, nbytes: int) -> None:
+        if self.leases.renew(rid):
+            self.migrations += 1
+            self.kv_bytes += nbytes
+
     def _release(self, rid: str) -> bool:
+        self._unstage(rid)
         req = self.leases.pop(rid)
         if req is not None:
             self.inst.release(req)
@@ -140,7 +188,8 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         if req is None:
             raise KeyError(rid)
         self.leases.renew(rid)
-        k, v = export_blocks(self.inst.runner, self.inst.blocks.block_table(rid))
+        need = blocks_for(req.num_tokens - 1, self.inst.blocks.block_size)
+        k, v = export_blocks(self.inst.runner, self.inst.blocks.block_table(rid)[:need])
         self.migrations += 1
         self.kv_bytes += k.nbytes + v.nbytes
         return self._descriptor(req), k, v
@@ -162,6 +211,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
                 resp.finish_reason = FINISH_TO_PROTO[req.finish_reason]
             else:
                 self.leases.hold(req.request_id, req)
+                self._stage(req)
                 resp.kv.CopyFrom(descriptor_to_proto(self._descriptor(req)))
                 resp.lease_ms = int(self.leases.lease_s * 1000)
             p.future.set_result(resp)
@@ -170,6 +220,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
     def tick(self) -> None:
         for rid, req in self.leases.pop_expired():
             log.warning("%s: KV lease of %s expired unpulled; freeing its blocks", self.worker_id, rid)
+            self._unstage(rid)
             self.inst.release(req)
 
     def fail_all(self, error: BaseException) -> None:

@@ -50,6 +50,7 @@ class WorkerConfig:
     advertise_host: str = "127.0.0.1"  # how the router and other workers reach this one
     lease_s: float = 30.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_staged_bytes: int = 512 << 20  # prefill: KV staged off the pool for pulls (serving/prefill_worker.py)
     warmup: bool = True
     exit_with_parent: bool = False
     step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
@@ -97,7 +98,8 @@ class WorkerProcess:
         self.cfg = cfg
         inst = build_instance(cfg)
         if cfg.role == "prefill":
-            self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes)
+            self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes,
+                                        max_staged_bytes=cfg.max_staged_bytes)
         else:
             self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes)
         self.engine.start()

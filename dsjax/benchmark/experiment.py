@@ -242,7 +242,8 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
 
     served_sims = {s: TraceSimulator(system=s, profile=c.profile, model=cfg.model, slos=slos,
                                      max_num_seqs=cfg.server.max_num_seqs, max_prefill_tokens=cfg.server.max_prefill_tokens,
-                                     transfer_fixed_s=c.transfer_fixed_s) for s, c in served.items()}
+                                     transfer_fixed_s=c.transfer_fixed_s, link_bytes_per_s=c.link_bytes_per_s)
+                   for s, c in served.items()}
     summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path,
                          rates, started, served_sims=served_sims, served_info={s: c.info for s, c in served.items()},
                          probe_rates=probe_rates)
@@ -266,7 +267,8 @@ def _calibrate(system: str, launched, sweep: SweepResult, profile, cfg: CompareC
     i = cal.info
     log(f"[{system}] served profile from {i['steps_in_window']} warm-up steps ({i['prefill_shapes']} prefill / "
         f"{i['decode_shapes']} decode shapes, median fit error {i['prefill_median_rel_err']:.0%} / "
-        f"{i['decode_median_rel_err']:.0%}); KV transfer {cal.transfer_fixed_s * 1e3:.1f} ms")
+        f"{i['decode_median_rel_err']:.0%}); KV transfer {cal.transfer_fixed_s * 1e3:.1f} ms"
+        + (f" + bytes at {cal.link_bytes_per_s / 1e6:.0f} MB/s" if cal.link_bytes_per_s else ""))
     return cal
 
 
@@ -420,14 +422,16 @@ def summary_markdown(summary: dict) -> str:
     served = any("served_simulated" in f for f in summary["fidelity"])
     if served:
         lines += ["", "Served calibration (simulator fitted on each system's warm-up steps; the measured runs are not used):", "",
-                  "| system | warm-up steps | prefill / decode shapes | median fit error prefill / decode | KV transfer (ms) | "
-                  "served-sim per-device goodput |", "|---|---|---|---|---|---|"]
+                  "| system | warm-up steps | prefill / decode shapes | median fit error prefill / decode | "
+                  "KV transfer: fixed (ms) + bytes at (MB/s) | served-sim per-device goodput |", "|---|---|---|---|---|---|"]
         for s, d in summary["systems"].items():
             i = d.get("served_calibration")
             if i:
                 lines.append(f"| {s} | {i['steps_in_window']} | {i['prefill_shapes']} / {i['decode_shapes']} | "
                              f"{i['prefill_median_rel_err']:.0%} / {i['decode_median_rel_err']:.0%} | "
-                             f"{i['transfer_fixed_s'] * 1e3:.1f} | {d['served_simulated_per_device_goodput']:.3g} |")
+                             f"{i['transfer_fixed_s'] * 1e3:.1f} + "
+                             f"{'-' if not i.get('link_bytes_per_s') else format(i['link_bytes_per_s'] / 1e6, '.0f')} | "
+                             f"{d['served_simulated_per_device_goodput']:.3g} |")
     head = ("| system | rate (req/s) | real attainment | sim (runner profile) | diff | "
             + ("sim (served) | diff | " if served else "")
             + "real TTFT / TPOT att. | sim TTFT / TPOT att. | TTFT p90 real / sim (s) | TPOT p90 real / sim (ms) |")

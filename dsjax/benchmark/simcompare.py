@@ -44,9 +44,12 @@ def placement_for(system: str, num_devices: int = 2) -> Placement:
     return Placement.colocated(tp=1, pp=1, replicas=num_devices, mode=system)
 
 
-def scheduler_config(*, max_num_seqs: int, max_prefill_tokens: int, transfer_fixed_s: float = 0.0) -> SchedulerConfig:
+def scheduler_config(*, max_num_seqs: int, max_prefill_tokens: int, transfer_fixed_s: float = 0.0,
+                     link_bytes_per_s: float | None = None) -> SchedulerConfig:
     return SchedulerConfig(
         transfer_fixed_s=transfer_fixed_s,
+        link_bytes_per_s=link_bytes_per_s,
+        chunked_fused_steps=False,  # the engine's CPU default (dsjax/engine.py)
         prefill_token_budget=max_prefill_tokens,
         prefill_max_batch_size=ENGINE_MAX_PREFILL_SEQS,
         decode_max_batch_size=max_num_seqs,
@@ -69,13 +72,13 @@ class TraceSimulator:
     """One system's simulator, replaying benchmark schedules."""
 
     def __init__(self, *, system: str, profile: Profile, model: str, slos: SLOs, max_num_seqs: int, max_prefill_tokens: int,
-                 transfer_fixed_s: float = 0.0):
+                 transfer_fixed_s: float = 0.0, link_bytes_per_s: float | None = None):
         spec = get_model(model)
         self.slos = slos
         self.sim = Simulator(
             placement=placement_for(system), profile=profile, model=spec, memory=MemoryModel(model=spec, device=_HOST),
             config=scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-                                    transfer_fixed_s=transfer_fixed_s),
+                                    transfer_fixed_s=transfer_fixed_s, link_bytes_per_s=link_bytes_per_s),
         )
 
     def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
@@ -101,18 +104,37 @@ class TraceSimulator:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServedCalibration:
     """What a system's warm-up measured for the simulator: a latency profile fitted on its served
-    steps (dsjax/planner/served.py) and the fixed KV transfer latency (disaggregated)."""
+    steps (dsjax/planner/served.py) and the KV transfer time, fixed + bytes / bandwidth
+    (disaggregated; both 0 / None for colocated systems)."""
 
     profile: Profile
     transfer_fixed_s: float
+    link_bytes_per_s: float | None
     info: dict
+
+
+def fit_transfer(samples: Sequence[tuple[float, float]]) -> tuple[float, float | None]:
+    """(fixed seconds, bytes per second) of transfer_s = fixed + bytes / bw, least squares with
+    both terms >= 0, from (kv_bytes, transfer_s) samples; (median, None) when the bytes do not
+    explain the times (slope <= 0) or there are fewer than 3 samples."""
+    if not samples:
+        return 0.0, None
+    x = np.array([b for b, _ in samples], float)
+    y = np.array([t for _, t in samples], float)
+    if len(samples) >= 3 and np.ptp(x) > 0:
+        slope, fixed = np.polyfit(x, y, 1)
+        if slope > 0:
+            if fixed < 0:  # through the origin instead
+                slope, fixed = float(x @ y / (x @ x)), 0.0
+            return float(fixed), float(1.0 / slope)
+    return float(np.median(y)), None
 
 
 def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profile, model: str,
                        warmup_runs: Sequence = ()) -> ServedCalibration:
     """Fit on the step records of `window` (the warm-up: not the measured runs) in every
-    `*.jsonl` of `step_log_dir`. The transfer latency is the median `transfer_s` of the requests
-    of the last warm-up run (the lowest scan rate, where a transfer waits for nothing else)."""
+    `*.jsonl` of `step_log_dir`. The transfer time is fitted on the requests of the last warm-up
+    run (the lowest scan rate, where a transfer waits for little else)."""
     from pathlib import Path
 
     from dsjax.planner.served import fit_served, served_profile
@@ -123,12 +145,12 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
         raise ValueError(f"no step logs in {step_log_dir}")
     records = [rec for p in logs for rec in read_step_log(p, since=window[0], until=window[1])]
     fit = fit_served(records, buckets=base.buckets)
-    transfer = 0.0
+    samples = []
     if warmup_runs:
-        done = [r.breakdown.transfer_s for r in warmup_runs[-1].results
-                if r.record.ok and r.breakdown is not None and r.breakdown.transfer_s > 0]
-        transfer = float(np.median(done)) if done else 0.0
+        samples = [(r.breakdown.kv_bytes, r.breakdown.transfer_s) for r in warmup_runs[-1].results
+                   if r.record.ok and r.breakdown is not None and r.breakdown.transfer_s > 0]
+    fixed, bw = fit_transfer(samples)
     profile = served_profile(base, model, 1, fit, logs=[str(p) for p in logs])
-    info = dict(profile.metadata["served_fit"], transfer_fixed_s=transfer, steps_in_window=len(records),
-                coeffs=fit.coeffs.to_json())
-    return ServedCalibration(profile=profile, transfer_fixed_s=transfer, info=info)
+    info = dict(profile.metadata["served_fit"], transfer_fixed_s=fixed, link_bytes_per_s=bw, transfer_samples=len(samples),
+                steps_in_window=len(records), coeffs=fit.coeffs.to_json())
+    return ServedCalibration(profile=profile, transfer_fixed_s=fixed, link_bytes_per_s=bw, info=info)

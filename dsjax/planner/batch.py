@@ -61,6 +61,11 @@ class RunningBatch:
         if self.track_max and (len(self.base) == 1 or base > self.max_base):
             self.max_base = base
 
+    @property
+    def longest(self) -> int | None:
+        """The longest ctx + 1 of the next step (None unless the latency model needs it)."""
+        return self.max_base + self.steps_done if self.track_max and self.heap else None
+
     def start_segment(self, t: float) -> None:
         """Freeze membership from time `t` (a step boundary) and precompute the step-time line."""
         self.t0 = t

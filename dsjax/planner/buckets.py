@@ -54,28 +54,29 @@ class ShapeBuckets:
         """Whether a decode step costs the padded width of the longest context."""
         return self.attention != "ragged"
 
-    def _padded_keys(self, max_len: float) -> int:
+    def padded_keys(self, max_len: float) -> int:
+        """S_pad: the block-table width of a request with `max_len` keys, in keys."""
         return shapes.next_pow2(-(-int(max_len) // self.block_size)) * self.block_size
 
     def prefill_features(self, sum_len: float, sum_len_sq: float, num_seqs: int, max_len: float) -> tuple[float, float]:
         t_pad, b_pad, _ = shapes.prefill_bucket(int(sum_len), max(num_seqs, 1), 1)
         if self.attention == "ragged":
             return float(t_pad), float(sum_len_sq)
-        keys = t_pad * self._padded_keys(max_len)
+        keys = t_pad * self.padded_keys(max_len)
         return float(t_pad), float(keys * b_pad if self.attention == "dense" else keys)
 
     def decode_features(self, batch_size: int, sum_ctx_plus_1: float, max_ctx_plus_1: float) -> tuple[int, float]:
         b_pad, _ = shapes.decode_bucket(batch_size, 1)
         if not self.decode_pads_context:
             return b_pad, float(sum_ctx_plus_1)
-        return b_pad, float(b_pad * self._padded_keys(max_ctx_plus_1))
+        return b_pad, float(b_pad * self.padded_keys(max_ctx_plus_1))
 
     def steps_to_reshape(self, max_ctx_plus_1: int) -> int | None:
         """Decode steps until the longest context outgrows its padded width (None: cost does not
         depend on the width). The step cost is constant until then."""
         if not self.decode_pads_context:
             return None
-        return self._padded_keys(max_ctx_plus_1) - int(max_ctx_plus_1) + 1
+        return self.padded_keys(max_ctx_plus_1) - int(max_ctx_plus_1) + 1
 
     def to_json(self) -> dict[str, Any]:
         return {"block_size": self.block_size, "attention": self.attention}

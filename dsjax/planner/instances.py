@@ -270,7 +270,9 @@ class ColocatedInstance:
         prefill_token_budget: int,
         chunked: bool = False,
         chunk_tokens: int = 512,
+        fused_mixed_steps: bool = True,
     ) -> None:
+        self.fused_mixed_steps = fused_mixed_steps
         self.loop, self.reqs, self.latency = loop, reqs, latency
         self.capacity = capacity_tokens
         self.max_batch_size = max_batch_size
@@ -398,6 +400,7 @@ class ColocatedInstance:
         chunks: list[tuple[int, int]] = []
         total = 0
         quad = 0
+        chunk_keys = 0
         slots = self.max_batch_size - num_decodes
         for rid, c in zip(waiting, plan):
             if rid not in done:
@@ -409,13 +412,16 @@ class ColocatedInstance:
             chunks.append((rid, c))
             total += c
             quad += c * (2 * done[rid] + c)
+            chunk_keys = max(chunk_keys, done[rid] + c)
         if not chunks:  # decodes fill the budget: plain decode step(s)
             self.state = "decode"
             self.batch.start_segment(t)
             self._schedule(1)
             return
         self.state = "step"
-        dt = self.latency.mixed_step_s(total, quad, num_decodes, self.batch.sum_ctx)
+        dt = self.latency.mixed_step_s(total, quad, num_decodes, self.batch.sum_ctx, num_chunks=len(chunks),
+                                       chunk_max_keys=chunk_keys, decode_max_keys=self.batch.longest,
+                                       fused=self.fused_mixed_steps)
         self.loop.at(t + dt, self._on_mixed_done, chunks)
 
     def _on_mixed_done(self, t: float, chunks: list[tuple[int, int]]) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dsjax import shapes
 from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.models import canonical_model_name
 
@@ -182,19 +183,50 @@ class LatencyModel:
         """Steps until the decode program's padded context width changes (None: never matters)."""
         return self.buckets.steps_to_reshape(max_ctx_plus_1) if self.needs_max_context else None
 
-    def mixed_step_s(self, chunk_tokens: int, chunk_quad: float, batch_size: int, sum_ctx_plus_1: float) -> float:
-        """One chunked-prefill step: prefill chunks plus `batch_size` decodes in one forward pass.
+    def mixed_step_s(self, chunk_tokens: int, chunk_quad: float, batch_size: int, sum_ctx_plus_1: float,
+                     *, num_chunks: int = 1, chunk_max_keys: float | None = None,
+                     decode_max_keys: float | None = None, fused: bool = True) -> float:
+        """One chunked-prefill step: prefill chunks plus `batch_size` decodes.
 
-        The prefill form covers the chunks (a chunk of c tokens after p cached ones contributes
-        c * (2p + c) to the quadratic term, so the chunks of one prompt add up to len^2); the decodes
-        add their marginal cost b * sum(ctx + 1) + c * batch, without a second fixed cost. With
-        pp > 1 the step crosses every stage, pp * (pp_overhead_ms) extra, with no overlap between
-        steps. Shape buckets are not applied to mixed steps.
+        fused (one forward pass, Sarathi): the prefill form covers the chunks (a chunk of c tokens
+        after p cached ones contributes c * (2p + c) to the quadratic term, so the chunks of one
+        prompt add up to len^2); the decodes add their marginal cost b * sum(ctx + 1) + c * batch,
+        without a second fixed cost. With pp > 1 the step crosses every stage, pp * (pp_overhead_ms)
+        extra, with no overlap between steps. Not fused (our engine on the XLA path: the decode
+        program then the prefill program, dispatched back to back): the sum of a decode step and a
+        prefill of the chunks, each with its fixed cost and padded shape.
+
+        With padded or dense shape buckets and the longest key counts (`chunk_max_keys`: the
+        chunks' ends, `decode_max_keys`: the decodes' ctx + 1) the engine's split mixed program is
+        costed (models/attention.py, "mixed batches"): the decode rows form a decode region of
+        B_pad = next_pow2(batch, 2) rows attending S_pad keys, the chunks a prefill region of
+        T_pad = next_pow2(chunk tokens, 16) rows, with S_pad the shared block-table width:
+
+            a_p + b_p T_pad + c_p T_pad S_pad  +  b_d B_pad S_pad + c_d B_pad
         """
-        ms = self.coeffs.prefill_ms(chunk_tokens, chunk_quad) if chunk_tokens else self.coeffs.decode_coeffs(batch_size)[0]
-        if batch_size:
-            _, b, c = self.coeffs.decode_coeffs(batch_size)
-            ms += b * sum_ctx_plus_1 + c * batch_size
+        if not fused:
+            ms = 1e3 * self.prefill_s(chunk_tokens, chunk_quad, num_chunks, chunk_max_keys) if chunk_tokens else 0.0
+            if batch_size:
+                ms += 1e3 * self.decode_step_s(batch_size, sum_ctx_plus_1, decode_max_keys)
+            return ms * 1e-3
+        keys = [k for k in (chunk_max_keys, decode_max_keys) if k is not None]
+        max_keys = max(keys) if keys else None
+        cb = self.buckets
+        if cb is not None and cb.decode_pads_context and max_keys is not None and chunk_tokens:
+            s_pad = cb.padded_keys(max_keys)
+            t_pad = shapes.next_pow2(chunk_tokens, 16)
+            a, b, c = self.coeffs.prefill
+            quad = t_pad * s_pad * (shapes.next_pow2(max(num_chunks, 1)) if cb.attention == "dense" else 1)
+            ms = a + b * t_pad + c * quad
+            if batch_size:
+                b_pad = shapes.next_pow2(batch_size, 2)
+                _, bd, cd = self.coeffs.decode_coeffs(b_pad)
+                ms += bd * b_pad * s_pad + cd * b_pad
+        else:
+            ms = self.coeffs.prefill_ms(chunk_tokens, chunk_quad) if chunk_tokens else self.coeffs.decode_coeffs(batch_size)[0]
+            if batch_size:
+                _, b, c = self.coeffs.decode_coeffs(batch_size)
+                ms += b * sum_ctx_plus_1 + c * batch_size
         if self.pp > 1:
             ms += self.pp_overhead_ms * self.pp * self.pp
         return ms * 1e-3

@@ -48,6 +48,9 @@ class SchedulerConfig:
     pull_waiting_fraction: float = 0.05
     colocated_token_budget: int = 2048  # vLLM's max_num_batched_tokens for 2048-token models
     chunk_tokens: int = 512  # chunked prefill: tokens per step (decodes + prefill chunks)
+    # chunked prefill: one forward pass per mixed step (Sarathi), or the decode program and the
+    # prefill program back to back (dsjax's engine on the XLA path; dsjax/engine.py)
+    chunked_fused_steps: bool = True
     link_bytes_per_s: float | None = None  # KV transfer bandwidth; None: transfers are free
     # Fixed latency of one KV transfer on top of bytes / link_bytes_per_s (a pull's round trips,
     # landing the KV in the decode pool): measured per request on a served run (dsjax.benchmark).
@@ -197,6 +200,7 @@ class Simulator:
                 prefill_token_budget=cfg.colocated_token_budget,
                 chunked=self.placement.mode == "chunked",
                 chunk_tokens=cfg.chunk_tokens,
+                fused_mixed_steps=cfg.chunked_fused_steps,
             )
             for _ in range(self.prefill.replicas)
         ]

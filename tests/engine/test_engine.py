@@ -101,9 +101,11 @@ def test_abort_and_stop_tokens_free_blocks(tiny_llama, prompts):
     assert stop_req.output_token_ids == expected[: expected.index(expected[3]) + 1]
 
 
-def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch):
-    """Chunked steps (decodes split from prompt chunks in one prefill call, decode-only steps on the
-    decode program) generate the prefill-first engine's greedy tokens."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two-programs"])
+def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch, fused):
+    """Chunked steps (fused: decodes split from prompt chunks in one prefill call; two programs:
+    the decode program then the prefill program in the same step; decode-only steps on the decode
+    program) generate the prefill-first engine's greedy tokens."""
     import dsjax.runner
 
     model, params = tiny_llama
@@ -112,26 +114,36 @@ def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch)
     run(Engine(ModelRunner(model, params, cache), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32)), reference)
 
     decode_rows, decode_steps = [], []  # num_decode_rows of every prefill call; decode batch sizes
-    real_pack = dsjax.runner.pack_prefill
+    real_pack, real_pack_decode = dsjax.runner.pack_prefill, dsjax.runner.pack_decode
     runner = ModelRunner(model, params, cache)
-    real_decode = runner.decode
 
     def pack_spy(*args):
         packed = real_pack(*args)
         decode_rows.append(packed[1].num_decode_rows)
         return packed
 
-    def decode_spy(reqs, tables):
+    def pack_decode_spy(reqs, *args):
         decode_steps.append(len(reqs))
-        return real_decode(reqs, tables)
+        return real_pack_decode(reqs, *args)
+
+    collected = []  # programs whose outputs one step waits for together
+
+    def collect_spy(launched):
+        collected.append(len(launched))
+        return ModelRunner.collect(launched)
 
     monkeypatch.setattr(dsjax.runner, "pack_prefill", pack_spy)
-    monkeypatch.setattr(runner, "decode", decode_spy)
-    engine = Engine(runner, SchedulerConfig(max_num_seqs=4, max_prefill_tokens=12), chunked=True)
+    monkeypatch.setattr(dsjax.runner, "pack_decode", pack_decode_spy)
+    monkeypatch.setattr(runner, "collect", collect_spy)
+    engine = Engine(runner, SchedulerConfig(max_num_seqs=4, max_prefill_tokens=12), chunked=True, fused_mixed_steps=fused)
     reqs = make_requests(prompts, 8)
     run(engine, reqs)
     assert [r.output_token_ids for r in reqs] == [r.output_token_ids for r in reference]
-    assert sum(n > 0 for n in decode_rows) >= 3, decode_rows  # mixed steps took the split layout
+    if fused:
+        assert sum(n > 0 for n in decode_rows) >= 3, decode_rows  # mixed steps took the split layout
+        assert max(collected) == 1
+    else:  # mixed steps launched the decode program and the prefill program together
+        assert sum(n == 2 for n in collected) >= 3, collected
     assert decode_steps, decode_steps  # steps without a prompt chunk ran the decode program
     assert engine.blocks.num_free_blocks == 63
     engine.blocks.check_invariants()

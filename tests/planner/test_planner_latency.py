@@ -117,3 +117,21 @@ def test_fit_keeps_coefficients_nonnegative():
     fit = fit_profile(prefill=prefill, decode=decode)
     assert min(fit.prefill) >= 0 and fit.prefill[2] == 0.0 and fit.prefill[1] > 0
     np.testing.assert_allclose(fit.decode_small, (1.0, 1e-3, 0.05), rtol=1e-6)
+
+
+def test_mixed_step_costs_the_split_program_with_buckets():
+    """Padded buckets: decode region B_pad x S_pad and prefill region T_pad x S_pad, S_pad the
+    shared block-table width (models/attention.py); without max_keys the plain forms."""
+    from dsjax.planner.buckets import ShapeBuckets
+
+    c = LatencyCoeffs(prefill=(2.0, 0.05, 1e-4), decode_small=(1.0, 0.001, 0.04), decode_large=(1.0, 0.001, 0.04))
+    lat = LatencyModel(coeffs=c, buckets=ShapeBuckets(block_size=16, attention="padded"))
+    # 5 decodes (longest ctx+1 = 300 -> 512 padded keys), one 100-token chunk ending at 100
+    got = lat.mixed_step_s(100, 100 * 100, 5, 5 * 250, num_chunks=1, chunk_max_keys=100, decode_max_keys=300) * 1e3
+    t_pad, s_pad, b_pad = 128, 512, 8
+    assert got == pytest.approx(2.0 + 0.05 * t_pad + 1e-4 * t_pad * s_pad + 0.001 * b_pad * s_pad + 0.04 * b_pad)
+    plain = lat.mixed_step_s(100, 100 * 100, 5, 5 * 250) * 1e3
+    assert plain == pytest.approx(2.0 + 0.05 * 100 + 1e-4 * 100 * 100 + 0.001 * 5 * 250 + 0.04 * 5)
+    two = lat.mixed_step_s(100, 100 * 100, 5, 5 * 250, chunk_max_keys=100, decode_max_keys=300, fused=False) * 1e3
+    # a prefill of the chunk (T_pad 128 x 128 keys: 100 keys -> 8 blocks) plus a whole decode step (8 x 512 keys)
+    assert two == pytest.approx(2.0 + 0.05 * 128 + 1e-4 * 128 * 128 + 1.0 + 0.001 * 8 * 512 + 0.04 * 8)
