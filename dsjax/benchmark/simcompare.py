@@ -137,20 +137,21 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
     run (the lowest scan rate, where a transfer waits for little else)."""
     from pathlib import Path
 
-    from dsjax.planner.served import fit_served, served_profile
+    from dsjax.planner.served import fit_served_best, served_profile
     from serving.step_log import read_step_log
 
     logs = sorted(Path(step_log_dir).glob("*.jsonl"))
     if not logs:
         raise ValueError(f"no step logs in {step_log_dir}")
     records = [rec for p in logs for rec in read_step_log(p, since=window[0], until=window[1])]
-    fit = fit_served(records, buckets=base.buckets)
+    base_buckets = base.buckets
+    fit, buckets = fit_served_best(records, block_size=base_buckets.block_size if base_buckets else 16)
     samples = []
     if warmup_runs:
         samples = [(r.breakdown.kv_bytes, r.breakdown.transfer_s) for r in warmup_runs[-1].results
                    if r.record.ok and r.breakdown is not None and r.breakdown.transfer_s > 0]
     fixed, bw = fit_transfer(samples)
-    profile = served_profile(base, model, 1, fit, logs=[str(p) for p in logs])
-    info = dict(profile.metadata["served_fit"], transfer_fixed_s=fixed, link_bytes_per_s=bw, transfer_samples=len(samples),
+    profile = served_profile(base, model, 1, fit, logs=[str(p) for p in logs], buckets=buckets)
+    info = dict(profile.metadata["served_fit"], attention_features=buckets.attention, transfer_fixed_s=fixed, link_bytes_per_s=bw, transfer_samples=len(samples),
                 steps_in_window=len(records), coeffs=fit.coeffs.to_json())
     return ServedCalibration(profile=profile, transfer_fixed_s=fixed, link_bytes_per_s=bw, info=info)

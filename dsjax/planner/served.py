@@ -17,9 +17,11 @@ the simulator costs them from the two fitted forms (LatencyModel.mixed_step_s).
 
 Robustness: the records are grouped by the feature row of their padded shape (buckets.py: with
 padded buckets every record of one program shape has the same features) and each group with at
-least `min_group` records contributes its median time once. A first compilation (seconds) or a
-GC pause is then an outlier inside its group, not a sample, and busy shapes do not outvote rare
-ones in the least-squares fit.
+least `min_group` records contributes one sample: the mean of its records after dropping those
+over STALL_FACTOR x the group's median (first compilations, seconds long). The mean, not the
+median, because a TPOT is an average over steps: the served steps' right tail (GIL contention,
+GC; means run 4-15% above medians here) is part of what requests see. Busy shapes do not outvote
+rare ones in the least-squares fit.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dsjax.planner.latency import (
 )
 
 Sample = tuple[list[int], float]
+STALL_FACTOR = 5.0  # a step over 5x its shape's median time is a compilation, not a served cost
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,8 +87,9 @@ def _grouped(samples: Sequence[Sample], row, buckets: ShapeBuckets | None, min_g
         if len(members) < min_group:
             continue
         med = statistics.median(ms for _, ms in members)
+        kept = [ms for _, ms in members if ms <= STALL_FACTOR * med]
         lens = min(members, key=lambda s: abs(s[1] - med))[0]  # a member with the median time
-        out.append((lens, med))
+        out.append((lens, statistics.fmean(kept)))
     return out
 
 
@@ -126,13 +130,16 @@ def fit_served(
                      decode_median_rel_err=float(statistics.median(abs(ed))))
 
 
-def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: Sequence[str] = ()) -> Profile:
-    """`base` (the engine profile whose shape buckets the fit used) with the (model, tp) entry
-    replaced by the served fit; metadata says where it came from."""
+def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: Sequence[str] = (),
+                   buckets: ShapeBuckets | None = None) -> Profile:
+    """`base` with the (model, tp) entry replaced by the served fit; metadata says where it came
+    from. `buckets`: the shape buckets the fit used, when not the base profile's."""
     entries = {m: dict(by_tp) for m, by_tp in base.entries.items()}
     key = next((m for m in entries if canonical_model_name(m) == canonical_model_name(model)), model)
     entries.setdefault(key, {})[tp] = fit.coeffs
     meta = dict(base.metadata)
+    if buckets is not None:
+        meta["shape_buckets"] = buckets.to_json()
     meta.update({
         "source": "dsjax.planner.served (served step logs)",
         "base_profile": base.source or meta.get("source", ""),
@@ -148,3 +155,19 @@ def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: 
                   "median per padded shape",
     })
     return Profile(entries=entries, metadata=meta, source="served")
+
+
+def fit_served_best(records: Sequence[Mapping[str, Any]], *, block_size: int,
+                    kinds: Sequence[str] = ("padded", "dense"), min_group: int = 3) -> tuple[ServedFit, ShapeBuckets]:
+    """The fit, over the bucket kinds `kinds` (buckets.py), with the lowest median relative error
+    (prefill + decode): which padded-shape features the served steps follow. On this engine's XLA
+    path a prefill batch of several prompts costs ~B_pad times one prompt of the same T_pad
+    (every padded request scores min(T, S) queries against S keys), which "dense" models."""
+    best = None
+    for kind in kinds:
+        buckets = ShapeBuckets(block_size=block_size, attention=kind)
+        fit = fit_served(records, buckets=buckets, min_group=min_group)
+        err = fit.prefill_median_rel_err + fit.decode_median_rel_err
+        if best is None or err < best[0]:
+            best = (err, fit, buckets)
+    return best[1], best[2]

@@ -79,3 +79,20 @@ def test_served_profile_replaces_one_entry():
     assert prof.coeffs("small-llama", 1) == fit.coeffs and prof.coeffs("small-llama", 2) == other
     assert prof.buckets == BUCKETS and prof.metadata["base_profile"] == "p.json"
     assert prof.metadata["served_fit"]["decode_shapes"] == fit.decode_groups
+
+
+def test_best_fit_picks_the_features_the_steps_follow():
+    from dsjax.planner.served import fit_served_best
+
+    rng = np.random.default_rng(1)
+    dense = LatencyModel(coeffs=TRUE, buckets=ShapeBuckets(block_size=16, attention="dense"))
+    recs = []
+    for _ in range(400):
+        lens = [int(x) for x in rng.integers(8, 120, rng.integers(1, 9))]
+        ms = dense.prefill_ms(sum(lens), sum(x * x for x in lens), len(lens), max(lens))
+        recs.append({"t": 0.0, "ms": ms, "calls": [{"kind": "prefill", "chunks": [[0, n] for n in lens]}]})
+        ctx = [int(x) for x in rng.integers(10, 600, rng.integers(1, 30))]
+        ms = dense.decode_step_s(len(ctx), sum(c + 1 for c in ctx), max(ctx) + 1) * 1e3
+        recs.append({"t": 0.0, "ms": ms, "calls": [{"kind": "decode", "ctx": ctx}]})
+    fit, buckets = fit_served_best(recs, block_size=16)
+    assert buckets.attention == "dense" and fit.prefill_median_rel_err < 0.01
