@@ -4,9 +4,11 @@
   decode step of every running request;
 - chunked prefill (Sarathi, vLLM's default today): every step carries all running decodes (one
   token each) and fills the rest of a token budget with a chunk of the oldest waiting prompt. A
-  decode token is a chunk of length one, so the mixed batch is one call of the prefill program,
-  whose attention handles the decodes apart from the prompt chunks (the split layout of
-  models/attention.py); a step with no prompt chunk runs the decode program.
+  decode token is a chunk of length one, so the mixed batch can be one call of the prefill
+  program, whose attention handles the decodes apart from the prompt chunks (the split layout of
+  models/attention.py): "fused", the default with the Pallas kernels; on the XLA path the step
+  runs the decode program and the prefill program back to back instead (`fused_mixed_steps`).
+  A step with no prompt chunk runs the decode program.
 
 
 A prefill-first step is: pick a batch, run it, record the tokens:

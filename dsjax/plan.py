@@ -307,7 +307,7 @@ def _cmd_fit_served(args: argparse.Namespace) -> int:
 
     base = load_profile(args.profile)
     records = [rec for path in args.logs for rec in read_step_log(path, since=args.since, until=args.until)]
-    fit = fit_served(records, buckets=base.buckets, min_group=args.min_group)
+    fit = fit_served(records, buckets=base.buckets, min_group=args.min_group, base=base.coeffs(args.model, args.tp))
     profile = served_profile(base, args.model, args.tp, fit, logs=args.logs)
     save_profile(args.out, profile)
     old, new = base.coeffs(args.model, args.tp), fit.coeffs
@@ -317,6 +317,8 @@ def _cmd_fit_served(args: argparse.Namespace) -> int:
           f"{fit.prefill_groups} shapes, median error {fit.prefill_median_rel_err:.1%}")
     print(f"decode  {[f'{x:.4g}' for x in new.decode_small]} (runner profile {[f'{x:.4g}' for x in old.decode_small]}), "
           f"{fit.decode_groups} shapes, median error {fit.decode_median_rel_err:.1%}")
+    if fit.scaled:
+        print(f"too few shapes for {' and '.join(fit.scaled)}: the runner profile's form scaled by served / runner")
     print(f"written to {args.out}")
     return 0
 

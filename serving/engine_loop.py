@@ -77,8 +77,20 @@ class Outbox:
         return self._closed
 
     def __iter__(self) -> Iterator[Event]:
+        """Events in order; token events already queued when the reader wakes are merged into
+        one (a reader that fell behind the engine sends one message, not one per step)."""
         while True:
             event = self._q.get()
+            while isinstance(event, TokenEvent):
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, TokenEvent) or (event.migration is not None and nxt.migration is not None):
+                    yield event
+                    event = nxt
+                    continue
+                event = TokenEvent(event.token_ids + nxt.token_ids, event.migration or nxt.migration)
             yield event
             if not isinstance(event, TokenEvent):
                 return

@@ -281,7 +281,7 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
         devices = processes[system]["num_devices"]
         systems[system] = {
             "goodput": sweep.goodput, "per_device_goodput": sweep.goodput / devices, "num_devices": devices,
-            "saturated": sweep.saturated, "probes": sweep.probes,
+            "saturated": sweep.saturated, "probes": sweep.probes, "warmup_window": sweep.warmup_window,
             "simulated_goodput": sim_goodput[system], "simulated_per_device_goodput": sim_goodput[system] / devices,
             **processes[system],
         }

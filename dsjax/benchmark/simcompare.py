@@ -145,7 +145,8 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
         raise ValueError(f"no step logs in {step_log_dir}")
     records = [rec for p in logs for rec in read_step_log(p, since=window[0], until=window[1])]
     base_buckets = base.buckets
-    fit, buckets = fit_served_best(records, block_size=base_buckets.block_size if base_buckets else 16)
+    fit, buckets = fit_served_best(records, block_size=base_buckets.block_size if base_buckets else 16,
+                                   base=base.coeffs(model, 1))
     samples = []
     if warmup_runs:
         samples = [(r.breakdown.kv_bytes, r.breakdown.transfer_s) for r in warmup_runs[-1].results

@@ -39,6 +39,8 @@ from dsjax.planner.latency import (
     Profile,
     _decode_row,
     _prefill_row,
+    fit_decode,
+    fit_prefill,
     fit_profile,
     relative_errors,
 )
@@ -102,6 +104,22 @@ class ServedFit:
     # median |relative error| of the fit over the group medians, per kind
     prefill_median_rel_err: float
     decode_median_rel_err: float
+    scaled: tuple[str, ...] = ()  # kinds with < 3 shapes: the base form scaled, not fitted
+
+
+def _scaled(base: LatencyCoeffs, samples: Sequence[Sample], *, prefill: bool, buckets: ShapeBuckets | None):
+    """The base form times the median ratio served / base over `samples` (one fitted number)."""
+    from dsjax.planner.latency import LatencyModel
+
+    lat = LatencyModel(coeffs=base, buckets=buckets)
+    if prefill:
+        pred = [lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l)) for l, _ in samples]
+    else:
+        pred = [lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 for c, _ in samples]
+    ratio = statistics.median(ms / p for (_, ms), p in zip(samples, pred) if p > 0)
+    if prefill:
+        return tuple(x * ratio for x in base.prefill)
+    return tuple(x * ratio for x in base.decode_small), tuple(x * ratio for x in base.decode_large)
 
 
 def fit_served(
@@ -110,24 +128,42 @@ def fit_served(
     buckets: ShapeBuckets | None,
     min_group: int = 3,
     large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD,
+    base: LatencyCoeffs | None = None,
 ) -> ServedFit:
-    """Fit one (model, TP) entry on served step records (see the module docstring)."""
+    """Fit one (model, TP) entry on served step records (see the module docstring).
+
+    A workload can touch fewer than 3 padded shapes of a kind (LongBench-shaped prompts: every
+    prefill alone, T_pad 512). With `base` (the runner profile's coefficients) such a kind keeps
+    the base form scaled by the median served / base ratio over its shapes (`scaled` in the fit's
+    metadata); without it, or with no shape at all, it is an error."""
     if min_group < 1:
         raise ValueError(f"min_group={min_group} must be >= 1")
     samples = served_samples(records)
     pre = _grouped(samples.prefill, _prefill_row, buckets, min_group)
     dec = _grouped(samples.decode, _decode_row, buckets, min_group)
-    if len(pre) < 3 or len(dec) < 3:
+    short = [k for k, g in (("prefill", pre), ("decode", dec)) if len(g) < 3]
+    if short and (base is None or not pre or not dec):
         raise ValueError(
             f"served steps give {len(pre)} prefill and {len(dec)} decode shapes with >= {min_group} records each "
-            f"(from {len(samples.prefill)} prefill and {len(samples.decode)} decode steps); need 3 of each: "
-            "log a longer or more varied run"
+            f"(from {len(samples.prefill)} prefill and {len(samples.decode)} decode steps); need 3 of each"
+            + (" (or >= 1 of each and a base profile to scale)" if base is None else "")
+            + ": log a longer or more varied run"
         )
-    coeffs = fit_profile(prefill=pre, decode=dec, buckets=buckets, large_bs_threshold=large_bs_threshold)
+    if not short:
+        coeffs = fit_profile(prefill=pre, decode=dec, buckets=buckets, large_bs_threshold=large_bs_threshold)
+    else:
+        if len(dec) >= 3:
+            d = fit_decode(dec, buckets)
+            small = large = d
+        else:
+            small, large = _scaled(base, dec, prefill=False, buckets=buckets)
+        coeffs = LatencyCoeffs(
+            prefill=fit_prefill(pre, buckets) if len(pre) >= 3 else _scaled(base, pre, prefill=True, buckets=buckets),
+            decode_small=small, decode_large=large, large_bs_threshold=large_bs_threshold)
     ep, ed = relative_errors(coeffs, prefill=pre, decode=dec, buckets=buckets)
     return ServedFit(coeffs=coeffs, prefill_groups=len(pre), decode_groups=len(dec), samples=samples,
                      prefill_median_rel_err=float(statistics.median(abs(ep))),
-                     decode_median_rel_err=float(statistics.median(abs(ed))))
+                     decode_median_rel_err=float(statistics.median(abs(ed))), scaled=tuple(short))
 
 
 def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: Sequence[str] = (),
@@ -150,6 +186,7 @@ def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: 
             "prefill_shapes": fit.prefill_groups, "decode_shapes": fit.decode_groups,
             "prefill_median_rel_err": round(fit.prefill_median_rel_err, 4),
             "decode_median_rel_err": round(fit.decode_median_rel_err, 4),
+            "scaled": list(fit.scaled),
         },
         "timing": "served steps: engine loop step() plus the command drain and timers after it (serving/step_log.py), "
                   "median per padded shape",
@@ -158,7 +195,8 @@ def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: 
 
 
 def fit_served_best(records: Sequence[Mapping[str, Any]], *, block_size: int,
-                    kinds: Sequence[str] = ("padded", "dense"), min_group: int = 3) -> tuple[ServedFit, ShapeBuckets]:
+                    kinds: Sequence[str] = ("padded", "dense"), min_group: int = 3,
+                    base: LatencyCoeffs | None = None) -> tuple[ServedFit, ShapeBuckets]:
     """The fit, over the bucket kinds `kinds` (buckets.py), with the lowest median relative error
     (prefill + decode): which padded-shape features the served steps follow. On this engine's XLA
     path a prefill batch of several prompts costs ~B_pad times one prompt of the same T_pad
@@ -166,7 +204,7 @@ def fit_served_best(records: Sequence[Mapping[str, Any]], *, block_size: int,
     best = None
     for kind in kinds:
         buckets = ShapeBuckets(block_size=block_size, attention=kind)
-        fit = fit_served(records, buckets=buckets, min_group=min_group)
+        fit = fit_served(records, buckets=buckets, min_group=min_group, base=base)
         err = fit.prefill_median_rel_err + fit.decode_median_rel_err
         if best is None or err < best[0]:
             best = (err, fit, buckets)

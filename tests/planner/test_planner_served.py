@@ -96,3 +96,22 @@ def test_best_fit_picks_the_features_the_steps_follow():
         recs.append({"t": 0.0, "ms": ms, "calls": [{"kind": "decode", "ctx": ctx}]})
     fit, buckets = fit_served_best(recs, block_size=16)
     assert buckets.attention == "dense" and fit.prefill_median_rel_err < 0.01
+
+
+def test_too_few_shapes_of_a_kind_scale_the_base_form():
+    """One prefill shape only (every prompt alone at T_pad 512): with the runner profile as base,
+    prefill keeps its form, scaled by served / base; decode is still fitted."""
+    base = LatencyCoeffs(prefill=(1.0, 0.02, 1e-4), decode_small=(0.5, 0.001, 0.03), decode_large=(0.5, 0.001, 0.03))
+    recs = [r for r in _records() if r["calls"][0]["kind"] == "decode"]
+    lat_base = LatencyModel(coeffs=base, buckets=BUCKETS)
+    for n in (400, 450, 500):  # one padded shape: T_pad 512
+        ms = 1.5 * lat_base.prefill_ms(n, n * n, 1, n)
+        recs += [{"t": 0.0, "ms": ms, "calls": [{"kind": "prefill", "chunks": [[0, n]]}]}] * 2
+    with pytest.raises(ValueError, match="base profile to scale"):
+        fit_served(recs, buckets=BUCKETS)
+    fit = fit_served(recs, buckets=BUCKETS, base=base)
+    assert fit.scaled == ("prefill",)
+    assert fit.coeffs.prefill == pytest.approx(tuple(1.5 * x for x in base.prefill), rel=1e-6)
+    true = LatencyModel(coeffs=TRUE, buckets=BUCKETS)
+    assert LatencyModel(coeffs=fit.coeffs, buckets=BUCKETS).decode_step_s(8, 8 * 301, 301) == pytest.approx(
+        true.decode_step_s(8, 8 * 301, 301), rel=0.08)
