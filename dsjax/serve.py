@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--gpus", type=int, default=0, help="processes mode on a GPU host: split GPUs 0..N-1 among the workers")
     s.add_argument("--log-dir", help="worker process logs (processes mode); default: inherit stderr")
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--warmup-shapes", action="store_true",
+                   help="before serving, compile every program shape the scheduler limits allow (dsjax/warmup.py): "
+                        "no first-compilation stalls inside served steps; ~1 min on one CPU core the first time, "
+                        "then loaded from --compilation-cache")
     s.add_argument("--step-log", metavar="DIR", default=None,
                    help="time every served engine step into DIR/<worker>.jsonl (serving/step_log.py); "
                         "`python -m dsjax.plan fit-served` turns the logs into a latency profile")

@@ -93,6 +93,8 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     backend.start()
     if not args.no_warmup:
         backend.warmup()
+    if args.warmup_shapes:
+        _warm_engine_shapes(backend, engine, sched)
     backend.warm = True
     step_log = _attach_step_log(args, backend, engine)
     log.info("%s %s ready in %.1fs (%s)", args.model, placement.mode, time.perf_counter() - t0, placement.to_dict())
@@ -104,6 +106,24 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     if metrics:
         metrics.close()
     return 0
+
+
+def _warm_engine_shapes(backend, engine, sched) -> None:
+    """--warmup-shapes for in-process engines (the disaggregated one: both instances' runners)."""
+    from dsjax.disagg import DisaggEngine
+    from dsjax.engine import Engine, ReplicatedEngine
+    from dsjax.warmup import warm_runner
+
+    say = lambda m: log.info("%s", m)  # noqa: E731
+    if isinstance(engine, DisaggEngine):
+        jobs = [(i.runner, dict(decode=False)) for i in engine.prefill] + \
+               [(i.runner, dict(prefill=False)) for i in engine.decode]
+        for runner, kw in jobs:  # the threaded backend: no loop thread runs steps before warm = True
+            warm_runner(runner, sched, log=say, **kw)
+        return
+    engines = [engine] if isinstance(engine, Engine) else list(engine.engines) if isinstance(engine, ReplicatedEngine) else []
+    for e in engines:
+        backend.call(lambda e=e: warm_runner(e.runner, sched, prefix=e.chunked, log=say), timeout=None)
 
 
 def _attach_step_log(args: argparse.Namespace, backend, engine):
@@ -140,6 +160,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv.append("--no-warmup")
     if args.step_log:
         argv += ["--step-log", args.step_log]
+    if args.warmup_shapes:
+        argv.append("--warmup-shapes")
     return argv
 
 
@@ -198,7 +220,7 @@ def run_worker(args: argparse.Namespace, placement) -> int:
         model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed, tp=phase.tp, pp=phase.pp,
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
-        exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log,
+        exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
         max_staged_bytes=args.kv_staging_mib << 20,
     )
     worker = WorkerProcess(cfg)

@@ -54,6 +54,7 @@ class WorkerConfig:
     warmup: bool = True
     exit_with_parent: bool = False
     step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
+    warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/warmup.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -107,6 +108,12 @@ class WorkerProcess:
             t = time.perf_counter()
             self.engine.warmup()
             log.info("%s warmed up in %.1fs", cfg.worker_id, time.perf_counter() - t)
+        if cfg.warmup_shapes:
+            from dsjax.warmup import warm_runner
+
+            prefill = cfg.role == "prefill"
+            self.engine.call(lambda: warm_runner(inst.runner, cfg.scheduler, prefill=prefill, decode=not prefill,
+                                                 log=lambda m: log.info("%s: %s", cfg.worker_id, m)), timeout=None)
         self.step_log = None
         if cfg.step_log_dir:
             from serving.step_log import StepLog

@@ -99,6 +99,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-profile", action="store_true", help="profile with the full grid instead of --quick")
     p.add_argument("--cores", type=_ints, default=(0, 1), help="the two cores (devices) the servers are pinned to")
     p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
+    p.add_argument("--no-warmup-shapes", action="store_true",
+                   help="servers compile shapes on first use instead of at start-up (dsjax/warmup.py)")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for every server process")
     p.add_argument("--max-num-seqs", type=int, default=32, help="decode batch cap of every system")
     p.add_argument("--max-prefill-tokens", type=int, default=256,
@@ -151,7 +153,8 @@ def main_compare(argv: list[str]) -> int:
     args = build_compare_parser().parse_args(argv)
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
     server = ServerOptions(model=args.model, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                           xla_flags=args.xla_flags, pin=not args.no_pin, cores=args.cores)
+                           xla_flags=args.xla_flags, pin=not args.no_pin, cores=args.cores,
+                           warmup_shapes=not args.no_warmup_shapes)
     overrides = {k: v for k, v in dict(
         out=args.out, model=args.model, workload=args.workload, seed=args.seed, prompt_format=args.prompt_format,
         systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv, target=args.target_attainment,

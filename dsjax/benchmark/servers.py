@@ -54,6 +54,9 @@ class ServerOptions:
     # Every model process times its served steps into <log_dir>/steps-<system>/ (serving/step_log.py):
     # the experiment fits the simulator's served profile on the warm-up's steps.
     step_logs: bool = True
+    # Compile every reachable program shape before serving (dsjax/warmup.py, --warmup-shapes): no
+    # first-compilation stall inside a measured run.
+    warmup_shapes: bool = True
 
     def engine_args(self) -> list[str]:
         args = ["--model", self.model, "--dummy-weights", "--dtype", self.dtype, "--block-size", str(self.block_size),
@@ -62,6 +65,10 @@ class ServerOptions:
         if self.num_blocks:
             args += ["--num-blocks", str(self.num_blocks)]
         return args
+
+    def model_args(self) -> list[str]:
+        """engine_args plus the flags only model processes take."""
+        return self.engine_args() + (["--warmup-shapes"] if self.warmup_shapes else [])
 
 
 def free_port() -> int:
@@ -196,7 +203,7 @@ def launch_system(name: str, options: ServerOptions, log_dir: str | Path) -> Lau
         raise ValueError(f"cores={options.cores} must name two cores (one per device)")
     log_dir = Path(log_dir)
     system = LaunchedSystem(name, num_devices=2)
-    common = options.engine_args()
+    common = options.model_args()
     if options.step_logs:
         system.step_log_dir = log_dir / f"steps-{name}"
         shutil.rmtree(system.step_log_dir, ignore_errors=True)  # a previous run's steps
