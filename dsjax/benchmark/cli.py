@@ -18,7 +18,8 @@ from pathlib import Path
 
 from dsjax.bench_metrics import write_results_csv, write_results_json
 from dsjax.benchmark.analysis import SLOs, mean_breakdown, slo_scale_curve, write_json
-from dsjax.benchmark.experiment import CompareConfig, copy_plots, quick_config, rerender, run_compare
+from dsjax.benchmark.experiment import CompareConfig, quick_config, run_compare
+from dsjax.benchmark.report import copy_plots, rerender
 from dsjax.benchmark.loadgen import DEFAULT_REQUEST_TIMEOUT_S
 from dsjax.benchmark.plots import plot_attainment_vs_rate, plot_attainment_vs_slo_scale, plot_latency_breakdown
 from dsjax.benchmark.prompts import PROMPT_FORMATS, load_bench_requests
