@@ -169,10 +169,6 @@ def staged_to_host(staged: StagedKV) -> tuple[np.ndarray, np.ndarray]:
     return k_out, v_out
 
 
-def staged_nbytes(staged: StagedKV) -> int:
-    return sum(k.nbytes + v.nbytes for _, _, parts in staged.pieces for _, _, k, v in parts)
-
-
 def export_blocks(src, src_table: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Host copies of a request's K and V, [L, n, BS, H, D] each (all layers, all heads, the
     blocks of `src_table` in order): the sending half of a transfer between processes. When this

@@ -108,10 +108,18 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     return 0
 
 
+def _colocated_engines(engine) -> list:
+    """The colocated `Engine`s an in-process engine consists of ([] for the disaggregated one)."""
+    from dsjax.engine import Engine, ReplicatedEngine
+
+    if isinstance(engine, Engine):
+        return [engine]
+    return list(engine.engines) if isinstance(engine, ReplicatedEngine) else []
+
+
 def _warm_engine_shapes(backend, engine, sched) -> None:
     """--warmup-shapes for in-process engines (the disaggregated one: both instances' runners)."""
     from dsjax.disagg import DisaggEngine
-    from dsjax.engine import Engine, ReplicatedEngine
     from dsjax.warmup import warm_runner
 
     say = lambda m: log.info("%s", m)  # noqa: E731
@@ -121,8 +129,7 @@ def _warm_engine_shapes(backend, engine, sched) -> None:
         for runner, kw in jobs:  # the threaded backend: no loop thread runs steps before warm = True
             warm_runner(runner, sched, log=say, **kw)
         return
-    engines = [engine] if isinstance(engine, Engine) else list(engine.engines) if isinstance(engine, ReplicatedEngine) else []
-    for e in engines:
+    for e in _colocated_engines(engine):
         backend.call(lambda e=e: warm_runner(e.runner, sched, prefix=e.chunked, log=say), timeout=None)
 
 
@@ -130,18 +137,14 @@ def _attach_step_log(args: argparse.Namespace, backend, engine):
     """--step-log for an in-process engine: DIR/engine-PID.jsonl (colocated and chunked engines)."""
     if not args.step_log:
         return None
-    from dsjax.engine import Engine, ReplicatedEngine
     from serving.step_log import StepLog
 
-    if isinstance(engine, Engine):
-        runners = [engine.runner]
-    elif isinstance(engine, ReplicatedEngine):
-        runners = [e.runner for e in engine.engines]
-    else:
+    engines = _colocated_engines(engine)
+    if not engines:
         raise SystemExit("--step-log times one engine loop; the in-process disaggregated engine runs a thread per "
                          "instance: use --workers processes (each worker writes its own log)")
     step_log = StepLog(os.path.join(args.step_log, f"engine-{os.getpid()}.jsonl"))
-    backend.attach_step_log(step_log, runners)
+    backend.attach_step_log(step_log, [e.runner for e in engines])
     return step_log
 
 

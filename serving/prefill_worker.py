@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from dsjax.block_manager import blocks_for
 from dsjax.disagg import PrefillInstance
-from dsjax.migration import KVDescriptor, StagedKV, export_blocks, gather_request, staged_nbytes, staged_to_host
+from dsjax.migration import KVDescriptor, StagedKV, export_blocks, gather_request, staged_to_host
 from dsjax.request import Request
 from dsjax.sampling_params import SamplingParams
 from serving.engine_loop import EngineDead, EngineLoop
@@ -101,7 +101,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         if staged is not None:
             if self.error is not None:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine of {self.worker_id} died: {self.error!r}")
-            self._post_quietly(lambda: self._pulled(rid, staged_nbytes(staged[1])))
+            self._post_quietly(lambda: self._pulled(rid, staged[0].nbytes))
             desc, (k, v) = staged[0], staged_to_host(staged[1])
         else:
             try:
@@ -150,21 +150,18 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         with self._staged_lock:
             gone = self._staged.pop(rid, None)
         if gone is not None:
-            self._staged_bytes -= staged_nbytes(gone[1])
+            self._staged_bytes -= gone[0].nbytes
 
     def _stage(self, req: Request) -> None:
         """Gather a held request's KV off the pool now, if the staging budget allows."""
-        need = blocks_for(req.num_tokens - 1, self.inst.blocks.block_size)
-        table = self.inst.blocks.block_table(req.request_id)[:need]
-        cfg = self.inst.runner.model.config
-        nbytes = 2 * cfg.num_layers * len(table) * self._kv["block_size"] * cfg.num_kv_heads * cfg.head_dim * \
-            jnp.dtype(self._kv["dtype"]).itemsize
-        if self._staged_bytes + nbytes > self.max_staged_bytes:
+        desc = self._descriptor(req)
+        if self._staged_bytes + desc.nbytes > self.max_staged_bytes:
             return
+        table = self.inst.blocks.block_table(req.request_id)[: desc.num_blocks]
         staged = gather_request(self.inst.runner, table)  # dispatched; ordered before later pool writes
-        self._staged_bytes += nbytes
+        self._staged_bytes += desc.nbytes
         with self._staged_lock:
-            self._staged[req.request_id] = (self._descriptor(req), staged)
+            self._staged[req.request_id] = (desc, staged)
 
     def _pulled(self, rid: str, nbytes: int) -> None:
         if self.leases.renew(rid):
@@ -188,11 +185,11 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         if req is None:
             raise KeyError(rid)
         self.leases.renew(rid)
-        need = blocks_for(req.num_tokens - 1, self.inst.blocks.block_size)
-        k, v = export_blocks(self.inst.runner, self.inst.blocks.block_table(rid)[:need])
+        desc = self._descriptor(req)
+        k, v = export_blocks(self.inst.runner, self.inst.blocks.block_table(rid)[: desc.num_blocks])
         self.migrations += 1
         self.kv_bytes += k.nbytes + v.nbytes
-        return self._descriptor(req), k, v
+        return desc, k, v
 
     def _descriptor(self, req: Request) -> KVDescriptor:
         return KVDescriptor(num_tokens=req.num_tokens - 1, **self._kv)  # the last token's KV is decode's to write

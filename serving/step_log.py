@@ -51,10 +51,6 @@ class StepLog:
         else:
             raise ValueError(f"kind={kind!r} must be 'prefill' or 'decode'")
 
-    @property
-    def pending(self) -> bool:
-        return bool(self._calls)
-
     def end_step(self, start_wall: float, seconds: float) -> None:
         """Close the step that started at `start_wall` and took `seconds` (no-op without calls)."""
         if not self._calls:

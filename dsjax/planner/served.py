@@ -36,6 +36,7 @@ from dsjax.planner.models import canonical_model_name
 from dsjax.planner.latency import (
     DEFAULT_LARGE_BS_THRESHOLD,
     LatencyCoeffs,
+    LatencyModel,
     Profile,
     _decode_row,
     _prefill_row,
@@ -109,8 +110,6 @@ class ServedFit:
 
 def _scaled(base: LatencyCoeffs, samples: Sequence[Sample], *, prefill: bool, buckets: ShapeBuckets | None):
     """The base form times the median ratio served / base over `samples` (one fitted number)."""
-    from dsjax.planner.latency import LatencyModel
-
     lat = LatencyModel(coeffs=base, buckets=buckets)
     if prefill:
         pred = [lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l)) for l, _ in samples]
