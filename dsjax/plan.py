@@ -119,6 +119,8 @@ def _scheduler(args: argparse.Namespace) -> SchedulerConfig:
         decode_max_batch_size=args.max_batch_size,
         chunk_tokens=args.chunk_tokens,
         link_bytes_per_s=None if args.link_gbps is None else args.link_gbps * 1e9 / 8,
+        transfer_fixed_s=args.transfer_fixed_ms * 1e-3,
+        decode_join_s=args.decode_join_ms * 1e-3,
         kv_capacity_limit=not args.no_kv_limit,
         shape_buckets=not args.no_buckets,
     )
@@ -140,6 +142,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=256, help="decode max batch size")
     p.add_argument("--chunk-tokens", type=int, default=512, help="chunked prefill: tokens per step")
     p.add_argument("--link-gbps", type=float, default=None, help="KV transfer bandwidth in Gbit/s (default: free)")
+    p.add_argument("--transfer-fixed-ms", type=float, default=0.0, help="fixed time of one KV transfer, ms")
+    p.add_argument("--decode-join-ms", type=float, default=0.0,
+                   help="decode-instance time to land one joining request's KV, ms (fit-served --split-joins reports it)")
     p.add_argument("--no-kv-limit", action="store_true", help="ignore KV capacity (as DistServe's public simulator)")
     p.add_argument("--no-buckets", action="store_true",
                    help="ignore the profile's shape buckets (cost batches unpadded, as DistServe's profiles)")
@@ -302,12 +307,13 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit_served(args: argparse.Namespace) -> int:
-    from dsjax.planner.served import fit_served, served_profile
+    from dsjax.planner.served import TABLE_MIN_RECORDS, fit_served, served_profile
     from serving.step_log import read_step_log
 
     base = load_profile(args.profile)
     records = [rec for path in args.logs for rec in read_step_log(path, since=args.since, until=args.until)]
-    fit = fit_served(records, buckets=base.buckets, min_group=args.min_group, base=base.coeffs(args.model, args.tp))
+    fit = fit_served(records, buckets=base.buckets, min_group=args.min_group, base=base.coeffs(args.model, args.tp),
+                     split_joins=args.split_joins)
     profile = served_profile(base, args.model, args.tp, fit, logs=args.logs)
     save_profile(args.out, profile)
     old, new = base.coeffs(args.model, args.tp), fit.coeffs
@@ -317,6 +323,12 @@ def _cmd_fit_served(args: argparse.Namespace) -> int:
           f"{fit.prefill_groups} shapes, median error {fit.prefill_median_rel_err:.1%}")
     print(f"decode  {[f'{x:.4g}' for x in new.decode_small]} (runner profile {[f'{x:.4g}' for x in old.decode_small]}), "
           f"{fit.decode_groups} shapes, median error {fit.decode_median_rel_err:.1%}")
+    c = fit.coeffs
+    print(f"measured shape tables: {len(c.prefill_table)} prefill, {len(c.decode_table)} decode shapes "
+          f"(served >= {TABLE_MIN_RECORDS} times; they cost their own mean time)")
+    if args.split_joins:
+        print(f"KV landing: {fit.decode_join_ms:.2f} ms per joining request over {len(fit.samples.decode_joined)} steps "
+              f"(simulate ... --decode-join-ms {fit.decode_join_ms:.2f})")
     if fit.scaled:
         print(f"too few shapes for {' and '.join(fit.scaled)}: the runner profile's form scaled by served / runner")
     print(f"written to {args.out}")
@@ -381,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--since", type=float, default=None, help="only steps started at or after this time.time()")
     fs.add_argument("--until", type=float, default=None, help="only steps started before this time.time()")
     fs.add_argument("--min-group", type=int, default=3, help="records a padded shape needs to count")
+    fs.add_argument("--split-joins", action="store_true",
+                    help="decode-worker logs: fit the KV landing between steps apart from the step (disaggregated)")
     fs.add_argument("--out", required=True)
     fs.set_defaults(fn=_cmd_fit_served)
 

@@ -77,7 +77,7 @@ def run_row(run: LoadRun, slos: SLOs, **labels: Any) -> dict[str, Any]:
     row["server_ttft_mean_s"] = float(np.mean(server_ttfts)) if server_ttfts else math.nan
     for key, value in mean_breakdown(run).items():
         row[f"mean_{key}"] = value
-    row.update(stopped_early=run.stopped_early, wall_s=run.wall_s, send_lag_p99_s=run.send_lag_p99_s,
+    row.update(stopped_early=run.stopped_early, wall_s=run.wall_s, started_at=run.started_at, send_lag_p99_s=run.send_lag_p99_s,
                send_lag_max_s=run.send_lag_max_s)
     errors = [r.record.error for r in run.results if r.record.error]
     row["first_error"] = errors[0] if errors else ""
@@ -165,7 +165,7 @@ def read_run(path: str | Path, row: Mapping[str, Any]) -> LoadRun:
     nan = math.nan
     return LoadRun(rate=float(row["rate"]), results=tuple(results), wall_s=row.get("wall_s") or nan,
                    stopped_early=bool(row.get("stopped_early")), send_lag_p99_s=row.get("send_lag_p99_s") or nan,
-                   send_lag_max_s=row.get("send_lag_max_s") or nan)
+                   send_lag_max_s=row.get("send_lag_max_s") or nan, started_at=row.get("started_at") or nan)
 
 
 def write_requests_jsonl(path: str | Path, run: LoadRun, **labels: Any) -> None:

@@ -109,6 +109,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                         "packed prefill stops gaining from batching beyond ~256 tokens (docs/results.md)")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up requests per system (at once, then at the top and bottom scan rates); default all")
+    p.add_argument("--speed-probe", type=float, default=None, metavar="S",
+                   help="before each measured run, S seconds of unmeasured traffic at the same rate whose step costs "
+                        "recalibrate the simulator (the fidelity table's 'probe' column); default 0: none")
     p.add_argument("--out", type=Path, default=Path("bench-results/compare"))
     p.add_argument("--docs-img", default=None, help="also copy the plots to docs/img/<PREFIX>-*.png")
     return p
@@ -162,7 +165,7 @@ def main_compare(argv: list[str]) -> int:
         ttft_s=args.ttft, tpot_s=args.tpot, profile=args.profile, reprofile=args.reprofile,
         quick_profile=not args.full_profile, server=server, progress=not args.no_progress,
         num_requests=args.num_requests, scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol,
-        warmup_requests=args.warmup, source_limit=args.source_limit,
+        warmup_requests=args.warmup, source_limit=args.source_limit, speed_probe_s=args.speed_probe,
     ).items() if v is not None}
     cfg = quick_config(**overrides) if args.quick else CompareConfig(**overrides)
     summary = run_compare(cfg)

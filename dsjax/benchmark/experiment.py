@@ -66,6 +66,9 @@ class CompareConfig:
     # Sent to each system before measuring, at once, then at the highest and the lowest scan rate
     # (the server compiles its shapes; not measured). None: the whole sample.
     warmup_requests: int | None = None
+    # Seconds of unmeasured traffic at each rate just before its measured run, for the simulator's
+    # "probe" speed calibration (sweep.SweepConfig.probe_s). 0: none.
+    speed_probe_s: float = 0.0
     server: ServerOptions = ServerOptions()
     progress: bool = True
 
@@ -207,10 +210,11 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
     sweep_cfg = SweepConfig(rates=rates, arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
                             max_bisections=cfg.max_bisections,
                             warmup_requests=len(requests) if cfg.warmup_requests is None else cfg.warmup_requests,
-                            warmup_rates=(None, max(rates), min(rates)))
+                            warmup_rates=(None, max(rates), min(rates)), probe_s=cfg.speed_probe_s)
     sweeps: dict[str, SweepResult] = {}
     processes: dict[str, Any] = {}
     served: dict[str, Any] = {}  # system -> ServedCalibration (the simulator fitted on its warm-up)
+    step_dirs: dict[str, Path] = {}  # system -> its servers' step logs
     for system in cfg.systems:
         t0 = time.perf_counter()
         log(f"[{system}] starting servers ({cfg.model}, cores {list(cfg.server.cores)})")
@@ -233,18 +237,18 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
         cal = _calibrate(system, launched, sweeps[system], profile, cfg, log)
         if cal is not None:
             served[system] = cal
+            step_dirs[system] = Path(launched.step_log_dir)
         log(f"[{system}] goodput {sweeps[system].goodput:.3g} req/s"
             + (" (every scanned rate passed)" if sweeps[system].saturated else "")
             + "; CPU cores used per process: "
             + json.dumps({k: round(v, 2) for k, v in processes[system]["cpu_utilisation"].items()}))
 
-    served_sims = {s: TraceSimulator(system=s, profile=c.profile, model=cfg.model, slos=slos,
-                                     max_num_seqs=cfg.server.max_num_seqs, max_prefill_tokens=cfg.server.max_prefill_tokens,
-                                     transfer_fixed_s=c.transfer_fixed_s, link_bytes_per_s=c.link_bytes_per_s)
+    served_sims = {s: TraceSimulator.calibrated(c, system=s, model=cfg.model, slos=slos, max_num_seqs=cfg.server.max_num_seqs,
+                                                max_prefill_tokens=cfg.server.max_prefill_tokens)
                    for s, c in served.items()}
     summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path,
                          rates, started, served_sims=served_sims, served_info={s: c.info for s, c in served.items()},
-                         probe_rates=probe_rates)
+                         probe_rates=probe_rates, rescaled=_rescaled_sims(served, step_dirs, sweeps, cfg, slos))
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     return summary
 
@@ -258,7 +262,8 @@ def _calibrate(system: str, launched, sweep: SweepResult, profile, cfg: CompareC
         return None
     try:
         cal = served_calibration(step_log_dir=step_dir, window=sweep.warmup_window, base=profile, model=cfg.model,
-                                 warmup_runs=sweep.warmup_runs if system == "disaggregated" else ())
+                                 warmup_runs=sweep.warmup_runs if system == "disaggregated" else (),
+                                 disaggregated=system == "disaggregated")
     except ValueError as e:
         log(f"[{system}] no served calibration: {e}")
         return None
@@ -266,13 +271,51 @@ def _calibrate(system: str, launched, sweep: SweepResult, profile, cfg: CompareC
     log(f"[{system}] served profile from {i['steps_in_window']} warm-up steps ({i['prefill_shapes']} prefill / "
         f"{i['decode_shapes']} decode shapes, median fit error {i['prefill_median_rel_err']:.0%} / "
         f"{i['decode_median_rel_err']:.0%}); KV transfer {cal.transfer_fixed_s * 1e3:.1f} ms"
-        + (f" + bytes at {cal.link_bytes_per_s / 1e6:.0f} MB/s" if cal.link_bytes_per_s else ""))
+        + (f" + bytes at {cal.link_bytes_per_s / 1e6:.0f} MB/s" if cal.link_bytes_per_s else "")
+        + (f"; KV landing {cal.decode_join_s * 1e3:.1f} ms a request" if cal.decode_join_s else ""))
     return cal
 
 
+# The "recent speed" calibration looks back this long before a run (at whatever the servers were
+# doing: the warm-up or the previous runs).
+RECENT_WINDOW_S = 30.0
+
+
+def _rescaled_sims(served, step_dirs, sweeps, cfg: CompareConfig, slos: SLOs) -> dict[tuple[str, str, float], tuple[Any, dict]]:
+    """(variant, system, rate) -> (simulator, speed factors) for every measured run, the served
+    calibration rescaled to the machine's speed (simcompare.speed_scaled) over a window:
+
+    - "recent": the RECENT_WINDOW_S of step records before the run started. A prediction: what an
+      online planner knows when the run begins (the run itself is not used).
+    - "probe": the unmeasured probe at the same rate just before the run (only with
+      `speed_probe_s`). A prediction too, at the run's load.
+    - "same_run": the run's own step records. A diagnostic, not a prediction: it uses the run's
+      step times (never its attainment) to separate the simulator's queueing model from the drift
+      of step costs on this machine.
+    """
+    from dsjax.benchmark.simcompare import TraceSimulator, speed_scaled
+
+    out = {}
+    for system, cal in served.items():
+        for run in sweeps[system].runs:
+            if run.stopped_early or not run.started_at == run.started_at:  # nan: no wall clock
+                continue
+            windows = {"recent": (run.started_at - RECENT_WINDOW_S, run.started_at),
+                       "same_run": (run.started_at, run.started_at + run.wall_s)}
+            if run.rate in sweeps[system].probe_windows:
+                windows["probe"] = sweeps[system].probe_windows[run.rate]
+            for variant, window in windows.items():
+                scaled, factors = speed_scaled(cal, step_log_dir=step_dirs[system], model=cfg.model, window=window)
+                sim = TraceSimulator.calibrated(scaled, system=system, model=cfg.model, slos=slos,
+                                                max_num_seqs=cfg.server.max_num_seqs,
+                                                max_prefill_tokens=cfg.server.max_prefill_tokens)
+                out[(variant, system, run.rate)] = (sim, dataclasses.asdict(factors))
+    return out
+
+
 def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path, rates, started,
-               *, served_sims=None, served_info=None, probe_rates=()):
-    served_sims, served_info = served_sims or {}, served_info or {}
+               *, served_sims=None, served_info=None, probe_rates=(), rescaled=None):
+    served_sims, served_info, rescaled = served_sims or {}, served_info or {}, rescaled or {}
     systems: dict[str, Any] = {}
     fidelity = []
     for system, sweep in sweeps.items():
@@ -280,6 +323,7 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
         systems[system] = {
             "goodput": sweep.goodput, "per_device_goodput": sweep.goodput / devices, "num_devices": devices,
             "saturated": sweep.saturated, "probes": sweep.probes, "warmup_window": sweep.warmup_window,
+            "speed_probe_windows": [[rate, *w] for rate, w in sorted(sweep.probe_windows.items())],
             "simulated_goodput": sim_goodput[system], "simulated_per_device_goodput": sim_goodput[system] / devices,
             **processes[system],
         }
@@ -305,6 +349,14 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
                     "served_sim_ttft": ss.ttft_attainment, "served_sim_tpot": ss.tpot_attainment,
                     "served_sim_ttft_p90_s": ss.ttft_p90_s, "served_sim_tpot_p90_s": ss.tpot_p90_s,
                 })
+            for variant in ("recent", "probe", "same_run"):
+                if (variant, system, row["rate"]) in rescaled:
+                    v_sim, factors = rescaled[(variant, system, row["rate"])]
+                    v = v_sim.run(requests, schedule(row["rate"]))
+                    entry.update({f"{variant}_simulated": v.attainment,
+                                  f"{variant}_diff_points": 100 * (row["attainment_joint"] - v.attainment),
+                                  f"{variant}_sim_ttft": v.ttft_attainment, f"{variant}_sim_tpot": v.tpot_attainment,
+                                  f"{variant}_speed_factors": factors})
             fidelity.append(entry)
     ratios = {}
     if "disaggregated" in systems:
@@ -335,6 +387,10 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
         "fidelity_max_abs_diff_points": max((abs(f["diff_points"]) for f in fidelity), default=None),
         "served_fidelity_max_abs_diff_points": max((abs(f["served_diff_points"]) for f in fidelity
                                                     if "served_diff_points" in f), default=None),
+        "fidelity_rows_within_3_points": {
+            variant: sum(abs(f[f"{variant}diff_points"]) <= 3.0 for f in fidelity if f"{variant}diff_points" in f)
+            for variant in ("", "served_", "recent_", "probe_", "same_run_")},
+        "fidelity_rows": len(fidelity),
         "machine": {"start": started, "end": _machine_state()},
     }
 

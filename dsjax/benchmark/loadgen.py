@@ -103,6 +103,7 @@ class LoadRun:
     stopped_early: bool
     send_lag_p99_s: float  # how late requests were sent against the schedule (client health)
     send_lag_max_s: float
+    started_at: float = math.nan  # wall clock (time.time()) when the schedule's time 0 was
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -247,6 +248,7 @@ async def run_load_async(
         tasks: list[asyncio.Task] = []
         stop = asyncio.Event()
         t0 = time.perf_counter()
+        started_at = time.time()
 
         def finished(k: int) -> None:
             in_flight[k] -= 1
@@ -300,6 +302,7 @@ async def run_load_async(
         stopped_early=stopped,
         send_lag_p99_s=float(np.percentile(lags, 99)) if lags else math.nan,
         send_lag_max_s=max(lags) if lags else math.nan,
+        started_at=started_at,
     )
 
 

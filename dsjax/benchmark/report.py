@@ -84,8 +84,11 @@ def summary_markdown(summary: dict) -> str:
                              f"{i['transfer_fixed_s'] * 1e3:.1f} + "
                              f"{'-' if not i.get('link_bytes_per_s') else format(i['link_bytes_per_s'] / 1e6, '.0f')} | "
                              f"{d['served_simulated_per_device_goodput']:.3g} |")
+    variants = [v for v in _VARIANTS if any(f"{v}_simulated" in f for f in summary["fidelity"])]
     head = ("| system | rate (req/s) | real attainment | sim (runner profile) | diff | "
             + ("sim (served) | diff | " if served else "")
+            + "".join(f"sim ({_VARIANTS[v]}) | diff | " for v in variants)
+            + ("same-run speed prefill / decode | " if "same_run" in variants else "")
             + "real TTFT / TPOT att. | sim TTFT / TPOT att. | TTFT p90 real / sim (s) | TPOT p90 real / sim (ms) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for f in summary["fidelity"]:
@@ -96,11 +99,26 @@ def summary_markdown(summary: dict) -> str:
         cells = [f["system"], f"{f['rate']:g}", f"{f['real']:.1%}", f"{f['simulated']:.1%}", f"{f['diff_points']:+.1f}"]
         if served:
             cells += ([f"{f['served_simulated']:.1%}", f"{f['served_diff_points']:+.1f}"] if "served_simulated" in f else ["", ""])
+        for v in variants:
+            cells += ([f"{f[f'{v}_simulated']:.1%}", f"{f[f'{v}_diff_points']:+.1f}"] if f"{v}_simulated" in f else ["", ""])
+        if "same_run" in variants:
+            sf = f.get("same_run_speed_factors")
+            cells.append(f"{sf['prefill']:.2f} / {sf['decode']:.2f}" if sf else "")
         cells += [f"{f['real_ttft']:.0%} / {f['real_tpot']:.0%}", f"{sim_ttft:.0%} / {sim_tpot:.0%}",
                   f"{_num(f.get('real_ttft_p90_s'), 1):.3f} / {_num(sim_ttft_p90, 1):.3f}",
                   f"{_num(f.get('real_tpot_p90_s'), 1e3):.1f} / {_num(sim_tpot_p90, 1e3):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    within = summary.get("fidelity_rows_within_3_points")
+    if within:
+        names = {"": "runner profile", "served_": "served", **{f"{v}_": label for v, label in _VARIANTS.items()}}
+        lines += ["", "Rows within 3 points: " + ", ".join(
+            f"{names[k]} {v}/{summary['fidelity_rows']}" for k, v in within.items() if k in names)]
     return "\n".join(lines) + "\n"
+
+
+# The served simulator rescaled to the machine's speed over a window (experiment._rescaled_sims).
+_VARIANTS = {"recent": "served, recent speed", "probe": "served, probe speed",
+             "same_run": "served, same-run speed: diagnostic"}
 
 
 def _num(value: float | None, scale: float) -> float:

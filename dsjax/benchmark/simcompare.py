@@ -45,9 +45,10 @@ def placement_for(system: str, num_devices: int = 2) -> Placement:
 
 
 def scheduler_config(*, max_num_seqs: int, max_prefill_tokens: int, transfer_fixed_s: float = 0.0,
-                     link_bytes_per_s: float | None = None) -> SchedulerConfig:
+                     link_bytes_per_s: float | None = None, decode_join_s: float = 0.0) -> SchedulerConfig:
     return SchedulerConfig(
         transfer_fixed_s=transfer_fixed_s,
+        decode_join_s=decode_join_s,
         link_bytes_per_s=link_bytes_per_s,
         chunked_fused_steps=False,  # the engine's CPU default (dsjax/engine.py)
         prefill_token_budget=max_prefill_tokens,
@@ -72,14 +73,23 @@ class TraceSimulator:
     """One system's simulator, replaying benchmark schedules."""
 
     def __init__(self, *, system: str, profile: Profile, model: str, slos: SLOs, max_num_seqs: int, max_prefill_tokens: int,
-                 transfer_fixed_s: float = 0.0, link_bytes_per_s: float | None = None):
+                 transfer_fixed_s: float = 0.0, link_bytes_per_s: float | None = None, decode_join_s: float = 0.0):
         spec = get_model(model)
         self.slos = slos
         self.sim = Simulator(
             placement=placement_for(system), profile=profile, model=spec, memory=MemoryModel(model=spec, device=_HOST),
             config=scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-                                    transfer_fixed_s=transfer_fixed_s, link_bytes_per_s=link_bytes_per_s),
+                                    transfer_fixed_s=transfer_fixed_s, link_bytes_per_s=link_bytes_per_s,
+                                    decode_join_s=decode_join_s),
         )
+
+    @classmethod
+    def calibrated(cls, cal: "ServedCalibration", *, system: str, model: str, slos: SLOs, max_num_seqs: int,
+                   max_prefill_tokens: int) -> "TraceSimulator":
+        """The simulator of a served calibration (profile, transfer and join costs)."""
+        return cls(system=system, profile=cal.profile, model=model, slos=slos, max_num_seqs=max_num_seqs,
+                   max_prefill_tokens=max_prefill_tokens, transfer_fixed_s=cal.transfer_fixed_s,
+                   link_bytes_per_s=cal.link_bytes_per_s, decode_join_s=cal.decode_join_s)
 
     def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
         trace = Trace(
@@ -111,6 +121,7 @@ class ServedCalibration:
     transfer_fixed_s: float
     link_bytes_per_s: float | None
     info: dict
+    decode_join_s: float = 0.0  # landing a pulled request's KV on the decode worker
 
 
 def fit_transfer(samples: Sequence[tuple[float, float]]) -> tuple[float, float | None]:
@@ -131,10 +142,11 @@ def fit_transfer(samples: Sequence[tuple[float, float]]) -> tuple[float, float |
 
 
 def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profile, model: str,
-                       warmup_runs: Sequence = ()) -> ServedCalibration:
+                       warmup_runs: Sequence = (), disaggregated: bool = False) -> ServedCalibration:
     """Fit on the step records of `window` (the warm-up: not the measured runs) in every
     `*.jsonl` of `step_log_dir`. The transfer time is fitted on the requests of the last warm-up
-    run (the lowest scan rate, where a transfer waits for little else)."""
+    run (the lowest scan rate, where a transfer waits for little else). `disaggregated`: the
+    decode worker's KV landing is fitted apart from its steps (served.py, `split_joins`)."""
     from pathlib import Path
 
     from dsjax.planner.served import fit_served_best, served_profile
@@ -146,7 +158,7 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
     records = [rec for p in logs for rec in read_step_log(p, since=window[0], until=window[1])]
     base_buckets = base.buckets
     fit, buckets = fit_served_best(records, block_size=base_buckets.block_size if base_buckets else 16,
-                                   base=base.coeffs(model, 1))
+                                   base=base.coeffs(model, 1), split_joins=disaggregated)
     samples = []
     if warmup_runs:
         samples = [(r.breakdown.kv_bytes, r.breakdown.transfer_s) for r in warmup_runs[-1].results
@@ -155,4 +167,24 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
     profile = served_profile(base, model, 1, fit, logs=[str(p) for p in logs], buckets=buckets)
     info = dict(profile.metadata["served_fit"], attention_features=buckets.attention, transfer_fixed_s=fixed, link_bytes_per_s=bw, transfer_samples=len(samples),
                 steps_in_window=len(records), coeffs=fit.coeffs.to_json())
-    return ServedCalibration(profile=profile, transfer_fixed_s=fixed, link_bytes_per_s=bw, info=info)
+    return ServedCalibration(profile=profile, transfer_fixed_s=fixed, link_bytes_per_s=bw, info=info,
+                             decode_join_s=fit.decode_join_ms * 1e-3)
+
+
+def speed_scaled(cal: ServedCalibration, *, step_log_dir, window: tuple[float, float], model: str):
+    """`cal` with its step costs rescaled to the machine's speed over `window` (planner/served.py,
+    `speed_factors`): the warm-up's shape dependence at the level the steps of `window` ran at.
+    Returns (calibration, SpeedFactors); the calibration unchanged when the window holds no step."""
+    from pathlib import Path
+
+    from dsjax.planner.served import scale_coeffs, speed_factors, with_entry
+    from serving.step_log import read_step_log
+
+    records = [rec for p in sorted(Path(step_log_dir).glob("*.jsonl"))
+               for rec in read_step_log(p, since=window[0], until=window[1])]
+    coeffs = cal.profile.coeffs(model, 1)
+    factors = speed_factors(records, coeffs, buckets=cal.profile.buckets,
+                            join_ms=cal.decode_join_s * 1e3 if cal.decode_join_s else None)
+    profile = with_entry(cal.profile, model, 1, scale_coeffs(coeffs, factors))
+    info = dict(cal.info, speed_factors=dataclasses.asdict(factors), speed_window=list(window))
+    return dataclasses.replace(cal, profile=profile, info=info, decode_join_s=cal.decode_join_s * factors.decode), factors

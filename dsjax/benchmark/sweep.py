@@ -40,6 +40,10 @@ class SweepConfig:
     warmup_requests: int = 0
     warmup_rates: tuple[float | None, ...] = (None,)
     pause_s: float = 0.0  # idle time between runs (lets the server settle)
+    # Before each measured run, an unmeasured probe of this many seconds of traffic at the same
+    # rate (the first requests, another arrival seed): its step logs tell the simulator how fast
+    # the machine is right then, under that load (simcompare.speed_scaled). 0: no probes.
+    probe_s: float = 0.0
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
@@ -52,6 +56,8 @@ class SweepConfig:
             raise ValueError(f"cv={self.cv} must be > 0")
         if self.warmup_requests < 0:
             raise ValueError(f"warmup_requests={self.warmup_requests} must be >= 0")
+        if self.probe_s < 0:
+            raise ValueError(f"probe_s={self.probe_s} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,6 +70,8 @@ class SweepResult:
     rows: tuple[dict[str, Any], ...]  # one per run, sorted by rate
     warmup_runs: tuple[LoadRun, ...] = ()  # not measured; in warm-up order
     warmup_window: tuple[float, float] | None = None  # wall-clock (time.time()) start and end of the warm-up
+    # rate -> wall-clock window of the speed probe run just before the measured run at that rate
+    probe_windows: dict[float, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def run_at(self, rate: float) -> LoadRun | None:
         return next((r for r in self.runs if r.rate == rate), None)
@@ -101,10 +109,18 @@ def sweep_target(
                                     connect_timeout_s=config.connect_timeout_s, progress=progress, tag=f"{label}-warmup"))
     warmup_window = (warm_start, time.time()) if warmup_runs else None
     stop_rule = StopRule(ttft_slo_s=slos.ttft_s, tpot_slo_s=slos.tpot_s, target=slos.target)
+    probe_windows: dict[float, tuple[float, float]] = {}
 
     def run_at(rate: float, early_stop: bool) -> LoadRun:
         if config.pause_s:
             time.sleep(config.pause_s)
+        if config.probe_s > 0:
+            k = min(n, max(20, math.ceil(rate * config.probe_s)))
+            start = time.time()
+            run_load(target, requests[:k], send_schedule(k, rate=rate, seed=config.seed + 2), rate=rate,
+                     timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
+                     tag=f"{label}-probe")
+            probe_windows[rate] = (start, time.time())
         offsets = send_schedule(n, rate=rate, arrival=config.arrival, cv=config.cv, seed=config.seed)
         return run_load(target, requests, offsets, rate=rate, stop_rule=stop_rule if early_stop and config.early_stop else None,
                         timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
@@ -129,5 +145,6 @@ def sweep_target(
                 on_run(runs[-1])
     rows = tuple(sorted((run_row(r, slos, **labels) for r in runs), key=lambda row: row["rate"]))
     return SweepResult(label=label, goodput=search.rate, saturated=search.result.saturated, probes=search.result.probes,
-                       runs=tuple(runs), rows=rows, warmup_runs=tuple(warmup_runs), warmup_window=warmup_window)
+                       runs=tuple(runs), rows=rows, warmup_runs=tuple(warmup_runs), warmup_window=warmup_window,
+                       probe_windows=probe_windows)
 

@@ -6,16 +6,8 @@ package never imports. Entry point: `python -m dsjax.plan` (see docs/planner.md)
 
 from dsjax.planner.algorithms import ClusterSpec, PhaseCandidate, Plan, algorithm1, algorithm2, best_colocated
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.latency import (
-    LatencyCoeffs,
-    LatencyModel,
-    Profile,
-    fit_profile,
-    load_profile,
-    profile_from_json,
-    relative_errors,
-    save_profile,
-)
+from dsjax.planner.fitting import fit_profile, relative_errors
+from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile, load_profile, profile_from_json, save_profile
 from dsjax.planner.metrics import SLO, SimResult
 from dsjax.planner.models import (
     MODELS,

@@ -146,10 +146,12 @@ class DecodeInstance:
         waiting_fraction: float = 0.05,
         transfer_s_per_token: float = 0.0,
         transfer_fixed_s: float = 0.0,
+        join_s: float = 0.0,
     ) -> None:
         self.loop, self.reqs = loop, reqs
         self.capacity = capacity_tokens
         self.transfer_fixed_s = transfer_fixed_s
+        self.join_s = join_s  # instance time per joining request, before the next step
         self.max_batch_size = max_batch_size
         self.waiting_fraction = waiting_fraction
         self.transfer_s_per_token = transfer_s_per_token
@@ -241,18 +243,21 @@ class DecodeInstance:
 
     def _boundary(self, t: float) -> None:
         reqs, batch, ready = self.reqs, self.batch, self.ready
+        joined = 0
         while True:
             while ready and len(batch) < self.max_batch_size:
                 rid = ready.popleft()
                 self.waiting_tokens -= reqs.need[rid]
                 batch.join(rid, context_len=reqs.prompt[rid], steps=reqs.output[rid] - 1)
+                joined += 1
             if not self._pull(t) or len(batch) >= self.max_batch_size:
                 break
         if not len(batch):
             self.active = False
             return
         self.active = True
-        batch.start_segment(t)
+        # The joiners are landed before the next step: every request in the batch waits for it.
+        batch.start_segment(t + joined * self.join_s)
         self._schedule(batch.steps_to_next_boundary())
 
 

@@ -13,8 +13,8 @@ Profile files use DistServe's schema, keyed by model name ("facebook/opt-13b") t
                                 "decoding_largebs": [...], "decoding_large_small_bs_threshold": 95}},
      "metadata": {"device": "...", "dtype": "...", "date": "..."}}      # optional, ours
 
-`fit_profile` fits the coefficient triples from measured samples by least squares on relative error,
-so the engine's profiler (profiler.py) writes a profile in the same schema with `save_profile`.
+`fitting.fit_profile` fits the coefficient triples from measured samples by least squares on relative
+error, so the engine's profiler (profiler.py) writes a profile in the same schema with `save_profile`.
 
 Shape buckets (buckets.py, off unless a profile's metadata has "shape_buckets"): our engine runs
 padded programs (dsjax/shapes.py), so its step time is that of the padded shape. With buckets the
@@ -27,9 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import numpy as np
 
 from dsjax import shapes
 from dsjax.planner.buckets import ShapeBuckets
@@ -55,15 +54,34 @@ class LatencyCoeffs:
     decode_small: Coeffs
     decode_large: Coeffs
     large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD
+    # Measured times of the engine's padded program shapes (served fits, served.py), as
+    # (feature 1, feature 2, ms) rows keyed by the same features the forms take: (sum_len,
+    # sum_len_sq) for prefill, (batch, sum_ctx_plus_1) for decode, both on the padded shape. A
+    # shape listed here costs its measured time; any other shape follows the fitted form.
+    prefill_table: tuple[tuple[float, float, float], ...] = ()
+    decode_table: tuple[tuple[float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("prefill", "decode_small", "decode_large"):
             object.__setattr__(self, name, _triple(name, getattr(self, name)))
         if self.large_bs_threshold < 1:
             raise ValueError(f"large_bs_threshold={self.large_bs_threshold} must be >= 1")
+        for name in ("prefill_table", "decode_table"):
+            rows = tuple(_triple(f"{name} row", r) for r in getattr(self, name))
+            if any(not ms > 0 for _, _, ms in rows):
+                raise ValueError(f"{name} times must be > 0 ms, got {[r[2] for r in rows if not r[2] > 0]}")
+            object.__setattr__(self, name, rows)
+        object.__setattr__(self, "_prefill_lookup", {_key(f1, f2): ms for f1, f2, ms in self.prefill_table})
+        object.__setattr__(self, "_decode_lookup", {_key(f1, f2): ms for f1, f2, ms in self.decode_table})
+
+    def without_tables(self) -> "LatencyCoeffs":
+        return dataclasses.replace(self, prefill_table=(), decode_table=())
 
     def prefill_ms(self, sum_len: float, sum_len_sq: float) -> float:
         """One prefill batch on the whole model (no pipeline split)."""
+        measured = self._prefill_lookup.get(_key(sum_len, sum_len_sq)) if self.prefill_table else None
+        if measured is not None:
+            return measured
         a, b, c = self.prefill
         return a + b * sum_len + c * sum_len_sq
 
@@ -72,16 +90,23 @@ class LatencyCoeffs:
 
     def decode_ms(self, batch_size: int, sum_ctx_plus_1: float) -> float:
         """One decode step of `batch_size` requests whose (ctx_len + 1) sum to `sum_ctx_plus_1`."""
+        measured = self._decode_lookup.get(_key(batch_size, sum_ctx_plus_1)) if self.decode_table else None
+        if measured is not None:
+            return measured
         a, b, c = self.decode_coeffs(batch_size)
         return a + b * sum_ctx_plus_1 + c * batch_size
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "decoding_large_small_bs_threshold": self.large_bs_threshold,
             "prefill": list(self.prefill),
             "decoding_smallbs": list(self.decode_small),
             "decoding_largebs": list(self.decode_large),
         }
+        if self.prefill_table or self.decode_table:  # ours; DistServe's readers ignore it
+            doc["measured_shapes"] = {"prefill": [list(r) for r in self.prefill_table],
+                                      "decode": [list(r) for r in self.decode_table]}
+        return doc
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], *, where: str = "") -> "LatencyCoeffs":
@@ -93,7 +118,14 @@ class LatencyCoeffs:
             decode_small=d["decoding_smallbs"],
             decode_large=d["decoding_largebs"],
             large_bs_threshold=int(d.get("decoding_large_small_bs_threshold", DEFAULT_LARGE_BS_THRESHOLD)),
+            prefill_table=tuple(d.get("measured_shapes", {}).get("prefill", ())),
+            decode_table=tuple(d.get("measured_shapes", {}).get("decode", ())),
         )
+
+
+def _key(f1: float, f2: float) -> tuple[float, float]:
+    """Lookup key of a feature pair (padded shapes give integers; rounding absorbs float noise)."""
+    return (round(float(f1), 6), round(float(f2), 6))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -339,113 +371,3 @@ def load_profile(path: str | Path) -> Profile:
 def save_profile(path: str | Path, profile: Profile) -> None:
     """Write `profile` in DistServe's schema plus our optional "metadata" object."""
     Path(path).write_text(json.dumps(profile.to_json(), indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fitting
-
-
-def _fit_relative(features: np.ndarray, observed_ms: np.ndarray) -> Coeffs:
-    """argmin_{beta >= 0} sum(((X beta - y) / y)^2): least squares on rows scaled by 1/y.
-
-    Coefficients are kept >= 0 (a time cannot shrink as tokens or requests are added; noisy
-    measurements otherwise trade a negative term against a positive one): with three features the
-    exact non-negative solution is the best unconstrained fit over the supports (subsets of
-    features) whose solution is non-negative.
-    """
-    if np.any(observed_ms <= 0):
-        raise ValueError(f"observed times must be > 0 ms, got min {float(observed_ms.min())}")
-    a = features / observed_ms[:, None]
-    ones = np.ones(len(observed_ms))
-    best: tuple[float, np.ndarray] | None = None
-    k = a.shape[1]
-    for mask in range(1, 1 << k):
-        cols = [j for j in range(k) if mask >> j & 1]
-        sol, *_ = np.linalg.lstsq(a[:, cols], ones, rcond=None)
-        if np.any(sol < 0):
-            continue
-        beta = np.zeros(k)
-        beta[cols] = sol
-        loss = float(np.sum((a @ beta - ones) ** 2))
-        if best is None or loss < best[0] - 1e-12 * max(loss, 1.0):
-            best = (loss, beta)
-    beta = best[1] if best is not None else np.zeros(k)
-    return (float(beta[0]), float(beta[1]), float(beta[2]))
-
-
-def _prefill_row(lens: Sequence[int], buckets: ShapeBuckets | None) -> list[float]:
-    sum_len, sum_sq = float(sum(lens)), float(sum(l * l for l in lens))
-    if buckets is not None:
-        sum_len, sum_sq = buckets.prefill_features(sum_len, sum_sq, len(lens), max(lens))
-    return [1.0, sum_len, sum_sq]
-
-
-def _decode_row(ctx: Sequence[int], buckets: ShapeBuckets | None) -> list[float]:
-    batch, sum_ctx = len(ctx), float(sum(c + 1 for c in ctx))
-    if buckets is not None:
-        batch, sum_ctx = buckets.decode_features(batch, sum_ctx, max(ctx) + 1)
-    return [1.0, sum_ctx, float(batch)]
-
-
-def fit_prefill(samples: Sequence[tuple[Sequence[int], float]], buckets: ShapeBuckets | None = None) -> Coeffs:
-    """Fit [a, b, c] of a + b*sum(len) + c*sum(len^2) from (prompt lengths of a batch, ms) samples
-    (features of the padded shape with `buckets`)."""
-    if len(samples) < 3:
-        raise ValueError(f"need at least 3 prefill samples to fit 3 coefficients, got {len(samples)}")
-    x = np.array([_prefill_row(lens, buckets) for lens, _ in samples])
-    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
-
-
-def fit_decode(samples: Sequence[tuple[Sequence[int], float]], buckets: ShapeBuckets | None = None) -> Coeffs:
-    """Fit [a, b, c] of a + b*sum(ctx+1) + c*batch from (context lengths of a batch, ms) samples
-    (features of the padded shape with `buckets`)."""
-    if len(samples) < 3:
-        raise ValueError(f"need at least 3 decode samples to fit 3 coefficients, got {len(samples)}")
-    x = np.array([_decode_row(ctx, buckets) for ctx, _ in samples])
-    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
-
-
-def fit_profile(
-    *,
-    prefill: Sequence[tuple[Sequence[int], float]],
-    decode: Sequence[tuple[Sequence[int], float]],
-    large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD,
-    buckets: ShapeBuckets | None = None,
-) -> LatencyCoeffs:
-    """Fit one (model, TP) entry from measured samples.
-
-    prefill: (prompt lengths in the batch, measured ms); decode: (context lengths in the batch,
-    measured ms; a request of context ctx attends ctx + 1 keys). Decode samples are split at
-    `large_bs_threshold` (of the padded batch with `buckets`); a regime with fewer than 3 samples
-    reuses the other regime's fit. With `buckets` the features are the padded shape's, and the
-    profile must carry the same buckets in its metadata to be read back the same way.
-    """
-    def padded_batch(ctx: Sequence[int]) -> int:
-        return len(ctx) if buckets is None else buckets.decode_features(len(ctx), 0.0, 1)[0]
-
-    small = [s for s in decode if padded_batch(s[0]) < large_bs_threshold]
-    large = [s for s in decode if padded_batch(s[0]) >= large_bs_threshold]
-    if len(small) < 3 and len(large) < 3:
-        raise ValueError(f"need at least 3 decode samples in one batch-size regime, got {len(small)} small and {len(large)} large")
-    small_c = fit_decode(small, buckets) if len(small) >= 3 else None
-    large_c = fit_decode(large, buckets) if len(large) >= 3 else None
-    return LatencyCoeffs(
-        prefill=fit_prefill(prefill, buckets),
-        decode_small=small_c or large_c,
-        decode_large=large_c or small_c,
-        large_bs_threshold=large_bs_threshold,
-    )
-
-
-def relative_errors(
-    coeffs: LatencyCoeffs,
-    *,
-    prefill: Sequence[tuple[Sequence[int], float]],
-    decode: Sequence[tuple[Sequence[int], float]],
-    buckets: ShapeBuckets | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted - measured) / measured of every prefill and every decode sample."""
-    lat = LatencyModel(coeffs=coeffs, buckets=buckets)
-    pre = [(lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l)) - ms) / ms for l, ms in prefill]
-    dec = [(lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 - ms) / ms for c, ms in decode]
-    return np.array(pre), np.array(dec)

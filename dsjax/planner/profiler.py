@@ -44,7 +44,8 @@ from dsjax.batch import Chunk
 from dsjax.kv_cache import CacheConfig
 from dsjax.placement import Placement
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.latency import LatencyCoeffs, Profile, fit_profile, relative_errors
+from dsjax.planner.fitting import fit_profile, relative_errors
+from dsjax.planner.latency import LatencyCoeffs, Profile
 from dsjax.planner.models import canonical_model_name
 from dsjax.request import Request
 from dsjax.runner import ModelRunner

@@ -33,50 +33,97 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.models import canonical_model_name
-from dsjax.planner.latency import (
-    DEFAULT_LARGE_BS_THRESHOLD,
-    LatencyCoeffs,
-    LatencyModel,
-    Profile,
-    _decode_row,
-    _prefill_row,
-    fit_decode,
-    fit_prefill,
-    fit_profile,
-    relative_errors,
-)
+from dsjax.planner.fitting import decode_row, fit_decode, fit_prefill, fit_profile, prefill_row, relative_errors
+from dsjax.planner.latency import DEFAULT_LARGE_BS_THRESHOLD, LatencyCoeffs, LatencyModel, Profile
 
 Sample = tuple[list[int], float]
 STALL_FACTOR = 5.0  # a step over 5x its shape's median time is a compilation, not a served cost
+# A padded shape served at least this often keeps its own measured mean (LatencyCoeffs tables);
+# rarer shapes are costed by the fitted form.
+TABLE_MIN_RECORDS = 10
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServedSamples:
-    """Single-call served steps, by kind; `mixed` and `multi` are only counted."""
+    """Single-call served steps, by kind; `mixed` and `multi` are only counted. With
+    `split_joins`, decode steps after which requests joined the batch are kept apart in
+    `decode_joined` as (contexts, ms, number joined)."""
 
     prefill: list[Sample]
     decode: list[Sample]
     mixed: int = 0
     multi: int = 0
+    decode_joined: list[tuple[list[int], float, int]] = dataclasses.field(default_factory=list)
 
 
-def served_samples(records: Iterable[Mapping[str, Any]]) -> ServedSamples:
+# Two records are consecutive steps of one loop when the second starts within this long after the
+# first ends (a record ends where the loop would start its next step).
+_CONTIGUOUS_S = 0.02
+
+
+def _joins_after(rec: Mapping[str, Any], nxt: Mapping[str, Any] | None) -> int:
+    """Requests in `nxt`'s decode call that were not in `rec`'s (whose context did not just grow
+    by one): the requests that joined the batch between the two steps; 0 when `nxt` is not the
+    next decode step of the same loop."""
+    if nxt is None or len(nxt["calls"]) != 1 or nxt["calls"][0]["kind"] != "decode":
+        return 0
+    if float(nxt["t"]) - (float(rec["t"]) + float(rec["ms"]) * 1e-3) > _CONTIGUOUS_S or float(nxt["t"]) < float(rec["t"]):
+        return 0
+    grown = defaultdict(int)
+    for c in rec["calls"][0]["ctx"]:
+        grown[int(c) + 1] += 1
+    joined = 0
+    for c in nxt["calls"][0]["ctx"]:
+        if grown[int(c)] > 0:
+            grown[int(c)] -= 1
+        else:
+            joined += 1
+    return joined
+
+
+def served_samples(records: Iterable[Mapping[str, Any]], *, split_joins: bool = False) -> ServedSamples:
+    """Records in log order (the order of one loop's steps; several logs may follow each other).
+
+    On dsjax's decode worker the KV of a pulled request is landed in the pool between two steps:
+    that time falls into the record of the step before the request first appears. `split_joins`
+    keeps those records out of the decode samples, so the fit is the step alone and the landing is
+    fitted separately (`ServedFit.decode_join_ms`)."""
+    records = list(records)
     prefill: list[Sample] = []
     decode: list[Sample] = []
+    joined_steps: list[tuple[list[int], float, int]] = []
     mixed = multi = 0
-    for rec in records:
+    for i, rec in enumerate(records):
         calls = rec["calls"]
         if len(calls) != 1:
             multi += 1
             continue
         call, ms = calls[0], float(rec["ms"])
         if call["kind"] == "decode":
-            decode.append(([int(c) for c in call["ctx"]], ms))
+            ctx = [int(c) for c in call["ctx"]]
+            joins = _joins_after(rec, records[i + 1] if i + 1 < len(records) else None) if split_joins else 0
+            if joins:
+                joined_steps.append((ctx, ms, joins))
+            else:
+                decode.append((ctx, ms))
         elif all(int(s) == 0 for s, _ in call["chunks"]):
             prefill.append(([int(e) for _, e in call["chunks"]], ms))
         else:
             mixed += 1
-    return ServedSamples(prefill=prefill, decode=decode, mixed=mixed, multi=multi)
+    return ServedSamples(prefill=prefill, decode=decode, mixed=mixed, multi=multi, decode_joined=joined_steps)
+
+
+def _join_ms(joined: Sequence[tuple[list[int], float, int]], coeffs: LatencyCoeffs, buckets: ShapeBuckets | None) -> float:
+    """Landing time per joining request: sum(step ms - predicted step ms) / sum(joins) over the
+    steps followed by joins (stalls over STALL_FACTOR x the prediction dropped); >= 0."""
+    lat = LatencyModel(coeffs=coeffs, buckets=buckets)
+    excess = n = 0.0
+    for ctx, ms, joins in joined:
+        pred = lat.decode_step_s(len(ctx), sum(c + 1 for c in ctx), max(ctx) + 1) * 1e3
+        if ms <= STALL_FACTOR * (pred + 10.0 * joins):
+            excess += ms - pred
+            n += joins
+    return max(0.0, excess / n) if n else 0.0
 
 
 def _grouped(samples: Sequence[Sample], row, buckets: ShapeBuckets | None, min_group: int) -> list[Sample]:
@@ -96,6 +143,26 @@ def _grouped(samples: Sequence[Sample], row, buckets: ShapeBuckets | None, min_g
     return out
 
 
+def _measured_table(samples: Sequence[Sample], row, buckets: ShapeBuckets | None, min_records: int,
+                    *, decode: bool) -> tuple[tuple[float, float, float], ...]:
+    """(feature 1, feature 2, trimmed mean ms) per padded shape seen at least `min_records` times,
+    in LatencyCoeffs' table layout: (sum_len, sum_len_sq) for prefill, (batch, sum_ctx_plus_1) for
+    decode. Only with padded features (`buckets`): without them no two batches share a shape."""
+    if buckets is None:
+        return ()
+    groups: dict[tuple[float, float], list[float]] = defaultdict(list)
+    for lens, ms in samples:
+        _, f_a, f_b = row(lens, buckets)
+        groups[(f_b, f_a) if decode else (f_a, f_b)].append(ms)
+    table = []
+    for (f1, f2), times in sorted(groups.items()):
+        if len(times) < min_records:
+            continue
+        med = statistics.median(times)
+        table.append((f1, f2, statistics.fmean(t for t in times if t <= STALL_FACTOR * med)))
+    return tuple(table)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServedFit:
     coeffs: LatencyCoeffs
@@ -106,6 +173,7 @@ class ServedFit:
     prefill_median_rel_err: float
     decode_median_rel_err: float
     scaled: tuple[str, ...] = ()  # kinds with < 3 shapes: the base form scaled, not fitted
+    decode_join_ms: float = 0.0  # landing a joining request's KV (split_joins fits only)
 
 
 def _scaled(base: LatencyCoeffs, samples: Sequence[Sample], *, prefill: bool, buckets: ShapeBuckets | None):
@@ -128,6 +196,8 @@ def fit_served(
     min_group: int = 3,
     large_bs_threshold: int = DEFAULT_LARGE_BS_THRESHOLD,
     base: LatencyCoeffs | None = None,
+    table_min_records: int | None = TABLE_MIN_RECORDS,
+    split_joins: bool = False,
 ) -> ServedFit:
     """Fit one (model, TP) entry on served step records (see the module docstring).
 
@@ -137,9 +207,9 @@ def fit_served(
     metadata); without it, or with no shape at all, it is an error."""
     if min_group < 1:
         raise ValueError(f"min_group={min_group} must be >= 1")
-    samples = served_samples(records)
-    pre = _grouped(samples.prefill, _prefill_row, buckets, min_group)
-    dec = _grouped(samples.decode, _decode_row, buckets, min_group)
+    samples = served_samples(records, split_joins=split_joins)
+    pre = _grouped(samples.prefill, prefill_row, buckets, min_group)
+    dec = _grouped(samples.decode, decode_row, buckets, min_group)
     short = [k for k, g in (("prefill", pre), ("decode", dec)) if len(g) < 3]
     if short and (base is None or not pre or not dec):
         raise ValueError(
@@ -159,19 +229,23 @@ def fit_served(
         coeffs = LatencyCoeffs(
             prefill=fit_prefill(pre, buckets) if len(pre) >= 3 else _scaled(base, pre, prefill=True, buckets=buckets),
             decode_small=small, decode_large=large, large_bs_threshold=large_bs_threshold)
-    ep, ed = relative_errors(coeffs, prefill=pre, decode=dec, buckets=buckets)
+    ep, ed = relative_errors(coeffs, prefill=pre, decode=dec, buckets=buckets)  # of the forms alone
+    if table_min_records is not None:
+        coeffs = dataclasses.replace(
+            coeffs,
+            prefill_table=_measured_table(samples.prefill, prefill_row, buckets, table_min_records, decode=False),
+            decode_table=_measured_table(samples.decode, decode_row, buckets, table_min_records, decode=True))
+    join_ms = _join_ms(samples.decode_joined, coeffs, buckets) if split_joins else 0.0
     return ServedFit(coeffs=coeffs, prefill_groups=len(pre), decode_groups=len(dec), samples=samples,
                      prefill_median_rel_err=float(statistics.median(abs(ep))),
-                     decode_median_rel_err=float(statistics.median(abs(ed))), scaled=tuple(short))
+                     decode_median_rel_err=float(statistics.median(abs(ed))), scaled=tuple(short),
+                     decode_join_ms=join_ms)
 
 
 def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: Sequence[str] = (),
                    buckets: ShapeBuckets | None = None) -> Profile:
     """`base` with the (model, tp) entry replaced by the served fit; metadata says where it came
     from. `buckets`: the shape buckets the fit used, when not the base profile's."""
-    entries = {m: dict(by_tp) for m, by_tp in base.entries.items()}
-    key = next((m for m in entries if canonical_model_name(m) == canonical_model_name(model)), model)
-    entries.setdefault(key, {})[tp] = fit.coeffs
     meta = dict(base.metadata)
     if buckets is not None:
         meta["shape_buckets"] = buckets.to_json()
@@ -186,16 +260,28 @@ def served_profile(base: Profile, model: str, tp: int, fit: ServedFit, *, logs: 
             "prefill_median_rel_err": round(fit.prefill_median_rel_err, 4),
             "decode_median_rel_err": round(fit.decode_median_rel_err, 4),
             "scaled": list(fit.scaled),
+            "decode_join_ms": round(fit.decode_join_ms, 4),
+            "decode_joined_steps": len(fit.samples.decode_joined),
         },
         "timing": "served steps: engine loop step() plus the command drain and timers after it (serving/step_log.py), "
                   "median per padded shape",
     })
-    return Profile(entries=entries, metadata=meta, source="served")
+    return with_entry(base, model, tp, fit.coeffs, metadata=meta, source="served")
+
+
+def with_entry(base: Profile, model: str, tp: int, coeffs: LatencyCoeffs, *, metadata: Mapping[str, Any] | None = None,
+               source: str | None = None) -> Profile:
+    """`base` with its (model, tp) entry replaced by `coeffs` (and its metadata, if given)."""
+    entries = {m: dict(by_tp) for m, by_tp in base.entries.items()}
+    key = next((m for m in entries if canonical_model_name(m) == canonical_model_name(model)), model)
+    entries.setdefault(key, {})[tp] = coeffs
+    return Profile(entries=entries, metadata=dict(base.metadata if metadata is None else metadata),
+                   source=base.source if source is None else source)
 
 
 def fit_served_best(records: Sequence[Mapping[str, Any]], *, block_size: int,
                     kinds: Sequence[str] = ("padded", "dense"), min_group: int = 3,
-                    base: LatencyCoeffs | None = None) -> tuple[ServedFit, ShapeBuckets]:
+                    base: LatencyCoeffs | None = None, split_joins: bool = False) -> tuple[ServedFit, ShapeBuckets]:
     """The fit, over the bucket kinds `kinds` (buckets.py), with the lowest median relative error
     (prefill + decode): which padded-shape features the served steps follow. On this engine's XLA
     path a prefill batch of several prompts costs ~B_pad times one prompt of the same T_pad
@@ -203,8 +289,66 @@ def fit_served_best(records: Sequence[Mapping[str, Any]], *, block_size: int,
     best = None
     for kind in kinds:
         buckets = ShapeBuckets(block_size=block_size, attention=kind)
-        fit = fit_served(records, buckets=buckets, min_group=min_group, base=base)
+        fit = fit_served(records, buckets=buckets, min_group=min_group, base=base, split_joins=split_joins)
         err = fit.prefill_median_rel_err + fit.decode_median_rel_err
         if best is None or err < best[0]:
             best = (err, fit, buckets)
     return best[1], best[2]
+
+
+# ---- speed factors: the same shapes, a faster or slower machine ------------------------------
+#
+# On a shared CPU host the cost of one program shape drifts by 10-50% over minutes (what else runs
+# on the other core, frequency, cache). A fit over a long warm-up keeps the *shape dependence*
+# right but not the *level* at a given moment. `speed_factors` measures the level over a window of
+# step records as one ratio per kind, sum(served ms) / sum(fitted ms) over the window's single-call
+# steps (a ratio of sums: TPOT averages step times, so long steps weigh by their length), after
+# dropping steps over STALL_FACTOR x their prediction (compilations). `scale_coeffs` applies it.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpeedFactors:
+    prefill: float
+    decode: float
+    prefill_steps: int  # single-call steps the ratio is over
+    decode_steps: int
+
+
+def speed_factors(records: Iterable[Mapping[str, Any]], coeffs: LatencyCoeffs, *, buckets: ShapeBuckets | None,
+                  min_steps: int = 20, join_ms: float | None = None) -> SpeedFactors:
+    """Served / fitted time ratio per kind over `records`. A kind with fewer than `min_steps` usable
+    steps takes the other kind's ratio (1.0 when neither has enough). With `join_ms` (a fit that
+    split the joins out) a decode step followed by j joins is predicted as the step + j x join_ms."""
+    lat = LatencyModel(coeffs=coeffs, buckets=buckets)
+    samples = served_samples(records, split_joins=join_ms is not None)
+
+    def ratio(pairs: list[tuple[float, float]]) -> tuple[float | None, int]:
+        kept = [(ms, p) for ms, p in pairs if p > 0 and ms <= STALL_FACTOR * p]
+        if len(kept) < min_steps:
+            return None, len(kept)
+        return sum(ms for ms, _ in kept) / sum(p for _, p in kept), len(kept)
+
+    pre = [(ms, lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l))) for l, ms in samples.prefill]
+    dec = [(ms, lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3) for c, ms in samples.decode]
+    dec += [(ms, lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 + j * (join_ms or 0.0))
+            for c, ms, j in samples.decode_joined]
+    fp, n_p = ratio(pre)
+    fd, n_d = ratio(dec)
+    fp = fp if fp is not None else (fd if fd is not None else 1.0)
+    fd = fd if fd is not None else fp
+    return SpeedFactors(prefill=fp, decode=fd, prefill_steps=n_p, decode_steps=n_d)
+
+
+def scale_coeffs(coeffs: LatencyCoeffs, factors: SpeedFactors) -> LatencyCoeffs:
+    """`coeffs` with every prefill term times factors.prefill and every decode term times
+    factors.decode (the same shapes on a uniformly faster or slower machine)."""
+    if not (factors.prefill > 0 and factors.decode > 0):
+        raise ValueError(f"speed factors must be > 0, got {factors}")
+    return dataclasses.replace(
+        coeffs,
+        prefill=tuple(x * factors.prefill for x in coeffs.prefill),
+        decode_small=tuple(x * factors.decode for x in coeffs.decode_small),
+        decode_large=tuple(x * factors.decode for x in coeffs.decode_large),
+        prefill_table=tuple((f1, f2, ms * factors.prefill) for f1, f2, ms in coeffs.prefill_table),
+        decode_table=tuple((f1, f2, ms * factors.decode) for f1, f2, ms in coeffs.decode_table),
+    )

@@ -55,6 +55,10 @@ class SchedulerConfig:
     # Fixed latency of one KV transfer on top of bytes / link_bytes_per_s (a pull's round trips,
     # landing the KV in the decode pool): measured per request on a served run (dsjax.benchmark).
     transfer_fixed_s: float = 0.0
+    # Decode-instance time per request joining its batch, before the next step (dsjax's decode
+    # worker lands pulled KV into its pool between steps, ~5 ms a request on one CPU core; fitted
+    # on step logs by planner/served.py). 0: joining is free (DistServe's simulator).
+    decode_join_s: float = 0.0
     pp_overhead_ms: float = 1.0
     # False: KV capacity never limits batching (DistServe's public simulator does not model it);
     # whether the weights fit is still checked.
@@ -71,8 +75,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.pull_waiting_fraction <= 1:
             raise ValueError(f"pull_waiting_fraction={self.pull_waiting_fraction} must be in (0, 1]")
-        if self.transfer_fixed_s < 0:
-            raise ValueError(f"transfer_fixed_s={self.transfer_fixed_s} must be >= 0")
+        if self.transfer_fixed_s < 0 or self.decode_join_s < 0:
+            raise ValueError(f"transfer_fixed_s={self.transfer_fixed_s} and decode_join_s={self.decode_join_s} must be >= 0")
         if self.link_bytes_per_s is not None and self.link_bytes_per_s <= 0:
             raise ValueError(f"link_bytes_per_s={self.link_bytes_per_s} must be > 0 (or None for free transfers)")
 
@@ -155,6 +159,7 @@ class Simulator:
                 waiting_fraction=cfg.pull_waiting_fraction,
                 transfer_s_per_token=per_token,
                 transfer_fixed_s=cfg.transfer_fixed_s,
+                join_s=cfg.decode_join_s,
             )
             for _ in range(self.decode.replicas)
         ]

@@ -63,3 +63,19 @@ def test_sweep_rows_tightest_scale_and_slo_curve():
     assert [a for _, a in curve][-2:] == [1.0, 1.0] and curve[0][1] < 0.5
     run = sweep.run_at(200.0)
     assert run_row(run, SLO)["tightest_slo_scale"] == tightest_slo_scale(run.records, SLO.ttft_s, SLO.tpot_s)
+
+
+def test_speed_probes_run_just_before_each_measured_run():
+    """With probe_s, each measured run is preceded by an unmeasured probe at its rate; the probe's
+    wall-clock window ends before the run starts (and the rows are those of the measured runs)."""
+    reqs = _requests()
+    cfg = SweepConfig(rates=(10.0, 200.0), bisect=False, seed=0, probe_s=0.5)
+    with FakeServer(TIMING) as server:
+        sweep = sweep_target(server.target, reqs, cfg, SLO, label="fake", progress=False, log=lambda _: None)
+    assert set(sweep.probe_windows) == {10.0, 200.0}
+    for run in sweep.runs:
+        start, end = sweep.probe_windows[run.rate]
+        assert start < end <= run.started_at < start + 60
+        assert len(run.results) == len(reqs)
+    with pytest.raises(ValueError, match="probe_s"):
+        SweepConfig(rates=(1.0,), probe_s=-1)

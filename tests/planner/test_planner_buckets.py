@@ -6,7 +6,8 @@ import pytest
 from dsjax import shapes
 from dsjax.placement import Placement
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile, fit_profile, relative_errors
+from dsjax.planner.fitting import fit_profile, relative_errors
+from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
 from dsjax.planner.models import MemoryModel, get_model
 from dsjax.planner.simulator import SchedulerConfig, Simulator
 

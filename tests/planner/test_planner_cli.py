@@ -93,6 +93,12 @@ def test_fit_served_writes_a_profile(tmp_path, capsys):
     a, b, c = prof.coeffs("small-llama", 1).decode_small
     assert a + 16 * c + b * 16 * 512 == pytest.approx(1.5 + 1.6, rel=0.05)  # batch 16, padded to 512 keys
     assert prof.metadata["served_fit"]["decode_shapes"] == 4
+    # decode-worker logs: the steps before a batch grew are the landing's, fitted apart
+    assert main(["fit-served", str(log), "--profile", str(base), "--model", "small-llama", "--until", "200",
+                 "--split-joins", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "KV landing:" in printed and "measured shape tables: 4 prefill" not in printed  # 3 records a shape < 10
+    assert load_profile(out).metadata["served_fit"]["decode_joined_steps"] > 0
     assert main(["fit-served", str(log), "--profile", str(base), "--model", "small-llama", "--since", "400",
                  "--out", str(out)]) == 2
     assert "need 3 of each" in capsys.readouterr().err

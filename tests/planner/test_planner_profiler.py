@@ -14,7 +14,8 @@ import pytest
 
 from dsjax.placement import Placement, PhaseParallel
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.latency import load_profile, relative_errors, save_profile
+from dsjax.planner.fitting import relative_errors
+from dsjax.planner.latency import load_profile, save_profile
 from dsjax.planner.metrics import SLO
 from dsjax.planner.models import MemoryModel, get_model
 from dsjax.planner.simulator import Simulator

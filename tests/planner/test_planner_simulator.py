@@ -156,6 +156,24 @@ def test_kv_transfer_time():
     assert fixed.ttft_s[0] == free.ttft_s[0]  # the transfer follows the first token
 
 
+def test_decode_join_cost_delays_the_whole_batch():
+    """Landing a joiner's KV costs the decode instance `decode_join_s` before its next step: the
+    joiner's own TPOT grows by join/(n-1), and a request already decoding loses the same time once."""
+    alone = _trace([(0.0, 512, 11)])
+    free = _sim(_disagg()).run(alone, slo=SLO_)
+    joined = _sim(_disagg(), decode_join_s=0.01).run(alone, slo=SLO_)
+    assert joined.tpot_s[0] - free.tpot_s[0] == pytest.approx(0.01 / 10, rel=1e-6)
+    assert joined.ttft_s[0] == free.ttft_s[0]
+    # a second request joins while the first decodes (prefill of 64 tokens ends mid-decode)
+    two = _trace([(0.0, 512, 200), (0.3, 64, 5)])
+    free2 = _sim(_disagg()).run(two, slo=SLO_)
+    cost2 = _sim(_disagg(), decode_join_s=0.01).run(two, slo=SLO_)
+    first_extra = (cost2.tpot_s[0] - free2.tpot_s[0]) * 199
+    assert first_extra == pytest.approx(0.02, rel=0.05)  # its own landing and the second's
+    with pytest.raises(ValueError, match="decode_join_s"):
+        SchedulerConfig(decode_join_s=-1.0)
+
+
 def test_dispatch_spreads_over_instances():
     trace = generate_trace(num_requests=400, rate=30.0, lengths=FixedLengths(prompt_len=600, output_len=20), seed=0)
     one = _sim(_disagg()).run(trace, slo=SLO(ttft_s=0.3, tpot_s=0.1))
