@@ -5,12 +5,17 @@ and pads to the bucket from dsjax/shapes.py; padding tokens write to slot 0 of t
 padding requests have zero lengths. A chunk covers positions [start, end) of a request whose
 earlier positions are already in the cache (a chunked prefill or a recompute keeps start = 0).
 
-A mixed batch (a leading run of one-token chunks, the decodes of a chunked-prefill step, followed by
-at least one longer chunk) is packed in the split layout of models/attention.py: the one-token
-chunks take requests and rows 0..nd-1, padding decode requests nd..Bd_pad-1 (q_len 1, kv_len 1,
+A mixed batch (the caller's `num_decodes` leading one-token chunks, the decodes of a fused
+chunked-prefill step, followed by at least one longer chunk) is packed in the split layout of
+models/attention.py: the one-token chunks take requests and rows 0..nd-1, padding decode requests nd..Bd_pad-1 (q_len 1, kv_len 1,
 position 0, slot 0, all-null block table) fill the decode region, and the other chunks are packed
 from row and request Bd_pad on. The sampled token of chunk j is then on output row j for j < nd and
 Bd_pad + j - nd after, which `pack_prefill` returns as `out_rows`.
+
+Whether a batch is mixed is the caller's to say, never inferred from chunk lengths: a plain
+prefill batch may well start with a one-token chunk (a one-token prompt, or the last token of a
+prompt after a cached prefix), and packing it as mixed would run a program shape the plain-prefill
+warm-up never compiled (a 0.5-1.4 s stall inside served steps, seen in the benchmark's step logs).
 """
 
 from __future__ import annotations
@@ -50,17 +55,22 @@ def _tables_at(tables: list[list[int]], at, rows: int, width: int) -> np.ndarray
     return out
 
 
-def _num_decode_chunks(chunks: list[Chunk]) -> int:
-    """Length of the leading run of one-token chunks; 0 unless a longer chunk follows it."""
-    n = next((i for i, c in enumerate(chunks) if c.num_tokens != 1), len(chunks))
-    return n if n < len(chunks) else 0
+def _check_decodes(chunks: list[Chunk], num_decodes: int) -> int:
+    """`num_decodes` when it names a valid decode region (0 < nd < len(chunks), all one-token
+    chunks); 0 for a plain batch; a ValueError otherwise."""
+    if num_decodes == 0:
+        return 0
+    if not 0 < num_decodes < len(chunks) or any(c.num_tokens != 1 for c in chunks[:num_decodes]):
+        raise ValueError(f"num_decodes={num_decodes} must count leading one-token chunks followed by at least one "
+                         f"prompt chunk; chunk lengths {[c.num_tokens for c in chunks]}")
+    return num_decodes
 
 
-def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int):
+def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int, num_decodes: int = 0):
     """-> (token_ids [T], PrefillMeta, SamplingArrays, out_rows [len(chunks)]) as numpy, padded to
-    the prefill bucket (or the mixed one, see the module docstring); out_rows[j] is the row of the
-    program's [B] output that holds chunk j's sampled token."""
-    nd = _num_decode_chunks(chunks)
+    the prefill bucket, or with `num_decodes` > 0 the mixed one (see the module docstring);
+    out_rows[j] is the row of the program's [B] output that holds chunk j's sampled token."""
+    nd = _check_decodes(chunks, num_decodes)
     prompt_chunks = chunks[nd:]
     total = sum(c.num_tokens for c in prompt_chunks)
     max_blocks = max(len(t) for t in tables)

@@ -176,7 +176,7 @@ class Engine:
             launched += self.runner.launch_prefill([(chunks[nd:], tables[nd:])])
             tokens = np.concatenate(self.runner.collect(launched))
         else:
-            tokens = self.runner.prefill(chunks, tables)
+            tokens = self.runner.prefill(chunks, tables, num_decodes=nd)
         now = time.perf_counter()
         finished = self._record(decode_batch, tokens[: len(decode_batch)], now, newly_prefilled=False)
         completed, completed_tokens = [], []

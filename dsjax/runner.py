@@ -85,23 +85,22 @@ class ModelRunner:
                 inputs, stage.cache = fn(stage.params, stage.cache, stage.put(inputs), stage.put(meta), stage.put(sampling))
         return inputs  # [B] sampled tokens (device array, maybe not ready yet)
 
-    def prefill(self, chunks: list[Chunk], tables: list[list[int]]) -> np.ndarray:
-        """Run one packed prefill; returns the sampled token of each chunk ([len(chunks)])."""
-        return self.prefill_many([(chunks, tables)])[0]
+    def prefill(self, chunks: list[Chunk], tables: list[list[int]], num_decodes: int = 0) -> np.ndarray:
+        """Run one packed prefill; returns the sampled token of each chunk ([len(chunks)]). With
+        `num_decodes` the first chunks are decodes of a mixed step (dsjax/batch.py)."""
+        return self.collect(self.launch_prefill([(chunks, tables)], num_decodes=num_decodes))[0]
 
-    def prefill_many(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[np.ndarray]:
-        """Several prefill batches, all dispatched before any is read (pipeline micro-batches)."""
-        return self.collect(self.launch_prefill(batches))
-
-    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]]) -> list[tuple[object, np.ndarray]]:
+    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]],
+                       num_decodes: int = 0) -> list[tuple[object, np.ndarray]]:
         """Dispatch prefill batches without waiting: (device tokens, output row of each chunk) per
-        batch for `collect` (a mixed batch has padding rows between its decodes and its prompts)."""
+        batch for `collect` (a mixed batch, `num_decodes` > 0 leading decode chunks in every
+        batch, has padding rows between its decodes and its prompts)."""
         if self.launch_hook is not None:
             for chunks, _ in batches:
                 self.launch_hook("prefill", [(c.start, c.end) for c in chunks])
         launched = []
         for c, t in batches:
-            token_ids, meta, sampling, out_rows = pack_prefill(c, t, self.block_size)
+            token_ids, meta, sampling, out_rows = pack_prefill(c, t, self.block_size, num_decodes)
             launched.append((self._dispatch((token_ids, meta, sampling), decode=False), out_rows))
         return launched
 

@@ -4,6 +4,7 @@
         [--num-requests N] [--scale K] [--arrival poisson|gamma --cv C] [--seed S] [--out DIR]
     python -m dsjax.bench compare [--quick] [--workload sharegpt] [--model small-llama] [--out DIR]
     python -m dsjax.bench report DIR          # re-draw a compare directory's plots and summary.md
+    python -m dsjax.bench fidelity DIR [DIR ...] [--out F.md] [--plot F.png]   # simulator vs repeated runs
 
 The first form benchmarks a running server (several comma-separated targets are replicas: each
 request goes to the one with the fewest in flight). The second starts the three systems in turn and
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from dsjax.bench_metrics import write_results_csv, write_results_json
 from dsjax.benchmark.analysis import SLOs, mean_breakdown, slo_scale_curve, write_json
@@ -191,6 +194,34 @@ def main_report(argv: list[str]) -> int:
     return 0 if summary else 1
 
 
+def main_fidelity(argv: list[str]) -> int:
+    from dsjax.benchmark.fidelity import aggregate, markdown, plot, simulate_runs
+
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench fidelity",
+                                description="The planner's simulator against repeated `compare` runs of the same "
+                                            "trace and rates (dsjax/benchmark/fidelity.py).")
+    p.add_argument("runs", type=Path, nargs="+", help="compare output directories (with their logs/)")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--plot", type=Path, default=None, help="also draw measured vs simulated attainment (PNG)")
+    args = p.parse_args(argv)
+    missing = [str(r) for r in args.runs if not (r / "summary.json").is_file()]
+    if missing:
+        print(f"error: no summary.json in {missing}", file=sys.stderr)
+        return 2
+    per_run = [simulate_runs(r) for r in tqdm(args.runs, desc="re-simulating runs", unit="run")]
+    points = aggregate(per_run)
+    if not points:
+        print("error: no (system, rate) was measured in full by every run", file=sys.stderr)
+        return 2
+    text = markdown(points)
+    if args.out:
+        args.out.write_text(text)
+    if args.plot:
+        plot(points, args.plot, title=f"{len(args.runs)} runs")
+    print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -198,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             return main_compare(argv[1:])
         if argv[:1] == ["report"]:
             return main_report(argv[1:])
+        if argv[:1] == ["fidelity"]:
+            return main_fidelity(argv[1:])
         return main_run(argv)
     except (ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

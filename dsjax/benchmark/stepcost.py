@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 prompt, table = request(chunk, 0)
                 chunks.append(Chunk(prompt, 0, chunk))
                 tables.append(table)
-            ms = median_ms(lambda: runner.prefill(chunks, tables))
+            nd = num_decodes if chunk else 0  # decodes alone (chunk 0): the prefill program
+            ms = median_ms(lambda: runner.prefill(chunks, tables, num_decodes=nd))
         print(f"| {label} | {ms:.1f} |", flush=True)
     return 0
 

@@ -22,6 +22,12 @@ over STALL_FACTOR x the group's median (first compilations, seconds long). The m
 median, because a TPOT is an average over steps: the served steps' right tail (GIL contention,
 GC; means run 4-15% above medians here) is part of what requests see. Busy shapes do not outvote
 rare ones in the least-squares fit.
+
+On top of the forms a fit keeps (docs/planner.md, "Served profile"):
+- measured shape tables: every padded shape served >= TABLE_MIN_RECORDS times costs its own mean;
+- with `split_joins` (decode-worker logs), the time to land a joining request's KV, apart from the
+  step (`decode_join_ms`);
+and `speed_factors` / `scale_coeffs` rescale a fit to the machine's speed over any window of steps.
 """
 
 from __future__ import annotations

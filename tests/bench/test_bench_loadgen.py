@@ -73,12 +73,21 @@ def test_attainment_matches_the_fifo_queue_known_answer():
         for rate in (15.0, 45.0):
             offsets = send_schedule(40, rate=rate, seed=0)
             run = run_load(server.target, reqs, offsets, rate=rate, progress=False)
-            got = attainment(run.records, 0.070, 0.005)
             # The known answer: the same FIFO queue replayed on the times the requests really left.
-            want = attainment(timing.expected([r.record.send_s for r in run.results], lengths), 0.070, 0.005)
-            assert abs(got.ttft - want.ttft) <= 0.125, (rate, got, want)
-            assert abs(got.joint - want.joint) <= 0.125, (rate, got, want)
-            assert got.tpot == 1.0
+            expected = timing.expected([r.record.send_s for r in run.results], lengths)
+            excess = np.array([ttft_s(r.record) - ttft_s(e) for r, e in zip(run.results, expected)])
+            # The server's queue runs on virtual time, so delivery only adds milliseconds to a
+            # request; it never serves one earlier than the queue allows.
+            assert excess.min() > -0.002 and np.median(excess) < 0.010, (rate, excess)
+            # So attainment is bracketed by the replay's at the SLO and at the SLO less the slack.
+            # (At 45 req/s the TTFTs sit at the 70 ms SLO: 2 ms of delivery flip a quarter of them,
+            # which is why the bracket and not equality is asserted there.)
+            slack = min(float(np.percentile(excess, 95)) + 1e-4, 0.069)
+            got = attainment(run.records, 0.070, 0.005).ttft
+            assert attainment(expected, 0.070 - slack, 0.005).ttft - 0.05 <= got <= attainment(expected, 0.072, 0.005).ttft, (rate, got)
+            if rate == 15.0:
+                assert got == attainment(expected, 0.070, 0.005).ttft == 1.0
+            assert attainment(run.records, 0.070, 0.005).tpot == 1.0  # 2 ms tokens against a 5 ms SLO
 
 
 def test_early_stop_cancels_an_overloaded_run():

@@ -1,6 +1,7 @@
 """Host-side packing: the split layout of a mixed (chunked-prefill) batch, and plain batches."""
 
 import numpy as np
+import pytest
 
 from dsjax.batch import Chunk, pack_prefill
 from dsjax.request import Request
@@ -29,7 +30,7 @@ PROMPTS = [(Chunk(_request("p0", range(20, 26)), 2, 6), [2, 4]),
 def test_mixed_batch_split_layout():
     chunks = [_decode(r) for r, _ in DECODES] + [c for c, _ in PROMPTS]
     tables = [t for _, t in DECODES] + [t for _, t in PROMPTS]
-    token_ids, meta, sampling, out_rows = pack_prefill(chunks, tables, BLOCK_SIZE)
+    token_ids, meta, sampling, out_rows = pack_prefill(chunks, tables, BLOCK_SIZE, num_decodes=3)
     # 3 decodes -> decode region of 4 rows (row 3 padding); 7 prompt tokens from row 4, padded to 16
     assert meta.num_decode_rows == 4
     pad = [0] * 9
@@ -59,6 +60,14 @@ def test_batches_without_a_longer_chunk_after_decodes_are_not_split():
     assert meta.num_decode_rows == 0 and meta.block_tables.shape == (4, 2)  # today's prefill bucket
     np.testing.assert_array_equal(meta.cu_q_lens, [0, 1, 2, 3, 3])
     np.testing.assert_array_equal(out_rows, [0, 1, 2])
-    # a one-token chunk after a longer one is not a decode region (only the leading run is)
-    _, meta, _, _ = pack_prefill([PROMPTS[0][0], _decode(DECODES[0][0])], [PROMPTS[0][1], DECODES[0][1]], BLOCK_SIZE)
-    assert meta.num_decode_rows == 0
+    # one-token chunks leading a plain batch are prompts, not a decode region: a one-token prompt
+    # (or a prompt's last token after a cached prefix) must run the plain program the warm-up
+    # compiled, not a mixed one
+    one = Chunk(_request("p2", [9]), 0, 1)
+    _, meta, _, out_rows = pack_prefill([one, PROMPTS[1][0]], [[8], PROMPTS[1][1]], BLOCK_SIZE)
+    assert meta.num_decode_rows == 0 and meta.positions.shape == (16,) and meta.block_tables.shape == (2, 1)
+    np.testing.assert_array_equal(meta.cu_q_lens, [0, 1, 4])
+    np.testing.assert_array_equal(out_rows, [0, 1])
+    for bad in (1, 2):  # a decode region needs one-token chunks and a prompt chunk after them
+        with pytest.raises(ValueError, match="num_decodes"):
+            pack_prefill([PROMPTS[0][0], _decode(DECODES[0][0])], [PROMPTS[0][1], DECODES[0][1]], BLOCK_SIZE, num_decodes=bad)

@@ -35,7 +35,8 @@ def mixed_batch(seed: int, *, table_blocks: int, decode_kv_lens=DECODE_KV_LENS, 
         chunks.append(Chunk(req, kv_len - q_len, kv_len))
         tables.append(list(range(next_block, next_block + table_blocks)))
         next_block += table_blocks
-    _, meta, _, out_rows = pack_prefill(chunks, tables, BLOCK_SIZE)
+    num_decodes = len(decode_kv_lens) if prompt_chunks else 0
+    _, meta, _, out_rows = pack_prefill(chunks, tables, BLOCK_SIZE, num_decodes=num_decodes)
     num_tokens = meta.positions.shape[0]
     shape = (next_block, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache, v_cache = rng.standard_normal(shape), rng.standard_normal(shape)
