@@ -127,7 +127,7 @@ def aggregate(runs: Sequence[Sequence[dict[str, Any]]]) -> list[FidelityPoint]:
 def markdown(points: Sequence[FidelityPoint]) -> str:
     variants = [v for v in VARIANTS if points and all(v in p.simulated for p in points)]
     head = ("| system | rate (req/s) | measured per run | measured mean (± s.e.) | "
-            + "".join(f"{v} mean | diff |" for v in variants))
+            + "".join(f"{v} mean | diff | " for v in variants)).rstrip()
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in points:
         cells = [p.system, f"{p.rate:g}", " / ".join(f"{100 * a:.1f}" for a in p.real),
