@@ -389,7 +389,8 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
                                                     if "served_diff_points" in f), default=None),
         "fidelity_rows_within_3_points": {
             variant: sum(abs(f[f"{variant}diff_points"]) <= 3.0 for f in fidelity if f"{variant}diff_points" in f)
-            for variant in ("", "served_", "recent_", "probe_", "same_run_")},
+            for variant in ("", "served_", "recent_", "probe_", "same_run_")
+            if any(f"{variant}diff_points" in f for f in fidelity)},
         "fidelity_rows": len(fidelity),
         "machine": {"start": started, "end": _machine_state()},
     }

@@ -111,8 +111,10 @@ def summary_markdown(summary: dict) -> str:
     within = summary.get("fidelity_rows_within_3_points")
     if within:
         names = {"": "runner profile", "served_": "served", **{f"{v}_": label for v, label in _VARIANTS.items()}}
+        shown = {k: v for k, v in within.items()
+                 if k in names and any(f"{k}diff_points" in f for f in summary["fidelity"])}  # variants the run had
         lines += ["", "Rows within 3 points: " + ", ".join(
-            f"{names[k]} {v}/{summary['fidelity_rows']}" for k, v in within.items() if k in names)]
+            f"{names[k]} {v}/{summary['fidelity_rows']}" for k, v in shown.items())]
     return "\n".join(lines) + "\n"
 
 
