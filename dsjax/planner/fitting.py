@@ -63,22 +63,33 @@ def decode_row(ctx: Sequence[int], buckets: ShapeBuckets | None) -> list[float]:
     return [1.0, sum_ctx, float(batch)]
 
 
+def prefill_sample_ms(lat: LatencyModel, lens: Sequence[int]) -> float:
+    """The model's time (ms) of one prefill batch of prompts of lengths `lens`."""
+    return lat.prefill_ms(sum(lens), sum(x * x for x in lens), len(lens), max(lens))
+
+
+def decode_sample_ms(lat: LatencyModel, ctx: Sequence[int]) -> float:
+    """The model's time (ms) of one decode step of requests with contexts `ctx`."""
+    return lat.decode_step_s(len(ctx), sum(c + 1 for c in ctx), max(ctx) + 1) * 1e3
+
+
+def _fit_samples(samples: Sequence[tuple[Sequence[int], float]], row, buckets: ShapeBuckets | None, kind: str) -> Coeffs:
+    if len(samples) < 3:
+        raise ValueError(f"need at least 3 {kind} samples to fit 3 coefficients, got {len(samples)}")
+    x = np.array([row(lens, buckets) for lens, _ in samples])
+    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
+
+
 def fit_prefill(samples: Sequence[tuple[Sequence[int], float]], buckets: ShapeBuckets | None = None) -> Coeffs:
     """Fit [a, b, c] of a + b*sum(len) + c*sum(len^2) from (prompt lengths of a batch, ms) samples
     (features of the padded shape with `buckets`)."""
-    if len(samples) < 3:
-        raise ValueError(f"need at least 3 prefill samples to fit 3 coefficients, got {len(samples)}")
-    x = np.array([prefill_row(lens, buckets) for lens, _ in samples])
-    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
+    return _fit_samples(samples, prefill_row, buckets, "prefill")
 
 
 def fit_decode(samples: Sequence[tuple[Sequence[int], float]], buckets: ShapeBuckets | None = None) -> Coeffs:
     """Fit [a, b, c] of a + b*sum(ctx+1) + c*batch from (context lengths of a batch, ms) samples
     (features of the padded shape with `buckets`)."""
-    if len(samples) < 3:
-        raise ValueError(f"need at least 3 decode samples to fit 3 coefficients, got {len(samples)}")
-    x = np.array([decode_row(ctx, buckets) for ctx, _ in samples])
-    return _fit_relative(x, np.array([float(ms) for _, ms in samples]))
+    return _fit_samples(samples, decode_row, buckets, "decode")
 
 
 def fit_profile(
@@ -122,6 +133,6 @@ def relative_errors(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(predicted - measured) / measured of every prefill and every decode sample."""
     lat = LatencyModel(coeffs=coeffs, buckets=buckets)
-    pre = [(lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l)) - ms) / ms for l, ms in prefill]
-    dec = [(lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 - ms) / ms for c, ms in decode]
+    pre = [(prefill_sample_ms(lat, lens) - ms) / ms for lens, ms in prefill]
+    dec = [(decode_sample_ms(lat, ctx) - ms) / ms for ctx, ms in decode]
     return np.array(pre), np.array(dec)

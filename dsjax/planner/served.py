@@ -39,7 +39,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.models import canonical_model_name
-from dsjax.planner.fitting import decode_row, fit_decode, fit_prefill, fit_profile, prefill_row, relative_errors
+from dsjax.planner.fitting import (
+    decode_row,
+    decode_sample_ms,
+    fit_decode,
+    fit_prefill,
+    fit_profile,
+    prefill_row,
+    prefill_sample_ms,
+    relative_errors,
+)
 from dsjax.planner.latency import DEFAULT_LARGE_BS_THRESHOLD, LatencyCoeffs, LatencyModel, Profile
 
 Sample = tuple[list[int], float]
@@ -125,48 +134,54 @@ def _join_ms(joined: Sequence[tuple[list[int], float, int]], coeffs: LatencyCoef
     lat = LatencyModel(coeffs=coeffs, buckets=buckets)
     excess = n = 0.0
     for ctx, ms, joins in joined:
-        pred = lat.decode_step_s(len(ctx), sum(c + 1 for c in ctx), max(ctx) + 1) * 1e3
+        pred = decode_sample_ms(lat, ctx)
         if ms <= STALL_FACTOR * (pred + 10.0 * joins):
             excess += ms - pred
             n += joins
     return max(0.0, excess / n) if n else 0.0
 
 
-def _grouped(samples: Sequence[Sample], row, buckets: ShapeBuckets | None, min_group: int) -> list[Sample]:
-    """One (lengths, median ms) per feature row seen at least `min_group` times."""
-    groups: dict[tuple, list[Sample]] = defaultdict(list)
+def _by_shape(samples: Sequence[Sample], row, buckets: ShapeBuckets | None) -> dict[tuple[float, ...], list[Sample]]:
+    """Samples grouped by their feature row (with padded buckets: one group per program shape)."""
+    groups: dict[tuple[float, ...], list[Sample]] = defaultdict(list)
     for lens, ms in samples:
-        key = tuple(round(x, 6) for x in row(lens, buckets))
-        groups[key].append((lens, ms))
+        groups[tuple(round(x, 6) for x in row(lens, buckets))].append((lens, ms))
+    return groups
+
+
+def _trimmed_mean(times: Sequence[float], med: float) -> float:
+    """The mean of `times` without those over STALL_FACTOR x their median `med` (compilations)."""
+    return statistics.fmean(t for t in times if t <= STALL_FACTOR * med)
+
+
+def _grouped(groups: Mapping[tuple[float, ...], list[Sample]], min_group: int) -> list[Sample]:
+    """One (lengths, trimmed mean ms) per feature row seen at least `min_group` times."""
     out = []
     for members in groups.values():
         if len(members) < min_group:
             continue
         med = statistics.median(ms for _, ms in members)
-        kept = [ms for _, ms in members if ms <= STALL_FACTOR * med]
         lens = min(members, key=lambda s: abs(s[1] - med))[0]  # a member with the median time
-        out.append((lens, statistics.fmean(kept)))
+        out.append((lens, _trimmed_mean([ms for _, ms in members], med)))
     return out
 
 
-def _measured_table(samples: Sequence[Sample], row, buckets: ShapeBuckets | None, min_records: int,
+def _measured_table(groups: Mapping[tuple[float, ...], list[Sample]], buckets: ShapeBuckets | None, min_records: int,
                     *, decode: bool) -> tuple[tuple[float, float, float], ...]:
     """(feature 1, feature 2, trimmed mean ms) per padded shape seen at least `min_records` times,
     in LatencyCoeffs' table layout: (sum_len, sum_len_sq) for prefill, (batch, sum_ctx_plus_1) for
-    decode. Only with padded features (`buckets`): without them no two batches share a shape."""
+    decode (whose feature rows are [1, sum_ctx_plus_1, batch]). Only with padded features
+    (`buckets`): without them no two batches share a shape."""
     if buckets is None:
         return ()
-    groups: dict[tuple[float, float], list[float]] = defaultdict(list)
-    for lens, ms in samples:
-        _, f_a, f_b = row(lens, buckets)
-        groups[(f_b, f_a) if decode else (f_a, f_b)].append(ms)
     table = []
-    for (f1, f2), times in sorted(groups.items()):
-        if len(times) < min_records:
+    for (_, f_a, f_b), members in groups.items():
+        if len(members) < min_records:
             continue
-        med = statistics.median(times)
-        table.append((f1, f2, statistics.fmean(t for t in times if t <= STALL_FACTOR * med)))
-    return tuple(table)
+        times = [ms for _, ms in members]
+        f1, f2 = (f_b, f_a) if decode else (f_a, f_b)
+        table.append((f1, f2, _trimmed_mean(times, statistics.median(times))))
+    return tuple(sorted(table))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -185,10 +200,8 @@ class ServedFit:
 def _scaled(base: LatencyCoeffs, samples: Sequence[Sample], *, prefill: bool, buckets: ShapeBuckets | None):
     """The base form times the median ratio served / base over `samples` (one fitted number)."""
     lat = LatencyModel(coeffs=base, buckets=buckets)
-    if prefill:
-        pred = [lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l)) for l, _ in samples]
-    else:
-        pred = [lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 for c, _ in samples]
+    predict = prefill_sample_ms if prefill else decode_sample_ms
+    pred = [predict(lat, lens) for lens, _ in samples]
     ratio = statistics.median(ms / p for (_, ms), p in zip(samples, pred) if p > 0)
     if prefill:
         return tuple(x * ratio for x in base.prefill)
@@ -214,8 +227,9 @@ def fit_served(
     if min_group < 1:
         raise ValueError(f"min_group={min_group} must be >= 1")
     samples = served_samples(records, split_joins=split_joins)
-    pre = _grouped(samples.prefill, prefill_row, buckets, min_group)
-    dec = _grouped(samples.decode, decode_row, buckets, min_group)
+    pre_groups = _by_shape(samples.prefill, prefill_row, buckets)
+    dec_groups = _by_shape(samples.decode, decode_row, buckets)
+    pre, dec = _grouped(pre_groups, min_group), _grouped(dec_groups, min_group)
     short = [k for k, g in (("prefill", pre), ("decode", dec)) if len(g) < 3]
     if short and (base is None or not pre or not dec):
         raise ValueError(
@@ -239,8 +253,8 @@ def fit_served(
     if table_min_records is not None:
         coeffs = dataclasses.replace(
             coeffs,
-            prefill_table=_measured_table(samples.prefill, prefill_row, buckets, table_min_records, decode=False),
-            decode_table=_measured_table(samples.decode, decode_row, buckets, table_min_records, decode=True))
+            prefill_table=_measured_table(pre_groups, buckets, table_min_records, decode=False),
+            decode_table=_measured_table(dec_groups, buckets, table_min_records, decode=True))
     join_ms = _join_ms(samples.decode_joined, coeffs, buckets) if split_joins else 0.0
     return ServedFit(coeffs=coeffs, prefill_groups=len(pre), decode_groups=len(dec), samples=samples,
                      prefill_median_rel_err=float(statistics.median(abs(ep))),
@@ -334,10 +348,9 @@ def speed_factors(records: Iterable[Mapping[str, Any]], coeffs: LatencyCoeffs, *
             return None, len(kept)
         return sum(ms for ms, _ in kept) / sum(p for _, p in kept), len(kept)
 
-    pre = [(ms, lat.prefill_ms(sum(l), sum(x * x for x in l), len(l), max(l))) for l, ms in samples.prefill]
-    dec = [(ms, lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3) for c, ms in samples.decode]
-    dec += [(ms, lat.decode_step_s(len(c), sum(x + 1 for x in c), max(c) + 1) * 1e3 + j * (join_ms or 0.0))
-            for c, ms, j in samples.decode_joined]
+    pre = [(ms, prefill_sample_ms(lat, lens)) for lens, ms in samples.prefill]
+    dec = [(ms, decode_sample_ms(lat, ctx)) for ctx, ms in samples.decode]
+    dec += [(ms, decode_sample_ms(lat, ctx) + j * (join_ms or 0.0)) for ctx, ms, j in samples.decode_joined]
     fp, n_p = ratio(pre)
     fd, n_d = ratio(dec)
     fp = fp if fp is not None else (fd if fd is not None else 1.0)
