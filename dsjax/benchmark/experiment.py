@@ -281,6 +281,15 @@ def _calibrate(system: str, launched, sweep: SweepResult, profile, cfg: CompareC
 RECENT_WINDOW_S = 30.0
 
 
+def speed_windows(started_at: float, wall_s: float, probe: tuple[float, float] | None = None) -> dict[str, tuple[float, float]]:
+    """Variant -> wall-clock window of step records the served calibration is rescaled over for
+    the measured run that started at `started_at` (see `_rescaled_sims`)."""
+    windows = {"recent": (started_at - RECENT_WINDOW_S, started_at), "same_run": (started_at, started_at + wall_s)}
+    if probe is not None:
+        windows["probe"] = probe
+    return windows
+
+
 def _rescaled_sims(served, step_dirs, sweeps, cfg: CompareConfig, slos: SLOs) -> dict[tuple[str, str, float], tuple[Any, dict]]:
     """(variant, system, rate) -> (simulator, speed factors) for every measured run, the served
     calibration rescaled to the machine's speed (simcompare.speed_scaled) over a window:
@@ -293,19 +302,17 @@ def _rescaled_sims(served, step_dirs, sweeps, cfg: CompareConfig, slos: SLOs) ->
       step times (never its attainment) to separate the simulator's queueing model from the drift
       of step costs on this machine.
     """
-    from dsjax.benchmark.simcompare import TraceSimulator, speed_scaled
+    from dsjax.benchmark.simcompare import TraceSimulator, speed_scaled, step_records
 
     out = {}
     for system, cal in served.items():
+        records = step_records(step_dirs[system])
         for run in sweeps[system].runs:
             if run.stopped_early or not run.started_at == run.started_at:  # nan: no wall clock
                 continue
-            windows = {"recent": (run.started_at - RECENT_WINDOW_S, run.started_at),
-                       "same_run": (run.started_at, run.started_at + run.wall_s)}
-            if run.rate in sweeps[system].probe_windows:
-                windows["probe"] = sweeps[system].probe_windows[run.rate]
+            windows = speed_windows(run.started_at, run.wall_s, sweeps[system].probe_windows.get(run.rate))
             for variant, window in windows.items():
-                scaled, factors = speed_scaled(cal, step_log_dir=step_dirs[system], model=cfg.model, window=window)
+                scaled, factors = speed_scaled(cal, records=records, model=cfg.model, window=window)
                 sim = TraceSimulator.calibrated(scaled, system=system, model=cfg.model, slos=slos,
                                                 max_num_seqs=cfg.server.max_num_seqs,
                                                 max_prefill_tokens=cfg.server.max_prefill_tokens)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dsjax.benchmark.experiment import RECENT_WINDOW_S
+from dsjax.benchmark.experiment import speed_windows
 
 VARIANTS = ("served", "recent", "probe", "same_run")
 
@@ -45,7 +45,7 @@ def simulate_runs(out_dir: str | Path) -> list[dict[str, Any]]:
     from dsjax.benchmark.analysis import SLOs
     from dsjax.benchmark.loadgen import send_schedule
     from dsjax.benchmark.prompts import load_bench_requests
-    from dsjax.benchmark.simcompare import TraceSimulator, served_calibration, speed_scaled
+    from dsjax.benchmark.simcompare import TraceSimulator, served_calibration, speed_scaled, step_records
     from dsjax.planner.latency import load_profile
 
     out = Path(out_dir)
@@ -70,18 +70,17 @@ def simulate_runs(out_dir: str | Path) -> list[dict[str, Any]]:
         cal = dataclasses.replace(cal, transfer_fixed_s=fitted["transfer_fixed_s"],
                                   link_bytes_per_s=fitted["link_bytes_per_s"])
         probes = {float(r): (s, e) for r, s, e in info.get("speed_probe_windows", [])}
+        records = step_records(logs)
         for row in rows:
             if row["system"] != system or row["stopped_early"] or not math.isfinite(row.get("started_at") or math.nan):
                 continue
             start, rate = row["started_at"], float(row["rate"])
-            windows = {"recent": (start - RECENT_WINDOW_S, start), "same_run": (start, start + row["wall_s"])}
-            if rate in probes:
-                windows["probe"] = probes[rate]
+            windows = speed_windows(start, row["wall_s"], probes.get(rate))
             offsets = send_schedule(len(requests), rate=rate, arrival=c["arrival"], cv=c["cv"], seed=c["seed"])
             entry = {"run": str(out), "system": system, "rate": rate, "real": row["attainment_joint"],
                      "served": TraceSimulator.calibrated(cal, system=system, **sim_kw).run(requests, offsets).attainment}
             for variant, window in windows.items():
-                scaled, _ = speed_scaled(cal, step_log_dir=logs, window=window, model=c["model"])
+                scaled, _ = speed_scaled(cal, records=records, window=window, model=c["model"])
                 entry[variant] = TraceSimulator.calibrated(scaled, system=system, **sim_kw).run(requests, offsets).attainment
             found.append(entry)
     return found

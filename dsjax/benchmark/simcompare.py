@@ -147,15 +147,10 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
     `*.jsonl` of `step_log_dir`. The transfer time is fitted on the requests of the last warm-up
     run (the lowest scan rate, where a transfer waits for little else). `disaggregated`: the
     decode worker's KV landing is fitted apart from its steps (served.py, `split_joins`)."""
-    from pathlib import Path
-
     from dsjax.planner.served import fit_served_best, served_profile
-    from serving.step_log import read_step_log
 
-    logs = sorted(Path(step_log_dir).glob("*.jsonl"))
-    if not logs:
-        raise ValueError(f"no step logs in {step_log_dir}")
-    records = [rec for p in logs for rec in read_step_log(p, since=window[0], until=window[1])]
+    logs = _step_logs(step_log_dir)
+    records = in_window(step_records(step_log_dir), window)
     base_buckets = base.buckets
     fit, buckets = fit_served_best(records, block_size=base_buckets.block_size if base_buckets else 16,
                                    base=base.coeffs(model, 1), split_joins=disaggregated)
@@ -171,19 +166,37 @@ def served_calibration(*, step_log_dir, window: tuple[float, float], base: Profi
                              decode_join_s=fit.decode_join_ms * 1e-3)
 
 
-def speed_scaled(cal: ServedCalibration, *, step_log_dir, window: tuple[float, float], model: str):
-    """`cal` with its step costs rescaled to the machine's speed over `window` (planner/served.py,
-    `speed_factors`): the warm-up's shape dependence at the level the steps of `window` ran at.
-    Returns (calibration, SpeedFactors); the calibration unchanged when the window holds no step."""
+def _step_logs(step_log_dir) -> list:
     from pathlib import Path
 
-    from dsjax.planner.served import scale_coeffs, speed_factors, with_entry
+    logs = sorted(Path(step_log_dir).glob("*.jsonl"))
+    if not logs:
+        raise ValueError(f"no step logs in {step_log_dir}")
+    return logs
+
+
+def step_records(step_log_dir) -> list[dict]:
+    """Every record of every `*.jsonl` step log in `step_log_dir`, log after log, each in its
+    loop's order (what planner/served.py expects). Read once, then cut with `in_window`."""
     from serving.step_log import read_step_log
 
-    records = [rec for p in sorted(Path(step_log_dir).glob("*.jsonl"))
-               for rec in read_step_log(p, since=window[0], until=window[1])]
+    return [rec for p in _step_logs(step_log_dir) for rec in read_step_log(p)]
+
+
+def in_window(records: Sequence[dict], window: tuple[float, float]) -> list[dict]:
+    """The records that started in [window[0], window[1]) (read_step_log's since / until)."""
+    return [rec for rec in records if window[0] <= float(rec["t"]) < window[1]]
+
+
+def speed_scaled(cal: ServedCalibration, *, records: Sequence[dict], window: tuple[float, float], model: str):
+    """`cal` with its step costs rescaled to the machine's speed over `window` (planner/served.py,
+    `speed_factors`), from a system's step `records` (`step_records`): the warm-up's shape
+    dependence at the level the steps of `window` ran at. Returns (calibration, SpeedFactors);
+    the calibration unchanged when the window holds no step."""
+    from dsjax.planner.served import scale_coeffs, speed_factors, with_entry
+
     coeffs = cal.profile.coeffs(model, 1)
-    factors = speed_factors(records, coeffs, buckets=cal.profile.buckets,
+    factors = speed_factors(in_window(records, window), coeffs, buckets=cal.profile.buckets,
                             join_ms=cal.decode_join_s * 1e3 if cal.decode_join_s else None)
     profile = with_entry(cal.profile, model, 1, scale_coeffs(coeffs, factors))
     info = dict(cal.info, speed_factors=dataclasses.asdict(factors), speed_window=list(window))

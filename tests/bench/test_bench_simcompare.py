@@ -27,7 +27,7 @@ def test_speed_scaled_follows_the_window_and_slows_the_simulator(tmp_path):
 
     from dsjax.benchmark.analysis import SLOs
     from dsjax.benchmark.prompts import BenchRequest
-    from dsjax.benchmark.simcompare import ServedCalibration, TraceSimulator, speed_scaled
+    from dsjax.benchmark.simcompare import ServedCalibration, TraceSimulator, speed_scaled, step_records
     from dsjax.planner.buckets import ShapeBuckets
     from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
 
@@ -46,8 +46,9 @@ def test_speed_scaled_follows_the_window_and_slows_the_simulator(tmp_path):
                           "calls": [{"kind": "prefill", "chunks": [[0, n]]}]})
     (tmp_path / "engine-1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cal = ServedCalibration(profile=profile, transfer_fixed_s=0.0, link_bytes_per_s=None, info={})
-    slow, f_slow = speed_scaled(cal, step_log_dir=tmp_path, window=(1000.0, 1100.0), model="small-llama")
-    same, f_same = speed_scaled(cal, step_log_dir=tmp_path, window=(2000.0, 2100.0), model="small-llama")
+    records = step_records(tmp_path)
+    slow, f_slow = speed_scaled(cal, records=records, window=(1000.0, 1100.0), model="small-llama")
+    same, f_same = speed_scaled(cal, records=records, window=(2000.0, 2100.0), model="small-llama")
     assert f_slow.decode == pytest.approx(2.0) and f_slow.prefill == pytest.approx(2.0)
     assert f_same.decode == pytest.approx(1.0) and f_same.prefill == pytest.approx(1.0)
     assert slow.info["speed_factors"]["decode"] == pytest.approx(2.0)
