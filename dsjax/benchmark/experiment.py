@@ -320,6 +320,15 @@ def _rescaled_sims(served, step_dirs, sweeps, cfg: CompareConfig, slos: SLOs) ->
     return out
 
 
+def _sim_columns(prefix: str, row: dict, sim, *, p90: bool = False) -> dict[str, float]:
+    """One simulator's columns of a fidelity entry (`sim`: a SimulatedRun of the row's rate)."""
+    cols = {f"{prefix}simulated": sim.attainment, f"{prefix}diff_points": 100 * (row["attainment_joint"] - sim.attainment),
+            f"{prefix}sim_ttft": sim.ttft_attainment, f"{prefix}sim_tpot": sim.tpot_attainment}
+    if p90:
+        cols.update({f"{prefix}sim_ttft_p90_s": sim.ttft_p90_s, f"{prefix}sim_tpot_p90_s": sim.tpot_p90_s})
+    return cols
+
+
 def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path, rates, started,
                *, served_sims=None, served_info=None, probe_rates=(), rescaled=None):
     served_sims, served_info, rescaled = served_sims or {}, served_info or {}, rescaled or {}
@@ -340,30 +349,18 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
             systems[system].update(served_calibration=served_info.get(system), served_simulated_goodput=g,
                                    served_simulated_per_device_goodput=g / devices)
         for row in sweep.full_rows():
-            sim = sims[system].run(requests, schedule(row["rate"]))
-            entry = {
-                "system": system, "rate": row["rate"], "real": row["attainment_joint"], "simulated": sim.attainment,
-                "diff_points": 100 * (row["attainment_joint"] - sim.attainment),
-                "real_ttft": row["attainment_ttft"], "sim_ttft": sim.ttft_attainment,
-                "real_tpot": row["attainment_tpot"], "sim_tpot": sim.tpot_attainment,
-                "real_ttft_p90_s": row["ttft_p90_s"], "sim_ttft_p90_s": sim.ttft_p90_s,
-                "real_tpot_p90_s": row["tpot_p90_s"], "sim_tpot_p90_s": sim.tpot_p90_s,
-            }
+            offsets = schedule(row["rate"])
+            entry = {"system": system, "rate": row["rate"], "real": row["attainment_joint"],
+                     "real_ttft": row["attainment_ttft"], "real_tpot": row["attainment_tpot"],
+                     "real_ttft_p90_s": row["ttft_p90_s"], "real_tpot_p90_s": row["tpot_p90_s"],
+                     **_sim_columns("", row, sims[system].run(requests, offsets), p90=True)}
             if served_sim is not None:
-                ss = served_sim.run(requests, schedule(row["rate"]))
-                entry.update({
-                    "served_simulated": ss.attainment, "served_diff_points": 100 * (row["attainment_joint"] - ss.attainment),
-                    "served_sim_ttft": ss.ttft_attainment, "served_sim_tpot": ss.tpot_attainment,
-                    "served_sim_ttft_p90_s": ss.ttft_p90_s, "served_sim_tpot_p90_s": ss.tpot_p90_s,
-                })
+                entry.update(_sim_columns("served_", row, served_sim.run(requests, offsets), p90=True))
             for variant in ("recent", "probe", "same_run"):
                 if (variant, system, row["rate"]) in rescaled:
                     v_sim, factors = rescaled[(variant, system, row["rate"])]
-                    v = v_sim.run(requests, schedule(row["rate"]))
-                    entry.update({f"{variant}_simulated": v.attainment,
-                                  f"{variant}_diff_points": 100 * (row["attainment_joint"] - v.attainment),
-                                  f"{variant}_sim_ttft": v.ttft_attainment, f"{variant}_sim_tpot": v.tpot_attainment,
-                                  f"{variant}_speed_factors": factors})
+                    entry.update(_sim_columns(f"{variant}_", row, v_sim.run(requests, offsets)))
+                    entry[f"{variant}_speed_factors"] = factors
             fidelity.append(entry)
     ratios = {}
     if "disaggregated" in systems:
