@@ -1,7 +1,7 @@
 """dsjax: disaggregated prefill/decode LLM serving on JAX."""
 
-from dsjax.placement import Placement, PhaseParallel
-from dsjax.sampling_params import SamplingParams
+from dsjax.engine.placement import Placement, PhaseParallel
+from dsjax.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "Placement", "PhaseParallel", "SamplingParams"]
 

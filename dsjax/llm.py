@@ -16,19 +16,14 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from dsjax.cluster import build_engine
-from dsjax.kv_cache import CacheConfig, num_blocks_for_memory
-from dsjax.placement import Placement
-from dsjax.request import FinishReason, Lifecycle, Request
-from dsjax.sampling_params import SamplingParams
-from dsjax.scheduler import SchedulerConfig
-from dsjax.tokenizer import load_tokenizer
-from models.attention import BACKENDS, default_backend
+from dsjax.runtime.builder import build_engine, load_causal_lm
+from dsjax.runtime.kv_cache import CacheConfig, num_blocks_for_memory
+from dsjax.engine.placement import Placement
+from dsjax.engine.request import FinishReason, Lifecycle, Request
+from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig
 from models.config import ModelConfig
-from models.transformer import CausalLM
-from models.weights import load_model
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from models.tokenizer import load_tokenizer
 _DEFAULT_KV_BYTES = 512 * 2**20
 
 
@@ -79,19 +74,15 @@ class LLM:
         placement: Placement | None = None,
         mode: str = "colocated",
     ):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
-        backend = attention_backend or default_backend()
-        if backend not in BACKENDS:
-            raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
-        self.config, params = load_model(model, dtype=DTYPES[dtype], dummy_weights=dummy_weights, seed=seed)
+        self.model, params = load_causal_lm(model, dtype=dtype, dummy_weights=dummy_weights, seed=seed,
+                                            backend=attention_backend)
+        self.config = self.model.config
         model_dir = Path(model) if Path(model).is_dir() else None
         self.tokenizer = load_tokenizer(model_dir, self.config)
         self.scheduler_config = scheduler or SchedulerConfig()
-        jdtype = DTYPES[dtype]
         if num_blocks is None:
-            num_blocks = default_num_blocks(self.config, block_size, self.scheduler_config.max_num_seqs, jnp.dtype(jdtype).itemsize)
-        self.model = CausalLM(config=self.config, dtype=jdtype, backend=backend)
+            num_blocks = default_num_blocks(self.config, block_size, self.scheduler_config.max_num_seqs,
+                                            jnp.dtype(self.model.dtype).itemsize)
         self.engine = build_engine(
             self.model, params, placement=placement, mode=mode,
             cache=CacheConfig(num_blocks=num_blocks, block_size=block_size), scheduler=self.scheduler_config,

@@ -17,7 +17,7 @@ lognormal:Pmed:Psig:Omed:Osig) for a seeded Poisson trace.
 KV capacities come from --max-num-tokens (default: max_num_tokens.csv next to the profile, if any;
 "none" estimates them from model and device memory).
 
-`profile` is the only command that imports jax (dsjax/planner/profiler.py). With tp * pp > 1 on a
+`profile` is the only command that imports jax (dsjax/bench/profiler.py). With tp * pp > 1 on a
 CPU it needs fake devices; unless XLA_FLAGS already sets --xla_force_host_platform_device_count it
 sets it to tp * pp before importing jax.
 """
@@ -26,20 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from dsjax.placement import Placement, PhaseParallel, save_plan
+from dsjax.engine.placement import Placement, PhaseParallel, save_plan
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated, ratio
 from dsjax.planner.latency import Profile, load_profile, save_profile
-from dsjax.planner.metrics import SLO
-from dsjax.planner.models import MemoryModel, get_device, get_model, read_max_num_tokens
+from dsjax.planner.slo import SLO
+from dsjax.planner.model_spec import MemoryModel, get_device, get_model, read_max_num_tokens
 from dsjax.planner.search import GoodputConfig, SearchContext
-from dsjax.planner.simulator import SchedulerConfig, Simulator
-from dsjax.planner.trace import (
+from dsjax.planner.simulator import SimConfig, Simulator
+from dsjax.runtime.host_devices import ensure_host_devices
+from dsjax.workloads.trace_gen import (
     ARRIVALS,
     Trace,
     TraceConfig,
@@ -113,8 +113,8 @@ def _memory(args: argparse.Namespace, model_name: str) -> MemoryModel:
     return MemoryModel(model=get_model(model_name), device=get_device(args.device), table=table)
 
 
-def _scheduler(args: argparse.Namespace) -> SchedulerConfig:
-    return SchedulerConfig(
+def _scheduler(args: argparse.Namespace) -> SimConfig:
+    return SimConfig(
         prefill_token_budget=args.prefill_tokens,
         decode_max_batch_size=args.max_batch_size,
         chunk_tokens=args.chunk_tokens,
@@ -271,19 +271,12 @@ def _int_list(spec: str, name: str) -> list[int]:
     return values
 
 
-def _ensure_fake_devices(count: int) -> None:
-    """On a CPU, tp * pp > 1 needs that many (fake) devices, requested before jax is imported."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count > 1 and "xla_force_host_platform_device_count" not in flags and "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-
-
 def _cmd_profile(args: argparse.Namespace) -> int:
     tps = _int_list(args.tp, "--tp")
     if args.pp < 1:
         raise ValueError(f"--pp={args.pp} must be >= 1")
-    _ensure_fake_devices(max(tps) * args.pp)
-    from dsjax.planner import profiler  # imports jax: only this command pays for it
+    ensure_host_devices(max(tps) * args.pp)
+    from dsjax.bench import profiler  # imports jax: only this command pays for it
 
     profile = profiler.profile_engine(
         args.model, tps=tps, pp=args.pp, dtype=args.dtype, block_size=args.block_size, quick=args.quick,
@@ -364,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--horizon", type=float, default=60.0, help="seconds of traffic simulated per rate")
     se.add_argument("--baseline", choices=("colocated", "chunked"), default="colocated")
     se.add_argument("--baseline-profile", default=None, help="profile for the colocated baseline (default: --profile)")
-    se.add_argument("--out", default=None, help="write the plan here (dsjax.placement.save_plan)")
+    se.add_argument("--out", default=None, help="write the plan here (dsjax.engine.placement.save_plan)")
     se.add_argument("--no-progress", action="store_true")
     se.set_defaults(fn=_cmd_search)
 

@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 
-from dsjax.placement import MODES
+from dsjax.engine.placement import MODES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--port", type=int, default=None, help="gRPC port (0: any free port); default 50051, workers 0")
     s.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics and /debug/instances (-1: off)")
     s.add_argument("--mode", choices=MODES, default=None, help="default: the plan's, else disaggregated")
-    s.add_argument("--plan", help="a placement written by the planner (dsjax.placement.save_plan)")
+    s.add_argument("--plan", help="a placement written by the planner (dsjax.engine.placement.save_plan)")
     s.add_argument("--workers", choices=("inprocess", "processes"), default="inprocess")
     s.add_argument("--role", choices=("router", "prefill", "decode"), default=None,
                    help="run one role only (one per host); without it, everything")
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--log-dir", help="worker process logs (processes mode); default: inherit stderr")
     s.add_argument("--no-warmup", action="store_true")
     s.add_argument("--warmup-shapes", action="store_true",
-                   help="before serving, compile every program shape the scheduler limits allow (dsjax/warmup.py): "
+                   help="before serving, compile every program shape the scheduler limits allow (dsjax/runtime/warmup.py): "
                         "no first-compilation stalls inside served steps; ~1 min on one CPU core the first time, "
                         "then loaded from --compilation-cache")
     s.add_argument("--step-log", metavar="DIR", default=None,
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def placement_from_args(args: argparse.Namespace):
     """--plan (its mode unless --mode is given), else the per-phase flags."""
-    from dsjax.placement import PhaseParallel, Placement, load_plan
+    from dsjax.engine.placement import PhaseParallel, Placement, load_plan
 
     def phase(name: str, base: PhaseParallel) -> PhaseParallel:
         tp, pp, n = (getattr(args, f"{name}_{k}") for k in ("tp", "pp", "replicas"))

@@ -1,9 +1,20 @@
-"""Flax decoder models (OPT, LLaMA family), presets and weight loading."""
+"""Flax decoder models (OPT, LLaMA family), presets, tokenizers and weight loading.
 
-from models.attention import DecodeMeta, PrefillMeta
-from models.config import PRESETS, ModelConfig, get_preset
-from models.transformer import CausalLM, KVCache
-from models.weights import load_hf_checkpoint, load_model, restore_params, save_params
+Names are imported on first use, so `models.config` alone (what the router needs) loads no jax.
+"""
 
-__all__ = ["CausalLM", "DecodeMeta", "KVCache", "ModelConfig", "PRESETS", "PrefillMeta", "get_preset",
-           "load_hf_checkpoint", "load_model", "restore_params", "save_params"]
+import importlib
+
+_EXPORTS = {
+    "DecodeMeta": "attention", "PrefillMeta": "attention",
+    "PRESETS": "config", "ModelConfig": "config", "get_preset": "config",
+    "CausalLM": "transformer", "KVCache": "transformer",
+    "load_hf_checkpoint": "weights", "load_model": "weights", "restore_params": "weights", "save_params": "weights",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"models.{_EXPORTS[name]}"), name)

@@ -1,6 +1,6 @@
 """The attention seam between the model and the kernels, and the per-step metadata it reads.
 
-KV cache layout (one pair of arrays per layer; see dsjax/kv_cache.py for the pool):
+KV cache layout (one pair of arrays per layer; see dsjax/runtime/kv_cache.py for the pool):
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -28,7 +28,7 @@ forward pass:
 - prefill region: requests Bd..B-1, packed from row Bd on exactly like a plain prefill batch.
 
 Worked example (Bd = 4): two decodes at positions 9 and 5, two padding decode requests, then the
-first 6-token chunk of a prompt (B = 5 requests, T = 4 + 16 packed rows, see dsjax/shapes.py):
+first 6-token chunk of a prompt (B = 5 requests, T = 4 + 16 packed rows, see dsjax/engine/shapes.py):
 
     row          0   1   2   3 | 4  5  6  7  8  9 | 10 .. 19
     request      0   1   2p  3p| 4  4  4  4  4  4 | padding rows

@@ -2,7 +2,7 @@
 
 Every weight is declared once, here, with its shape, dtype and logical axes
 (`nn.with_logical_partitioning`); sharding rules per phase map the logical names to mesh axes
-outside the model (dsjax/sharding.py). Logical axes used:
+outside the model (dsjax/runtime/sharding.py). Logical axes used:
 
     vocab, embed, heads, kv_heads, head_dim, mlp, positions
 
@@ -280,21 +280,3 @@ class CausalLM:
         """Whole model: [T] tokens -> ([T, E] final hidden states, updated cache)."""
         x = self.embed(params, token_ids, meta.positions)
         return self.run_layers(params, x, cache, meta)
-
-    def prompt_logits(self, params, token_ids):
-        """Logits of every position of one sequence: [T] -> [T, V] (float32).
-
-        A convenience for checks and tests: the sequence runs as a single prefill through a
-        throwaway cache of one block of T rows plus the null block, so it exercises the same
-        paged write/attend path as the engine.
-        """
-        t = token_ids.shape[0]
-        c = self.config
-        shape = (2, t, c.num_kv_heads, c.head_dim)
-        cache = KVCache(k=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)),
-                        v=tuple(jnp.zeros(shape, self.dtype) for _ in range(c.num_layers)))
-        positions = jnp.arange(t, dtype=jnp.int32)
-        meta = PrefillMeta(positions=positions, slots=t + positions, block_tables=jnp.ones((1, 1), jnp.int32),
-                           cu_q_lens=jnp.array([0, t], jnp.int32), kv_lens=jnp.array([t], jnp.int32))
-        x, _ = self.forward(params, token_ids, cache, meta)
-        return self.logits(params, x)

@@ -43,6 +43,9 @@ Params = dict[str, Any]
 TreePath = tuple[str, ...]
 Put = Callable[[TreePath, np.ndarray], Any]
 
+# Weight dtypes by name, as the CLIs and the offline API spell them.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the decoder recomputes or never reads.
 _UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)

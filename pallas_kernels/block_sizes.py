@@ -2,7 +2,7 @@
 
 UNTUNED. No GPU was available when these were chosen: they are defaults reasoned from Triton tile
 shapes on H100/H200 (228 KiB shared memory and 64K 32-bit registers per SM, at most 255 registers per
-thread), not measurements. Retune with `python -m pallas_kernels.bench` on the target GPU and record
+thread), not measurements. Retune with `python -m dsjax.bench kernels` on the target GPU and record
 the numbers in docs/kernels.md.
 
 Reasoning behind the defaults:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Protocol
 
-from dsjax.sampling_params import SamplingParams
+from dsjax.engine.sampling_params import SamplingParams
 from serving.engine_loop import Event
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 

@@ -38,7 +38,7 @@ class TokenEvent:
 
 @dataclasses.dataclass(frozen=True)
 class FinishEvent:
-    reason: object  # dsjax.request.FinishReason
+    reason: object  # dsjax.engine.request.FinishReason
     breakdown: dict | None = None
 
 

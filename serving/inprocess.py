@@ -1,10 +1,10 @@
-"""All phases in this process: one engine from `dsjax.cluster.build_engine`, KV moved between
+"""All phases in this process: one engine from `dsjax.runtime.builder.build_engine`, KV moved between
 meshes by device_put (no gRPC between phases).
 
 - `InProcessBackend`: a colocated or chunked engine (or replicas of it) driven by one engine
   thread (serving/engine_loop.py). After every step the loop diffs each active request's output
   tokens against what it has sent and posts the new ones to the request's outbox.
-- `ThreadedBackend`: a disaggregated engine run by `dsjax.threaded.ThreadedDisaggEngine`, one
+- `ThreadedBackend`: a disaggregated engine run by `dsjax.engine.threaded.ThreadedDisaggEngine`, one
   thread per instance, so decode steps do not wait behind prefills; its `on_update` callback
   (under the engine's lock) posts the new tokens.
 
@@ -19,11 +19,11 @@ import threading
 
 import grpc
 
-from dsjax.disagg import DisaggEngine
-from dsjax.engine import Engine, ReplicatedEngine
-from dsjax.request import FinishReason, Request, Status
-from dsjax.sampling_params import SamplingParams
-from dsjax.threaded import ThreadedDisaggEngine
+from dsjax.engine.disaggregated import DisaggEngine
+from dsjax.engine.colocated import ColocatedEngine, ReplicatedEngine
+from dsjax.engine.request import FinishReason, Request, Status
+from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.threaded import ThreadedDisaggEngine
 from serving.backend import GenerateJob
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
@@ -52,7 +52,7 @@ class _Handle:
 
 
 class InProcessBackend(EngineLoop):
-    def __init__(self, engine: Engine | ReplicatedEngine | DisaggEngine):
+    def __init__(self, engine: ColocatedEngine | ReplicatedEngine | DisaggEngine):
         super().__init__("dsjax-engine")
         self.engine = engine
         self.warm = False  # set once warmed up (or when warm-up is skipped): health turns SERVING
@@ -152,7 +152,7 @@ def _instance_stats(e, alive: bool) -> list[wpb.InstanceStats]:
 
 
 class ThreadedBackend:
-    """A `DisaggEngine` with one thread per instance (dsjax/threaded.py)."""
+    """A `DisaggEngine` with one thread per instance (dsjax/engine/threaded.py)."""
 
     def __init__(self, engine: DisaggEngine):
         self.engine = engine
@@ -246,6 +246,6 @@ class _ThreadedHandle:
 def _breakdown(engine, req: Request) -> dict:
     out = dict(req.lifecycle.breakdown())
     if isinstance(engine, DisaggEngine) and req.lifecycle.migration_start is not None:
-        out["kv_bytes"] = dataclasses.replace(engine.kv_descriptor(req), num_tokens=req.prompt_len).nbytes
+        out["kv_bytes"] = engine.prefill[0].runner.kv_descriptor(req.prompt_len).nbytes
     out["recomputes"] = req.lifecycle.num_preemptions
     return out

@@ -1,7 +1,7 @@
 """A request's KV on the wire: host arrays <-> a stream of `KVChunk` messages (no jax).
 
 The sender (prefill worker) exports the request's blocks to host memory once
-(`dsjax.migration.export_blocks`: all layers, all heads, [L, n, BS, H, D] for K and for V) and
+(`dsjax.runtime.migration.export_blocks`: all layers, all heads, [L, n, BS, H, D] for K and for V) and
 cuts them into chunks, each a layer group x block range of at most `max_chunk_bytes` (K + V):
 
     layers 0..L-1, blocks 0..n-1  ->  [layers 0..a) x all blocks] [layers a..b) x all blocks] ...
@@ -11,7 +11,7 @@ Each chunk carries the request's `KVDescriptor`, the layout name and its coordin
 receiver (decode worker) can preallocate and fill in any order, check that it has everything,
 and re-page when the two sides use different block sizes (the KV is re-cut at token granularity
 on the host). Resharding heads to the receiver's tensor-parallel degree happens on the device
-put (`dsjax.migration.import_blocks`).
+put (`dsjax.runtime.migration.import_blocks`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Iterator
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
-from dsjax.migration import KVDescriptor
+from dsjax.runtime.migration import KVDescriptor
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 
 LAYOUT = "LNSHD"  # layer, block, slot in block, kv head, head dim

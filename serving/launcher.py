@@ -41,9 +41,9 @@ def _dummy(args: argparse.Namespace) -> bool:
 
 
 def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
-    from dsjax.kv_cache import CacheConfig
+    from dsjax.runtime.kv_cache import CacheConfig
     from dsjax.llm import default_num_blocks
-    from dsjax.scheduler import SchedulerConfig
+    from dsjax.engine.scheduler import SchedulerConfig
 
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
     num_blocks = args.num_blocks or default_num_blocks(config, args.block_size, sched.max_num_seqs, dtype_bytes)
@@ -57,8 +57,8 @@ def _limits(args: argparse.Namespace):
 
 
 def _serve_router(args, backend, config, extra_servicers=()):
-    from dsjax.tokenizer import load_tokenizer
-    from serving.metrics import MetricsServer
+    from models.tokenizer import load_tokenizer
+    from serving.prometheus import MetricsServer
     from serving.router import RouterServer
 
     model_dir = Path(args.model) if Path(args.model).is_dir() else None
@@ -76,17 +76,14 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     _setup_jax(args)
     import jax.numpy as jnp
 
-    from dsjax.cluster import build_engine
-    from dsjax.llm import DTYPES
-    from models.transformer import CausalLM
-    from models.weights import load_model
-    from dsjax.disagg import DisaggEngine
+    from dsjax.engine.disaggregated import DisaggEngine
+    from dsjax.runtime.builder import build_engine, load_causal_lm
     from serving.inprocess import InProcessBackend, ThreadedBackend
 
     t0 = time.perf_counter()
-    config, params = load_model(args.model, dtype=DTYPES[args.dtype], dummy_weights=_dummy(args), seed=args.seed)
-    cache, sched = _cache_and_scheduler(args, config, jnp.dtype(DTYPES[args.dtype]).itemsize)
-    model = CausalLM(config=config, dtype=DTYPES[args.dtype])
+    model, params = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=_dummy(args), seed=args.seed, backend="xla")
+    config = model.config
+    cache, sched = _cache_and_scheduler(args, config, jnp.dtype(model.dtype).itemsize)
     engine = build_engine(model, params, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
     backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
     router, metrics = _serve_router(args, backend, config)
@@ -109,18 +106,18 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
 
 
 def _colocated_engines(engine) -> list:
-    """The colocated `Engine`s an in-process engine consists of ([] for the disaggregated one)."""
-    from dsjax.engine import Engine, ReplicatedEngine
+    """The colocated engines an in-process engine consists of ([] for the disaggregated one)."""
+    from dsjax.engine.colocated import ColocatedEngine, ReplicatedEngine
 
-    if isinstance(engine, Engine):
+    if isinstance(engine, ColocatedEngine):
         return [engine]
     return list(engine.engines) if isinstance(engine, ReplicatedEngine) else []
 
 
 def _warm_engine_shapes(backend, engine, sched) -> None:
     """--warmup-shapes for in-process engines (the disaggregated one: both instances' runners)."""
-    from dsjax.disagg import DisaggEngine
-    from dsjax.warmup import warm_runner
+    from dsjax.engine.disaggregated import DisaggEngine
+    from dsjax.runtime.warmup import warm_runner
 
     say = lambda m: log.info("%s", m)  # noqa: E731
     if isinstance(engine, DisaggEngine):
@@ -209,7 +206,7 @@ def run_worker(args: argparse.Namespace, placement) -> int:
     _setup_jax(args)
     import jax.numpy as jnp
 
-    from dsjax.llm import DTYPES
+    from models.weights import DTYPES
     from serving.validation import model_config
     from serving.worker import WorkerConfig, WorkerProcess
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dsjax.request import FinishReason, Request
-from dsjax.sampling_params import SamplingParams
+from dsjax.engine.request import FinishReason, Request
+from dsjax.engine.sampling_params import SamplingParams
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 

@@ -24,7 +24,7 @@ import time
 
 import grpc
 
-from dsjax.request import FinishReason
+from dsjax.engine.request import FinishReason
 from serving.backend import GenerateJob
 from serving.engine_loop import ErrorEvent, Event, FinishEvent, TokenEvent
 from serving.messages import FINISH_FROM_PROTO, worker_request

@@ -29,7 +29,8 @@ from models.config import ModelConfig
 from serving.backend import Backend, GenerateJob
 from serving.engine_loop import ErrorEvent, FinishEvent, TokenEvent
 from serving.messages import FINISH_TO_PROTO
-from serving.metrics import ServingMetrics
+from serving.prometheus import ServingMetrics
+from serving.proto import GENERATION_SERVICE
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
@@ -38,7 +39,6 @@ from serving.text_stream import TextStream
 from serving.validation import Limits, validate_request
 
 log = logging.getLogger(__name__)
-GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 class GenerationServicer(dsjax_pb2_grpc.GenerationServicer):

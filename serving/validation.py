@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from dsjax.sampling_params import SamplingParams
+from dsjax.engine.sampling_params import SamplingParams
 from models.config import PRESETS, ModelConfig
 from models.hf_config import config_from_hf, read_hf_config
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb

@@ -22,8 +22,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from dsjax.kv_cache import CacheConfig
-from dsjax.scheduler import SchedulerConfig
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.engine.scheduler import SchedulerConfig
 from serving.channels import SERVER_OPTIONS, OPTIONS
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
@@ -54,7 +54,7 @@ class WorkerConfig:
     warmup: bool = True
     exit_with_parent: bool = False
     step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
-    warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/warmup.py)
+    warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/runtime/warmup.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -73,21 +73,12 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 def build_instance(cfg: WorkerConfig):
     """The role's PrefillInstance or DecodeInstance on the first tp * pp local devices."""
-    import jax
+    from dsjax.engine.disaggregated import DecodeInstance, PrefillInstance
+    from dsjax.engine.placement import PhaseParallel
+    from dsjax.runtime.builder import build_runner, load_causal_lm
 
-    from dsjax.disagg import DecodeInstance, PrefillInstance
-    from dsjax.llm import DTYPES
-    from dsjax.placement import Placement
-    from dsjax.runner import ModelRunner
-    from dsjax.sharding import carve
-    from models.transformer import CausalLM
-    from models.weights import load_model
-
-    config, params = load_model(cfg.model, dtype=DTYPES[cfg.dtype], dummy_weights=cfg.dummy_weights, seed=cfg.seed)
-    model = CausalLM(config=config, dtype=DTYPES[cfg.dtype])
-    placement = Placement.colocated(tp=cfg.tp, pp=cfg.pp)
-    meshes = carve(placement, jax.devices()[: cfg.tp * cfg.pp])["colocated"][0].meshes
-    runner = ModelRunner(model, params, cfg.cache, meshes)
+    model, params = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed, backend="xla")
+    runner = build_runner(model, params, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
     return (PrefillInstance if cfg.role == "prefill" else DecodeInstance)(runner, cfg.scheduler)
 
 
@@ -109,7 +100,7 @@ class WorkerProcess:
             self.engine.warmup()
             log.info("%s warmed up in %.1fs", cfg.worker_id, time.perf_counter() - t)
         if cfg.warmup_shapes:
-            from dsjax.warmup import warm_runner
+            from dsjax.runtime.warmup import warm_runner
 
             prefill = cfg.role == "prefill"
             self.engine.call(lambda: warm_runner(inst.runner, cfg.scheduler, prefill=prefill, decode=not prefill,

@@ -28,11 +28,10 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from dsjax.placement import Placement, PhaseParallel
+from dsjax.engine.placement import Placement, PhaseParallel
 from dsjax.planner.latency import Profile
-from dsjax.planner.models import parallel_config_error
-from dsjax.planner.policies import replicas_for_rate
-from dsjax.planner.search import SearchContext
+from dsjax.planner.model_spec import parallel_config_error
+from dsjax.planner.search import SearchContext, replicas_for_rate
 
 BOUND_SLACK = 1.25  # Algorithm 2 keeps simulating while bound * slack > best found
 TIE_TOL = 0.05  # per-device goodputs this close count as equal (search tolerance + sampling noise)

@@ -1,6 +1,6 @@
 """The engine's shape buckets as the latency model sees them: which features a padded step costs.
 
-Our engine compiles its programs for padded shapes (dsjax/shapes.py), so a step takes the time of
+Our engine compiles its programs for padded shapes (dsjax/engine/shapes.py), so a step takes the time of
 its padded program, not of its exact batch. `ShapeBuckets` maps a batch to the features of the
 latency forms (latency.py) at the padded shape; profiles of our engine record it in
 `metadata.shape_buckets`, DistServe's have none.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from dsjax import shapes
+from dsjax.engine import shapes
 
 ATTENTION_KINDS = ("dense", "padded", "ragged")
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dsjax.planner.trace import Trace
+from dsjax.workloads.trace_gen import Trace
 
 
 class EventLoop:

@@ -1,7 +1,7 @@
 """Simulated serving instances: prefill, decode, and colocated (vLLM-like or chunked prefill).
 
 Each instance reacts to events on a shared `EventLoop` and writes first-token and finish times into
-a shared `RequestTable`. Scheduling decisions are delegated to `dsjax.planner.policies`; this file
+a shared `RequestTable`. Scheduling decisions are delegated to `dsjax.engine.policies`; this file
 only does the timing and the bookkeeping of queues and KV tokens.
 
 KV accounting (tokens): a prefill instance holds a request's prompt KV from the start of its batch
@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from dsjax.planner.batch import RunningBatch
+from dsjax.planner.running_batch import RunningBatch
 from dsjax.planner.events import EventLoop, RequestTable
 from dsjax.planner.latency import LatencyModel
-from dsjax.planner.policies import (
+from dsjax.engine.policies import (
     chunked_prefill_plan,
     colocated_runs_prefill,
     decode_should_pull,
@@ -26,7 +26,7 @@ from dsjax.planner.policies import (
 )
 
 
-class PrefillInstance:
+class SimPrefillInstance:
     """FCFS prefill batching up to L_m tokens over a pipeline of `latency.pp` stages.
 
     A batch occupies every stage for the same stage time s; stage i starts it once stage i-1 is done
@@ -43,7 +43,7 @@ class PrefillInstance:
         capacity_tokens: int,
         token_budget: int,
         max_batch_size: int,
-        on_prefilled: Callable[[float, int, "PrefillInstance"], None],
+        on_prefilled: Callable[[float, int, "SimPrefillInstance"], None],
     ) -> None:
         self.loop, self.reqs, self.latency = loop, reqs, latency
         self.capacity = capacity_tokens
@@ -132,7 +132,7 @@ class PrefillInstance:
             self._try_start(t)
 
 
-class DecodeInstance:
+class SimDecodeInstance:
     """Continuous batching of pulled requests; jumps from one membership change to the next."""
 
     def __init__(
@@ -155,7 +155,7 @@ class DecodeInstance:
         self.max_batch_size = max_batch_size
         self.waiting_fraction = waiting_fraction
         self.transfer_s_per_token = transfer_s_per_token
-        self.assigned: deque[tuple[int, PrefillInstance | None]] = deque()  # KV still on the prefill side
+        self.assigned: deque[tuple[int, SimPrefillInstance | None]] = deque()  # KV still on the prefill side
         self.pending_tokens = 0  # need of assigned, not yet pulled
         self.reserved = 0  # need of pulled requests (transferring, ready, running)
         self.waiting_tokens = 0  # need of pulled requests not yet running
@@ -168,7 +168,7 @@ class DecodeInstance:
     def load(self) -> int:
         return self.reserved + self.pending_tokens
 
-    def assign(self, t: float, rid: int, src: PrefillInstance | None) -> None:
+    def assign(self, t: float, rid: int, src: SimPrefillInstance | None) -> None:
         """Queue a prefilled request for pulling (src holds its KV; None in decode-only runs)."""
         need = self.reqs.need[rid]
         if need > self.capacity:
@@ -209,7 +209,7 @@ class DecodeInstance:
                 got = True
         return got
 
-    def _on_transferred(self, t: float, arg: tuple[int, PrefillInstance | None]) -> None:
+    def _on_transferred(self, t: float, arg: tuple[int, SimPrefillInstance | None]) -> None:
         rid, src = arg
         if src is not None:
             src.release(t, self.reqs.prompt[rid])
@@ -261,7 +261,7 @@ class DecodeInstance:
         self._schedule(batch.steps_to_next_boundary())
 
 
-class ColocatedInstance:
+class SimColocatedInstance:
     """One instance runs both phases: vLLM-like prefill priority, or chunked prefill (Sarathi)."""
 
     def __init__(

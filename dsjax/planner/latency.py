@@ -17,7 +17,7 @@ Profile files use DistServe's schema, keyed by model name ("facebook/opt-13b") t
 error, so the engine's profiler (profiler.py) writes a profile in the same schema with `save_profile`.
 
 Shape buckets (buckets.py, off unless a profile's metadata has "shape_buckets"): our engine runs
-padded programs (dsjax/shapes.py), so its step time is that of the padded shape. With buckets the
+padded programs (dsjax/engine/shapes.py), so its step time is that of the padded shape. With buckets the
 features above are computed on the padded shape (`ShapeBuckets` says how) both when fitting and
 when predicting; DistServe's profiles have none and keep the plain forms.
 """
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-from dsjax import shapes
+from dsjax.engine import shapes
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.models import canonical_model_name
+from dsjax.planner.model_spec import canonical_model_name
 
 Coeffs = tuple[float, float, float]
 DEFAULT_LARGE_BS_THRESHOLD = 95

@@ -16,12 +16,12 @@ import dataclasses
 import math
 from typing import Callable
 
-from dsjax.placement import Placement
+from dsjax.engine.placement import Placement
 from dsjax.planner.latency import Profile
-from dsjax.planner.metrics import SLO, SimResult
-from dsjax.planner.models import MemoryModel, ModelSpec
-from dsjax.planner.simulator import Phase, SchedulerConfig, Simulator
-from dsjax.planner.trace import Trace, rescale_rate
+from dsjax.planner.slo import SLO, SimResult
+from dsjax.planner.model_spec import MemoryModel, ModelSpec
+from dsjax.planner.simulator import Phase, SimConfig, Simulator
+from dsjax.workloads.trace_gen import Trace, rescale_rate
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,7 +118,7 @@ class SearchContext:
     memory: MemoryModel
     slo: SLO
     workload: Trace  # unit mean rate, >= goodput_config.max_requests requests (see trace.resample)
-    scheduler: SchedulerConfig = SchedulerConfig()
+    scheduler: SimConfig = SimConfig()
     goodput_config: GoodputConfig = GoodputConfig()
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
     _stats: dict = dataclasses.field(default_factory=lambda: {"simulations": 0}, repr=False)
@@ -197,3 +197,11 @@ class SearchContext:
         else:
             est = min(prefill_rate, decode_rate)
         return max(0.5 * est, self.goodput_config.min_rate)
+
+
+def replicas_for_rate(rate: float, per_instance_goodput: float) -> int:
+    """Algorithm 1's replication: ceil(rate / goodput of one instance)."""
+    if per_instance_goodput <= 0:
+        raise ValueError(f"per_instance_goodput={per_instance_goodput} must be > 0 to serve rate={rate}")
+    n = rate / per_instance_goodput
+    return max(1, int(n) if n == int(n) else int(n) + 1)

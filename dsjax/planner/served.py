@@ -38,7 +38,7 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.models import canonical_model_name
+from dsjax.planner.model_spec import canonical_model_name
 from dsjax.planner.fitting import (
     decode_row,
     decode_sample_ms,

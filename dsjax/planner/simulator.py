@@ -25,21 +25,21 @@ import dataclasses
 import math
 from typing import Literal
 
-from dsjax.placement import Placement
+from dsjax.engine.placement import Placement
 from dsjax.planner.events import EventLoop, RequestTable
-from dsjax.planner.instances import ColocatedInstance, DecodeInstance, PrefillInstance
+from dsjax.planner.instances import SimColocatedInstance, SimDecodeInstance, SimPrefillInstance
 from dsjax.planner.latency import LatencyModel, Profile
-from dsjax.planner.metrics import SLO, SimResult
-from dsjax.planner.models import MemoryModel, ModelSpec, parallel_config_error
-from dsjax.planner.policies import least_loaded
-from dsjax.planner.trace import Trace
+from dsjax.planner.slo import SLO, SimResult
+from dsjax.planner.model_spec import MemoryModel, ModelSpec, parallel_config_error
+from dsjax.engine.policies import least_loaded
+from dsjax.workloads.trace_gen import Trace
 
 Phase = Literal["both", "prefill", "decode"]
 UNLIMITED_TOKENS = 1 << 62
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SchedulerConfig:
+class SimConfig:
     """Knobs of the online schedulers (shared by every instance of a run)."""
 
     prefill_token_budget: int | None = None  # L_m; None: latency.saturating_prefill_tokens(0.9)
@@ -49,11 +49,11 @@ class SchedulerConfig:
     colocated_token_budget: int = 2048  # vLLM's max_num_batched_tokens for 2048-token models
     chunk_tokens: int = 512  # chunked prefill: tokens per step (decodes + prefill chunks)
     # chunked prefill: one forward pass per mixed step (Sarathi), or the decode program and the
-    # prefill program back to back (dsjax's engine on the XLA path; dsjax/engine.py)
+    # prefill program back to back (dsjax's engine on the XLA path; dsjax/engine/colocated.py)
     chunked_fused_steps: bool = True
     link_bytes_per_s: float | None = None  # KV transfer bandwidth; None: transfers are free
     # Fixed latency of one KV transfer on top of bytes / link_bytes_per_s (a pull's round trips,
-    # landing the KV in the decode pool): measured per request on a served run (dsjax.benchmark).
+    # landing the KV in the decode pool): measured per request on a served run (dsjax.bench).
     transfer_fixed_s: float = 0.0
     # Decode-instance time per request joining its batch, before the next step (dsjax's decode
     # worker lands pulled KV into its pool between steps, ~5 ms a request on one CPU core; fitted
@@ -98,7 +98,7 @@ class Simulator:
         profile: Profile,
         model: ModelSpec,
         memory: MemoryModel,
-        config: SchedulerConfig = SchedulerConfig(),
+        config: SimConfig = SimConfig(),
     ) -> None:
         self.placement = placement
         self.model = model
@@ -152,7 +152,7 @@ class Simulator:
         if cfg.link_bytes_per_s is not None:
             per_token = self.model.kv_bytes_per_token / cfg.link_bytes_per_s
         decodes = [
-            DecodeInstance(
+            SimDecodeInstance(
                 loop, reqs, self.decode.latency,
                 capacity_tokens=self.decode.capacity_tokens,
                 max_batch_size=cfg.decode_max_batch_size,
@@ -173,7 +173,7 @@ class Simulator:
                 target.assign(t, rid, None)
             return submit_decode
 
-        def prefilled(t: float, rid: int, src: PrefillInstance) -> None:
+        def prefilled(t: float, rid: int, src: SimPrefillInstance) -> None:
             if phase == "prefill" or reqs.output[rid] == 1:
                 reqs.finish[rid] = t
                 src.release(t, reqs.prompt[rid])
@@ -182,7 +182,7 @@ class Simulator:
             target.assign(t, rid, src)
 
         prefills = [
-            PrefillInstance(
+            SimPrefillInstance(
                 loop, reqs, self.prefill.latency,
                 capacity_tokens=self.prefill.capacity_tokens,
                 token_budget=self.prefill_token_budget,
@@ -198,7 +198,7 @@ class Simulator:
     def _build_colocated(self, loop: EventLoop, reqs: RequestTable):
         cfg = self.config
         instances = [
-            ColocatedInstance(
+            SimColocatedInstance(
                 loop, reqs, self.prefill.latency,
                 capacity_tokens=self.prefill.capacity_tokens,
                 max_batch_size=cfg.decode_max_batch_size,
@@ -222,7 +222,7 @@ def simulate(
     model: ModelSpec,
     memory: MemoryModel,
     slo: SLO,
-    config: SchedulerConfig = SchedulerConfig(),
+    config: SimConfig = SimConfig(),
     phase: Phase = "both",
 ) -> SimResult:
     """One-shot convenience wrapper around `Simulator(...).run(...)`."""

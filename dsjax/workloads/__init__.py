@@ -4,43 +4,27 @@ Lengths are GPT-2 BPE token counts (OPT's merges). See docs/workloads.md for the
 and measured statistics; `python -m dsjax.workloads --help` writes a JSONL trace.
 """
 
-from dsjax.workloads.loader import (
-    WORKLOAD_NAMES,
-    load_requests,
-    load_workload,
-    prepared_rows,
-    sample_rows,
-    scale_length,
-)
-from dsjax.workloads.request import WorkloadRequest, WorkloadRow
-from dsjax.workloads.stats import LengthStats, length_stats
-from dsjax.workloads.tokenizer import BpeTokenizer, gpt2_tokenizer
-from dsjax.workloads.trace_gen import (
-    TraceConfig,
-    TraceEntry,
-    arrival_times,
-    make_trace,
-    read_trace,
-    write_trace,
-)
+from dsjax.lazy import lazy_exports
 
-__all__ = [
-    "WORKLOAD_NAMES",
-    "BpeTokenizer",
-    "LengthStats",
-    "TraceConfig",
-    "TraceEntry",
-    "WorkloadRequest",
-    "WorkloadRow",
-    "arrival_times",
-    "gpt2_tokenizer",
-    "length_stats",
-    "load_requests",
-    "load_workload",
-    "make_trace",
-    "prepared_rows",
-    "read_trace",
-    "sample_rows",
-    "scale_length",
-    "write_trace",
-]
+_EXPORTS = {
+    "WORKLOAD_NAMES": "loader",
+    "load_requests": "loader",
+    "load_workload": "loader",
+    "prepared_rows": "loader",
+    "sample_rows": "loader",
+    "scale_length": "loader",
+    "WorkloadRequest": "request",
+    "WorkloadRow": "request",
+    "LengthStats": "stats",
+    "length_stats": "stats",
+    "BpeTokenizer": "tokenizer",
+    "gpt2_tokenizer": "tokenizer",
+    "TraceConfig": "trace_gen",
+    "TraceEntry": "trace_gen",
+    "arrival_times": "trace_gen",
+    "make_trace": "trace_gen",
+    "read_trace": "trace_gen",
+    "write_trace": "trace_gen",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

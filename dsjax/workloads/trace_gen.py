@@ -1,6 +1,6 @@
 """Request traces: when requests arrive and how long their prompts and outputs are.
 
-The one trace implementation of the project (`dsjax.planner.trace` re-exports it). A trace is
+The one trace implementation of the project (the planner's simulator reads it too). A trace is
 stored as JSON Lines, one request a line, keys in this order:
 
     {"arrival_s": 0.731, "prompt_len": 412, "output_len": 87}
@@ -189,13 +189,6 @@ def arrival_times(num_requests: int, config: TraceConfig) -> list[float]:
     if num_requests < 0:
         raise ValueError(f"{num_requests=} must be >= 0")
     return [float(t) for t in _arrival_times(np.random.default_rng(config.seed), num_requests, config)]
-
-
-def poisson_arrivals(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
-    """n arrival times of a Poisson process of `rate` req/s starting at 0 (first gap included)."""
-    if rate <= 0:
-        raise ValueError(f"rate={rate} must be > 0")
-    return np.cumsum(_gaps(rng, n, rate, "poisson", 1.0))
 
 
 def gamma_arrivals(rng: np.random.Generator, n: int, rate: float, cv: float) -> np.ndarray:

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from dsjax.benchmark.cli import main
-from dsjax.benchmark.experiment import CompareConfig, auto_rates, derive_slos, run_compare
-from dsjax.benchmark.fake_server import FakeServer, FakeTiming
-from dsjax.benchmark.servers import ServerOptions
+from dsjax.bench.cli import main
+from dsjax.bench.experiment import CompareConfig, auto_rates, derive_slos, run_compare
+from tests.support.fake_server import FakeServer, FakeTiming
+from dsjax.bench.servers import ServerOptions
 from dsjax.planner.latency import LatencyCoeffs, Profile, save_profile
 
 PNGS = ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "latency_breakdown.png")

@@ -1,9 +1,9 @@
-"""Aggregating repeated runs for the simulator's fidelity table (dsjax/benchmark/fidelity.py)."""
+"""Aggregating repeated runs for the simulator's fidelity table (dsjax/bench/fidelity.py)."""
 
 import pytest
 
-from dsjax.benchmark.cli import main
-from dsjax.benchmark.fidelity import aggregate, markdown, plot
+from dsjax.bench.cli import main
+from dsjax.bench.fidelity import aggregate, markdown, plot
 
 
 def _entries(run, reals, sims, probe=True):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dsjax.benchmark.plots import plot_attainment_vs_rate, plot_attainment_vs_slo_scale, plot_latency_breakdown
-from dsjax.benchmark.prompts import byte_prompt, load_bench_requests, to_bench_requests
+from dsjax.bench.plots import plot_attainment_vs_rate, plot_attainment_vs_slo_scale, plot_latency_breakdown
+from dsjax.bench.prompts import byte_prompt, load_bench_requests, to_bench_requests
 from dsjax.workloads import WorkloadRequest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from dsjax.benchmark.loadgen import run_load
-from dsjax.benchmark.prompts import load_bench_requests
-from dsjax.benchmark.servers import ServerOptions, launch_system
+from dsjax.bench.loadgen import run_load
+from dsjax.bench.prompts import load_bench_requests
+from dsjax.bench.servers import ServerOptions, launch_system
 
 pytestmark = pytest.mark.slow
 

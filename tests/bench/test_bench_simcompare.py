@@ -1,8 +1,8 @@
-"""The served calibration's KV transfer fit (dsjax/benchmark/simcompare.py)."""
+"""The served calibration's KV transfer fit (dsjax/bench/simcompare.py)."""
 
 import pytest
 
-from dsjax.benchmark.simcompare import fit_transfer
+from dsjax.bench.simcompare import fit_transfer
 
 
 def test_fit_transfer_recovers_latency_and_bandwidth():
@@ -25,9 +25,9 @@ def test_speed_scaled_follows_the_window_and_slows_the_simulator(tmp_path):
     each gives those factors, and the simulator fed the slow one predicts lower attainment."""
     import json
 
-    from dsjax.benchmark.analysis import SLOs
-    from dsjax.benchmark.prompts import BenchRequest
-    from dsjax.benchmark.simcompare import ServedCalibration, TraceSimulator, speed_scaled, step_records
+    from dsjax.bench.analysis import SLOs
+    from dsjax.bench.records import BenchRequest
+    from dsjax.bench.simcompare import ServedCalibration, TraceSimulator, speed_scaled, step_records
     from dsjax.planner.buckets import ShapeBuckets
     from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
 

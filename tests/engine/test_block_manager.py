@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from dsjax.block_manager import NULL_BLOCK, BlockManager, OutOfBlocksError, blocks_for
+from dsjax.engine.block_manager import NULL_BLOCK, BlockManager, OutOfBlocksError, blocks_for
 
 
 def test_random_sequences_never_leak_or_double_free():

@@ -1,16 +1,19 @@
 """The single-instance engine against a dense (recompute-everything) greedy reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.engine import Engine
-from dsjax.kv_cache import CacheConfig
-from dsjax.request import FinishReason, Request
-from dsjax.runner import ModelRunner
-from dsjax.sampling_params import SamplingParams
-from dsjax.scheduler import SchedulerConfig
+from dsjax.engine.colocated import ColocatedEngine
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.engine.request import FinishReason, Request
+from dsjax.runtime.runner import ModelRunner
+from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig
+from tests.support.dense import prompt_logits
 
 PROMPT_LENS = (1, 5, 7, 8, 9, 17)  # block size 8: lengths at and around block boundaries
 
@@ -21,7 +24,7 @@ DENSE_LEN = 64
 def dense_greedy(model, params, prompt, n):
     """Greedy decoding by recomputing the whole sequence each token. Causality lets every call
     use one padded length (positions past the sequence cannot influence it): one compilation."""
-    logits_fn = jax.jit(model.prompt_logits)
+    logits_fn = jax.jit(functools.partial(prompt_logits, model))
     seq = list(prompt)
     for _ in range(n):
         padded = jnp.zeros(DENSE_LEN, jnp.int32).at[: len(seq)].set(jnp.array(seq, jnp.int32))
@@ -54,7 +57,7 @@ def prompts():
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
 def test_greedy_matches_dense_reference(fixture, prompts, request):
     model, params = request.getfixturevalue(fixture)
-    engine = Engine(ModelRunner(model, params, CacheConfig(num_blocks=64, block_size=8)), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32))
+    engine = ColocatedEngine(ModelRunner(model, params, CacheConfig(num_blocks=64, block_size=8)), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32))
     start_free = engine.blocks.num_free_blocks
     reqs = make_requests(prompts, 10)
     run(engine, reqs)
@@ -68,7 +71,7 @@ def test_greedy_matches_dense_reference(fixture, prompts, request):
 def test_preemption_under_small_pool_still_exact(tiny_llama, prompts):
     """A pool too small for all requests forces recompute-preemption; outputs must not change."""
     model, params = tiny_llama
-    engine = Engine(ModelRunner(model, params, CacheConfig(num_blocks=9, block_size=8)), SchedulerConfig(max_num_seqs=6, max_prefill_tokens=64))
+    engine = ColocatedEngine(ModelRunner(model, params, CacheConfig(num_blocks=9, block_size=8)), SchedulerConfig(max_num_seqs=6, max_prefill_tokens=64))
     reqs = make_requests(prompts, 10)
     run(engine, reqs)
     assert sum(r.lifecycle.num_preemptions for r in reqs) > 0, "pool was meant to force preemption"
@@ -80,7 +83,7 @@ def test_preemption_under_small_pool_still_exact(tiny_llama, prompts):
 
 def test_abort_and_stop_tokens_free_blocks(tiny_llama, prompts):
     model, params = tiny_llama
-    engine = Engine(ModelRunner(model, params, CacheConfig(num_blocks=32, block_size=8)), SchedulerConfig(max_num_seqs=4))
+    engine = ColocatedEngine(ModelRunner(model, params, CacheConfig(num_blocks=32, block_size=8)), SchedulerConfig(max_num_seqs=4))
     reqs = make_requests(prompts[:3], 20)
     for r in reqs:
         engine.add_request(r)
@@ -106,15 +109,15 @@ def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch,
     """Chunked steps (fused: decodes split from prompt chunks in one prefill call; two programs:
     the decode program then the prefill program in the same step; decode-only steps on the decode
     program) generate the prefill-first engine's greedy tokens."""
-    import dsjax.runner
+    import dsjax.runtime.runner
 
     model, params = tiny_llama
     cache = CacheConfig(num_blocks=64, block_size=8)
     reference = make_requests(prompts, 8)
-    run(Engine(ModelRunner(model, params, cache), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32)), reference)
+    run(ColocatedEngine(ModelRunner(model, params, cache), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32)), reference)
 
     decode_rows, decode_steps = [], []  # num_decode_rows of every prefill call; decode batch sizes
-    real_pack, real_pack_decode = dsjax.runner.pack_prefill, dsjax.runner.pack_decode
+    real_pack, real_pack_decode = dsjax.runtime.runner.pack_prefill, dsjax.runtime.runner.pack_decode
     runner = ModelRunner(model, params, cache)
 
     def pack_spy(*args):
@@ -132,10 +135,10 @@ def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch,
         collected.append(len(launched))
         return ModelRunner.collect(launched)
 
-    monkeypatch.setattr(dsjax.runner, "pack_prefill", pack_spy)
-    monkeypatch.setattr(dsjax.runner, "pack_decode", pack_decode_spy)
+    monkeypatch.setattr(dsjax.runtime.runner, "pack_prefill", pack_spy)
+    monkeypatch.setattr(dsjax.runtime.runner, "pack_decode", pack_decode_spy)
     monkeypatch.setattr(runner, "collect", collect_spy)
-    engine = Engine(runner, SchedulerConfig(max_num_seqs=4, max_prefill_tokens=12), chunked=True, fused_mixed_steps=fused)
+    engine = ColocatedEngine(runner, SchedulerConfig(max_num_seqs=4, max_prefill_tokens=12), chunked=True, fused_mixed_steps=fused)
     reqs = make_requests(prompts, 8)
     run(engine, reqs)
     assert [r.output_token_ids for r in reqs] == [r.output_token_ids for r in reference]

@@ -6,16 +6,16 @@ from collections import deque
 
 import pytest
 
-from dsjax.block_manager import BlockManager
-from dsjax.placement import PhaseParallel, Placement, load_plan, save_plan
-from dsjax.request import Request, Status
-from dsjax.sampling_params import SamplingParams
-from dsjax.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
+from dsjax.engine.block_manager import BlockManager
+from dsjax.engine.placement import PhaseParallel, Placement, load_plan, save_plan
+from dsjax.engine.request import Request, Status
+from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
 
 
 def test_device_free_modules_do_not_import_jax():
     code = (
-        "import sys; import dsjax.scheduler, dsjax.block_manager, dsjax.placement, dsjax.request, dsjax.planner, dsjax.workloads;"
+        "import sys; import dsjax.engine.scheduler, dsjax.engine.block_manager, dsjax.engine.placement, dsjax.engine.request, dsjax.planner, dsjax.workloads;"
         "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ import pytest
 
 from models.attention import PrefillMeta, prefill_attention_xla
 from pallas_kernels import ragged_prefill_reference
-from tests.models.mixed_batch import mixed_batch
+from tests.support.mixed_batch import mixed_batch
 
 SM_SCALE = 0.3
 ATOL = 1e-5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 
 from models.transformer import CausalLM
 from models.weights import load_hf_checkpoint
-from tests.models.hf_fixtures import load_hf_model, make_hf_checkpoint
+from tests.support.hf_fixtures import load_hf_model, make_hf_checkpoint
+from tests.support.dense import prompt_logits
 
 MAX_REL_ERR = 1e-4
 
@@ -44,11 +46,11 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
 def test_prompt_logits_match_transformers(variant):
     name, path, hf_model, lengths = variant
     config, params = load_hf_checkpoint(path, dtype=jnp.float32)
-    prompt_logits = jax.jit(CausalLM(config=config, dtype=jnp.float32).prompt_logits)
+    logits_fn = jax.jit(functools.partial(prompt_logits, CausalLM(config=config, dtype=jnp.float32)))
     rng = np.random.default_rng(len(name))
     for length in lengths:
         ids = rng.integers(0, config.vocab_size, size=length)
-        ours = np.asarray(prompt_logits(params, jnp.asarray(ids, jnp.int32)))
+        ours = np.asarray(logits_fn(params, jnp.asarray(ids, jnp.int32)))
         with torch.no_grad():
             ref = hf_model(torch.as_tensor(ids[None])).logits[0].numpy()
         assert ours.shape == ref.shape == (length, config.vocab_size)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsjax import LLM, SamplingParams
-from tests.models.hf_fixtures import load_hf_model, make_hf_checkpoint
+from tests.support.hf_fixtures import load_hf_model, make_hf_checkpoint
 
 PROMPT_LENGTHS = (5, 15, 16, 17, 33)
 MAX_NEW_TOKENS = 32

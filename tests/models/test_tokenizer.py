@@ -1,4 +1,4 @@
-"""dsjax.tokenizer: the byte tokenizer, the tokenizer.json wrapper, and incremental decoding."""
+"""models.tokenizer: the byte tokenizer, the tokenizer.json wrapper, and incremental decoding."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dsjax.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, ByteTokenizer, HFTokenizer, load_tokenizer
+from models.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, ByteTokenizer, HFTokenizer, load_tokenizer
 from models.config import PRESETS
 
 TEXT = "héllo wörld, 日本語 costs 5€ 😀!"

@@ -20,7 +20,7 @@ from models.config import PRESETS
 from models.hf_config import config_from_hf, eos_token_ids_from_hf
 from models.transformer import CausalLM
 from models.weights import load_hf_checkpoint, load_model, restore_params, save_params
-from tests.models.hf_fixtures import TINY_HF_CONFIGS, make_hf_checkpoint
+from tests.support.hf_fixtures import TINY_HF_CONFIGS, make_hf_checkpoint
 
 
 @pytest.fixture(scope="module")

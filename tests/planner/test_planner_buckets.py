@@ -1,15 +1,15 @@
-"""Shape buckets: simulated steps cost the engine's padded program shapes (dsjax/shapes.py)."""
+"""Shape buckets: simulated steps cost the engine's padded program shapes (dsjax/engine/shapes.py)."""
 
 import numpy as np
 import pytest
 
-from dsjax import shapes
-from dsjax.placement import Placement
+from dsjax.engine import shapes
+from dsjax.engine.placement import Placement
 from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.fitting import fit_profile, relative_errors
 from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
-from dsjax.planner.models import MemoryModel, get_model
-from dsjax.planner.simulator import SchedulerConfig, Simulator
+from dsjax.planner.model_spec import MemoryModel, get_model
+from dsjax.planner.simulator import SimConfig, Simulator
 
 COEFFS = LatencyCoeffs(prefill=(3.0, 0.01, 2e-5), decode_small=(1.5, 1e-3, 0.05), decode_large=(1.0, 1e-3, 0.08))
 DENSE = ShapeBuckets(block_size=16, attention="dense")
@@ -59,7 +59,7 @@ def test_profile_buckets_from_metadata_and_switch():
     assert profile.latency("tiny-llama", tp=1, use_buckets=False).buckets is None
     model = get_model("tiny-llama")
     sim = Simulator(placement=Placement(), profile=profile, model=model, memory=MemoryModel(model=model),
-                    config=SchedulerConfig(shape_buckets=False))
+                    config=SimConfig(shape_buckets=False))
     assert sim.prefill.latency.buckets is None
     with pytest.raises(ValueError, match="attention"):
         ShapeBuckets(attention="flash")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from planner_reference import distserve_profile
+from tests.support.planner_reference import distserve_profile
 
-from dsjax.placement import load_plan
+from dsjax.engine.placement import load_plan
 from dsjax.plan import main
 
 
@@ -50,7 +50,7 @@ def test_bad_arguments_are_reported(capsys):
 def test_dataset_workload_in_opt_tokens(tmp_path, monkeypatch, capsys):
     """--workload/--lengths accept a dataset name: load_workload's GPT-2 counts + 1 (OPT's BOS)."""
     from dsjax.plan import dataset_trace
-    from dsjax.planner.trace import read_trace
+    from dsjax.workloads.trace_gen import read_trace
     from dsjax.workloads import load_workload
 
     monkeypatch.setenv("DSJAX_CACHE", str(tmp_path / "cache"))
@@ -105,12 +105,12 @@ def test_fit_served_writes_a_profile(tmp_path, capsys):
 
 
 def test_cli_and_planner_stay_jax_free():
-    """Only the `profile` command imports jax (dsjax/planner/profiler.py, imported on demand)."""
+    """Only the `profile` command imports jax (dsjax/bench/profiler.py, imported on demand)."""
     import subprocess
     import sys
 
     code = (
-        "import sys; import dsjax.plan, dsjax.planner, dsjax.planner.trace, dsjax.planner.served, serving.step_log,"
+        "import sys; import dsjax.plan, dsjax.planner, dsjax.workloads.trace_gen, dsjax.planner.served, serving.step_log,"
         " dsjax.workloads.trace_gen;"
         "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; assert not bad, bad"
     )

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from planner_reference import distserve_profile
+from tests.support.planner_reference import distserve_profile
 
 from dsjax.planner.fitting import fit_profile
 from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile, load_profile, profile_from_json, save_profile

@@ -1,7 +1,7 @@
 import pytest
-from planner_reference import max_num_tokens_csv
+from tests.support.planner_reference import max_num_tokens_csv
 
-from dsjax.planner.models import (
+from dsjax.planner.model_spec import (
     MemoryModel,
     canonical_model_name,
     get_device,

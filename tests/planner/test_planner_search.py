@@ -1,16 +1,17 @@
 import time
 
 import pytest
-from planner_reference import distserve_profile, max_num_tokens_csv, vllm_profile
+from tests.support.planner_reference import distserve_profile, max_num_tokens_csv, vllm_profile
 
-from dsjax.placement import Placement, PhaseParallel
+from dsjax.engine.placement import Placement, PhaseParallel
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated
 from dsjax.planner.latency import load_profile
-from dsjax.planner.metrics import SLO
-from dsjax.planner.models import MemoryModel, get_model, read_max_num_tokens
+from dsjax.planner.slo import SLO
+from dsjax.planner.model_spec import MemoryModel, get_model, read_max_num_tokens
 from dsjax.planner.search import GoodputConfig, SearchContext, find_goodput
-from dsjax.planner.simulator import SchedulerConfig
-from dsjax.planner.trace import SHAREGPT_LIKE, generate_trace, resample
+from dsjax.planner.simulator import SimConfig
+from dsjax.planner.search import replicas_for_rate
+from dsjax.workloads.trace_gen import SHAREGPT_LIKE, generate_trace, resample
 
 FAST = GoodputConfig(min_requests=300, max_requests=1500, rel_tol=0.05)
 
@@ -23,7 +24,7 @@ def _ctx(model="opt-13b", ttft=0.2, tpot=0.1, goodput=GoodputConfig(), **sched):
         profile=load_profile(distserve_profile()), model=m,
         memory=MemoryModel(model=m, table=read_max_num_tokens(max_num_tokens_csv())),
         slo=SLO(ttft_s=ttft, tpot_s=tpot), workload=workload,
-        scheduler=SchedulerConfig(**sched), goodput_config=goodput,
+        scheduler=SimConfig(**sched), goodput_config=goodput,
     )
 
 
@@ -122,3 +123,11 @@ def test_opt13b_chatbot_decode_tp1_under_public_methodology():
     ctx = _ctx(ttft=0.25, tpot=0.1, kv_capacity_limit=False)
     plan = algorithm1(ctx, ClusterSpec(num_nodes=4, gpus_per_node=8))
     assert plan.placement.decode.tp == 1
+
+
+def test_replicas_for_rate():
+    assert replicas_for_rate(10.0, 4.0) == 3
+    assert replicas_for_rate(8.0, 4.0) == 2
+    assert replicas_for_rate(0.5, 4.0) == 1
+    with pytest.raises(ValueError, match="per_instance_goodput=0"):
+        replicas_for_rate(1.0, 0)

@@ -3,13 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from dsjax.placement import Placement, PhaseParallel
-from dsjax.planner.batch import RunningBatch
+from dsjax.engine.placement import Placement, PhaseParallel
+from dsjax.planner.running_batch import RunningBatch
 from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
-from dsjax.planner.metrics import SLO
-from dsjax.planner.models import MemoryModel, get_model
-from dsjax.planner.simulator import SchedulerConfig, Simulator, md1_mean_ttft
-from dsjax.planner.trace import FixedLengths, Trace, generate_trace
+from dsjax.planner.slo import SLO
+from dsjax.planner.model_spec import MemoryModel, get_model
+from dsjax.planner.simulator import SimConfig, Simulator, md1_mean_ttft
+from dsjax.workloads.trace_gen import FixedLengths, Trace, generate_trace
 
 COEFFS = LatencyCoeffs(prefill=(18.1, 0.1019, 7.12e-6), decode_small=(19.93, 6.27e-4, 0.0385), decode_large=(7.17, 5.8e-4, 0.158))
 PROFILE = Profile(entries={"facebook/opt-13b": {1: COEFFS, 2: COEFFS}})
@@ -19,7 +19,7 @@ SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
 
 
 def _sim(placement, memory=BIG, **cfg):
-    return Simulator(placement=placement, profile=PROFILE, model=MODEL, memory=memory, config=SchedulerConfig(**cfg))
+    return Simulator(placement=placement, profile=PROFILE, model=MODEL, memory=memory, config=SimConfig(**cfg))
 
 
 def _trace(rows):
@@ -171,7 +171,7 @@ def test_decode_join_cost_delays_the_whole_batch():
     first_extra = (cost2.tpot_s[0] - free2.tpot_s[0]) * 199
     assert first_extra == pytest.approx(0.02, rel=0.05)  # its own landing and the second's
     with pytest.raises(ValueError, match="decode_join_s"):
-        SchedulerConfig(decode_join_s=-1.0)
+        SimConfig(decode_join_s=-1.0)
 
 
 def test_dispatch_spreads_over_instances():
@@ -225,4 +225,4 @@ def test_simulator_validates_configs():
     with pytest.raises(ValueError, match="phase='prefill' needs a disaggregated"):
         _sim(Placement.colocated(tp=1)).run(_trace([(0.0, 1, 1)]), slo=SLO_, phase="prefill")
     with pytest.raises(ValueError, match="prefill_token_budget=0"):
-        SchedulerConfig(prefill_token_budget=0)
+        SimConfig(prefill_token_budget=0)

@@ -3,7 +3,7 @@ merged into one message, nothing after the final event."""
 
 import grpc
 
-from dsjax.request import FinishReason
+from dsjax.engine.request import FinishReason
 from serving.engine_loop import ErrorEvent, FinishEvent, Outbox, TokenEvent
 
 

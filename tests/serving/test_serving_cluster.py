@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.sampling_params import SamplingParams
+from dsjax.engine.sampling_params import SamplingParams
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
-from serving.testing import free_port, instances, launch_server, stop_server, wait_idle, wait_serving
+from tests.support.serving import free_port, instances, launch_server, stop_server, wait_idle, wait_serving
 
 MAX_TOKENS = 10
 LEASE_S = 3.0

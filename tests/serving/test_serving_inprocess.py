@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.cluster import build_engine
-from dsjax.kv_cache import CacheConfig
-from dsjax.placement import PhaseParallel, Placement
-from dsjax.sampling_params import SamplingParams
-from dsjax.scheduler import SchedulerConfig
-from dsjax.tokenizer import ByteTokenizer
+from dsjax.runtime.builder import build_engine
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.engine.placement import PhaseParallel, Placement
+from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig
+from models.tokenizer import ByteTokenizer
 from models.transformer import CausalLM
 from models.weights import load_model
 from serving.inprocess import InProcessBackend, ThreadedBackend
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.router import RouterServer
-from serving.testing import wait_idle, wait_serving
+from tests.support.serving import wait_idle, wait_serving
 
 CACHE = CacheConfig(num_blocks=96, block_size=16)
 SCHED = SchedulerConfig(max_num_seqs=16, max_prefill_tokens=256)

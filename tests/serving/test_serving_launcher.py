@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from serving.testing import REPO, free_port, launch_server, stop_server, wait_serving
+from tests.support.serving import REPO, free_port, launch_server, stop_server, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_client_reports_errors(default_server):
 
 
 def test_placement_from_flags_and_plan(tmp_path):
-    from dsjax.placement import PhaseParallel, Placement, save_plan
+    from dsjax.engine.placement import PhaseParallel, Placement, save_plan
     from dsjax.serve import parse_args, placement_from_args
     from serving.supervisor import assign_gpus, xla_flags_with_devices
 

@@ -11,11 +11,11 @@ import grpc
 import pytest
 
 import dsjax
-from dsjax.sampling_params import SamplingParams
+from dsjax.engine.sampling_params import SamplingParams
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.supervisor import xla_flags_with_devices
-from serving.testing import free_port, instances, launch_server, stop_server, wait_idle, wait_serving
+from tests.support.serving import free_port, instances, launch_server, stop_server, wait_idle, wait_serving
 
 CACHE_DIR = os.path.expanduser("~/.cache/dsjax/jax-tests")
 

@@ -1,0 +1,291 @@
+"""Command line of `python -m dsjax.bench` (dsjax/bench/__main__.py is the entry point).
+
+    python -m dsjax.bench --target localhost:50051 --workload sharegpt --rates 1,2,4 --ttft 0.3 --tpot 0.015 \\
+        [--num-requests N] [--scale K] [--arrival poisson|gamma --cv C] [--seed S] [--out DIR]
+    python -m dsjax.bench compare [--quick] [--workload sharegpt] [--model small-llama] [--out DIR]
+    python -m dsjax.bench report DIR          # re-draw a compare directory's plots and summary.md
+    python -m dsjax.bench fidelity DIR [DIR ...] [--out F.md] [--plot F.png]   # simulator vs repeated runs
+    python -m dsjax.bench engine [ARGS]       # engine steps: prefill, decode, KV migration (engine_bench.py)
+    python -m dsjax.bench kernels [ARGS]      # Pallas paged attention kernels vs XLA (kernel_bench.py)
+    python -m dsjax.bench transfer [ARGS]     # KV transfer over gRPC vs raw TCP (transfer_bench.py)
+    python -m dsjax.bench profile [ARGS]      # latency profile of the engine (= python -m dsjax.plan profile)
+
+The first form benchmarks a running server (several comma-separated targets are replicas: each
+request goes to the one with the fewest in flight). The second starts the three systems in turn and
+compares them (dsjax/bench/experiment.py). docs/results.md has the results and the commands. The
+last four hand the rest of the command line to that module's `main` (`<command> --help` for its flags).
+
+Every subcommand imports what it needs when it runs: importing this module pulls in neither jax
+nor matplotlib nor grpc, and of the commands only the last four import jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# Parse-time choices only (cheap: no jax, matplotlib or grpc); each subcommand imports the rest itself.
+from dsjax.bench.prompts import PROMPT_FORMATS
+from dsjax.runtime.host_devices import ensure_host_devices
+from dsjax.workloads import WORKLOAD_NAMES
+from dsjax.workloads.trace_gen import ARRIVAL_PROCESSES
+
+# Micro-benchmarks: `python -m dsjax.bench NAME ARGS...` runs MODULE.main([*LEADING, *ARGS]).
+# NAME: (MODULE, LEADING, host devices it wants, one line for --help). Imported only when run (they
+# pull in jax); the engine benchmark's migration needs two devices (fake ones on a CPU).
+FORWARDED: dict[str, tuple[str, tuple[str, ...], int, str]] = {
+    "engine": ("dsjax.bench.engine_bench", (), 2, "engine steps: prefill tokens/s, decode step time, KV migration"),
+    "kernels": ("dsjax.bench.kernel_bench", (), 1, "Pallas paged attention kernels against their XLA references"),
+    "transfer": ("dsjax.bench.transfer_bench", (), 1, "KV transfer over gRPC on loopback against a raw TCP copy"),
+    "profile": ("dsjax.plan", ("profile",), 1, "latency profile of the engine (same as `python -m dsjax.plan profile`)"),
+}
+
+SUBCOMMANDS: dict[str, str] = {
+    "compare": "headline experiment: per-device goodput, disaggregated vs colocated vs chunked",
+    "report": "re-draw a compare directory's plots and summary.md",
+    "fidelity": "the planner's simulator against repeated compare runs",
+    **{name: line for name, (_, _, _, line) in FORWARDED.items()},
+}
+
+def _floats(spec: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"{spec!r} must be a comma-separated list of numbers")
+    return values
+
+
+def _ints(spec: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} must be a comma-separated list of integers") from None
+
+
+def _add_workload(p: argparse.ArgumentParser, *, num_requests: int | None) -> None:
+    p.add_argument("--workload", choices=WORKLOAD_NAMES, default="sharegpt")
+    p.add_argument("--num-requests", type=int, default=num_requests, help="requests per rate (one seeded sample)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="divide prompt and output lengths (>= 1; default 1 for a server, 4 for compare)")
+    p.add_argument("--seed", type=int, default=0, help="drives the sample, the prompts and the arrivals")
+    p.add_argument("--arrival", choices=ARRIVAL_PROCESSES, default="poisson")
+    p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation of the gaps")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="bytes",
+                   help="bytes: real text as UTF-8 byte ids (dummy presets); gpt2: BPE ids; random: ids < --vocab-size; text")
+    p.add_argument("--max-bisections", type=int, default=None, help="goodput bisection probes after the scan")
+    p.add_argument("--rel-tol", type=float, default=None, help="bisection stops within this fraction of the failing rate")
+    p.add_argument("--target-attainment", type=float, default=0.9)
+    p.add_argument("--source-limit", type=int, default=None,
+                   help="read only the first N records of the dataset (fast demos and tests)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _subcommands_epilog() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    return "other commands (python -m dsjax.bench COMMAND --help):\n" + "\n".join(
+        f"  {name:<{width}}  {line}" for name, line in SUBCOMMANDS.items())
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    from dsjax.bench.loadgen import DEFAULT_REQUEST_TIMEOUT_S
+
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench", description="Benchmark a running dsjax server "
+                                "(the other commands are listed at the end).",
+                                epilog=_subcommands_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, help="HOST:PORT, or several comma-separated replicas")
+    p.add_argument("--rates", type=_floats, required=True, help="request rates to scan, req/s, increasing")
+    p.add_argument("--ttft", type=float, required=True, help="TTFT SLO, seconds")
+    p.add_argument("--tpot", type=float, required=True, help="TPOT SLO, seconds")
+    _add_workload(p, num_requests=200)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="served vocabulary (checks ids; needed by --prompt-format random)")
+    p.add_argument("--no-bisect", action="store_true", help="report the scan only (goodput = last passing scan rate)")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent at once before the scan, not measured")
+    p.add_argument("--timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="per-request deadline, seconds")
+    p.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the server to answer")
+    p.add_argument("--label", default="server", help="system name in the results")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    from dsjax.bench.servers import SYSTEMS
+
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench compare",
+                                description="Per-device goodput of disaggregated vs colocated vs chunked prefill, "
+                                            "each started in turn on the same cores, plus the simulator's prediction.")
+    p.add_argument("--quick", action="store_true", help="~10 minutes: 60 requests, 2 bisections (see docs/results.md)")
+    p.add_argument("--model", default="small-llama", help="model preset served with dummy weights")
+    _add_workload(p, num_requests=None)
+    p.add_argument("--rates", type=_floats, default=None, help="scan rates, req/s (default: around the simulated goodputs)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    p.add_argument("--ttft", type=float, default=None, help="override the derived TTFT SLO, seconds")
+    p.add_argument("--tpot", type=float, default=None, help="override the derived TPOT SLO, seconds")
+    p.add_argument("--profile", type=Path, default=None, help="latency profile to use (default: cached, else measured)")
+    p.add_argument("--reprofile", action="store_true", help="measure the profile again even if cached")
+    p.add_argument("--full-profile", action="store_true", help="profile with the full grid instead of --quick")
+    p.add_argument("--cores", type=_ints, default=(0, 1), help="the two cores (devices) the servers are pinned to")
+    p.add_argument("--no-pin", action="store_true", help="do not pin servers to cores")
+    p.add_argument("--no-warmup-shapes", action="store_true",
+                   help="servers compile shapes on first use instead of at start-up (dsjax/runtime/warmup.py)")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for every server process")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="decode batch cap of every system")
+    p.add_argument("--max-prefill-tokens", type=int, default=256,
+                   help="prefill batch budget L_m (and chunked step budget) of every system; 256: on one CPU core a "
+                        "packed prefill stops gaining from batching beyond ~256 tokens (docs/results.md)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up requests per system (at once, then at the top and bottom scan rates); default all")
+    p.add_argument("--speed-probe", type=float, default=None, metavar="S",
+                   help="before each measured run, S seconds of unmeasured traffic at the same rate whose step costs "
+                        "recalibrate the simulator (the fidelity table's 'probe' column); default 0: none")
+    p.add_argument("--out", type=Path, default=Path("bench-results/compare"))
+    p.add_argument("--docs-img", default=None, help="also copy the plots to docs/img/<PREFIX>-*.png")
+    return p
+
+
+def main_run(argv: list[str]) -> int:
+    from dsjax.bench.analysis import SLOs, mean_breakdown, slo_scale_curve, write_json
+    from dsjax.bench.metrics import write_results_csv, write_results_json
+    from dsjax.bench.prompts import load_bench_requests
+    from dsjax.bench.sweep import SweepConfig, sweep_target
+
+    args = build_run_parser().parse_args(argv)
+    slos = SLOs(ttft_s=args.ttft, tpot_s=args.tpot, target=args.target_attainment)
+    requests = load_bench_requests(args.workload, num_requests=args.num_requests, seed=args.seed, scale=args.scale or 1,
+                                   prompt_format=args.prompt_format, vocab_size=args.vocab_size,
+                                   source_limit=args.source_limit)
+    cfg = SweepConfig(rates=args.rates, arrival=args.arrival, cv=args.cv, seed=args.seed, bisect=not args.no_bisect,
+                      rel_tol=args.rel_tol or 0.05, max_bisections=4 if args.max_bisections is None else args.max_bisections,
+                      timeout_s=args.timeout, connect_timeout_s=args.connect_timeout, warmup_requests=args.warmup)
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = sweep_target(targets if len(targets) > 1 else targets[0], requests, cfg, slos, label=args.label,
+                         out_dir=out, progress=not args.no_progress)
+    write_results_json(out / "results.json", list(sweep.rows))
+    write_results_csv(out / "results.csv", list(sweep.rows))
+    summary = {
+        "target": args.target, "workload": args.workload, "scale": args.scale or 1, "num_requests": len(requests),
+        "slo": {"ttft_s": slos.ttft_s, "tpot_s": slos.tpot_s, "target": slos.target},
+        "goodput": sweep.goodput, "saturated": sweep.saturated, "probes": sweep.probes,
+        "tightest_slo_scale": {row["rate"]: row["tightest_slo_scale"] for row in sweep.full_rows()},
+    }
+    write_json(out / "summary.json", summary)
+    if not args.no_plots:
+        from dsjax.bench.plots import plot_attainment_vs_rate, plot_attainment_vs_slo_scale, plot_latency_breakdown
+
+        full = sweep.full_rows()
+        plot_attainment_vs_rate({args.label: full}, out / "attainment_vs_rate.png", target=slos.target,
+                                goodputs={args.label: sweep.goodput})
+        plot_attainment_vs_slo_scale({f"{row['rate']:g} req/s": slo_scale_curve(sweep.run_at(row["rate"]).records, slos)
+                                      for row in full}, out / "attainment_vs_slo_scale.png", target=slos.target)
+        plot_latency_breakdown({f"{row['rate']:g} req/s": mean_breakdown(sweep.run_at(row["rate"])) for row in full},
+                               out / "latency_breakdown.png")
+    print(f"goodput {sweep.goodput:.4g} req/s{' (every scanned rate passed)' if sweep.saturated else ''} at "
+          f"{slos.target:.0%} joint attainment (TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s); results in {out}")
+    return 0
+
+
+def main_compare(argv: list[str]) -> int:
+    from dsjax.bench.experiment import CompareConfig, quick_config, run_compare
+    from dsjax.bench.report import copy_plots
+    from dsjax.bench.servers import ServerOptions
+
+    args = build_compare_parser().parse_args(argv)
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    server = ServerOptions(model=args.model, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                           xla_flags=args.xla_flags, pin=not args.no_pin, cores=args.cores,
+                           warmup_shapes=not args.no_warmup_shapes)
+    overrides = {k: v for k, v in dict(
+        out=args.out, model=args.model, workload=args.workload, seed=args.seed, prompt_format=args.prompt_format,
+        systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv, target=args.target_attainment,
+        ttft_s=args.ttft, tpot_s=args.tpot, profile=args.profile, reprofile=args.reprofile,
+        quick_profile=not args.full_profile, server=server, progress=not args.no_progress,
+        num_requests=args.num_requests, scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol,
+        warmup_requests=args.warmup, source_limit=args.source_limit, speed_probe_s=args.speed_probe,
+    ).items() if v is not None}
+    cfg = quick_config(**overrides) if args.quick else CompareConfig(**overrides)
+    summary = run_compare(cfg)
+    if args.docs_img:
+        copied = copy_plots(cfg.out, Path(__file__).resolve().parents[2] / "docs" / "img", args.docs_img)
+        print("plots copied to " + ", ".join(str(p) for p in copied))
+    ratios = ", ".join(f"{k} {v:.2f}x" for k, v in summary["ratios"].items())
+    print(f"per-device goodput: " + ", ".join(f"{s} {d['per_device_goodput']:.3g}" for s, d in summary["systems"].items())
+          + (f"; {ratios}" if ratios else "") + f"; results in {cfg.out}")
+    return 0
+
+
+def main_report(argv: list[str]) -> int:
+    from dsjax.bench.report import copy_plots, rerender
+
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench report",
+                                description="Re-draw the plots and summary.md of a `compare` output directory.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--docs-img", default=None, help="also copy the plots to docs/img/<PREFIX>-*.png")
+    args = p.parse_args(argv)
+    summary = rerender(args.out)
+    if args.docs_img:
+        copy_plots(args.out, Path(__file__).resolve().parents[2] / "docs" / "img", args.docs_img)
+    print((args.out / "summary.md").read_text(), end="")
+    return 0 if summary else 1
+
+
+def main_fidelity(argv: list[str]) -> int:
+    from tqdm import tqdm
+
+    from dsjax.bench.fidelity import aggregate, markdown, plot, simulate_runs
+
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench fidelity",
+                                description="The planner's simulator against repeated `compare` runs of the same "
+                                            "trace and rates (dsjax/bench/fidelity.py).")
+    p.add_argument("runs", type=Path, nargs="+", help="compare output directories (with their logs/)")
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--plot", type=Path, default=None, help="also draw measured vs simulated attainment (PNG)")
+    args = p.parse_args(argv)
+    missing = [str(r) for r in args.runs if not (r / "summary.json").is_file()]
+    if missing:
+        print(f"error: no summary.json in {missing}", file=sys.stderr)
+        return 2
+    per_run = [simulate_runs(r) for r in tqdm(args.runs, desc="re-simulating runs", unit="run")]
+    points = aggregate(per_run)
+    if not points:
+        print("error: no (system, rate) was measured in full by every run", file=sys.stderr)
+        return 2
+    text = markdown(points)
+    if args.out:
+        args.out.write_text(text)
+    if args.plot:
+        plot(points, args.plot, title=f"{len(args.runs)} runs")
+    print(text, end="")
+    return 0
+
+
+def main_forwarded(name: str, argv: list[str]) -> int:
+    """Run micro-benchmark `name` (a key of FORWARDED) on `argv`; its exit code (None: 0)."""
+    module_name, leading, host_devices, _ = FORWARDED[name]
+    ensure_host_devices(host_devices)
+    module = importlib.import_module(module_name)
+    rc = module.main([*leading, *argv])
+    return 0 if rc is None else rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in FORWARDED:  # their own error handling, as when run on their own
+        return main_forwarded(argv[0], argv[1:])
+    try:
+        if argv[:1] == ["compare"]:
+            return main_compare(argv[1:])
+        if argv[:1] == ["report"]:
+            return main_report(argv[1:])
+        if argv[:1] == ["fidelity"]:
+            return main_fidelity(argv[1:])
+        return main_run(argv)
+    except (ValueError, ConnectionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

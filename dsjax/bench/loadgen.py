@@ -1,0 +1,268 @@
+"""The load generator: one asyncio loop sends a request schedule over gRPC and times every token.
+
+    offsets = send_schedule(len(requests), rate=4.0, seed=0)           # seconds from the start
+    run = run_load("localhost:50051", requests, offsets, rate=4.0)      # -> LoadRun
+    run.records                                                          # metrics.RequestRecord
+
+Each request is one `dsjax.v1.Generation/Generate` stream (greedy, EOS ignored, max_tokens =
+output_len). Times are client-side `time.perf_counter()` readings relative to the schedule's start:
+`send_s` just before the call is started, and one receive time per streamed message (a message with
+k tokens gives k tokens that time), so TTFT includes the network and the router, as a user sees it.
+The last message's `LatencyBreakdown` (queue / prefill / transfer / decode on the server) is kept.
+
+The client stays lean so it is not the bottleneck on a small machine: one event loop, one channel
+per target, no per-token work beyond appending (time, count); `LoadRun.send_lag_*` report how late requests
+left against their schedule, so an overloaded client shows up in the results.
+
+Early stop (`StopRule`): once more requests have *certainly* missed the SLOs than the attainment
+target allows (a request without a first token past the TTFT SLO, or whose TPOT already exceeds
+the SLO even if its last token came now), the run cannot reach the target: the rest is cancelled
+and never sent, recorded as failures. The pass/fail verdict is exact; the attainment is then a
+lower bound (`LoadRun.stopped_early`). Goodput bisection uses it to skip overloaded rates quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+import numpy as np
+from tqdm import tqdm
+
+from dsjax.bench.metrics import RequestRecord, meets_tpot, meets_ttft
+from dsjax.bench.records import BenchRequest, Breakdown, LoadRun, RequestResult
+from dsjax.workloads.trace_gen import TraceConfig, arrival_times
+from serving.proto.dsjax.v1 import dsjax_pb2 as pb
+from serving.proto.dsjax.v1 import dsjax_pb2_grpc as pb_grpc
+
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+_MONITOR_PERIOD_S = 0.2
+
+
+def send_schedule(num_requests: int, *, rate: float, arrival: str = "poisson", cv: float = 1.0,
+                  seed: int = 0) -> list[float]:
+    """Send offsets in seconds: the first request at 0, then i.i.d. gaps of mean 1/rate.
+
+    Poisson: exponential gaps; gamma: coefficient of variation `cv` (bursty for cv > 1). With one
+    seed the gaps at every rate are the same unit-rate gaps divided by the rate, so a rate sweep
+    replays one arrival pattern compressed or stretched (`dsjax.workloads.arrival_times`).
+    """
+    config = TraceConfig(rate=rate, arrival=arrival, cv=cv if arrival == "gamma" else 1.0, seed=seed)
+    return arrival_times(num_requests, config)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StopRule:
+    """Stop a run once it certainly misses `target` joint attainment under these SLOs."""
+
+    ttft_slo_s: float
+    tpot_slo_s: float
+    target: float = 0.9
+
+    def allowed_misses(self, num_requests: int) -> int:
+        return math.floor((1 - self.target) * num_requests + 1e-9)
+
+
+class _Tracker:
+    """Mutable per-request state, touched only from the event loop."""
+
+    __slots__ = ("req", "scheduled_s", "send_s", "messages", "first_s", "last", "error", "done", "_missed")
+
+    def __init__(self, req: BenchRequest, scheduled_s: float):
+        self.req, self.scheduled_s = req, scheduled_s
+        self.send_s: float | None = None
+        self.messages: list[tuple[float, int]] = []
+        self.first_s: float | None = None
+        self.last: pb.GenerateResponse | None = None
+        self.error: str | None = None
+        self.done = False
+        self._missed: bool | None = None  # verdict once done (computed once)
+
+    def certainly_missed(self, now: float, rule: StopRule) -> bool:
+        if self.send_s is None:
+            return False
+        if self.done:
+            if self._missed is None:
+                rec = self.record()
+                self._missed = not (meets_ttft(rec, rule.ttft_slo_s) and meets_tpot(rec, rule.tpot_slo_s))
+            return self._missed
+        if self.first_s is None:
+            return now - self.send_s > rule.ttft_slo_s
+        if self.first_s - self.send_s > rule.ttft_slo_s:
+            return True
+        n = self.req.output_len
+        return n > 1 and (now - self.first_s) / (n - 1) > rule.tpot_slo_s
+
+    def record(self) -> RequestRecord:
+        return RequestRecord.from_messages(
+            send_s=self.scheduled_s if self.send_s is None else self.send_s, messages=self.messages,
+            prompt_len=self.req.prompt_len, output_len=self.req.output_len, error=self.error,
+        )
+
+
+def generate_request(req: BenchRequest, request_id: str) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
+    if req.prompt_token_ids is not None:
+        return pb.GenerateRequest(request_id=request_id, token_ids=pb.TokenIds(ids=req.prompt_token_ids), sampling=sampling)
+    return pb.GenerateRequest(request_id=request_id, text=req.prompt_text, sampling=sampling)
+
+
+async def _one(stub: pb_grpc.GenerationStub, tr: _Tracker, request_id: str, t0: float, timeout_s: float) -> None:
+    clock = time.perf_counter
+    msg_req = generate_request(tr.req, request_id)
+    tr.send_s = clock() - t0
+    try:
+        async for msg in stub.Generate(msg_req, timeout=timeout_s):
+            now = clock() - t0
+            n = len(msg.token_ids)
+            if n:
+                if tr.first_s is None:
+                    tr.first_s = now
+                tr.messages.append((now, n))
+            tr.last = msg
+        got = sum(n for _, n in tr.messages)
+        reason = pb.FinishReason.Name(tr.last.finish_reason) if tr.last is not None else "NONE"
+        if got != tr.req.output_len:
+            tr.error = f"received {got} of {tr.req.output_len} tokens (finish_reason {reason})"
+    except grpc.aio.AioRpcError as e:
+        tr.error = f"{e.code().name}: {e.details()}"
+    except asyncio.CancelledError:
+        tr.error = "cancelled: run stopped early"
+        raise
+    finally:
+        tr.done = True
+
+
+def _result(tr: _Tracker, request_id: str) -> RequestResult:
+    breakdown = server_ttft = None
+    reason = "NONE"
+    if tr.last is not None:
+        reason = pb.FinishReason.Name(tr.last.finish_reason)
+        if tr.last.HasField("breakdown"):
+            breakdown = Breakdown.from_proto(tr.last.breakdown)
+        timing = tr.last.timing
+        if timing.first_token_time > 0 and timing.arrival_time > 0:
+            server_ttft = timing.first_token_time - timing.arrival_time
+    if tr.send_s is None and tr.error is None:
+        tr.error = "not sent: run stopped early"
+    return RequestResult(index=tr.req.index, request_id=request_id, scheduled_s=tr.scheduled_s, record=tr.record(),
+                         breakdown=breakdown, server_ttft_s=server_ttft, finish_reason=reason)
+
+
+async def run_load_async(
+    target: str | Sequence[str],
+    requests: Sequence[BenchRequest],
+    offsets_s: Sequence[float],
+    *,
+    rate: float,
+    stop_rule: StopRule | None = None,
+    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+    progress: bool = True,
+    tag: str = "bench",
+    connect_timeout_s: float = 30.0,
+) -> LoadRun:
+    """Sends `requests[i]` at `offsets_s[i]` seconds after the start; returns when all are done.
+
+    `target`: one address, or several replicas of one service: each request then goes to the
+    replica with the fewest requests in flight (ties to the lowest index), as a load balancer would.
+    """
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets:
+        raise ValueError("no target to send to")
+    if len(requests) != len(offsets_s):
+        raise ValueError(f"{len(requests)=} requests but {len(offsets_s)=} send offsets")
+    if any(b < a for a, b in zip(offsets_s, offsets_s[1:])):
+        raise ValueError("send offsets must be non-decreasing")
+    trackers = [_Tracker(r, float(t)) for r, t in zip(requests, offsets_s)]
+    ids = [f"{tag}-{r.index}" for r in requests]
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    channels = [grpc.aio.insecure_channel(t, options=options) for t in targets]
+    try:
+        for t, channel in zip(targets, channels):
+            try:
+                await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
+            except asyncio.TimeoutError:
+                raise ConnectionError(f"no gRPC server answered at {t} within {connect_timeout_s} s") from None
+        stubs = [pb_grpc.GenerationStub(c) for c in channels]
+        in_flight = [0] * len(stubs)
+        bar = tqdm(total=len(trackers), desc=f"{tag} @ {rate:g} req/s", unit="req", leave=False, disable=not progress)
+        tasks: list[asyncio.Task] = []
+        stop = asyncio.Event()
+        t0 = time.perf_counter()
+        started_at = time.time()
+
+        def finished(k: int) -> None:
+            in_flight[k] -= 1
+            bar.update(1)
+
+        async def dispatch() -> None:
+            for tr, rid in zip(trackers, ids):
+                delay = tr.scheduled_s - (time.perf_counter() - t0)
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+                if stop.is_set():
+                    return
+                k = min(range(len(stubs)), key=in_flight.__getitem__)
+                in_flight[k] += 1
+                task = asyncio.create_task(_one(stubs[k], tr, rid, t0, timeout_s))
+                task.add_done_callback(lambda _t, k=k: finished(k))
+                tasks.append(task)
+
+        async def monitor() -> None:
+            allowed = stop_rule.allowed_misses(len(trackers))  # type: ignore[union-attr]
+            while not stop.is_set():
+                now = time.perf_counter() - t0
+                if sum(tr.certainly_missed(now, stop_rule) for tr in trackers) > allowed:  # type: ignore[arg-type]
+                    stop.set()
+                    for task in tasks:
+                        task.cancel()
+                    return
+                await asyncio.sleep(_MONITOR_PERIOD_S)
+
+        watcher = asyncio.create_task(monitor()) if stop_rule is not None else None
+        await dispatch()
+        # dispatch has returned, so `tasks` is final.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stopped = stop.is_set()
+        stop.set()
+        if watcher is not None:
+            await watcher
+        wall = time.perf_counter() - t0
+        bar.close()
+    finally:
+        for channel in channels:
+            await channel.close()
+    lags = [tr.send_s - tr.scheduled_s for tr in trackers if tr.send_s is not None]
+    return LoadRun(
+        rate=rate,
+        results=tuple(_result(tr, rid) for tr, rid in zip(trackers, ids)),
+        wall_s=wall,
+        stopped_early=stopped,
+        send_lag_p99_s=float(np.percentile(lags, 99)) if lags else math.nan,
+        send_lag_max_s=max(lags) if lags else math.nan,
+        started_at=started_at,
+    )
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def run_load(target: str | Sequence[str], requests: Sequence[BenchRequest], offsets_s: Sequence[float], **kwargs) -> LoadRun:
+    """Blocking wrapper of `run_load_async`, for one thread.
+
+    Every call runs on one long-lived event loop: grpc.aio delivers late completion events to the
+    loop a channel was used on, so closing a loop per run (asyncio.run) makes it log
+    "Event loop is closed" errors after the run.
+    """
+    global _LOOP
+    if _LOOP is None or _LOOP.is_closed():
+        _LOOP = asyncio.new_event_loop()
+    return _LOOP.run_until_complete(run_load_async(target, requests, offsets_s, **kwargs))

@@ -1,0 +1,216 @@
+"""A colocated instance: both phases on one model replica, two policies.
+
+- prefill-first (vLLM-style): a step is either a prefill batch, when prompts wait and fit, or a
+  decode step of every running request;
+- chunked prefill (Sarathi, vLLM's default today): every step carries all running decodes (one
+  token each) and fills the rest of a token budget with a chunk of the oldest waiting prompt. A
+  decode token is a chunk of length one, so the mixed batch can be one call of the prefill
+  program, whose attention handles the decodes apart from the prompt chunks (the split layout of
+  models/attention.py): "fused", the default with the Pallas kernels; on the XLA path the step
+  runs the decode program and the prefill program back to back instead (`fused_mixed_steps`).
+  A step with no prompt chunk runs the decode program.
+
+
+A prefill-first step is: pick a batch, run it, record the tokens:
+
+    batch = pick_prefill_batch(...) or pick_decode_batch(...)
+    tokens = runner.prefill(...) / runner.decode(...)
+    finished = [r for r, t in zip(batch, tokens) if r.append_token(t, now)]
+
+Prefill batches take priority, so a new prompt delays the running decodes by one prefill; chunking
+bounds that delay but slows every step that carries a chunk. That interference is exactly what
+disaggregation removes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+import numpy as np
+
+from dsjax.engine.block_manager import BlockManager, blocks_for
+from dsjax.engine.policies import chunked_prefill_plan, colocated_runs_prefill, least_loaded
+from dsjax.engine.request import Chunk, FinishReason, Request, Status
+from dsjax.engine.runner_interface import Runner
+from dsjax.engine.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
+
+
+class ColocatedEngine:
+    def __init__(self, runner: Runner, scheduler: SchedulerConfig, chunked: bool = False,
+                 fused_mixed_steps: bool | None = None):
+        self.runner = runner
+        self.cfg = scheduler
+        self.chunked = chunked
+        # A chunked step with decodes and prompt chunks runs as one prefill-program call (fused) or
+        # as the decode program then the prefill program, dispatched back to back in the same step
+        # (same tokens). Default: what the runner prefers (fused with the Pallas kernels).
+        self.fused_mixed_steps = runner.fuses_mixed_steps if fused_mixed_steps is None else fused_mixed_steps
+        self._computed: dict[str, int] = {}  # chunked mode: prompt tokens already in the cache
+        self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+
+    # ---- request management --------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self._by_id:
+            raise ValueError(f"request_id={req.request_id!r} is already in the engine")
+        capacity = self.blocks.capacity_blocks * self.blocks.block_size
+        if req.prompt_len + req.sampling.max_tokens > capacity:
+            raise ValueError(
+                f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} exceeds the KV pool "
+                f"({capacity} tokens)"
+            )
+        self._by_id[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request wherever it is; its blocks are freed. Returns False if unknown."""
+        req = self._by_id.get(request_id)
+        if req is None:
+            return False
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req in self.running:
+            self.running.remove(req)
+        self._computed.pop(request_id, None)
+        req.finish_reason = FinishReason.CANCELLED
+        self._finish(req, time.perf_counter())
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, req: Request, now: float) -> None:
+        self.blocks.free(req.request_id)
+        req.status = Status.FINISHED
+        req.lifecycle.finish = now
+        self._by_id.pop(req.request_id, None)
+
+    # ---- one step ------------------------------------------------------------------------
+    def load(self) -> int:
+        return sum(r.num_tokens for r in self.running) + sum(r.num_tokens for r in self.waiting)
+
+    def step(self) -> list[Request]:
+        """Run one batch; returns the requests that finished in it."""
+        if self.chunked:
+            return self._chunked_step()
+        room = self.cfg.max_num_seqs - len(self.running)
+        batch = []
+        if room > 0 and self._prefill_first():
+            batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg, max_seqs=room)
+        if batch:
+            start = time.perf_counter()
+            for r in batch:
+                r.lifecycle.prefill_start = r.lifecycle.prefill_start or start
+            tokens = self.runner.prefill([Chunk(r, 0, r.num_tokens) for r in batch], [self.blocks.block_table(r.request_id) for r in batch])
+            now = time.perf_counter()
+            for r in batch:
+                r.lifecycle.prefill_end = now
+                r.lifecycle.decode_start = r.lifecycle.decode_start or now
+                r.status = Status.RUNNING
+            return self._record(batch, tokens, now, newly_prefilled=True)
+        if not self.running:
+            return []
+        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg)
+        self.waiting.extendleft(reversed(preempted))
+        if not batch:
+            return []
+        tokens = self.runner.decode(batch, [self.blocks.block_table(r.request_id) for r in batch])
+        return self._record(batch, tokens, time.perf_counter(), newly_prefilled=False)
+
+    def _prefill_first(self) -> bool:
+        """vLLM's rule (the simulator's too): a prefill step whenever the oldest prompt fits."""
+        bs = self.blocks.block_size
+        head_blocks = blocks_for(self.waiting[0].num_tokens, bs) if self.waiting else 0
+        return colocated_runs_prefill(num_waiting=len(self.waiting), head_need_tokens=head_blocks * bs,
+                                      free_tokens=self.blocks.num_free_blocks * bs)
+
+    def _record(self, batch: list[Request], tokens, now: float, newly_prefilled: bool) -> list[Request]:
+        finished = []
+        for r, tok in zip(batch, tokens):
+            if r.append_token(int(tok), now):
+                if r in self.running:
+                    self.running.remove(r)
+                self._finish(r, now)
+                finished.append(r)
+            elif newly_prefilled:
+                self.running.append(r)
+        return finished
+
+    def _chunked_step(self) -> list[Request]:
+        decode_batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg) if self.running else ([], [])
+        for r in preempted:
+            self._computed.pop(r.request_id, None)
+        self.waiting.extendleft(reversed(preempted))
+        chunks = [Chunk(r, r.num_tokens - 1, r.num_tokens) for r in decode_batch]
+        # Fill the rest of the token budget with chunks of waiting prompts, oldest first (the
+        # simulator's `chunked_prefill_plan`); a prompt's blocks are allocated whole when its first
+        # chunk is scheduled, and a prompt that does not fit stops the fill (no overtaking).
+        room = self.cfg.max_num_seqs - len(self.running)
+        head = list(self.waiting)[: max(0, room)]
+        sizes = chunked_prefill_plan(
+            num_decodes=len(decode_batch), token_budget=self.cfg.max_prefill_tokens,
+            remaining_prompt=[r.num_tokens - self._computed.get(r.request_id, 0) for r in head],
+        )
+        prefilling: list[Request] = []
+        for req, size in zip(head, sizes):
+            rid = req.request_id
+            if rid not in self._computed:
+                if not self.blocks.can_allocate(req.num_tokens):
+                    break
+                self.blocks.allocate(rid, req.num_tokens)
+                self._computed[rid] = 0
+            done = self._computed[rid]
+            chunks.append(Chunk(req, done, done + size))
+            prefilling.append(req)
+        if not chunks:
+            return []
+        tables = [self.blocks.block_table(c.request.request_id) for c in chunks]
+        if not prefilling:  # decodes only: the decode program, same tokens at a fraction of the cost
+            tokens = self.runner.decode(decode_batch, tables)
+            return self._record(decode_batch, tokens, time.perf_counter(), newly_prefilled=False)
+        start = time.perf_counter()
+        for r in prefilling:
+            r.lifecycle.prefill_start = r.lifecycle.prefill_start or start
+        nd = len(decode_batch)
+        if nd and not self.fused_mixed_steps:
+            launched = self.runner.launch_decode(decode_batch, tables[:nd])
+            launched += self.runner.launch_prefill([(chunks[nd:], tables[nd:])])
+            tokens = np.concatenate(self.runner.collect(launched))
+        else:
+            tokens = self.runner.prefill(chunks, tables, num_decodes=nd)
+        now = time.perf_counter()
+        finished = self._record(decode_batch, tokens[: len(decode_batch)], now, newly_prefilled=False)
+        completed, completed_tokens = [], []
+        for c, tok in zip(chunks[len(decode_batch):], tokens[len(decode_batch):]):
+            rid = c.request.request_id
+            self._computed[rid] = c.end
+            if c.end == c.request.num_tokens:  # last chunk: its sampled token is the first output
+                del self._computed[rid]
+                self.waiting.remove(c.request)
+                c.request.lifecycle.prefill_end = now
+                c.request.lifecycle.decode_start = c.request.lifecycle.decode_start or now
+                c.request.status = Status.RUNNING
+                completed.append(c.request)
+                completed_tokens.append(tok)
+        return finished + self._record(completed, completed_tokens, now, newly_prefilled=True)
+
+
+class ReplicatedEngine:
+    """Independent colocated replicas; each request goes to the least-loaded one."""
+
+    def __init__(self, engines: list[ColocatedEngine]):
+        self.engines = engines
+
+    def add_request(self, req: Request) -> None:
+        self.engines[least_loaded([e.load() for e in self.engines])].add_request(req)
+
+    def abort(self, request_id: str) -> bool:
+        return any(e.abort(request_id) for e in self.engines)
+
+    def has_unfinished(self) -> bool:
+        return any(e.has_unfinished() for e in self.engines)
+
+    def step(self) -> list[Request]:
+        return [r for e in self.engines for r in e.step()]

@@ -1,0 +1,257 @@
+"""Disaggregated serving in one process: prefill instances, decode instances, KV pulled between.
+
+    request -> prefill instance with the shortest queue (FCFS batches up to L_m tokens)
+            -> first token sampled; KV stays in the prefill pool (status PREFILLED)
+            -> a decode instance with room pulls it (least-loaded first; dsjax/runtime/migration.py)
+            -> prefill blocks freed once the copy has landed
+            -> continuous decode batching until the request finishes
+
+Pull, not push: a decode instance takes a request only when it has the blocks for it plus a
+growth reserve, and while the requests it has pulled but not yet batched hold < 5% of its blocks
+(DistServe's rule). Until then the KV waits in prefill memory, which is therefore the queue buffer
+for bursts; when that memory is full, prefill stops admitting (backpressure) and nothing is dropped.
+A decode instance that runs out of blocks preempts its newest request, which goes back to a
+prefill instance to be recomputed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from dsjax.engine.block_manager import BlockManager, blocks_for
+from dsjax.engine.policies import decode_should_pull, least_loaded
+from dsjax.engine.request import Chunk, FinishReason, Request, Status
+from dsjax.engine.runner_interface import Runner
+from dsjax.engine.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
+
+PULL_WAITING_FRACTION = 0.05
+
+
+class PrefillInstance:
+    def __init__(self, runner: Runner, cfg: SchedulerConfig):
+        self.runner = runner
+        self.cfg = cfg
+        self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
+        self.waiting: deque[Request] = deque()
+        self.ready: deque[Request] = deque()  # prefilled, KV held here until a decode instance pulls it
+        self.staged: dict[str, object] = {}  # threaded mode: KV gathered out of the pool at prefill end
+
+    def queued_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.waiting)
+
+    def step(self) -> tuple[list[Request], list[Request]]:
+        """Run up to pp prefill batches (one per pipeline stage in flight).
+        Returns (newly prefilled requests, requests that finished at their first token)."""
+        pending = self.launch()
+        if pending is None:
+            return [], []
+        return self.complete(pending, self.runner.collect(pending[1]))
+
+    def launch(self):
+        """Pick up to pp FCFS batches and dispatch them; None when there is nothing to run."""
+        batches = []
+        for _ in range(self.runner.pp):
+            batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg)
+            if not batch:
+                break
+            batches.append(batch)
+        if not batches:
+            return None
+        start = time.perf_counter()
+        for batch in batches:
+            for r in batch:
+                r.lifecycle.prefill_start = r.lifecycle.prefill_start or start
+        launched = self.runner.launch_prefill(
+            [([Chunk(r, 0, r.num_tokens) for r in b], [self.blocks.block_table(r.request_id) for r in b]) for b in batches]
+        )
+        return batches, launched
+
+    def complete(self, pending, outs, stage_kv: bool = False) -> tuple[list[Request], list[Request]]:
+        """Record the sampled first tokens. Prefilled requests wait in `ready` with their KV in
+        this pool; with `stage_kv` their blocks are also gathered right away into `staged` copies
+        that a concurrent decode thread can pull without waiting for later prefills."""
+        batches, _ = pending
+        now = time.perf_counter()
+        prefilled, finished = [], []
+        for batch, tokens in zip(batches, outs):
+            for r, tok in zip(batch, tokens):
+                if r.status is Status.FINISHED:  # aborted while its prefill ran (threaded mode)
+                    continue
+                r.lifecycle.prefill_end = now
+                if r.append_token(int(tok), now):
+                    self.blocks.free(r.request_id)
+                    finished.append(r)
+                else:
+                    if stage_kv:
+                        self.staged[r.request_id] = self.runner.stage_kv(self.blocks.block_table(r.request_id))
+                    r.status = Status.PREFILLED
+                    self.ready.append(r)
+                    prefilled.append(r)
+        return prefilled, finished
+
+    def release(self, req: Request) -> None:
+        """Free a request's prefill blocks (after its KV has landed on decode, or on abort)."""
+        if req in self.ready:
+            self.ready.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self.staged.pop(req.request_id, None)
+        self.blocks.free(req.request_id)
+
+
+class DecodeInstance:
+    def __init__(self, runner: Runner, cfg: SchedulerConfig):
+        self.runner = runner
+        self.cfg = cfg
+        self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
+        self.running: list[Request] = []
+        self.bytes_pulled = 0
+        self.migrations = 0
+
+    def load(self) -> int:
+        return sum(r.num_tokens for r in self.running)
+
+    def can_pull(self, req: Request) -> bool:
+        """DistServe's pull rule (the planner's `decode_should_pull`, so the simulator predicts
+        it): room for the request's KV plus one growth block per running request, and the
+        requests pulled but not yet batched hold < 5% of the pool."""
+        bs = self.blocks.block_size
+        idle = self.running[self.cfg.max_num_seqs :]
+        growth = len(self.running[: self.cfg.max_num_seqs])
+        return decode_should_pull(
+            need_tokens=(blocks_for(req.num_tokens, bs) + growth) * bs,
+            free_tokens=self.blocks.num_free_blocks * bs,
+            waiting_tokens=sum(len(self.blocks.block_table(r.request_id)) for r in idle) * bs,
+            capacity_tokens=self.blocks.capacity_blocks * bs,
+            waiting_fraction=PULL_WAITING_FRACTION,
+        )
+
+    def pull(self, req: Request, src: PrefillInstance) -> int:
+        """Copy the request's KV from `src` into this pool, then free it on `src`. A copy staged at
+        prefill end (threaded mode) is used when present, without waiting for it to land."""
+        req.status = Status.MIGRATING
+        req.lifecycle.migration_start = time.perf_counter()
+        table = self.blocks.allocate(req.request_id, req.num_tokens - 1)  # the last token's KV is written by decode
+        staged = src.staged.pop(req.request_id, None)
+        if staged is None:
+            moved = self.runner.pull_kv(src.runner, src.blocks.block_table(req.request_id), table)
+        else:  # ordered before the next decode step by data dependence on the pool
+            moved = self.runner.insert_kv(table, staged, wait=False)
+        src.release(req)
+        req.lifecycle.migration_end = time.perf_counter()
+        req.status = Status.RUNNING
+        self.running.append(req)
+        self.bytes_pulled += moved
+        self.migrations += 1
+        return moved
+
+    def step(self) -> tuple[list[Request], list[Request]]:
+        """One decode step. Returns (finished, preempted-for-recompute)."""
+        batch, preempted, launched = self.launch()
+        if not batch:
+            return [], preempted
+        return self.complete(batch, self.runner.collect(launched)), preempted
+
+    def launch(self):
+        """Pick the decode batch (preempting if blocks run out) and dispatch it:
+        (batch, preempted, launched)."""
+        if not self.running:
+            return [], [], []
+        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg)
+        if not batch:
+            return [], preempted, []
+        return batch, preempted, self.runner.launch_decode(batch, [self.blocks.block_table(r.request_id) for r in batch])
+
+    def complete(self, batch: list[Request], outs) -> list[Request]:
+        """Record one token per request; returns those that finished (their blocks are freed)."""
+        now = time.perf_counter()
+        finished = []
+        for r, tok in zip(batch, np.concatenate(outs)):
+            if r.status is Status.FINISHED:  # aborted while its step ran (threaded mode)
+                continue
+            r.lifecycle.decode_start = r.lifecycle.decode_start or now
+            if r.append_token(int(tok), now):
+                self.running.remove(r)
+                self.blocks.free(r.request_id)
+                finished.append(r)
+        return finished
+
+
+class DisaggEngine:
+    """Several prefill and decode instances driven by one host loop."""
+
+    def __init__(self, prefill: list[PrefillInstance], decode: list[DecodeInstance]):
+        if not prefill or not decode:
+            raise ValueError(f"need at least one prefill and one decode instance, got {len(prefill)} and {len(decode)}")
+        self.prefill = prefill
+        self.decode = decode
+        self._where: dict[str, Request] = {}
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self._where:
+            raise ValueError(f"request_id={req.request_id!r} is already in the engine")
+        cap = min(min(i.blocks.capacity_blocks for i in self.prefill), min(i.blocks.capacity_blocks for i in self.decode))
+        need = blocks_for(req.prompt_len + req.sampling.max_tokens, self.prefill[0].blocks.block_size)
+        if need > cap:
+            raise ValueError(f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} needs {need} KV blocks, an instance has {cap}")
+        self._where[req.request_id] = req
+        self.prefill[least_loaded([(i.queued_tokens(), len(i.waiting)) for i in self.prefill])].waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._where)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._where.pop(request_id, None)
+        if req is None:
+            return False
+        for inst in self.prefill:
+            inst.release(req)
+        for inst in self.decode:
+            if req in inst.running:
+                inst.running.remove(req)
+            inst.blocks.free(req.request_id)
+        req.finish_reason = FinishReason.CANCELLED
+        req.status = Status.FINISHED
+        req.lifecycle.finish = time.perf_counter()
+        return True
+
+    def _done(self, reqs: list[Request]) -> None:
+        now = time.perf_counter()
+        for r in reqs:
+            r.status = Status.FINISHED
+            r.lifecycle.finish = now
+            self._where.pop(r.request_id, None)
+
+    def _pull(self) -> None:
+        """FCFS over all prefilled requests; each goes to the least-loaded decode instance that can
+        take it. Stops at the first request nobody can take (no overtaking)."""
+        ready = sorted(((r, p) for p in self.prefill for r in p.ready), key=lambda rp: rp[0].lifecycle.prefill_end)
+        for req, src in ready:
+            takers = [d for d in self.decode if d.can_pull(req)]
+            if not takers:
+                return
+            takers[least_loaded([d.load() for d in takers])].pull(req, src)
+
+    def step(self) -> list[Request]:
+        """Prefill on every prefill instance, pull what fits, decode on every decode instance."""
+        finished: list[Request] = []
+        for inst in self.prefill:
+            _, done = inst.step()
+            finished += done
+        self._pull()
+        for inst in self.decode:
+            done, preempted = inst.step()
+            finished += done
+            self.requeue(preempted)
+        self._done(finished)
+        return finished
+
+    def requeue(self, preempted: list[Request]) -> None:
+        """Send requests a decode instance preempted back to the front of the least-loaded
+        prefill queue, to be recomputed (oldest first)."""
+        for r in reversed(preempted):
+            r.status = Status.WAITING
+            self.prefill[least_loaded([i.queued_tokens() for i in self.prefill])].waiting.appendleft(r)

@@ -1,0 +1,60 @@
+"""What an engine needs from the device side: the `Runner` interface.
+
+The engines in this package decide *which* requests run; a runner runs the batch it is handed and
+returns one sampled token per request. `dsjax.runtime.runner.ModelRunner` implements it on JAX
+devices; tests plug in fakes. The engines only ever call these members, so they import no jax and
+never import the runtime: the runtime imports this package's records (`Request`, `Chunk`) instead,
+and the import arrows point runtime -> engine, never back.
+
+Launch/collect split: `launch_*` dispatches work and returns opaque handles at once (JAX dispatch
+is asynchronous); `collect` waits for them and copies the sampled tokens to the host, once per
+step. With `pp` pipeline stages up to `pp` prefill batches are in flight together.
+
+KV handoff between two runners of the same model (a prefill and a decode instance): `stage_kv`
+gathers a request's blocks out of the pool into arrays of their own, `insert_kv` writes staged
+blocks into this runner's pool, and `pull_kv` does both from another runner (resharding when the
+two differ in TP or PP).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+from dsjax.engine.request import Chunk, Request
+
+
+class CacheShape(Protocol):
+    num_blocks: int  # KV pool size in blocks, the null block included
+    block_size: int  # tokens per block
+
+
+class Runner(Protocol):
+    cache_config: CacheShape
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def pp(self) -> int:
+        """Pipeline stages: how many prefill batches may be in flight at once."""
+
+    @property
+    def fuses_mixed_steps(self) -> bool:
+        """Whether a chunked step with decodes and prompt chunks should run as one prefill call
+        (True) or as the decode program then the prefill program (False)."""
+
+    def prefill(self, chunks: list[Chunk], tables: list[list[int]], num_decodes: int = 0) -> Sequence[int]: ...
+
+    def decode(self, reqs: list[Request], tables: list[list[int]]) -> Sequence[int]: ...
+
+    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]], num_decodes: int = 0) -> list[Any]: ...
+
+    def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[Any]: ...
+
+    def collect(self, launched: list[Any]) -> list[Sequence[int]]: ...
+
+    def stage_kv(self, table: list[int]) -> Any: ...
+
+    def insert_kv(self, table: list[int], staged: Any, *, wait: bool = True) -> int: ...
+
+    def pull_kv(self, src: "Runner", src_table: list[int], table: list[int]) -> int: ...

@@ -1,0 +1,77 @@
+"""Which requests run next: FCFS prefill batching and continuous decode batching.
+
+Plain Python over `Request` records and a `BlockManager` (no device code): the engine hands the
+chosen batch to a runner and reports the sampled tokens back. The same two policies serve every
+mode: a disaggregated prefill instance uses `pick_prefill_batch`, a decode instance
+`pick_decode_batch`, and a colocated instance both (prefill first, as vLLM does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import deque
+
+from dsjax.engine.block_manager import BlockManager, blocks_for
+from dsjax.engine.policies import prefill_batch_count
+from dsjax.engine.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """`max_prefill_tokens` is DistServe's L_m: prompts are batched until their total length
+    reaches it (a longer prompt runs alone). `max_num_seqs` caps a decode batch."""
+
+    max_num_seqs: int = 32
+    max_prefill_tokens: int = 1024
+    max_prefill_seqs: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+def pick_prefill_batch(
+    waiting: deque[Request], blocks: BlockManager, cfg: SchedulerConfig, max_seqs: int | None = None
+) -> list[Request]:
+    """Pop an FCFS prefix of `waiting` that fits the token budget, the free blocks and `max_seqs`
+    (room left in a colocated decode batch), allocating each chosen request's blocks.
+    Head-of-line order is kept: no request overtakes another."""
+    limit = cfg.max_prefill_seqs if max_seqs is None else min(cfg.max_prefill_seqs, max_seqs)
+    bs = blocks.block_size
+    head = list(itertools.islice(waiting, max(0, limit)))
+    count = prefill_batch_count(
+        [r.num_tokens for r in head], token_budget=cfg.max_prefill_tokens, max_batch_size=limit,
+        free_kv_tokens=blocks.num_free_blocks * bs, kv_tokens=[blocks_for(r.num_tokens, bs) * bs for r in head],
+    )
+    batch = [waiting.popleft() for _ in range(count)]
+    for req in batch:
+        blocks.allocate(req.request_id, req.num_tokens)
+    return batch
+
+
+def pick_decode_batch(running: list[Request], blocks: BlockManager, cfg: SchedulerConfig) -> tuple[list[Request], list[Request]]:
+    """Choose up to max_num_seqs running requests (oldest first) and make room for the token each
+    writes this step. When blocks run out, the newest running request is preempted (its blocks
+    freed, to be recomputed) until the rest fit. Returns (batch, preempted); `running` is updated."""
+    preempted: list[Request] = []
+    batch: list[Request] = []
+    for req in list(running[: cfg.max_num_seqs]):
+        if req not in running:  # preempted while making room for an older request
+            continue
+        need = blocks.blocks_needed_to_grow(req.request_id, req.num_tokens)
+        while need > blocks.num_free_blocks and running:
+            victim = running.pop()
+            blocks.free(victim.request_id)
+            victim.status = Status.WAITING
+            victim.lifecycle.num_preemptions += 1
+            preempted.append(victim)
+            if victim is req:
+                break
+        if req in preempted:
+            continue
+        blocks.grow(req.request_id, req.num_tokens)
+        batch.append(req)
+    batch = [r for r in batch if r not in preempted]
+    return batch, preempted

@@ -1,0 +1,161 @@
+"""ModelRunner: one model instance's device state (params, KV pool) and its programs.
+
+An instance is `pp` pipeline stages, each on its own mesh of `tp` devices with its slice of layers,
+its params sharded by the phase's rules and its own KV pool (those layers only). The runner executes
+whatever batches it is handed; choosing them is the scheduler's job. Inputs are packed on the host
+(dsjax/runtime/batch.py); every micro-batch is dispatched through all stages before any result is read,
+so with pp stages up to pp micro-batches are in flight (JAX dispatch is asynchronous, and each
+stage's devices work on one micro-batch while the next stage works on the previous one). Only the
+sampled token ids come back to the host, once per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from dsjax.runtime import sharding as shd
+from dsjax.engine.request import Chunk, Request
+from dsjax.runtime.batch import pack_decode, pack_prefill
+from dsjax.runtime import migration
+from dsjax.runtime.kv_cache import CacheConfig, allocate_cache
+from dsjax.runtime.programs import stage_programs
+from models.transformer import CausalLM, KVCache
+
+
+@dataclasses.dataclass
+class Stage:
+    first_layer: int
+    last_layer: int
+    mesh: Mesh | None  # None: default device, no explicit sharding
+    params: dict
+    cache: KVCache
+    prefill_fn: object
+    decode_fn: object
+
+    def put(self, x):
+        return x if self.mesh is None else jax.device_put(x, shd.replicated(self.mesh))
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, params, cache_config: CacheConfig, meshes: tuple[Mesh, ...] | None = None,
+                 rules: shd.ShardingRules | None = None):
+        self.model = model
+        self.cache_config = cache_config
+        self.stages: list[Stage] = []
+        # Called with ("prefill", [(start, end) per chunk]) / ("decode", [context len per request])
+        # for every batch launched (serving/step_log.py uses it to time served steps).
+        self.launch_hook: Callable[[str, list], None] | None = None
+        cfg = model.config
+        if meshes is None:
+            prefill_fn, decode_fn = stage_programs(model, 0, cfg.num_layers)
+            cache = allocate_cache(cfg, cache_config, model.dtype)
+            self.stages.append(Stage(0, cfg.num_layers, None, params, cache, prefill_fn, decode_fn))
+            return
+        for mesh, (first, last) in zip(meshes, shd.stage_layers(cfg.num_layers, len(meshes)), strict=True):
+            shd.check_tp(cfg, mesh.size)
+            stage_params = shd.shard_stage_params(model, params, mesh, first, last, rules)
+            cache = allocate_cache(cfg, cache_config, model.dtype, num_layers=last - first, sharding=shd.cache_sharding(mesh, last - first))
+            prefill_fn, decode_fn = stage_programs(model, first, last)
+            self.stages.append(Stage(first, last, mesh, stage_params, cache, prefill_fn, decode_fn))
+
+    @property
+    def block_size(self) -> int:
+        return self.cache_config.block_size
+
+    @property
+    def pp(self) -> int:
+        return len(self.stages)
+
+    @property
+    def fuses_mixed_steps(self) -> bool:
+        """A chunked step with decodes and prompt chunks runs as one prefill-program call with the
+        Pallas kernels (Sarathi's piggybacking: the decodes share the chunk's weight reads; the
+        split attention in models/attention.py), and as the decode program then the prefill
+        program on the XLA path, where fusing saves nothing measurable (8 decodes + a 128-token
+        chunk: 11.7 ms fused vs 2.7 + 7.6 ms apart, docs/results.md) and every (decodes, chunk)
+        combination would be one more compiled shape (2-3 s each on one CPU core)."""
+        backend = self.model.backend
+        return backend == "pallas" or (backend == "auto" and self.devices()[0].platform == "gpu")
+
+    def devices(self) -> list:
+        if self.stages[0].mesh is None:
+            return [jax.devices()[0]]
+        return [d for s in self.stages for d in s.mesh.devices.flat]
+
+    def _dispatch(self, packed, decode: bool):
+        inputs, meta, sampling = packed
+        for stage in self.stages:
+            fn = stage.decode_fn if decode else stage.prefill_fn
+            # Tracing under the stage's mesh lets the Pallas attention run per device (shard_map).
+            with jax.set_mesh(stage.mesh) if stage.mesh is not None else contextlib.nullcontext():
+                inputs, stage.cache = fn(stage.params, stage.cache, stage.put(inputs), stage.put(meta), stage.put(sampling))
+        return inputs  # [B] sampled tokens (device array, maybe not ready yet)
+
+    def prefill(self, chunks: list[Chunk], tables: list[list[int]], num_decodes: int = 0) -> np.ndarray:
+        """Run one packed prefill; returns the sampled token of each chunk ([len(chunks)]). With
+        `num_decodes` the first chunks are decodes of a mixed step (dsjax/runtime/batch.py)."""
+        return self.collect(self.launch_prefill([(chunks, tables)], num_decodes=num_decodes))[0]
+
+    def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]],
+                       num_decodes: int = 0) -> list[tuple[object, np.ndarray]]:
+        """Dispatch prefill batches without waiting: (device tokens, output row of each chunk) per
+        batch for `collect` (a mixed batch, `num_decodes` > 0 leading decode chunks in every
+        batch, has padding rows between its decodes and its prompts)."""
+        if self.launch_hook is not None:
+            for chunks, _ in batches:
+                self.launch_hook("prefill", [(c.start, c.end) for c in chunks])
+        launched = []
+        for c, t in batches:
+            token_ids, meta, sampling, out_rows = pack_prefill(c, t, self.block_size, num_decodes)
+            launched.append((self._dispatch((token_ids, meta, sampling), decode=False), out_rows))
+        return launched
+
+    def decode(self, reqs: list[Request], tables: list[list[int]]) -> np.ndarray:
+        """Advance each request one token ([len(reqs)] tokens)."""
+        return np.concatenate(self.collect(self.launch_decode(reqs, tables)))
+
+    def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[tuple[object, int]]:
+        """Dispatch one decode step without waiting. With pp stages the batch is split into pp
+        micro-batches that flow through the pipeline back to back."""
+        if self.launch_hook is not None:
+            self.launch_hook("decode", [r.num_tokens - 1 for r in reqs])
+        n = len(reqs)
+        parts = max(1, min(self.pp, n))
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        return [
+            (self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size), decode=True), b - a)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+
+    @staticmethod
+    def collect(launched: list[tuple[object, int | np.ndarray]]) -> list[np.ndarray]:
+        """Wait for dispatched steps; the sampled tokens of each (one host copy per step). `rows` is
+        the number of leading rows that are real (decode) or the index of each real row (prefill)."""
+        return [np.asarray(out)[:rows] if isinstance(rows, int) else np.asarray(out)[rows] for out, rows in launched]
+
+    # ---- KV handoff between instances (dsjax/runtime/migration.py) -----------------------------
+    def stage_kv(self, table: list[int]) -> migration.StagedKV:
+        """Gather a request's blocks out of this pool (dispatched, not waited for)."""
+        return migration.gather_request(self, table)
+
+    def insert_kv(self, table: list[int], staged: migration.StagedKV, *, wait: bool = True) -> int:
+        """Write staged blocks into this pool at `table`; returns the bytes moved."""
+        return migration.insert_request(self, table, staged, wait=wait)
+
+    def pull_kv(self, src: "ModelRunner", src_table: list[int], table: list[int]) -> int:
+        """Copy a request's blocks from runner `src` (same model) into this pool; returns bytes."""
+        return migration.migrate(src, src_table, self, table)
+
+    def kv_descriptor(self, num_tokens: int) -> migration.KVDescriptor:
+        """The handoff description of a request's first `num_tokens` positions of KV."""
+        cfg = self.model.config
+        return migration.KVDescriptor(
+            num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            block_size=self.block_size, num_tokens=num_tokens, dtype=np.dtype(self.model.dtype).name,
+        )

@@ -1,0 +1,106 @@
+"""Compile every program shape a server can meet before it takes traffic (`--warmup-shapes`).
+
+The programs are compiled per padded shape (dsjax/engine/shapes.py). A shape met for the first time
+inside a served step stalls that step by its compilation: 0.3–0.5 s for a plain prefill or decode
+program on one CPU core (2–3 s for a fused mixed step), and every request in the batch loses its
+TPOT for it. Like JetStream's ahead-of-time warm-up of prefill buckets, `warm_shapes` runs each
+reachable shape once at start-up on a padding-only batch, so a served step only ever runs programs
+that are already compiled; with the persistent compilation cache a restart loads them from disk.
+
+Reachable shapes, given the scheduler's limits (L = max_prefill_tokens, S = max_prefill_seqs,
+N = max_num_seqs, MB_max = blocks of the longest context):
+
+    prefill (T, B, MB): batches within the budget: T = 16 .. next_pow2(L), B = 1 .. min(S, T),
+                        MB = 1 .. next_pow2(ceil(T / block_size)) (the longest prompt has at
+                        most T tokens; with `prefix`, chunks after a cached prefix: up to MB_max);
+                        a prompt longer than L runs alone: T = 2 next_pow2(L) .. next_pow2(max
+                        context), B = 1, MB = T / block_size
+    decode (B, MB):     B = 2 .. next_pow2(N), MB = 1 .. next_pow2(MB_max)
+
+A padding-only batch (no real request: every token writes the null block's slot 0, every length
+is 0, every block table points at the null block) runs the same compiled program as a real batch
+of that shape and changes no real block.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from dsjax.engine import shapes
+from dsjax.runtime.sampling import SamplingArrays
+from models.attention import DecodeMeta, PrefillMeta
+
+
+def _pow2_range(lo: int, hi: int) -> list[int]:
+    out, n = [], shapes.next_pow2(lo)
+    while n <= hi:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def prefill_shapes(*, max_prefill_tokens: int, max_prefill_seqs: int, max_context: int, block_size: int,
+                   prefix: bool = False) -> list[tuple[int, int, int]]:
+    """(T, B, MB) of every prefill program the scheduler can run (module docstring)."""
+    mb_max = shapes.next_pow2(-(-max_context // block_size))
+    t_budget = shapes.next_pow2(max_prefill_tokens, 16)
+    out = []
+    for t in _pow2_range(16, t_budget):
+        top = mb_max if prefix else min(mb_max, shapes.next_pow2(-(-t // block_size)))
+        for b in _pow2_range(1, min(shapes.next_pow2(max_prefill_seqs), t)):
+            out += [(t, b, mb) for mb in _pow2_range(1, top)]
+    for t in _pow2_range(2 * t_budget, shapes.next_pow2(max_context, 16)):
+        out.append((t, 1, min(mb_max, shapes.next_pow2(-(-t // block_size)))))
+    return out
+
+
+def decode_shapes(*, max_num_seqs: int, max_context: int, block_size: int) -> list[tuple[int, int]]:
+    """(B, MB) of every decode program the scheduler can run."""
+    mb_max = shapes.next_pow2(-(-max_context // block_size))
+    return [(b, mb) for b in _pow2_range(2, shapes.next_pow2(max_num_seqs, 2)) for mb in _pow2_range(1, mb_max)]
+
+
+def _padding_prefill(t: int, b: int, mb: int):
+    meta = PrefillMeta(positions=np.zeros(t, np.int32), slots=np.zeros(t, np.int32),
+                       block_tables=np.zeros((b, mb), np.int32), cu_q_lens=np.zeros(b + 1, np.int32),
+                       kv_lens=np.zeros(b, np.int32))
+    return np.zeros(t, np.int32), meta, SamplingArrays.from_requests([], b)
+
+
+def _padding_decode(b: int, mb: int):
+    meta = DecodeMeta(positions=np.zeros(b, np.int32), slots=np.zeros(b, np.int32),
+                      block_tables=np.zeros((b, mb), np.int32), kv_lens=np.zeros(b, np.int32))
+    return np.zeros(b, np.int32), meta, SamplingArrays.from_requests([], b)
+
+
+def warm_shapes(runner, *, prefill: list[tuple[int, int, int]], decode: list[tuple[int, int]],
+                on_shape: Callable[[int, int], None] | None = None) -> float:
+    """Run every listed shape once on a padding-only batch (compiling it, or loading it from the
+    persistent cache); returns the seconds taken. `on_shape(done, total)` reports progress."""
+    t0 = time.perf_counter()
+    total = len(prefill) + len(decode)
+    done = 0
+    for packed, is_decode in [(_padding_prefill(*s), False) for s in prefill] + [(_padding_decode(*s), True) for s in decode]:
+        np.asarray(runner._dispatch(packed, decode=is_decode))  # wait: one compilation at a time
+        done += 1
+        if on_shape is not None:
+            on_shape(done, total)
+    return time.perf_counter() - t0
+
+
+def warm_runner(runner, scheduler, *, prefill: bool = True, decode: bool = True, prefix: bool = False,
+                log: Callable[[str], None] | None = None) -> float:
+    """`warm_shapes` for the shapes `scheduler` (dsjax.engine.scheduler.SchedulerConfig) can produce on
+    `runner`; `prefix` for engines that prefill chunks after a cached prefix (chunked mode)."""
+    cfg = runner.model.config
+    pre = prefill_shapes(max_prefill_tokens=scheduler.max_prefill_tokens, max_prefill_seqs=scheduler.max_prefill_seqs,
+                         max_context=cfg.max_position, block_size=runner.block_size, prefix=prefix) if prefill else []
+    dec = decode_shapes(max_num_seqs=scheduler.max_num_seqs, max_context=cfg.max_position,
+                        block_size=runner.block_size) if decode else []
+    seconds = warm_shapes(runner, prefill=pre, decode=dec)
+    if log is not None:
+        log(f"warmed {len(pre)} prefill and {len(dec)} decode shapes in {seconds:.1f} s")
+    return seconds

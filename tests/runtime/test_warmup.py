@@ -1,0 +1,53 @@
+"""Shape warm-up (dsjax/runtime/warmup.py): after it, requests within the scheduler's limits compile
+nothing new, and the padding-only batches leave the real KV blocks untouched."""
+
+import jax
+import numpy as np
+
+from dsjax.engine.colocated import ColocatedEngine
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.runtime.runner import ModelRunner
+from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.runtime.warmup import decode_shapes, prefill_shapes, warm_runner
+
+from dsjax.engine.request import Request
+from dsjax.engine.sampling_params import SamplingParams
+
+
+def test_shape_lists_follow_the_limits():
+    pre = prefill_shapes(max_prefill_tokens=48, max_prefill_seqs=2, max_context=128, block_size=16)
+    assert (16, 1, 1) in pre and (64, 2, 4) in pre and (128, 1, 8) in pre
+    assert all(b <= 2 and mb <= max(1, t // 16) for t, b, mb in pre)
+    assert (64, 2, 8) not in pre and (64, 2, 8) in prefill_shapes(
+        max_prefill_tokens=48, max_prefill_seqs=2, max_context=128, block_size=16, prefix=True)
+    assert decode_shapes(max_num_seqs=3, max_context=40, block_size=16) == [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4)]
+
+
+def test_no_compilation_after_warmup(tiny_llama):
+    model, params = tiny_llama
+    sched = SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32, max_prefill_seqs=4)
+    runner = ModelRunner(model, params, CacheConfig(num_blocks=64, block_size=8))
+    # a real block with known contents must survive the padding-only batches
+    stage = runner.stages[0]
+    marker = jax.numpy.full(stage.cache.k[0][5].shape, 7.0, stage.cache.k[0].dtype)
+    stage.cache = type(stage.cache)(k=tuple(k.at[5].set(marker) for k in stage.cache.k), v=stage.cache.v)
+    # the context a request can reach here: its prompt plus 8 tokens
+    import dataclasses
+
+    runner.model = dataclasses.replace(model, config=dataclasses.replace(model.config, max_position=64))
+    warm_runner(runner, sched)
+    np.testing.assert_array_equal(np.asarray(stage.cache.k[0][5]), np.asarray(marker))
+    sizes = (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size())
+    engine = ColocatedEngine(runner, sched)
+    rng = np.random.default_rng(3)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    reqs = [Request(request_id=f"r{i}", prompt_token_ids=[int(x) for x in rng.integers(0, 500, n)], sampling=sp, seed=0)
+            for i, n in enumerate((3, 17, 30, 45, 9, 33))]
+    for r in reqs:
+        engine.add_request(r)
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert all(len(r.output_token_ids) == 8 for r in reqs)
+    assert (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size()) == sizes
