@@ -1,6 +1,6 @@
 """dsjax: disaggregated prefill/decode LLM serving on JAX."""
 
-from dsjax.engine.placement import Placement, PhaseParallel
+from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "Placement", "PhaseParallel", "SamplingParams"]

@@ -16,14 +16,15 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from dsjax.runtime.builder import build_engine, load_causal_lm
-from dsjax.runtime.kv_cache import CacheConfig, num_blocks_for_memory
 from dsjax.engine.placement import Placement
 from dsjax.engine.request import FinishReason, Lifecycle, Request
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.runtime.builder import build_engine, load_causal_lm
+from dsjax.runtime.kv_cache import CacheConfig, num_blocks_for_memory
 from models.config import ModelConfig
 from models.tokenizer import load_tokenizer
+
 _DEFAULT_KV_BYTES = 512 * 2**20
 
 

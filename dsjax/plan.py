@@ -31,14 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsjax.engine.placement import Placement, PhaseParallel, save_plan
+from dsjax.engine.placement import PhaseParallel, Placement, save_plan
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated, ratio
 from dsjax.planner.latency import Profile, load_profile, save_profile
-from dsjax.planner.slo import SLO
 from dsjax.planner.model_spec import MemoryModel, get_device, get_model, read_max_num_tokens
 from dsjax.planner.search import GoodputConfig, SearchContext
 from dsjax.planner.simulator import SimConfig, Simulator
+from dsjax.planner.slo import SLO
 from dsjax.runtime.host_devices import ensure_host_devices
+from dsjax.workloads.loader import WORKLOAD_NAMES, load_workload
 from dsjax.workloads.trace_gen import (
     ARRIVALS,
     Trace,
@@ -47,11 +48,10 @@ from dsjax.workloads.trace_gen import (
     length_sampler_from_spec,
     make_trace,
     read_trace,
-    rescale_rate,
     resample,
+    rescale_rate,
     write_trace,
 )
-from dsjax.workloads.loader import WORKLOAD_NAMES, load_workload
 
 GIB = 1 << 30
 OPT_BOS_TOKENS = 1  # OPT's tokenizer prepends </s>; dsjax.workloads counts GPT-2 BPE tokens without it

@@ -31,9 +31,9 @@ import numpy as np
 
 from dsjax.engine.block_manager import blocks_for
 from dsjax.engine.disaggregated import DecodeInstance
-from dsjax.runtime.migration import import_blocks
 from dsjax.engine.request import FinishReason, Request, Status
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.runtime.migration import import_blocks
 from serving.channels import Channels
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, KVAssembler, descriptor_from_proto

@@ -19,8 +19,8 @@ import threading
 
 import grpc
 
-from dsjax.engine.disaggregated import DisaggEngine
 from dsjax.engine.colocated import ColocatedEngine, ReplicatedEngine
+from dsjax.engine.disaggregated import DisaggEngine
 from dsjax.engine.request import FinishReason, Request, Status
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.threaded import ThreadedDisaggEngine

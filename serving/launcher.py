@@ -41,9 +41,9 @@ def _dummy(args: argparse.Namespace) -> bool:
 
 
 def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
-    from dsjax.runtime.kv_cache import CacheConfig
-    from dsjax.llm import default_num_blocks
     from dsjax.engine.scheduler import SchedulerConfig
+    from dsjax.llm import default_num_blocks
+    from dsjax.runtime.kv_cache import CacheConfig
 
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
     num_blocks = args.num_blocks or default_num_blocks(config, args.block_size, sched.max_num_seqs, dtype_bytes)

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 
 from dsjax.engine.block_manager import blocks_for
 from dsjax.engine.disaggregated import PrefillInstance
-from dsjax.runtime.migration import KVDescriptor, StagedKV, export_blocks, gather_request, staged_to_host
 from dsjax.engine.request import Request
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.runtime.migration import KVDescriptor, StagedKV, export_blocks, gather_request, staged_to_host
 from serving.engine_loop import EngineDead, EngineLoop
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, descriptor_to_proto, to_chunks
 from serving.leases import LeaseTable

@@ -22,9 +22,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.engine.scheduler import SchedulerConfig
-from serving.channels import SERVER_OPTIONS, OPTIONS
+from dsjax.runtime.kv_cache import CacheConfig
+from serving.channels import OPTIONS, SERVER_OPTIONS
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc

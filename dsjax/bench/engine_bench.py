@@ -95,10 +95,10 @@ def bench_interference(model: CausalLM, params, cache: CacheConfig, *, n_decode=
     """Decode inter-token latency of short requests while long prompts keep arriving: colocated
     (prefill first), disaggregated driven by one loop, and disaggregated with a thread per
     instance (prefill on device 0, decode on device 1)."""
-    from dsjax.runtime.builder import build_engine
     from dsjax.engine.placement import Placement
     from dsjax.engine.scheduler import SchedulerConfig
     from dsjax.engine.threaded import ThreadedDisaggEngine
+    from dsjax.runtime.builder import build_engine
 
     sched = SchedulerConfig(max_num_seqs=16, max_prefill_tokens=1024)
     rng = np.random.default_rng(1)

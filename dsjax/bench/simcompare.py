@@ -20,14 +20,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dsjax.bench.metrics import goodput
 from dsjax.bench.analysis import SLOs
+from dsjax.bench.metrics import goodput
 from dsjax.bench.records import BenchRequest
 from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.planner.latency import Profile
-from dsjax.planner.slo import SLO
 from dsjax.planner.model_spec import DeviceSpec, MemoryModel, get_model
 from dsjax.planner.simulator import SimConfig, Simulator
+from dsjax.planner.slo import SLO
 from dsjax.workloads.trace_gen import Trace
 
 # The engine's SchedulerConfig.max_prefill_seqs default (not a serve flag).

@@ -135,9 +135,9 @@ def end_to_end(model: str, prompt_len: int, max_tokens: int, requests: int) -> d
     """A processes-mode cluster (1 prefill, 1 decode worker); sequential 512-token prompts."""
     import grpc
 
+    from dsjax.bench.servers import free_port, launch_server, stop_server, wait_serving
     from serving.proto.dsjax.v1 import dsjax_pb2 as pb
     from serving.proto.dsjax.v1 import dsjax_pb2_grpc
-    from dsjax.bench.servers import free_port, launch_server, stop_server, wait_serving
 
     port = free_port()
     proc = launch_server(["--workers", "processes", "--model", model, "--port", str(port), "--metrics-port", "-1", "--log-level", "WARNING"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+
 import numpy as np
 
 from dsjax.engine.block_manager import BlockManager, blocks_for

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from dsjax.engine.placement import Placement, PhaseParallel
+from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.planner.latency import Profile
 from dsjax.planner.model_spec import parallel_config_error
 from dsjax.planner.search import SearchContext, replicas_for_rate

@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from dsjax.planner.running_batch import RunningBatch
-from dsjax.planner.events import EventLoop, RequestTable
-from dsjax.planner.latency import LatencyModel
 from dsjax.engine.policies import (
     chunked_prefill_plan,
     colocated_runs_prefill,
     decode_should_pull,
     prefill_batch_count,
 )
+from dsjax.planner.events import EventLoop, RequestTable
+from dsjax.planner.latency import LatencyModel
+from dsjax.planner.running_batch import RunningBatch
 
 
 class SimPrefillInstance:

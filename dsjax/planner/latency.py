@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from dsjax.engine import shapes
 from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.model_spec import canonical_model_name

@@ -18,9 +18,9 @@ from typing import Callable
 
 from dsjax.engine.placement import Placement
 from dsjax.planner.latency import Profile
-from dsjax.planner.slo import SLO, SimResult
 from dsjax.planner.model_spec import MemoryModel, ModelSpec
 from dsjax.planner.simulator import Phase, SimConfig, Simulator
+from dsjax.planner.slo import SLO, SimResult
 from dsjax.workloads.trace_gen import Trace, rescale_rate
 
 

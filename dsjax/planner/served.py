@@ -38,7 +38,6 @@ from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
 from dsjax.planner.buckets import ShapeBuckets
-from dsjax.planner.model_spec import canonical_model_name
 from dsjax.planner.fitting import (
     decode_row,
     decode_sample_ms,
@@ -50,6 +49,7 @@ from dsjax.planner.fitting import (
     relative_errors,
 )
 from dsjax.planner.latency import DEFAULT_LARGE_BS_THRESHOLD, LatencyCoeffs, LatencyModel, Profile
+from dsjax.planner.model_spec import canonical_model_name
 
 Sample = tuple[list[int], float]
 STALL_FACTOR = 5.0  # a step over 5x its shape's median time is a compilation, not a served cost

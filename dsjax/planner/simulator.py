@@ -26,12 +26,12 @@ import math
 from typing import Literal
 
 from dsjax.engine.placement import Placement
+from dsjax.engine.policies import least_loaded
 from dsjax.planner.events import EventLoop, RequestTable
 from dsjax.planner.instances import SimColocatedInstance, SimDecodeInstance, SimPrefillInstance
 from dsjax.planner.latency import LatencyModel, Profile
-from dsjax.planner.slo import SLO, SimResult
 from dsjax.planner.model_spec import MemoryModel, ModelSpec, parallel_config_error
-from dsjax.engine.policies import least_loaded
+from dsjax.planner.slo import SLO, SimResult
 from dsjax.workloads.trace_gen import Trace
 
 Phase = Literal["both", "prefill", "decode"]

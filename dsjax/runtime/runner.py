@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from dsjax.runtime import sharding as shd
 from dsjax.engine.request import Chunk, Request
-from dsjax.runtime.batch import pack_decode, pack_prefill
 from dsjax.runtime import migration
+from dsjax.runtime import sharding as shd
+from dsjax.runtime.batch import pack_decode, pack_prefill
 from dsjax.runtime.kv_cache import CacheConfig, allocate_cache
 from dsjax.runtime.programs import stage_programs
 from models.transformer import CausalLM, KVCache

@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dsjax.engine.placement import PhaseParallel, Placement
 from models.config import ModelConfig

@@ -7,9 +7,9 @@ import pytest
 
 from dsjax.bench.cli import main
 from dsjax.bench.experiment import CompareConfig, auto_rates, derive_slos, run_compare
-from tests.support.fake_server import FakeServer, FakeTiming
 from dsjax.bench.servers import ServerOptions
 from dsjax.planner.latency import LatencyCoeffs, Profile, save_profile
+from tests.support.fake_server import FakeServer, FakeTiming
 
 PNGS = ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "latency_breakdown.png")
 

@@ -2,12 +2,12 @@
 
 import pytest
 
-from dsjax.bench.metrics import attainment, goodput, tightest_slo_scale
 from dsjax.bench.analysis import SLOs, run_row, search_goodput, slo_scale_curve
-from tests.support.fake_server import FakeServer, FakeTiming
 from dsjax.bench.loadgen import run_load, send_schedule
+from dsjax.bench.metrics import attainment, goodput, tightest_slo_scale
 from dsjax.bench.records import BenchRequest
 from dsjax.bench.sweep import SweepConfig, sweep_target
+from tests.support.fake_server import FakeServer, FakeTiming
 
 N = 30
 TIMING = FakeTiming(prefill_fixed_s=0.020, tpot_s=0.005)  # one FIFO server: capacity 50 req/s

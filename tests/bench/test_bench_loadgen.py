@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from dsjax.bench.metrics import attainment, inter_token_latencies_s, tpot_s, ttft_s
-from tests.support.fake_server import FakeServer, FakeTiming
 from dsjax.bench.loadgen import StopRule, run_load, send_schedule
+from dsjax.bench.metrics import attainment, inter_token_latencies_s, tpot_s, ttft_s
 from dsjax.bench.records import BenchRequest
+from tests.support.fake_server import FakeServer, FakeTiming
 
 
 def _requests(n, prompt_len=12, output_len=5):

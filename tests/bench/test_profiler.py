@@ -11,13 +11,13 @@ import json
 import numpy as np
 import pytest
 
-from dsjax.engine.placement import Placement, PhaseParallel
+from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.planner.buckets import ShapeBuckets
 from dsjax.planner.fitting import relative_errors
 from dsjax.planner.latency import load_profile, save_profile
-from dsjax.planner.slo import SLO
 from dsjax.planner.model_spec import MemoryModel, get_model
 from dsjax.planner.simulator import Simulator
+from dsjax.planner.slo import SLO
 from dsjax.workloads.trace_gen import FixedLengths, generate_trace
 
 profiler = pytest.importorskip("dsjax.bench.profiler")

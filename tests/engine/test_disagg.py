@@ -4,14 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from dsjax.runtime.builder import build_engine
 from dsjax.engine.disaggregated import DisaggEngine
-from dsjax.runtime.kv_cache import CacheConfig
-from dsjax.runtime.migration import pieces
 from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.engine.request import FinishReason, Request
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.runtime.builder import build_engine
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.runtime.migration import pieces
 
 CACHE = CacheConfig(num_blocks=48, block_size=8)
 SCHED = SchedulerConfig(max_num_seqs=8, max_prefill_tokens=128)

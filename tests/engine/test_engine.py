@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from dsjax.engine.colocated import ColocatedEngine
-from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.engine.request import FinishReason, Request
-from dsjax.runtime.runner import ModelRunner
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.runtime.runner import ModelRunner
 from tests.support.dense import prompt_logits
 
 PROMPT_LENS = (1, 5, 7, 8, 9, 17)  # block size 8: lengths at and around block boundaries

@@ -4,13 +4,13 @@ and completion free every block."""
 import numpy as np
 import pytest
 
-from dsjax.runtime.builder import build_engine
-from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.engine.request import FinishReason, Request
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.engine.threaded import ThreadedDisaggEngine
+from dsjax.runtime.builder import build_engine
+from dsjax.runtime.kv_cache import CacheConfig
 
 CACHE = CacheConfig(num_blocks=48, block_size=8)
 SCHED = SchedulerConfig(max_num_seqs=8, max_prefill_tokens=32)

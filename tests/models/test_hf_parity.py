@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,8 @@ import torch
 
 from models.transformer import CausalLM
 from models.weights import load_hf_checkpoint
-from tests.support.hf_fixtures import load_hf_model, make_hf_checkpoint
 from tests.support.dense import prompt_logits
+from tests.support.hf_fixtures import load_hf_model, make_hf_checkpoint
 
 MAX_REL_ERR = 1e-4
 

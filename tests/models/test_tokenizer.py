@@ -8,8 +8,8 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from models.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, ByteTokenizer, HFTokenizer, load_tokenizer
 from models.config import PRESETS
+from models.tokenizer import BYTE_BOS, BYTE_EOS, BYTE_PAD, ByteTokenizer, HFTokenizer, load_tokenizer
 
 TEXT = "héllo wörld, 日本語 costs 5€ 😀!"
 CORPUS = [TEXT, "hello world", "the quick brown fox jumps over the lazy dog", "日本 € 😀 ö é"]

@@ -4,8 +4,8 @@ what the jnp path generates."""
 import numpy as np
 
 import pallas_kernels
-from dsjax.engine.scheduler import SchedulerConfig
 from dsjax import LLM, SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig
 from models.attention import attend
 from tests.support.mixed_batch import mixed_batch
 

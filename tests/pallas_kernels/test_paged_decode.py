@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import DecodeBlockSizes, paged_decode, paged_decode_attention, paged_decode_reference
-from tests.support import kernel_inputs as testing
 from pallas_kernels.block_sizes import decode_block_sizes, decode_num_splits
+from tests.support import kernel_inputs as testing
 
 SM_SCALE = 0.3
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

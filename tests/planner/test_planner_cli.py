@@ -2,10 +2,9 @@ import json
 
 import pytest
 
-from tests.support.planner_reference import distserve_profile
-
 from dsjax.engine.placement import load_plan
 from dsjax.plan import main
+from tests.support.planner_reference import distserve_profile
 
 
 def test_trace_then_simulate_json(tmp_path, capsys):
@@ -50,8 +49,8 @@ def test_bad_arguments_are_reported(capsys):
 def test_dataset_workload_in_opt_tokens(tmp_path, monkeypatch, capsys):
     """--workload/--lengths accept a dataset name: load_workload's GPT-2 counts + 1 (OPT's BOS)."""
     from dsjax.plan import dataset_trace
-    from dsjax.workloads.trace_gen import read_trace
     from dsjax.workloads import load_workload
+    from dsjax.workloads.trace_gen import read_trace
 
     monkeypatch.setenv("DSJAX_CACHE", str(tmp_path / "cache"))
     trace = dataset_trace("humaneval", num_requests=100, seed=0)

@@ -2,10 +2,10 @@ import json
 
 import numpy as np
 import pytest
-from tests.support.planner_reference import distserve_profile
 
 from dsjax.planner.fitting import fit_profile
 from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile, load_profile, profile_from_json, save_profile
+from tests.support.planner_reference import distserve_profile
 
 COEFFS = LatencyCoeffs(prefill=(18.0, 0.1, 7e-6), decode_small=(20.0, 6e-4, 0.04), decode_large=(7.0, 5.8e-4, 0.16))
 

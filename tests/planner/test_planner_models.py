@@ -1,5 +1,4 @@
 import pytest
-from tests.support.planner_reference import max_num_tokens_csv
 
 from dsjax.planner.model_spec import (
     MemoryModel,
@@ -9,6 +8,7 @@ from dsjax.planner.model_spec import (
     parallel_config_error,
     read_max_num_tokens,
 )
+from tests.support.planner_reference import max_num_tokens_csv
 
 
 def test_model_facts():

@@ -1,17 +1,16 @@
 import time
 
 import pytest
-from tests.support.planner_reference import distserve_profile, max_num_tokens_csv, vllm_profile
 
-from dsjax.engine.placement import Placement, PhaseParallel
+from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated
 from dsjax.planner.latency import load_profile
-from dsjax.planner.slo import SLO
 from dsjax.planner.model_spec import MemoryModel, get_model, read_max_num_tokens
-from dsjax.planner.search import GoodputConfig, SearchContext, find_goodput
+from dsjax.planner.search import GoodputConfig, SearchContext, find_goodput, replicas_for_rate
 from dsjax.planner.simulator import SimConfig
-from dsjax.planner.search import replicas_for_rate
+from dsjax.planner.slo import SLO
 from dsjax.workloads.trace_gen import SHAREGPT_LIKE, generate_trace, resample
+from tests.support.planner_reference import distserve_profile, max_num_tokens_csv, vllm_profile
 
 FAST = GoodputConfig(min_requests=300, max_requests=1500, rel_tol=0.05)
 

@@ -3,12 +3,12 @@ import math
 import numpy as np
 import pytest
 
-from dsjax.engine.placement import Placement, PhaseParallel
-from dsjax.planner.running_batch import RunningBatch
+from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.planner.latency import LatencyCoeffs, LatencyModel, Profile
-from dsjax.planner.slo import SLO
 from dsjax.planner.model_spec import MemoryModel, get_model
+from dsjax.planner.running_batch import RunningBatch
 from dsjax.planner.simulator import SimConfig, Simulator, md1_mean_ttft
+from dsjax.planner.slo import SLO
 from dsjax.workloads.trace_gen import FixedLengths, Trace, generate_trace
 
 COEFFS = LatencyCoeffs(prefill=(18.1, 0.1019, 7.12e-6), decode_small=(19.93, 6.27e-4, 0.0385), decode_large=(7.17, 5.8e-4, 0.158))

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 
-from dsjax.engine.request import Chunk
-from dsjax.runtime.batch import pack_prefill
-from dsjax.engine.request import Request
+from dsjax.engine.request import Chunk, Request
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.runtime.batch import pack_prefill
 
 BLOCK_SIZE = 4
 

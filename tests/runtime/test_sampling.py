@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.runtime.sampling import SamplingArrays, sample
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.runtime.sampling import SamplingArrays, sample
 
 
 def arrays(b, temperature=1.0, top_k=0, top_p=1.0, seed=0, step=0):

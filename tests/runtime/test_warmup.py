@@ -5,13 +5,12 @@ import jax
 import numpy as np
 
 from dsjax.engine.colocated import ColocatedEngine
-from dsjax.runtime.kv_cache import CacheConfig
-from dsjax.runtime.runner import ModelRunner
-from dsjax.engine.scheduler import SchedulerConfig
-from dsjax.runtime.warmup import decode_shapes, prefill_shapes, warm_runner
-
 from dsjax.engine.request import Request
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.runtime.kv_cache import CacheConfig
+from dsjax.runtime.runner import ModelRunner
+from dsjax.runtime.warmup import decode_shapes, prefill_shapes, warm_runner
 
 
 def test_shape_lists_follow_the_limits():

@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
+from dsjax.engine.sampling_params import SamplingParams
 from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.runtime.migration import export_blocks
-from dsjax.engine.sampling_params import SamplingParams
 from serving.kv_transfer import KVAssembler, descriptor_from_proto
 from serving.messages import worker_request
 from serving.prefill_worker import PrefillWorker

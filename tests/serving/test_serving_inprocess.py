@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.runtime.builder import build_engine
-from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.runtime.builder import build_engine
+from dsjax.runtime.kv_cache import CacheConfig
 from models.tokenizer import ByteTokenizer
 from models.transformer import CausalLM
 from models.weights import load_model

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.runtime.migration import KVDescriptor, export_blocks, import_blocks, migrate
-from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.runtime.runner import ModelRunner
 from dsjax.runtime.sharding import carve
 from serving.kv_transfer import KVAssembler, chunk_plan, repage, to_chunks

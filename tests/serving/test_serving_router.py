@@ -11,17 +11,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from models.tokenizer import ByteTokenizer
 from models.config import PRESETS
+from models.tokenizer import ByteTokenizer
 from serving.prometheus import MetricsServer
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.router import RouterServer
-from tests.support.serving import FakeBackend, wait_serving
 from serving.text_stream import TextStream
 from serving.validation import Limits
+from tests.support.serving import FakeBackend, wait_serving
 
 MAX_PENDING = 4
 CONFIG = PRESETS["tiny-llama"]

@@ -7,11 +7,11 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from dsjax.runtime.builder import build_engine
-from dsjax.runtime.kv_cache import CacheConfig
-from dsjax.planner.served import served_samples
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.planner.served import served_samples
+from dsjax.runtime.builder import build_engine
+from dsjax.runtime.kv_cache import CacheConfig
 from models.transformer import CausalLM
 from models.weights import load_model
 from serving.backend import GenerateJob

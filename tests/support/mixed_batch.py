@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.engine.request import Chunk
-from dsjax.runtime.batch import pack_prefill
-from dsjax.engine.request import Request
+from dsjax.engine.request import Chunk, Request
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.runtime.batch import pack_prefill
 
 BLOCK_SIZE = 4
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 16  # GQA 2:1; the kernels need head_dim >= 16

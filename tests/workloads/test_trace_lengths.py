@@ -14,8 +14,8 @@ from dsjax.workloads.trace_gen import (
     generate_trace,
     length_sampler_from_spec,
     read_trace,
-    rescale_rate,
     resample,
+    rescale_rate,
     write_trace,
 )
 
