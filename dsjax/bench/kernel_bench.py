@@ -260,7 +260,8 @@ def lower_cases(cases) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m dsjax.bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", choices=("decode", "prefill", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="a few GPU cases instead of the full grid")
     parser.add_argument("--lower-only", action="store_true", help="lower the GPU grid for CUDA; run nothing")
