@@ -11,6 +11,7 @@ failed request prints its gRPC status and message and exits with 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the server to report SERVING")
     p.add_argument("--show-tokens", action="store_true", help="print the token ids to stderr at the end")
+    p.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY") or None,
+                   help="sent as `authorization: Bearer KEY` (a server started with --api-key; default $DSJAX_API_KEY)")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.token_ids is None):
         p.error("give a text prompt or --token-ids (exactly one)")
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         stub = dsjax_pb2_grpc.GenerationStub(channel)
         ids, last = [], None
         try:
-            for msg in stub.Generate(build_request(args), timeout=args.timeout):
+            metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+            for msg in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 ids.extend(msg.token_ids)
                 if msg.text:
                     sys.stdout.write(msg.text)

@@ -34,8 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     m.add_argument("--seed", type=int, default=0, help="dummy-weight seed (identical weights in every process)")
     s = p.add_argument_group("serving")
-    s.add_argument("--host", default="[::]")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="interface every listener binds (default loopback; 0.0.0.0 or [::] exposes them)")
     s.add_argument("--port", type=int, default=None, help="gRPC port (0: any free port); default 50051, workers 0")
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API of the router (0: off; -1: any free port)")
+    s.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` on the public HTTP and gRPC APIs (default $DSJAX_API_KEY)")
     s.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics and /debug/instances (-1: off)")
     s.add_argument("--mode", choices=MODES, default=None, help="default: the plan's, else disaggregated")
     s.add_argument("--plan", help="a placement written by the planner (dsjax.engine.placement.save_plan)")

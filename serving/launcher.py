@@ -56,20 +56,39 @@ def _limits(args: argparse.Namespace):
     return Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit)
 
 
-def _serve_router(args, backend, config, extra_servicers=()):
-    from models.tokenizer import load_tokenizer
-    from serving.prometheus import MetricsServer
-    from serving.router import RouterServer
+class _Fronts:
+    """What a router process listens on: gRPC (Generate, Admin, health), the OpenAI HTTP API and
+    the metrics endpoint. `close` stops all three (the backend is the caller's)."""
 
-    model_dir = Path(args.model) if Path(args.model).is_dir() else None
-    router = RouterServer(backend, load_tokenizer(model_dir, config), config, port=args.port, host=args.host,
-                          limits=_limits(args), max_pending=args.max_pending, extra_servicers=extra_servicers).start()
-    metrics = None
-    if args.metrics_port >= 0:
-        metrics = MetricsServer(router.metrics, backend.instances, args.metrics_port)
-        log.info("metrics on :%d (/metrics, /debug/instances)", metrics.port)
-    log.info("router listening on %s:%d", args.host, router.port)
-    return router, metrics
+    def __init__(self, args, backend, config, extra_servicers=()):
+        from models.tokenizer import load_tokenizer
+        from serving.prometheus import MetricsServer
+        from serving.router import RouterServer
+
+        model_dir = Path(args.model) if Path(args.model).is_dir() else None
+        self.router = RouterServer(backend, load_tokenizer(model_dir, config), config, port=args.port, host=args.host,
+                                   limits=_limits(args), max_pending=args.max_pending, extra_servicers=extra_servicers,
+                                   api_key=args.api_key).start()
+        log.info("router listening on %s:%d", args.host, self.router.port)
+        self.http = None
+        if args.http_port != 0:
+            from serving.http_server import HttpServer, OpenAIApp
+
+            api = OpenAIApp(self.router.generation, model_names=[config.name, args.model], ready=backend.ready,
+                            metrics_text=self.router.metrics.text, api_key=args.api_key)
+            self.http = HttpServer(api, host=args.host, port=max(0, args.http_port)).start()
+            log.info("OpenAI HTTP API on %s:%d (/v1/completions, /v1/chat/completions, /v1/models)", args.host, self.http.port)
+        self.metrics = None
+        if args.metrics_port >= 0:
+            self.metrics = MetricsServer(self.router.metrics, backend.instances, args.metrics_port, host=args.host)
+            log.info("metrics on :%d (/metrics, /debug/instances)", self.metrics.port)
+
+    def close(self) -> None:
+        self.router.stop()
+        if self.http is not None:
+            self.http.stop()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def run_inprocess(args: argparse.Namespace, placement) -> int:
@@ -86,7 +105,7 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     cache, sched = _cache_and_scheduler(args, config, jnp.dtype(model.dtype).itemsize)
     engine = build_engine(model, params, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
     backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
-    router, metrics = _serve_router(args, backend, config)
+    fronts = _Fronts(args, backend, config)
     backend.start()
     if not args.no_warmup:
         backend.warmup()
@@ -96,12 +115,10 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     step_log = _attach_step_log(args, backend, engine)
     log.info("%s %s ready in %.1fs (%s)", args.model, placement.mode, time.perf_counter() - t0, placement.to_dict())
     _wait_for_signal()
-    router.stop()
+    fronts.close()
     backend.close()
     if step_log is not None:
         step_log.close()
-    if metrics:
-        metrics.close()
     return 0
 
 
@@ -178,10 +195,10 @@ def run_router(args: argparse.Namespace, placement) -> int:
     config = model_config(args.model)
     registry = Registry()
     backend = RemoteBackend(registry, max_recomputes=args.max_recomputes)
-    router, metrics = _serve_router(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)])
+    fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)])
     supervisor = None
     if args.role is None:  # start the workers here
-        address = f"127.0.0.1:{router.port}"
+        address = f"127.0.0.1:{fronts.router.port}"
         specs = []
         for role, phase in (("prefill", placement.prefill), ("decode", placement.decode)):
             for i in range(phase.replicas):
@@ -195,10 +212,8 @@ def run_router(args: argparse.Namespace, placement) -> int:
     _wait_for_signal()
     if supervisor:
         supervisor.stop()
-    router.stop()
+    fronts.close()
     backend.close()
-    if metrics:
-        metrics.close()
     return 0
 
 

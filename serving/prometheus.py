@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -97,7 +98,7 @@ class ServingMetrics:
 class MetricsServer:
     """A small threaded HTTP server on `port` (0 picks one: see `.port`)."""
 
-    def __init__(self, metrics: ServingMetrics, instances: InstancesFn, port: int, host: str = "0.0.0.0"):
+    def __init__(self, metrics: ServingMetrics, instances: InstancesFn, port: int, host: str = "127.0.0.1"):
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 if self.path.startswith("/metrics"):
@@ -118,7 +119,10 @@ class MetricsServer:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        server_class = ThreadingHTTPServer
+        if ":" in host.strip("[]"):  # an IPv6 address such as [::]
+            server_class = type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+        self._server = server_class((host.strip("[]"), port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)

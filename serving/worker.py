@@ -45,7 +45,7 @@ class WorkerConfig:
     pp: int = 1
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
-    host: str = "[::]"
+    host: str = "127.0.0.1"  # loopback unless the operator exposes it
     port: int = 0  # 0: any free port
     advertise_host: str = "127.0.0.1"  # how the router and other workers reach this one
     lease_s: float = 30.0

@@ -9,6 +9,7 @@
     python -m dsjax.bench kernels [ARGS]      # Pallas paged attention kernels vs XLA (kernel_bench.py)
     python -m dsjax.bench transfer [ARGS]     # KV transfer over gRPC vs raw TCP (transfer_bench.py)
     python -m dsjax.bench profile [ARGS]      # latency profile of the engine (= python -m dsjax.plan profile)
+    python -m dsjax.bench fronts [ARGS]       # one server through gRPC and through the OpenAI HTTP API
 
 The first form benchmarks a running server (several comma-separated targets are replicas: each
 request goes to the one with the fewest in flight). The second starts the three systems in turn and
@@ -40,6 +41,7 @@ FORWARDED: dict[str, tuple[str, tuple[str, ...], int, str]] = {
     "kernels": ("dsjax.bench.kernel_bench", (), 1, "Pallas paged attention kernels against their XLA references"),
     "transfer": ("dsjax.bench.transfer_bench", (), 1, "KV transfer over gRPC on loopback against a raw TCP copy"),
     "profile": ("dsjax.plan", ("profile",), 1, "latency profile of the engine (same as `python -m dsjax.plan profile`)"),
+    "fronts": ("dsjax.bench.fronts", (), 1, "one server through its gRPC and its OpenAI HTTP front, side by side"),
 }
 
 SUBCOMMANDS: dict[str, str] = {
@@ -96,7 +98,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsjax.bench", description="Benchmark a running dsjax server "
                                 "(the other commands are listed at the end).",
                                 epilog=_subcommands_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help="HOST:PORT, or several comma-separated replicas")
+    p.add_argument("--target", required=True,
+                   help="HOST:PORT (gRPC), or http://HOST:PORT (any OpenAI-compatible server); several comma-separated "
+                        "targets are replicas")
     p.add_argument("--rates", type=_floats, required=True, help="request rates to scan, req/s, increasing")
     p.add_argument("--ttft", type=float, required=True, help="TTFT SLO, seconds")
     p.add_argument("--tpot", type=float, required=True, help="TPOT SLO, seconds")

@@ -1,11 +1,15 @@
-"""The load generator: one asyncio loop sends a request schedule over gRPC and times every token.
+"""The load generator: one asyncio loop sends a request schedule and times every token.
 
     offsets = send_schedule(len(requests), rate=4.0, seed=0)           # seconds from the start
     run = run_load("localhost:50051", requests, offsets, rate=4.0)      # -> LoadRun
+    run = run_load("http://localhost:8000", requests, offsets, rate=4.0)  # any OpenAI-compatible server
     run.records                                                          # metrics.RequestRecord
 
 Each request is one `dsjax.v1.Generation/Generate` stream (greedy, EOS ignored, max_tokens =
-output_len). Times are client-side `time.perf_counter()` readings relative to the schedule's start:
+output_len), or, for an `http://` target, one streamed `/v1/completions` through the official
+`openai` client with the same parameters (vLLM's `ignore_eos`, and `return_token_ids` so a chunk's
+tokens are counted, not guessed; a server without it counts one token a chunk, corrected by the
+final usage). Times are client-side `time.perf_counter()` readings relative to the schedule's start:
 `send_s` just before the call is started, and one receive time per streamed message (a message with
 k tokens gives k tokens that time), so TTFT includes the network and the router, as a user sees it.
 The last message's `LatencyBreakdown` (queue / prefill / transfer / decode on the server) is kept.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Sequence
 
@@ -71,14 +76,15 @@ class StopRule:
 class _Tracker:
     """Mutable per-request state, touched only from the event loop."""
 
-    __slots__ = ("req", "scheduled_s", "send_s", "messages", "first_s", "last", "error", "done", "_missed")
+    __slots__ = ("req", "scheduled_s", "send_s", "messages", "first_s", "last", "finish", "error", "done", "_missed")
 
     def __init__(self, req: BenchRequest, scheduled_s: float):
         self.req, self.scheduled_s = req, scheduled_s
         self.send_s: float | None = None
         self.messages: list[tuple[float, int]] = []
         self.first_s: float | None = None
-        self.last: pb.GenerateResponse | None = None
+        self.last: pb.GenerateResponse | None = None  # gRPC only
+        self.finish = "NONE"  # the finish reason, as the proto names it
         self.error: str | None = None
         self.done = False
         self._missed: bool | None = None  # verdict once done (computed once)
@@ -125,10 +131,8 @@ async def _one(stub: pb_grpc.GenerationStub, tr: _Tracker, request_id: str, t0: 
                     tr.first_s = now
                 tr.messages.append((now, n))
             tr.last = msg
-        got = sum(n for _, n in tr.messages)
-        reason = pb.FinishReason.Name(tr.last.finish_reason) if tr.last is not None else "NONE"
-        if got != tr.req.output_len:
-            tr.error = f"received {got} of {tr.req.output_len} tokens (finish_reason {reason})"
+            tr.finish = pb.FinishReason.Name(msg.finish_reason)
+        _check_count(tr)
     except grpc.aio.AioRpcError as e:
         tr.error = f"{e.code().name}: {e.details()}"
     except asyncio.CancelledError:
@@ -138,11 +142,55 @@ async def _one(stub: pb_grpc.GenerationStub, tr: _Tracker, request_id: str, t0: 
         tr.done = True
 
 
+def _check_count(tr: _Tracker) -> None:
+    got = sum(n for _, n in tr.messages)
+    if got != tr.req.output_len:
+        tr.error = f"received {got} of {tr.req.output_len} tokens (finish_reason {tr.finish})"
+
+
+async def _one_http(client, model: str, tr: _Tracker, request_id: str, t0: float, timeout_s: float) -> None:
+    """One streamed `/v1/completions` request (an `openai.AsyncOpenAI` client); times as `_one`."""
+    import openai
+
+    clock = time.perf_counter
+    req = tr.req
+    prompt = list(req.prompt_token_ids) if req.prompt_token_ids is not None else req.prompt_text
+    tr.send_s = clock() - t0
+    try:
+        stream = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=req.output_len, temperature=0.0, stream=True, timeout=timeout_s,
+            stream_options={"include_usage": True}, user=request_id,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        usage = None
+        async for chunk in stream:
+            now = clock() - t0
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                ids = (choice.model_extra or {}).get("token_ids")
+                n = len(ids) if ids is not None else (1 if choice.text else 0)
+                if n:
+                    if tr.first_s is None:
+                        tr.first_s = now
+                    tr.messages.append((now, n))
+                if choice.finish_reason:
+                    tr.finish = choice.finish_reason.upper()
+        got = sum(n for _, n in tr.messages)
+        if usage is not None and tr.messages and usage.completion_tokens != got:  # chunks were not tokens
+            t_last, n_last = tr.messages[-1]
+            tr.messages[-1] = (t_last, n_last + usage.completion_tokens - got)
+        _check_count(tr)
+    except openai.APIError as e:
+        tr.error = f"HTTP {getattr(e, 'status_code', '?')}: {e.message}"
+    except asyncio.CancelledError:
+        tr.error = "cancelled: run stopped early"
+        raise
+    finally:
+        tr.done = True
+
+
 def _result(tr: _Tracker, request_id: str) -> RequestResult:
     breakdown = server_ttft = None
-    reason = "NONE"
     if tr.last is not None:
-        reason = pb.FinishReason.Name(tr.last.finish_reason)
         if tr.last.HasField("breakdown"):
             breakdown = Breakdown.from_proto(tr.last.breakdown)
         timing = tr.last.timing
@@ -151,7 +199,7 @@ def _result(tr: _Tracker, request_id: str) -> RequestResult:
     if tr.send_s is None and tr.error is None:
         tr.error = "not sent: run stopped early"
     return RequestResult(index=tr.req.index, request_id=request_id, scheduled_s=tr.scheduled_s, record=tr.record(),
-                         breakdown=breakdown, server_ttft_s=server_ttft, finish_reason=reason)
+                         breakdown=breakdown, server_ttft_s=server_ttft, finish_reason=tr.finish)
 
 
 async def run_load_async(
@@ -180,16 +228,15 @@ async def run_load_async(
         raise ValueError("send offsets must be non-decreasing")
     trackers = [_Tracker(r, float(t)) for r, t in zip(requests, offsets_s)]
     ids = [f"{tag}-{r.index}" for r in requests]
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    channels = [grpc.aio.insecure_channel(t, options=options) for t in targets]
+    senders: list = []  # per target: an async fn(tracker, request_id, t0, timeout_s)
+    closers: list = []
     try:
-        for t, channel in zip(targets, channels):
-            try:
-                await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
-            except asyncio.TimeoutError:
-                raise ConnectionError(f"no gRPC server answered at {t} within {connect_timeout_s} s") from None
-        stubs = [pb_grpc.GenerationStub(c) for c in channels]
-        in_flight = [0] * len(stubs)
+        for t in targets:
+            send, close = await (_http_sender(t, connect_timeout_s) if t.startswith(("http://", "https://"))
+                                 else _grpc_sender(t, connect_timeout_s))
+            senders.append(send)
+            closers.append(close)
+        in_flight = [0] * len(senders)
         bar = tqdm(total=len(trackers), desc=f"{tag} @ {rate:g} req/s", unit="req", leave=False, disable=not progress)
         tasks: list[asyncio.Task] = []
         stop = asyncio.Event()
@@ -210,9 +257,9 @@ async def run_load_async(
                         pass
                 if stop.is_set():
                     return
-                k = min(range(len(stubs)), key=in_flight.__getitem__)
+                k = min(range(len(senders)), key=in_flight.__getitem__)
                 in_flight[k] += 1
-                task = asyncio.create_task(_one(stubs[k], tr, rid, t0, timeout_s))
+                task = asyncio.create_task(senders[k](tr, rid, t0, timeout_s))
                 task.add_done_callback(lambda _t, k=k: finished(k))
                 tasks.append(task)
 
@@ -238,8 +285,8 @@ async def run_load_async(
         wall = time.perf_counter() - t0
         bar.close()
     finally:
-        for channel in channels:
-            await channel.close()
+        for close in closers:
+            await close()
     lags = [tr.send_s - tr.scheduled_s for tr in trackers if tr.send_s is not None]
     return LoadRun(
         rate=rate,
@@ -250,6 +297,34 @@ async def run_load_async(
         send_lag_max_s=max(lags) if lags else math.nan,
         started_at=started_at,
     )
+
+
+async def _grpc_sender(target: str, connect_timeout_s: float):
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    channel = grpc.aio.insecure_channel(target, options=options)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
+    except asyncio.TimeoutError:
+        await channel.close()
+        raise ConnectionError(f"no gRPC server answered at {target} within {connect_timeout_s} s") from None
+    stub = pb_grpc.GenerationStub(channel)
+    return (lambda tr, rid, t0, timeout_s: _one(stub, tr, rid, t0, timeout_s)), channel.close
+
+
+async def _http_sender(base_url: str, connect_timeout_s: float):
+    """An OpenAI-compatible server: the model is the first `/v1/models` lists; the API key is
+    $OPENAI_API_KEY if set."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key=os.environ.get("OPENAI_API_KEY") or "none",
+                                max_retries=0)
+    try:
+        models = await client.models.list(timeout=connect_timeout_s)
+        model = models.data[0].id
+    except (openai.APIError, IndexError) as e:
+        await client.close()
+        raise ConnectionError(f"no OpenAI-compatible server with a model answered at {base_url}: {e}") from None
+    return (lambda tr, rid, t0, timeout_s: _one_http(client, model, tr, rid, t0, timeout_s)), client.close
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None

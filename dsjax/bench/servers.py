@@ -252,7 +252,7 @@ def launch_system(name: str, options: ServerOptions, log_dir: str | Path) -> Lau
         port = free_port()
         router = f"127.0.0.1:{port}"
         system.start_process("router", ["--role", "router", "--mode", "disaggregated", "--port", str(port),
-                                        "--host", "127.0.0.1", "--metrics-port", "-1", *options.engine_args()],
+                                        "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "0", *options.engine_args()],
                              core=None, options=options, log_dir=log_dir)  # no engine here: no step log
         for role, core in (("prefill", options.cores[0]), ("decode", options.cores[1])):
             system.start_process(role, ["--role", role, "--router", router, "--worker-id", f"{role}-0", "--port", "0",
@@ -263,7 +263,7 @@ def launch_system(name: str, options: ServerOptions, log_dir: str | Path) -> Lau
         for i, core in enumerate(options.cores):
             port = free_port()
             system.start_process(f"replica-{i}", ["--workers", "inprocess", "--mode", name, "--port", str(port),
-                                                  "--host", "127.0.0.1", "--metrics-port", "-1", *common],
+                                                  "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "0", *common],
                                  core=core, options=options, log_dir=log_dir)
             system.targets.append(f"127.0.0.1:{port}")
     try:

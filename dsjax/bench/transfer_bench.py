@@ -140,7 +140,7 @@ def end_to_end(model: str, prompt_len: int, max_tokens: int, requests: int) -> d
     from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 
     port = free_port()
-    proc = launch_server(["--workers", "processes", "--model", model, "--port", str(port), "--metrics-port", "-1", "--log-level", "WARNING"])
+    proc = launch_server(["--workers", "processes", "--model", model, "--port", str(port), "--metrics-port", "-1", "--http-port", "0", "--log-level", "WARNING"])
     rows = []
     try:
         wait_serving(f"localhost:{port}", timeout=300, proc=proc)

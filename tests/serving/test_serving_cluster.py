@@ -30,7 +30,7 @@ CACHE_DIR = os.path.expanduser("~/.cache/dsjax/jax-tests")
 def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster-logs")
     port = free_port()
-    args = ["--workers", "processes", "--model", "tiny-llama", "--dummy-weights", "--port", str(port), "--metrics-port", "-1",
+    args = ["--workers", "processes", "--model", "tiny-llama", "--dummy-weights", "--port", str(port), "--metrics-port", "-1", "--http-port", "0",
             "--prefill-tp", "2", "--decode-replicas", "2", "--num-blocks", "160", "--lease-seconds", str(LEASE_S),
             "--compilation-cache", CACHE_DIR, "--log-dir", str(logs), "--max-tokens-limit", "400"]
     proc = launch_server(args, logs / "router.log")

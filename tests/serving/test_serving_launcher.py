@@ -14,11 +14,11 @@ from tests.support.serving import REPO, free_port, launch_server, stop_server, w
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("launcher") / "serve.log"
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # as on a fresh shell: the launcher makes its two devices itself
-    proc = launch_server(["--port", str(port), "--metrics-port", str(metrics_port)], log, env=env)
+    proc = launch_server(["--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port)], log, env=env)
     try:
         startup_s = wait_serving(f"localhost:{port}", timeout=60, proc=proc)
         yield port, metrics_port, startup_s, proc

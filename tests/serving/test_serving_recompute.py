@@ -26,7 +26,7 @@ def roles(tmp_path_factory):
     port = free_port()
     router = f"localhost:{port}"
     common = ["--model", "tiny-llama", "--compilation-cache", CACHE_DIR, "--num-blocks", "128"]
-    procs = [launch_server(["--role", "router", "--port", str(port), "--metrics-port", "-1", *common], logs / "router.log")]
+    procs = [launch_server(["--role", "router", "--port", str(port), "--metrics-port", "-1", "--http-port", "0", *common], logs / "router.log")]
     for wid, role, tp in (("p0", "prefill", 1), ("p1", "prefill", 1), ("d0", "decode", 2)):
         env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(os.environ.get("XLA_FLAGS", ""), tp))
         procs.append(launch_server(["--role", role, "--router", router, "--worker-id", wid, f"--{role}-tp", str(tp), *common],
