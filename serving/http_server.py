@@ -81,28 +81,31 @@ def _pump(stream: GenerateStream, loop: asyncio.AbstractEventLoop, queue: asynci
 
 async def _outputs(stream: GenerateStream, request: Request) -> AsyncIterator[Output]:
     """The stream's outputs on the event loop; raises its GenerateError. Leaving early (closed by
-    the caller, or the client found gone while waiting) cancels the request everywhere."""
+    the caller, or the client found gone) cancels the request everywhere."""
     queue: asyncio.Queue = asyncio.Queue()
     threading.Thread(target=_pump, args=(stream, asyncio.get_running_loop(), queue),
                      name=f"http-{stream.request_id}", daemon=True).start()
+    watcher = asyncio.create_task(_cancel_when_gone(request, stream, queue))
     finished = False
     try:
-        while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return
-                continue
-            if item is _DONE:
-                return
+        while (item := await queue.get()) is not _DONE:
             if isinstance(item, GenerateError):
                 raise item
             finished = item.finish_reason is not None
             yield item
     finally:
+        watcher.cancel()
         if not finished:
             stream.cancel()
+
+
+async def _cancel_when_gone(request: Request, stream: GenerateStream, queue: asyncio.Queue) -> None:
+    """A response only learns that its client left when a send fails; while no token comes (a
+    queued request) this checks every DISCONNECT_POLL_S and ends the stream early instead."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    stream.cancel()
+    queue.put_nowait(_DONE)
 
 
 def _sse(doc: dict) -> str:
