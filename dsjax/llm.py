@@ -17,7 +17,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from dsjax.engine.placement import Placement
-from dsjax.engine.request import FinishReason, Lifecycle, Request
+from dsjax.engine.request import FinishReason, Lifecycle, Request, validate_prompt
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.builder import build_engine, load_causal_lm
@@ -36,21 +36,6 @@ class RequestOutput:
     text: str
     finish_reason: FinishReason
     lifecycle: Lifecycle
-
-
-def validate_prompt(config: ModelConfig, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
-    """The checks every entry point applies (offline API and gRPC): ValueError names the field."""
-    if len(prompt_token_ids) == 0:
-        raise ValueError("prompt is empty: prompt_token_ids must hold at least one token")
-    bad = [t for t in prompt_token_ids if not 0 <= int(t) < config.vocab_size]
-    if bad:
-        raise ValueError(f"prompt_token_ids hold ids outside the vocabulary [0, {config.vocab_size}): {bad[:8]}")
-    if len(prompt_token_ids) >= config.max_position:
-        raise ValueError(f"prompt length {len(prompt_token_ids)} must be below the context length {config.max_position}")
-    if len(prompt_token_ids) + sampling.max_tokens > config.max_position:
-        raise ValueError(
-            f"max_tokens={sampling.max_tokens} with a {len(prompt_token_ids)}-token prompt exceeds the context length {config.max_position}"
-        )
 
 
 def default_num_blocks(config: ModelConfig, block_size: int, max_num_seqs: int, dtype_bytes: int) -> int:
@@ -109,7 +94,7 @@ class LLM:
         if len(params) != len(prompt_token_ids):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompt_token_ids)} prompts")
         for ids, sp in zip(prompt_token_ids, params):
-            validate_prompt(self.config, ids, sp)
+            validate_prompt(ids, sp, vocab_size=self.config.vocab_size, max_position=self.config.max_position)
         reqs = []
         for ids, sp in zip(prompt_token_ids, params):
             req = Request(

@@ -2,7 +2,7 @@
 ValueError naming the offending field (the router turns it into INVALID_ARGUMENT).
 
 Reuses the engine's own checks: `SamplingParams.__post_init__` (max_tokens, temperature, top_p,
-top_k, seed, stop) and `dsjax.llm.validate_prompt` (empty, vocabulary, context length); adds the
+top_k, seed, stop) and `dsjax.engine.request.validate_prompt` (empty, vocabulary, context length); adds the
 server's limits (request size, max_tokens cap, stop lists). Plain Python: no jax.
 """
 
@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from dsjax.engine.request import validate_prompt
 from dsjax.engine.sampling_params import SamplingParams
 from models.config import PRESETS, ModelConfig
 from models.hf_config import config_from_hf, read_hf_config
@@ -82,8 +83,6 @@ def prompt_token_ids(request: pb.GenerateRequest, tokenizer) -> list[int]:
 
 def validate_request(request: pb.GenerateRequest, tokenizer, config: ModelConfig, limits: Limits) -> tuple[list[int], SamplingParams]:
     """-> (prompt token ids, SamplingParams); ValueError names the field that is wrong."""
-    from dsjax.llm import validate_prompt  # imports jax (not its devices): deferred for light users
-
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise ValueError(f"request is {size} bytes, over the server's message limit of {limits.max_request_bytes} bytes")
@@ -91,7 +90,7 @@ def validate_request(request: pb.GenerateRequest, tokenizer, config: ModelConfig
     ids = prompt_token_ids(request, tokenizer)
     check_token_ids(ids, config.vocab_size, "prompt token_ids")
     check_token_ids(sampling.stop_token_ids, config.vocab_size, "stop_token_ids")
-    validate_prompt(config, ids, sampling)
+    validate_prompt(ids, sampling, vocab_size=config.vocab_size, max_position=config.max_position)
     return ids, sampling
 
 

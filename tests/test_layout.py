@@ -83,9 +83,11 @@ def test_hand_written_files_stay_readable():
 
 
 def test_engine_and_planner_import_without_jax():
-    """At run time too (not only in the source): the schedulers, engines and simulator load no jax."""
+    """At run time too (not only in the source): the schedulers, engines, simulator, load generator and
+    the router with both its fronts load no jax."""
     code = ("import sys; import dsjax.engine.colocated, dsjax.engine.disaggregated, dsjax.engine.threaded, "
-            "dsjax.planner.simulator, dsjax.planner.algorithms, dsjax.bench.loadgen, serving.router; "
+            "dsjax.planner.simulator, dsjax.planner.algorithms, dsjax.bench.loadgen, serving.router, serving.http_server, "
+            "serving.validation; "
             "print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

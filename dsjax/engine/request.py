@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import Sequence
 
 from dsjax.engine.sampling_params import SamplingParams
 
@@ -107,6 +108,22 @@ class Request:
         elif len(self.output_token_ids) >= sp.max_tokens:
             self.finish_reason = FinishReason.LENGTH
         return self.finish_reason is not None
+
+
+def validate_prompt(prompt_token_ids: Sequence[int], sampling: SamplingParams, *, vocab_size: int,
+                    max_position: int) -> None:
+    """The checks every entry point applies (offline API, gRPC, HTTP): ValueError names the field."""
+    if len(prompt_token_ids) == 0:
+        raise ValueError("prompt is empty: prompt_token_ids must hold at least one token")
+    bad = [t for t in prompt_token_ids if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"prompt_token_ids hold ids outside the vocabulary [0, {vocab_size}): {bad[:8]}")
+    if len(prompt_token_ids) >= max_position:
+        raise ValueError(f"prompt length {len(prompt_token_ids)} must be below the context length {max_position}")
+    if len(prompt_token_ids) + sampling.max_tokens > max_position:
+        raise ValueError(
+            f"max_tokens={sampling.max_tokens} with a {len(prompt_token_ids)}-token prompt exceeds the context length {max_position}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
