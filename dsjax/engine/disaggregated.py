@@ -115,9 +115,9 @@ class DecodeInstance:
         return sum(r.num_tokens for r in self.running)
 
     def can_pull(self, req: Request) -> bool:
-        """DistServe's pull rule (the planner's `decode_should_pull`, so the simulator predicts
-        it): room for the request's KV plus one growth block per running request, and the
-        requests pulled but not yet batched hold < 5% of the pool."""
+        """DistServe's pull rule (`policies.decode_should_pull`, which the simulator calls too):
+        room for the request's KV plus one growth block per running request, and the requests
+        pulled but not yet batched hold < 5% of the pool."""
         bs = self.blocks.block_size
         idle = self.running[self.cfg.max_num_seqs :]
         growth = len(self.running[: self.cfg.max_num_seqs])

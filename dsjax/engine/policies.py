@@ -1,7 +1,8 @@
 """Scheduling policies as small pure functions over plain numbers.
 
-The simulator calls exactly these, and the real engine's schedulers can call them too, so that what
-the planner predicts is what the engine does. Nothing here knows about time, devices or requests
+The engine (scheduler.py, colocated.py, disaggregated.py) and the planner's simulator
+(dsjax/planner/instances.py, simulator.py) both call every one of these, so that what the planner
+predicts is what the engine does. Nothing here knows about time, devices or requests
 beyond their token counts.
 
 Summary of DistServe's online policy (paper section 4.3) as implemented here:
