@@ -245,3 +245,39 @@ def test_api_key_guards_both_fronts(front):
             assert sum(len(m.token_ids) for m in out) == 2
     finally:
         router.stop()
+
+
+class _DeadBackend(FakeBackend):
+    """Every request ends with UNAVAILABLE (as when the worker holding it died); not ready."""
+
+    def submit(self, job):
+        from serving.engine_loop import ErrorEvent, Outbox
+        from tests.support.serving import _FakeHandle
+
+        self.jobs.append(job)
+        outbox = Outbox()
+        outbox.put(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "no decode worker is registered"))
+        return _FakeHandle(outbox, lambda: None)
+
+    def ready(self) -> bool:
+        return False
+
+
+def test_unavailable_backend_is_503_and_health_says_so():
+    backend = _DeadBackend()
+    generation = Generation(backend, ByteTokenizer(CONFIG.vocab_size), CONFIG)
+    api = OpenAIApp(generation, model_names=[MODEL], ready=backend.ready, metrics_text=lambda: b"")
+    server = HttpServer(api, host="127.0.0.1", port=0).start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        _wait_http(url)
+        assert http(f"{url}/health")[0] == 503
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert info.value.status_code == 503 and "no decode worker" in info.value.body["message"]
+        events = [json.loads(line[6:]) for line in http(f"{url}/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True})[1].splitlines()
+                  if line.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "unavailable"  # mid-stream, the error travels as an event
+    finally:
+        server.stop()
