@@ -28,6 +28,9 @@ class GenerateJob:
 
 
 class Handle(Protocol):
+    """A submitted request. A handle whose events come through an `Outbox` (the in-process
+    backends) also exposes it as `outbox`, so an asyncio reader can wait without a thread."""
+
     def events(self) -> Iterator[Event]:
         """Blocking: token events, then exactly one FinishEvent or ErrorEvent."""
 

@@ -63,6 +63,7 @@ class Outbox:
         self._q: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
+        self._waker: Callable[[], None] | None = None
 
     def put(self, event: Event) -> None:
         with self._lock:
@@ -71,6 +72,29 @@ class Outbox:
             if not isinstance(event, TokenEvent):
                 self._closed = True
         self._q.put(event)
+        waker = self._waker
+        if waker is not None:
+            waker()
+
+    def set_waker(self, waker: Callable[[], None]) -> None:
+        """Call `waker()` after every later put, on the writer's thread: for a reader that waits in
+        an event loop (`drain` then sleeps until woken) instead of blocking a thread in `__iter__`."""
+        self._waker = waker
+
+    def drain(self) -> list[Event]:
+        """The events queued now, without waiting; consecutive token events merged as in `__iter__`."""
+        out: list[Event] = []
+        while True:
+            try:
+                event = self._q.get_nowait()
+            except queue.Empty:
+                return out
+            last = out[-1] if out else None
+            if (isinstance(event, TokenEvent) and isinstance(last, TokenEvent)
+                    and not (last.migration is not None and event.migration is not None)):
+                out[-1] = TokenEvent(last.token_ids + event.token_ids, last.migration or event.migration)
+            else:
+                out.append(event)
 
     @property
     def closed(self) -> bool:

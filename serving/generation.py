@@ -103,7 +103,8 @@ class Generation:
 
 
 class GenerateStream:
-    """The outputs of one admitted request; iterate once. Blocking: run it on a worker thread."""
+    """The outputs of one admitted request; read it once, either by iterating (blocking: on a
+    worker thread) or by feeding it the events of `handle.outbox` (`on_event`, then `close`)."""
 
     def __init__(self, generation: Generation, request_id: str, prompt: list[int], sampling: SamplingParams,
                  handle: Handle, arrival: float):
@@ -111,45 +112,62 @@ class GenerateStream:
         self.prompt_token_ids = prompt
         self.sampling = sampling
         self.arrival = arrival
+        self.handle = handle
+        self.finished = False
         self._generation = generation
-        self._handle = handle
+        self._text = TextStream(generation.tokenizer, prompt, sampling.stop)
+        self._token_times: list[float] = []
+        self._first = 0.0
+        self._closed = False
 
     def cancel(self) -> None:
         """Abort the request on every instance that holds it (idempotent, any thread)."""
-        self._handle.cancel()
+        self.handle.cancel()
+
+    def close(self) -> None:
+        """Done reading: cancel what still runs (a no-op once finished; frees the KV of an
+        abandoned stream) and give the admission slot back. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self.handle.cancel()
+            self._generation._release(self.request_id)
 
     def __iter__(self) -> Iterator[Output]:
         try:
-            yield from self._outputs()
-        finally:
-            self._handle.cancel()  # a no-op once finished; frees the KV of an abandoned stream
-            self._generation._release(self.request_id)
-
-    def _outputs(self) -> Iterator[Output]:
-        metrics = self._generation.metrics
-        text = TextStream(self._generation.tokenizer, self.prompt_token_ids, self.sampling.stop)
-        token_times: list[float] = []
-        first = 0.0
-        for event in self._handle.events():
-            now = time.time()
-            if isinstance(event, TokenEvent):
-                if not event.token_ids:
-                    continue
-                token_times += [now] * len(event.token_ids)
-                first = first or now
-                delta, stopped = text.add(event.token_ids)
-                if stopped:  # a stop string: finish here and abort the rest of the generation
-                    self._handle.cancel()
-                    metrics.observe_finished("stop", self.arrival, token_times, {})
-                    yield Output(list(event.token_ids), delta, now, first, FinishReason.STOP)
+            for event in self.handle.events():
+                out = self.on_event(event)
+                if out is not None:
+                    yield out
+                if self.finished:
                     return
-                yield Output(list(event.token_ids), delta, now, first)
-            elif isinstance(event, FinishEvent):
-                bd = event.breakdown or {}
-                reason = event.reason if event.reason in FINISH_TO_PROTO else FinishReason.CANCELLED
-                metrics.observe_finished(reason.value, self.arrival, token_times, bd)
-                yield Output([], text.finish(), now, first, reason, bd)
-                return
-            elif isinstance(event, ErrorEvent):
-                raise self._generation.error(event.code, event.message)
-        raise self._generation.error(grpc.StatusCode.INTERNAL, "the backend ended the stream without a finish")
+            raise self._generation.error(grpc.StatusCode.INTERNAL, "the backend ended the stream without a finish")
+        finally:
+            self.close()
+
+    def on_event(self, event) -> Output | None:
+        """The output of one backend event (None for an empty one); raises the GenerateError an
+        ErrorEvent carries. After the output with a finish reason, `finished` is set."""
+        metrics = self._generation.metrics
+        now = time.time()
+        if isinstance(event, TokenEvent):
+            if not event.token_ids:
+                return None
+            self._token_times += [now] * len(event.token_ids)
+            self._first = self._first or now
+            delta, stopped = self._text.add(event.token_ids)
+            if stopped:  # a stop string: finish here and abort the rest of the generation
+                self.handle.cancel()
+                metrics.observe_finished("stop", self.arrival, self._token_times, {})
+                self.finished = True
+                return Output(list(event.token_ids), delta, now, self._first, FinishReason.STOP)
+            return Output(list(event.token_ids), delta, now, self._first)
+        if isinstance(event, FinishEvent):
+            bd = event.breakdown or {}
+            reason = event.reason if event.reason in FINISH_TO_PROTO else FinishReason.CANCELLED
+            metrics.observe_finished(reason.value, self.arrival, self._token_times, bd)
+            self.finished = True
+            return Output([], self._text.finish(), now, self._first, reason, bd)
+        if isinstance(event, ErrorEvent):
+            self.finished = True
+            raise self._generation.error(event.code, event.message)
+        raise TypeError(f"unknown backend event {event!r}")

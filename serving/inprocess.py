@@ -39,6 +39,7 @@ class _Active:
 class _Handle:
     def __init__(self, backend: "InProcessBackend", request_id: str, outbox: Outbox):
         self._backend, self._id, self._outbox = backend, request_id, outbox
+        self.outbox = outbox  # for readers in an event loop (Handle.outbox)
 
     def events(self):
         return iter(self._outbox)
@@ -234,6 +235,7 @@ class ThreadedBackend:
 class _ThreadedHandle:
     def __init__(self, backend: ThreadedBackend, request_id: str, outbox: Outbox):
         self._backend, self._id, self._outbox = backend, request_id, outbox
+        self.outbox = outbox  # for readers in an event loop (Handle.outbox)
 
     def events(self):
         return iter(self._outbox)

@@ -90,6 +90,7 @@ class FakeBackend:
 class _FakeHandle:
     def __init__(self, outbox: Outbox, cancel):
         self._outbox, self.cancel = outbox, cancel
+        self.outbox = outbox
 
     def events(self):
         return iter(self._outbox)
