@@ -89,6 +89,13 @@ class _Tracker:
         self.done = False
         self._missed: bool | None = None  # verdict once done (computed once)
 
+    def add_tokens(self, now: float, n: int) -> None:
+        """`n` tokens received at `now` (seconds since the run's start); 0 is ignored."""
+        if n:
+            if self.first_s is None:
+                self.first_s = now
+            self.messages.append((now, n))
+
     def certainly_missed(self, now: float, rule: StopRule) -> bool:
         if self.send_s is None:
             return False
@@ -124,12 +131,7 @@ async def _one(stub: pb_grpc.GenerationStub, tr: _Tracker, request_id: str, t0: 
     tr.send_s = clock() - t0
     try:
         async for msg in stub.Generate(msg_req, timeout=timeout_s):
-            now = clock() - t0
-            n = len(msg.token_ids)
-            if n:
-                if tr.first_s is None:
-                    tr.first_s = now
-                tr.messages.append((now, n))
+            tr.add_tokens(clock() - t0, len(msg.token_ids))
             tr.last = msg
             tr.finish = pb.FinishReason.Name(msg.finish_reason)
         _check_count(tr)
@@ -167,11 +169,7 @@ async def _one_http(client, model: str, tr: _Tracker, request_id: str, t0: float
             usage = chunk.usage or usage
             for choice in chunk.choices:
                 ids = (choice.model_extra or {}).get("token_ids")
-                n = len(ids) if ids is not None else (1 if choice.text else 0)
-                if n:
-                    if tr.first_s is None:
-                        tr.first_s = now
-                    tr.messages.append((now, n))
+                tr.add_tokens(now, len(ids) if ids is not None else (1 if choice.text else 0))
                 if choice.finish_reason:
                     tr.finish = choice.finish_reason.upper()
         got = sum(n for _, n in tr.messages)
