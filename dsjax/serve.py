@@ -2,16 +2,18 @@
 
 With no arguments: tiny-llama with dummy weights, disaggregated in this process on two local
 devices (prefill on device 0, decode on device 1; on a CPU host the two devices are made with
-XLA_FLAGS), gRPC on :50051 (health, reflection), Prometheus metrics on :9090.
+XLA_FLAGS), gRPC on :50051 (health, reflection), the OpenAI HTTP API on :8000, Prometheus metrics
+on :9090, all on loopback (`--host 0.0.0.0` exposes them).
 
     python -m dsjax.serve                                   # the demo above
     python -m dsjax.serve --workers processes --prefill-tp 2 --decode-replicas 2
     python -m dsjax.serve --plan plan.json --model /ckpt/opt-13b
     python -m dsjax.serve --mode chunked --prefill-tp 2     # a colocated baseline
-    # one role per host:
-    python -m dsjax.serve --role router --port 50051
-    python -m dsjax.serve --role prefill --router ROUTER:50051 --advertise-host THIS_HOST --prefill-tp 2
-    python -m dsjax.serve --role decode  --router ROUTER:50051 --advertise-host THIS_HOST
+    # one role per host, all with the same DSJAX_CLUSTER_TOKEN (serving/cluster_auth.py):
+    export DSJAX_CLUSTER_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    python -m dsjax.serve --role router --host 0.0.0.0 --port 50051
+    python -m dsjax.serve --role prefill --router ROUTER:50051 --host 0.0.0.0 --advertise-host THIS_HOST --prefill-tp 2
+    python -m dsjax.serve --role decode  --router ROUTER:50051 --host 0.0.0.0 --advertise-host THIS_HOST
 
 docs/serving.md describes the processes, the wire format and the failure handling.
 """

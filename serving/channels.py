@@ -11,6 +11,8 @@ import threading
 
 import grpc
 
+from serving.cluster_auth import with_token
+
 MAX_INTERNAL_MESSAGE = 256 << 20
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_INTERNAL_MESSAGE),
@@ -33,27 +35,32 @@ SERVER_OPTIONS = [
 
 
 class Channels:
-    """A thread-safe cache of insecure channels by address."""
+    """A thread-safe cache of insecure channels by address; with `token`, every call on them
+    carries the cluster token (serving/cluster_auth.py)."""
 
-    def __init__(self):
+    def __init__(self, token: str | None = None):
+        self._token = token
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
+        self._raw: dict[str, grpc.Channel] = {}
 
     def get(self, address: str) -> grpc.Channel:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                ch = self._channels[address] = grpc.insecure_channel(address, options=OPTIONS)
+                raw = self._raw[address] = grpc.insecure_channel(address, options=OPTIONS)
+                ch = self._channels[address] = with_token(raw, self._token)
             return ch
 
     def drop(self, address: str) -> None:
         with self._lock:
-            ch = self._channels.pop(address, None)
+            self._channels.pop(address, None)
+            ch = self._raw.pop(address, None)
         if ch is not None:
             ch.close()
 
     def close(self) -> None:
         with self._lock:
-            chans, self._channels = list(self._channels.values()), {}
+            chans, self._channels, self._raw = list(self._raw.values()), {}, {}
         for ch in chans:
             ch.close()

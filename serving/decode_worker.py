@@ -59,14 +59,15 @@ class _Entry:
 
 class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, instance: DecodeInstance, *, worker_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pull_threads: int = 4, pull_timeout_s: float = 60.0, renew_every_s: float = 1.0):
+                 pull_threads: int = 4, pull_timeout_s: float = 60.0, renew_every_s: float = 1.0,
+                 cluster_token: str | None = None):
         super().__init__(f"decode-engine-{worker_id}")
         self.inst = instance
         self.worker_id = worker_id
         self.chunk_bytes = chunk_bytes
         self.pull_timeout_s = pull_timeout_s
         self.renew_every_s = renew_every_s
-        self.channels = Channels()
+        self.channels = Channels(cluster_token)  # pulls from prefill workers carry the cluster token
         self._pool = ThreadPoolExecutor(pull_threads, thread_name_prefix=f"pull-{worker_id}")
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[str] = deque()

@@ -50,6 +50,17 @@ def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
     return CacheConfig(num_blocks=num_blocks, block_size=args.block_size), sched
 
 
+def _cluster_token(*, create: bool = False) -> str:
+    """The cluster's shared secret (serving/cluster_auth.py); a clear exit when a hand-started
+    role has none."""
+    from serving.cluster_auth import cluster_token
+
+    try:
+        return cluster_token(create=create)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def _limits(args: argparse.Namespace):
     from serving.validation import Limits
 
@@ -60,7 +71,7 @@ class _Fronts:
     """What a router process listens on: gRPC (Generate, Admin, health), the OpenAI HTTP API and
     the metrics endpoint. `close` stops all three (the backend is the caller's)."""
 
-    def __init__(self, args, backend, config, extra_servicers=()):
+    def __init__(self, args, backend, config, extra_servicers=(), *, cluster_token: str):
         from models.tokenizer import load_tokenizer
         from serving.prometheus import MetricsServer
         from serving.router import RouterServer
@@ -68,7 +79,7 @@ class _Fronts:
         model_dir = Path(args.model) if Path(args.model).is_dir() else None
         self.router = RouterServer(backend, load_tokenizer(model_dir, config), config, port=args.port, host=args.host,
                                    limits=_limits(args), max_pending=args.max_pending, extra_servicers=extra_servicers,
-                                   api_key=args.api_key).start()
+                                   api_key=args.api_key, cluster_token=cluster_token).start()
         log.info("router listening on %s:%d", args.host, self.router.port)
         self.http = None
         if args.http_port != 0:
@@ -105,7 +116,7 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     cache, sched = _cache_and_scheduler(args, config, jnp.dtype(model.dtype).itemsize)
     engine = build_engine(model, params, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
     backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
-    fronts = _Fronts(args, backend, config)
+    fronts = _Fronts(args, backend, config, cluster_token=_cluster_token(create=True))
     backend.start()
     if not args.no_warmup:
         backend.warmup()
@@ -193,9 +204,11 @@ def run_router(args: argparse.Namespace, placement) -> int:
         raise SystemExit(f"--workers processes / --role router serve mode=disaggregated, not {placement.mode!r}: "
                          "run colocated and chunked baselines with --workers inprocess")
     config = model_config(args.model)
-    registry = Registry()
+    token = _cluster_token(create=args.role is None)  # the workers started here inherit it
+    registry = Registry(cluster_token=token)
     backend = RemoteBackend(registry, max_recomputes=args.max_recomputes)
-    fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)])
+    fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)],
+                     cluster_token=token)
     supervisor = None
     if args.role is None:  # start the workers here
         address = f"127.0.0.1:{fronts.router.port}"
@@ -236,7 +249,7 @@ def run_worker(args: argparse.Namespace, placement) -> int:
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
-        max_staged_bytes=args.kv_staging_mib << 20,
+        max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(),
     )
     worker = WorkerProcess(cfg)
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -55,10 +55,10 @@ class WorkerEntry:
 
 
 class Registry(worker_pb2_grpc.RegistryServicer):
-    def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0):
+    def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0, cluster_token: str | None = None):
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
-        self.channels = Channels()
+        self.channels = Channels(cluster_token)  # the router's calls to the workers carry the token
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerEntry] = {}
         self._changed = threading.Condition(self._lock)

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from models.config import ModelConfig
 from serving.backend import Backend
+from serving.cluster_auth import ClusterAuthInterceptor
 from serving.generation import GenerateError, Generation
 from serving.messages import FINISH_TO_PROTO
 from serving.prometheus import ServingMetrics
@@ -105,14 +106,16 @@ class RouterServer:
 
     def __init__(self, backend: Backend, tokenizer, config: ModelConfig, *, port: int, host: str = "127.0.0.1",
                  limits: Limits = Limits(), max_pending: int = 256, metrics: ServingMetrics | None = None,
-                 extra_servicers=(), api_key: str | None = None):
+                 extra_servicers=(), api_key: str | None = None, cluster_token: str | None = None):
         self.backend = backend
         self.metrics = metrics or ServingMetrics(backend.instances)
         self.generation = Generation(backend, tokenizer, config, limits=limits, max_pending=max_pending, metrics=self.metrics)
         max_message = max(64 << 20, 4 * limits.max_request_bytes)  # over it gRPC itself answers RESOURCE_EXHAUSTED
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_pending + 32, thread_name_prefix="router"),
-            interceptors=[ApiKeyInterceptor(api_key)] if api_key else None,
+            # Generate needs the API key (when set); Registry and Admin the cluster token (when set).
+            interceptors=[i for i in (ApiKeyInterceptor(api_key) if api_key else None,
+                                      ClusterAuthInterceptor(cluster_token) if cluster_token else None) if i] or None,
             # Workers ping the router (registry heartbeats over kept-alive channels): without these
             # permits the server answers GOAWAY "too_many_pings" and healthy workers get dropped.
             options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),

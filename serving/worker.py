@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
 from serving.channels import OPTIONS, SERVER_OPTIONS
+from serving.cluster_auth import ClusterAuthInterceptor, with_token
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
@@ -55,6 +56,7 @@ class WorkerConfig:
     exit_with_parent: bool = False
     step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
     warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/runtime/warmup.py)
+    cluster_token: str | None = None  # required on this worker's services and sent on its calls (serving/cluster_auth.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -93,7 +95,8 @@ class WorkerProcess:
             self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes,
                                         max_staged_bytes=cfg.max_staged_bytes)
         else:
-            self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes)
+            self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes,
+                                       cluster_token=cfg.cluster_token)
         self.engine.start()
         if cfg.warmup:
             t = time.perf_counter()
@@ -111,7 +114,8 @@ class WorkerProcess:
 
             self.step_log = StepLog(os.path.join(cfg.step_log_dir, f"{cfg.worker_id}.jsonl"))
             self.engine.attach_step_log(self.step_log, [inst.runner])
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS,
+                                  interceptors=[ClusterAuthInterceptor(cfg.cluster_token)] if cfg.cluster_token else None)
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
         else:
@@ -134,7 +138,7 @@ class WorkerProcess:
         """Serve until stopped; registers and heartbeats on this thread."""
         self.server.start()
         log.info("%s serving at %s", self.cfg.worker_id, self.address)
-        channel = grpc.insecure_channel(self.cfg.router, options=OPTIONS)
+        channel = with_token(grpc.insecure_channel(self.cfg.router, options=OPTIONS), self.cfg.cluster_token)
         registry = worker_pb2_grpc.RegistryStub(channel)
         interval, registered, stats = 0.5, False, wpb.InstanceStats(worker_id=self.cfg.worker_id, pid=os.getpid(), alive=True)
         while not self._stop.is_set():

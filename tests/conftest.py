@@ -6,6 +6,9 @@ import os
 # LLVM passes (tiny test models spend far longer compiling than running).
 _FLAGS = "--xla_force_host_platform_device_count=8 --xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip()
+# The cluster's shared secret (serving/cluster_auth.py): servers the tests launch inherit it, and
+# the helpers that call internal services (tests/support/serving.py) present it.
+os.environ.setdefault("DSJAX_CLUSTER_TOKEN", "tests-" + os.urandom(8).hex())
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.cluster_auth import TOKEN_ENV
 from serving.proto import GENERATION_SERVICE
 
 SYSTEMS = ("disaggregated", "colocated", "chunked")
@@ -169,9 +171,11 @@ class LaunchedSystem:
         self.processes: list[ServerProcess] = []
         self.targets: list[str] = []
         self.step_log_dir: Path | None = None  # where the model processes write their step logs
+        self.cluster_token = secrets.token_urlsafe(32)  # the router and workers of this system share it
 
     def start_process(self, name: str, argv: list[str], *, core: int | None, options: ServerOptions, log_dir: Path) -> None:
         env = dict(os.environ)
+        env[TOKEN_ENV] = self.cluster_token
         if options.xla_flags:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {options.xla_flags}".strip()
         env.setdefault("PYTHONUNBUFFERED", "1")

@@ -19,7 +19,7 @@ from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
-from tests.support.serving import free_port, instances, launch_server, stop_server, wait_idle, wait_serving
+from tests.support.serving import free_port, instances, internal_channel, launch_server, stop_server, wait_idle, wait_serving
 
 MAX_TOKENS = 10
 LEASE_S = 3.0
@@ -158,7 +158,7 @@ def test_unpulled_kv_lease_expires(cluster):
     """KV prefilled but never pulled is freed when its lease runs out; a late pull is NOT_FOUND."""
     target = cluster[0]
     (prefill,) = [s for s in instances(target) if s.role == wpb.PREFILL]
-    with grpc.insecure_channel(prefill.address) as ch:
+    with internal_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
         req = wpb.WorkerRequest(request_id="orphan#0", prompt_token_ids=list(range(1, 40)), seed=0, eos_token_id=-1,
                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0))
@@ -206,3 +206,55 @@ def test_killing_a_decode_worker(cluster, llm):
         assert time.monotonic() < deadline, "decode-1 did not rejoin"
         time.sleep(0.5)
     wait_idle(target)
+
+
+def test_internal_services_refuse_callers_without_the_cluster_token(cluster):
+    """A stranger who reaches the ports can neither register a worker, nor pull, renew or release
+    KV, nor drive a worker, nor read stats; the cluster serves on, correctly, afterwards."""
+    target, channel, _ = cluster
+    before = instances(target)
+    prefill = next(s for s in before if s.role == wpb.PREFILL)
+    decode = next(s for s in before if s.role == wpb.DECODE)
+    req = wpb.WorkerRequest(request_id="intruder#0", prompt_token_ids=[1, 2, 3], seed=0, eos_token_id=-1,
+                            sampling=pb.SamplingParams(max_tokens=2, temperature=0.0, top_p=1.0))
+    forged = wpb.WorkerInfo(worker_id=decode.worker_id, role=wpb.DECODE, address="127.0.0.1:1", pid=1, tp=1, pp=1,
+                            model="tiny-llama", block_size=16)
+    calls = {
+        "Register": lambda ch: worker_pb2_grpc.RegistryStub(ch).Register(forged, timeout=10),
+        "Heartbeat": lambda ch: worker_pb2_grpc.RegistryStub(ch).Heartbeat(wpb.HeartbeatRequest(worker_id=decode.worker_id), timeout=10),
+        "Admin": lambda ch: worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), timeout=10),
+    }
+    worker_calls = {
+        "Prefill": (prefill.address, lambda ch: worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(wpb.PrefillRequest(request=req), timeout=10)),
+        "PullKV": (prefill.address, lambda ch: list(worker_pb2_grpc.PrefillWorkerStub(ch).PullKV(wpb.PullKVRequest(request_id="x#0"), timeout=10))),
+        "RenewLease": (prefill.address, lambda ch: worker_pb2_grpc.PrefillWorkerStub(ch).RenewLease(wpb.LeaseRequest(request_ids=["x#0"]), timeout=10)),
+        "ReleaseKV": (prefill.address, lambda ch: worker_pb2_grpc.PrefillWorkerStub(ch).ReleaseKV(wpb.LeaseRequest(request_ids=["x#0"]), timeout=10)),
+        "Decode": (decode.address, lambda ch: list(worker_pb2_grpc.DecodeWorkerStub(ch).Decode(
+            wpb.DecodeRequest(request=req, source=wpb.KVSource(address="127.0.0.1:1")), timeout=10))),
+        "Stats": (decode.address, lambda ch: worker_pb2_grpc.WorkerStub(ch).Stats(wpb.StatsRequest(), timeout=10)),
+    }
+    targets = [(name, target, call) for name, call in calls.items()] + [(n, a, c) for n, (a, c) in worker_calls.items()]
+    for name, address, call in targets:
+        for metadata in (None, [("x-dsjax-cluster-token", "guessed")]):
+            with grpc.intercept_channel(grpc.insecure_channel(address), *([] if metadata is None else [_Metadata(metadata)])) as ch:
+                with pytest.raises(grpc.RpcError) as e:
+                    call(ch)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, e.value)
+                assert "cluster token" in e.value.details()
+    after = instances(target)
+    assert [(s.worker_id, s.address, s.pid) for s in after] == [(s.worker_id, s.address, s.pid) for s in before]
+    ids, _, reason, _ = stream(channel, pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                                                         sampling=pb.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)))
+    assert len(ids) == 5 and reason == pb.LENGTH
+    wait_idle(target)
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(details._replace(metadata=self.metadata), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(details._replace(metadata=self.metadata), request)

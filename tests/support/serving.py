@@ -6,6 +6,7 @@ re-exported here for the tests.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 
 from dsjax.bench.servers import free_port, launch_server, stop_server, wait_serving  # noqa: F401 (re-exported)
 from dsjax.engine.request import FinishReason
+from serving.cluster_auth import TOKEN_ENV, with_token
 from serving.backend import GenerateJob
 from serving.engine_loop import FinishEvent, Outbox, TokenEvent
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
@@ -22,8 +24,13 @@ from serving.proto.dsjax.v1 import worker_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 
 
+def internal_channel(target: str) -> grpc.Channel:
+    """A channel to a dsjax server's internal services: its calls carry the cluster token."""
+    return with_token(grpc.insecure_channel(target), os.environ.get(TOKEN_ENV))
+
+
 def instances(target: str) -> list[wpb.InstanceStats]:
-    with grpc.insecure_channel(target) as ch:
+    with internal_channel(target) as ch:
         return list(worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), timeout=10.0).instances)
 
 

@@ -1,0 +1,97 @@
+"""The cluster's credential: a shared secret every internal call carries.
+
+Internal services (the router's Registry and Admin, the workers' PrefillWorker / DecodeWorker /
+Worker: registration, heartbeats, prefill and decode calls, KV pulls, lease renewals and releases,
+stats) answer only a caller that presents the cluster token in metadata `x-dsjax-cluster-token`;
+without it, or with a wrong one, every such call ends UNAUTHENTICATED before any handler runs. The
+public API (Generation, health, reflection) is not covered: `--api-key` guards that.
+
+The token comes from $DSJAX_CLUSTER_TOKEN. `python -m dsjax.serve` makes a random one when it
+starts the workers itself (they inherit it); processes started by hand (`--role ...`) must all be
+given the same one, and refuse to start without it. The token travels in the clear: on networks
+that are not trusted it needs TLS on these channels as well.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+
+import grpc
+
+TOKEN_ENV = "DSJAX_CLUSTER_TOKEN"
+METADATA_KEY = "x-dsjax-cluster-token"
+# Services anyone may call; every other service on a dsjax server is internal.
+PUBLIC_SERVICES = ("dsjax.v1.Generation", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                   "grpc.reflection.v1.ServerReflection")
+
+
+def cluster_token(*, create: bool = False) -> str:
+    """$DSJAX_CLUSTER_TOKEN; with `create`, a fresh random one is made (and exported, so child
+    processes inherit it) when none is set. A ValueError explains what to do otherwise."""
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token and create:
+        token = os.environ[TOKEN_ENV] = secrets.token_urlsafe(32)
+    if not token:
+        raise ValueError(f"set {TOKEN_ENV} to one secret shared by the router and every worker of this cluster "
+                         f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return token
+
+
+def _deny_like(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that refuses the call."""
+
+    def deny(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    make = kind[(handler.request_streaming, handler.response_streaming)]
+    return make(deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+class ClusterAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses internal calls that do not carry the cluster token (compared in constant time)."""
+
+    def __init__(self, token: str):
+        if not token:
+            raise ValueError("the cluster token must be non-empty")
+        self._token = token.encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
+        if handler is None or service in PUBLIC_SERVICES:
+            return handler
+        given = dict(handler_call_details.invocation_metadata or ()).get(METADATA_KEY, "")
+        if hmac.compare_digest(given.encode(), self._token):
+            return handler
+        return _deny_like(handler, f"{handler_call_details.method} is internal to the cluster: "
+                                   f"missing or wrong cluster token ({TOKEN_ENV})")
+
+
+class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._pair = (METADATA_KEY, token)
+
+    def _details(self, d):
+        return d._replace(metadata=list(d.metadata or ()) + [self._pair])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def with_token(channel: grpc.Channel, token: str | None) -> grpc.Channel:
+    """`channel` whose every call carries the cluster token (unchanged when there is none)."""
+    return grpc.intercept_channel(channel, _TokenMetadata(token)) if token else channel

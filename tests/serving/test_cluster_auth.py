@@ -1,0 +1,70 @@
+"""The cluster token on a router in this process (a fake backend): internal services refuse
+callers without it, the public ones do not ask for it, and `--role` processes need one."""
+
+import os
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from models.config import PRESETS
+from models.tokenizer import ByteTokenizer
+from serving.cluster_auth import TOKEN_ENV, cluster_token, with_token
+from serving.proto.dsjax.v1 import dsjax_pb2 as pb
+from serving.proto.dsjax.v1 import dsjax_pb2_grpc, worker_pb2_grpc
+from serving.proto.dsjax.v1 import worker_pb2 as wpb
+from serving.registry import Registry
+from serving.router import RouterServer
+from tests.support.serving import REPO, FakeBackend, free_port
+
+CONFIG = PRESETS["tiny-llama"]
+
+
+@pytest.fixture
+def router():
+    registry = Registry(cluster_token="right")
+    server = RouterServer(FakeBackend(), ByteTokenizer(CONFIG.vocab_size), CONFIG, port=free_port(), cluster_token="right",
+                          extra_servicers=[(worker_pb2_grpc.add_RegistryServicer_to_server, registry)]).start()
+    yield f"127.0.0.1:{server.port}", registry
+    server.stop()
+    registry.close()
+
+
+@pytest.mark.parametrize("token", [None, "wrong", "righ", "right-but-longer"])
+def test_internal_calls_without_the_token_are_refused(router, token):
+    target, registry = router
+    with with_token(grpc.insecure_channel(target), token) as ch:
+        for call in (lambda: worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), timeout=5),
+                     lambda: worker_pb2_grpc.RegistryStub(ch).Register(wpb.WorkerInfo(worker_id="decode-0", role=wpb.DECODE,
+                                                                                       address="127.0.0.1:1"), timeout=5)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert registry.workers() == []  # nothing registered
+
+
+def test_the_token_opens_internal_calls_and_the_public_api_needs_none(router):
+    target, _ = router
+    with with_token(grpc.insecure_channel(target), "right") as ch:
+        assert len(worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), timeout=5).instances) == 1
+    with grpc.insecure_channel(target) as ch:
+        msgs = list(dsjax_pb2_grpc.GenerationStub(ch).Generate(
+            pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=3)), timeout=10))
+        assert sum(len(m.token_ids) for m in msgs) == 3
+
+
+def test_token_from_the_environment(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match=TOKEN_ENV):
+        cluster_token()
+    made = cluster_token(create=True)
+    assert len(made) >= 40 and os.environ[TOKEN_ENV] == made and cluster_token() == made
+
+
+def test_hand_started_roles_refuse_to_run_without_a_token():
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    for role in (["--role", "router"], ["--role", "decode", "--router", "127.0.0.1:1"]):
+        out = subprocess.run([sys.executable, "-m", "dsjax.serve", *role, "--port", "0", "--http-port", "0", "--metrics-port", "-1"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and TOKEN_ENV in out.stderr, (role, out.stderr[-500:])
