@@ -205,7 +205,7 @@ def run_router(args: argparse.Namespace, placement) -> int:
                          "run colocated and chunked baselines with --workers inprocess")
     config = model_config(args.model)
     token = _cluster_token(create=args.role is None)  # the workers started here inherit it
-    registry = Registry(cluster_token=token)
+    registry = Registry(cluster_token=token, model=args.model, block_size=args.block_size)
     backend = RemoteBackend(registry, max_recomputes=args.max_recomputes)
     fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)],
                      cluster_token=token)

@@ -55,9 +55,13 @@ class WorkerEntry:
 
 
 class Registry(worker_pb2_grpc.RegistryServicer):
-    def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0, cluster_token: str | None = None):
+    def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0, cluster_token: str | None = None,
+                 model: str | None = None, block_size: int | None = None):
+        """`model` and `block_size`, when given, are what every registering worker must serve with
+        (a worker with other weights or another KV page size would corrupt the requests routed to it)."""
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
+        self.expect = {"model": model, "block_size": block_size}
         self.channels = Channels(cluster_token)  # the router's calls to the workers carry the token
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerEntry] = {}
@@ -68,8 +72,19 @@ class Registry(worker_pb2_grpc.RegistryServicer):
 
     # ---- gRPC (workers call these) -------------------------------------------------------
     def Register(self, request: wpb.WorkerInfo, context):  # noqa: N802
+        if (problem := self.mismatch(request)) is not None:
+            log.warning("refused worker %s: %s", request.worker_id, problem)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         self.add(request)
         return wpb.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
+
+    def mismatch(self, info: wpb.WorkerInfo) -> str | None:
+        """Why this worker cannot join the cluster (None: it can)."""
+        for field, want in self.expect.items():
+            got = getattr(info, field)
+            if want is not None and got != want:
+                return f"worker {info.worker_id!r} has {field}={got!r}, this cluster serves {field}={want!r}"
+        return None
 
     def Heartbeat(self, request: wpb.HeartbeatRequest, context):  # noqa: N802
         with self._lock:
@@ -82,8 +97,16 @@ class Registry(worker_pb2_grpc.RegistryServicer):
 
     # ---- membership ----------------------------------------------------------------------
     def add(self, info: wpb.WorkerInfo) -> None:
+        """Register a worker. The same process registering again (same pid and address, e.g.
+        after a missed heartbeat) keeps its entry and its calls in flight; a new process under the
+        same worker_id replaces the old entry, whose calls are cancelled."""
         with self._lock:
-            old = self._workers.pop(info.worker_id, None)
+            old = self._workers.get(info.worker_id)
+            if old is not None and old.info.pid == info.pid and old.address == info.address:
+                old.info, old.last_seen = info, time.monotonic()
+                log.info("worker %s (pid %d) registered again: kept", info.worker_id, info.pid)
+                return
+            self._workers.pop(info.worker_id, None)
             if old is not None and old.address != info.address:
                 self.channels.drop(old.address)
             self._workers[info.worker_id] = WorkerEntry(info, self.channels.get(info.address), time.monotonic())

@@ -68,3 +68,51 @@ def test_hand_started_roles_refuse_to_run_without_a_token():
         out = subprocess.run([sys.executable, "-m", "dsjax.serve", *role, "--port", "0", "--http-port", "0", "--metrics-port", "-1"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and TOKEN_ENV in out.stderr, (role, out.stderr[-500:])
+
+
+def _info(**kw) -> wpb.WorkerInfo:
+    base = {"worker_id": "decode-0", "role": wpb.DECODE, "address": "127.0.0.1:1", "pid": 10, "tp": 1, "pp": 1,
+            "model": "tiny-llama", "block_size": 16}
+    return wpb.WorkerInfo(**{**base, **kw})
+
+
+def test_registration_checks_the_cluster_fingerprint():
+    registry = Registry(cluster_token="right", model="tiny-llama", block_size=16)
+    server = RouterServer(FakeBackend(), ByteTokenizer(CONFIG.vocab_size), CONFIG, port=free_port(), cluster_token="right",
+                          extra_servicers=[(worker_pb2_grpc.add_RegistryServicer_to_server, registry)]).start()
+    try:
+        with with_token(grpc.insecure_channel(f"127.0.0.1:{server.port}"), "right") as ch:
+            stub = worker_pb2_grpc.RegistryStub(ch)
+            for bad, needle in ((_info(model="llama-3-8b"), "model='llama-3-8b'"), (_info(block_size=32), "block_size=32")):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Register(bad, timeout=5)
+                assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and needle in e.value.details()
+            assert registry.workers() == []
+            assert stub.Register(_info(), timeout=5).heartbeat_seconds > 0
+            assert [w.id for w in registry.workers()] == ["decode-0"]
+    finally:
+        server.stop()
+        registry.close()
+
+
+class _Call:
+    def __init__(self):
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_registering_again_keeps_calls_a_new_process_cancels_them():
+    registry = Registry()
+    try:
+        registry.add(_info())
+        (entry,) = registry.workers()
+        call = _Call()
+        entry.calls.add(call)
+        registry.add(_info())  # the same process again (e.g. after a missed heartbeat)
+        assert registry.workers() == [entry] and not call.cancelled
+        registry.add(_info(pid=11))  # a restarted worker under the same id
+        assert call.cancelled and registry.workers()[0].info.pid == 11
+    finally:
+        registry.close()
