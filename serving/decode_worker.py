@@ -80,7 +80,8 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
         req = request_from_proto(request.request)
         rid, outbox = req.request_id, Outbox()
         try:
-            self.post(lambda: self._admit(req, request.source, outbox))
+            self.post(lambda: self._admit(req, request.source, outbox),
+                      on_error=lambda e: outbox.put(ErrorEvent(grpc.StatusCode.INTERNAL, f"admitting the request failed: {e!r}")))
         except EngineDead as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         context.add_callback(lambda: self._post_quietly(lambda: self._abort(rid)))

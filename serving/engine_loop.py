@@ -158,10 +158,22 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def post(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the engine thread before its next step (EngineDead if the loop died)."""
+    def post(self, fn: Callable[[], None], on_error: Callable[[Exception], None] | None = None) -> None:
+        """Run `fn` on the engine thread before its next step (EngineDead if the loop died). If
+        `fn` raises, the loop logs it and serves on; `on_error(exception)` (on the engine thread)
+        lets the request it belonged to fail."""
         if self.error is not None:
             raise EngineDead(f"engine loop {self._thread.name} died: {self.error!r}")
+        if on_error is not None:
+            command = fn
+
+            def fn() -> None:
+                try:
+                    command()
+                except Exception as e:
+                    on_error(e)
+                    raise
+
         self._commands.put(fn)
 
     def _post_quietly(self, fn: Callable[[], None]) -> None:
@@ -218,7 +230,10 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            fn()
+            try:
+                fn()
+            except Exception:  # one failing command fails its own request (post's on_error), not the loop
+                log.exception("engine loop %s: a command failed; serving on", self._thread.name)
             try:
                 fn = self._commands.get_nowait()
             except queue.Empty:

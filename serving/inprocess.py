@@ -68,7 +68,7 @@ class InProcessBackend(EngineLoop):
         with self._lock:
             self._active[req.request_id] = a
         try:
-            self.post(lambda: self._add(a))
+            self.post(lambda: self._add(a), on_error=lambda e: self._failed(a, e))
         except EngineDead as e:
             self._pop(req.request_id)
             a.outbox.put(ErrorEvent(grpc.StatusCode.UNAVAILABLE, str(e)))
@@ -101,6 +101,12 @@ class InProcessBackend(EngineLoop):
         except ValueError as e:
             self._pop(a.request.request_id)
             a.outbox.put(ErrorEvent(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+
+    def _failed(self, a: _Active, error: Exception) -> None:
+        """Adding the request failed unexpectedly: it ends with INTERNAL, its blocks freed."""
+        if self._pop(a.request.request_id) is not None:
+            self.engine.abort(a.request.request_id)
+            a.outbox.put(ErrorEvent(grpc.StatusCode.INTERNAL, f"the engine could not take the request: {error!r}"))
 
     def _abort(self, request_id: str) -> None:
         a = self._pop(request_id)

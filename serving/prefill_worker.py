@@ -86,7 +86,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         req = request_from_proto(request.request)
         fut: Future = Future()
         try:
-            self.post(lambda: self._add(req, fut))
+            self.post(lambda: self._add(req, fut), on_error=lambda e: fut.done() or fut.set_exception(e))
             context.add_callback(lambda: self._post_quietly(lambda: self._drop_pending(req.request_id)))
             return fut.result()
         except _Rejected as e:
@@ -242,7 +242,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         req = Request(request_id="warmup", prompt_token_ids=[1] * prompt_len, seed=0,
                       sampling=SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
         fut: Future = Future()
-        self.post(lambda: self._add(req, fut))
+        self.post(lambda: self._add(req, fut), on_error=lambda e: fut.done() or fut.set_exception(e))
         fut.result()
 
         def export_and_release():

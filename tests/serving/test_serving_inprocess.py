@@ -99,3 +99,37 @@ def test_cancel_frees_blocks(server):
                 next(c)
             c.cancel()
         wait_idle(server)
+
+
+def test_a_failing_engine_command_fails_its_request_not_the_loop(weights):
+    """An unexpected error while the engine thread adds a request ends that request with
+    INTERNAL; the loop, and every other request, goes on."""
+    model, params = weights
+    engine = build_engine(model, params, placement=None, mode="colocated", cache=CACHE, scheduler=SCHED)
+    add = engine.add_request
+
+    def flaky(req):
+        if req.request_id == "boom":
+            raise RuntimeError("simulated engine bug")
+        add(req)
+
+    engine.add_request = flaky
+    backend = InProcessBackend(engine)
+    backend.start()
+    backend.warm = True
+    router = serve(backend, model)
+    try:
+        with grpc.insecure_channel(f"localhost:{router.port}") as ch:
+            stub = dsjax_pb2_grpc.GenerationStub(ch)
+            sampling = pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(pb.GenerateRequest(request_id="boom", token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling), timeout=30))
+            assert e.value.code() == grpc.StatusCode.INTERNAL and "simulated engine bug" in e.value.details()
+            msgs = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=sampling), timeout=60))
+            assert sum(len(m.token_ids) for m in msgs) == 4
+        assert backend.alive and backend.error is None
+        stats = backend.instances()
+        assert all(s.free_blocks == s.num_blocks for s in stats)
+    finally:
+        router.stop(0)
+        backend.close()
