@@ -73,6 +73,30 @@ def test_assembler_rejects_bad_chunks():
         KVAssembler(d).arrays()
 
 
+def test_a_corrupted_chunk_fails_its_checksum():
+    """One flipped bit anywhere in K or V, or a wrong checksum, and the chunk is refused before
+    any of it lands (the decode worker then fails the pull and the request is recomputed)."""
+    d = desc()
+    k, v = random_kv(d)
+    good = next(to_chunks(d, k, v, 1000))
+    for field, at in (("k", 0), ("k", len(good.k) - 1), ("v", len(good.v) // 2), ("checksum", None)):
+        bad = type(good)()
+        bad.CopyFrom(good)
+        if at is None:
+            bad.checksum ^= 1
+        else:
+            data = bytearray(getattr(bad, field))
+            data[at] ^= 0x10
+            setattr(bad, field, bytes(data))
+        asm = KVAssembler(d)
+        with pytest.raises(ValueError, match="checksum"):
+            asm.add(bad)
+        assert asm.bytes == 0 and not asm.complete
+    asm = KVAssembler(d)
+    asm.add(good)  # the untouched chunk still lands
+    assert asm.bytes == len(good.k) + len(good.v)
+
+
 @pytest.mark.parametrize("src_bs, dst_bs", [(16, 8), (8, 32), (16, 16)])
 def test_repage_keeps_every_token(src_bs, dst_bs):
     d = desc(num_tokens=45, block_size=src_bs)

@@ -52,7 +52,7 @@ class KVDescriptor(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., num_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("kv", "layout", "first_layer", "num_layers", "first_block", "num_blocks", "k", "v", "index", "count")
+    __slots__ = ("kv", "layout", "first_layer", "num_layers", "first_block", "num_blocks", "k", "v", "index", "count", "checksum")
     KV_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class KVChunk(_message.Message):
     V_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     kv: KVDescriptor
     layout: str
     first_layer: int
@@ -73,7 +74,8 @@ class KVChunk(_message.Message):
     v: bytes
     index: int
     count: int
-    def __init__(self, kv: _Optional[_Union[KVDescriptor, _Mapping]] = ..., layout: _Optional[str] = ..., first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., index: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    checksum: int
+    def __init__(self, kv: _Optional[_Union[KVDescriptor, _Mapping]] = ..., layout: _Optional[str] = ..., first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., k: _Optional[bytes] = ..., v: _Optional[bytes] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request",)
