@@ -17,13 +17,16 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+from typing import Callable
 
 import grpc
+
+from serving.proto import GENERATION_SERVICE
 
 TOKEN_ENV = "DSJAX_CLUSTER_TOKEN"
 METADATA_KEY = "x-dsjax-cluster-token"
 # Services anyone may call; every other service on a dsjax server is internal.
-PUBLIC_SERVICES = ("dsjax.v1.Generation", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+PUBLIC_SERVICES = (GENERATION_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                    "grpc.reflection.v1.ServerReflection")
 
 
@@ -51,24 +54,36 @@ def _deny_like(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHa
     return make(deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
-class ClusterAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses internal calls that do not carry the cluster token (compared in constant time)."""
+class MetadataGuard(grpc.ServerInterceptor):
+    """Refuses, with UNAUTHENTICATED and `refusal`, every call to a service `guards(service)`
+    selects that does not carry metadata `key` equal to `secret` (compared in constant time)."""
 
-    def __init__(self, token: str):
-        if not token:
-            raise ValueError("the cluster token must be non-empty")
-        self._token = token.encode()
+    def __init__(self, *, key: str, secret: str, guards: Callable[[str], bool], refusal: str):
+        if not secret:
+            raise ValueError(f"the secret for metadata {key!r} must be non-empty")
+        self._key, self._secret, self._guards, self._refusal = key, secret.encode(), guards, refusal
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         service = handler_call_details.method.lstrip("/").rpartition("/")[0]
-        if handler is None or service in PUBLIC_SERVICES:
+        if handler is None or not self._guards(service):
             return handler
-        given = dict(handler_call_details.invocation_metadata or ()).get(METADATA_KEY, "")
-        if hmac.compare_digest(given.encode(), self._token):
+        given = dict(handler_call_details.invocation_metadata or ()).get(self._key, "")
+        if hmac.compare_digest(given.encode(), self._secret):
             return handler
-        return _deny_like(handler, f"{handler_call_details.method} is internal to the cluster: "
-                                   f"missing or wrong cluster token ({TOKEN_ENV})")
+        return _deny_like(handler, f"{handler_call_details.method}: {self._refusal}")
+
+
+def cluster_guard(token: str) -> MetadataGuard:
+    """Internal services answer only calls carrying the cluster token."""
+    return MetadataGuard(key=METADATA_KEY, secret=token, guards=lambda service: service not in PUBLIC_SERVICES,
+                         refusal=f"internal to the cluster: missing or wrong cluster token ({TOKEN_ENV})")
+
+
+def api_key_guard(api_key: str) -> MetadataGuard:
+    """The public `Generate` answers only calls carrying `authorization: Bearer KEY` (`--api-key`)."""
+    return MetadataGuard(key="authorization", secret=f"Bearer {api_key}", guards=lambda service: service == GENERATION_SERVICE,
+                         refusal="missing or wrong API key (metadata authorization: Bearer KEY)")
 
 
 class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

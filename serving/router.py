@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from models.config import ModelConfig
 from serving.backend import Backend
-from serving.cluster_auth import ClusterAuthInterceptor
+from serving.cluster_auth import api_key_guard, cluster_guard
 from serving.generation import GenerateError, Generation
 from serving.messages import FINISH_TO_PROTO
 from serving.prometheus import ServingMetrics
@@ -72,26 +72,6 @@ def _breakdown_proto(bd: dict) -> pb.LatencyBreakdown:
     )
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """The public `Generate` requires `authorization: Bearer KEY` metadata (`--api-key`); health,
-    reflection and the cluster's internal services are left to their own rules."""
-
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}"
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (metadata authorization: Bearer KEY)")
-
-        self._deny = grpc.unary_stream_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method.startswith(f"/{GENERATION_SERVICE}/"):
-            metadata = dict(handler_call_details.invocation_metadata or ())
-            if metadata.get("authorization") != self._expected:
-                return self._deny
-        return continuation(handler_call_details)
-
-
 class AdminServicer(worker_pb2_grpc.AdminServicer):
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -114,8 +94,8 @@ class RouterServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_pending + 32, thread_name_prefix="router"),
             # Generate needs the API key (when set); Registry and Admin the cluster token (when set).
-            interceptors=[i for i in (ApiKeyInterceptor(api_key) if api_key else None,
-                                      ClusterAuthInterceptor(cluster_token) if cluster_token else None) if i] or None,
+            interceptors=[g for g in (api_key_guard(api_key) if api_key else None,
+                                      cluster_guard(cluster_token) if cluster_token else None) if g] or None,
             # Workers ping the router (registry heartbeats over kept-alive channels): without these
             # permits the server answers GOAWAY "too_many_pings" and healthy workers get dropped.
             options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
 from serving.channels import OPTIONS, SERVER_OPTIONS
-from serving.cluster_auth import ClusterAuthInterceptor, with_token
+from serving.cluster_auth import cluster_guard, with_token
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
@@ -115,7 +115,7 @@ class WorkerProcess:
             self.step_log = StepLog(os.path.join(cfg.step_log_dir, f"{cfg.worker_id}.jsonl"))
             self.engine.attach_step_log(self.step_log, [inst.runner])
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS,
-                                  interceptors=[ClusterAuthInterceptor(cfg.cluster_token)] if cfg.cluster_token else None)
+                                  interceptors=[cluster_guard(cfg.cluster_token)] if cfg.cluster_token else None)
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
         else:

@@ -15,6 +15,7 @@ import pytest
 
 import dsjax
 from dsjax.engine.sampling_params import SamplingParams
+from serving.cluster_auth import with_token
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
@@ -235,8 +236,8 @@ def test_internal_services_refuse_callers_without_the_cluster_token(cluster):
     }
     targets = [(name, target, call) for name, call in calls.items()] + [(n, a, c) for n, (a, c) in worker_calls.items()]
     for name, address, call in targets:
-        for metadata in (None, [("x-dsjax-cluster-token", "guessed")]):
-            with grpc.intercept_channel(grpc.insecure_channel(address), *([] if metadata is None else [_Metadata(metadata)])) as ch:
+        for token in (None, "guessed"):
+            with with_token(grpc.insecure_channel(address), token) as ch:
                 with pytest.raises(grpc.RpcError) as e:
                     call(ch)
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, e.value)
@@ -247,14 +248,3 @@ def test_internal_services_refuse_callers_without_the_cluster_token(cluster):
                                                          sampling=pb.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)))
     assert len(ids) == 5 and reason == pb.LENGTH
     wait_idle(target)
-
-
-class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    def __init__(self, metadata):
-        self.metadata = metadata
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(details._replace(metadata=self.metadata), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(details._replace(metadata=self.metadata), request)
