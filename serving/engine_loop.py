@@ -81,9 +81,11 @@ class Outbox:
         an event loop (`drain` then sleeps until woken) instead of blocking a thread in `__iter__`."""
         self._waker = waker
 
-    def drain(self) -> list[Event]:
-        """The events queued now, without waiting; consecutive token events merged as in `__iter__`."""
-        out: list[Event] = []
+    def drain(self, first: Event | None = None) -> list[Event]:
+        """The events queued now (after `first`, if given), without waiting; consecutive token
+        events merged into one (a reader that fell behind the engine sends one message, not one
+        per step; two that each carry a migration stay apart)."""
+        out: list[Event] = [] if first is None else [first]
         while True:
             try:
                 event = self._q.get_nowait()
@@ -101,23 +103,12 @@ class Outbox:
         return self._closed
 
     def __iter__(self) -> Iterator[Event]:
-        """Events in order; token events already queued when the reader wakes are merged into
-        one (a reader that fell behind the engine sends one message, not one per step)."""
+        """Events in order, blocking for each next one; queued token events merged (`drain`)."""
         while True:
-            event = self._q.get()
-            while isinstance(event, TokenEvent):
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if not isinstance(nxt, TokenEvent) or (event.migration is not None and nxt.migration is not None):
-                    yield event
-                    event = nxt
-                    continue
-                event = TokenEvent(event.token_ids + nxt.token_ids, event.migration or nxt.migration)
-            yield event
-            if not isinstance(event, TokenEvent):
-                return
+            for event in self.drain(self._q.get()):
+                yield event
+                if not isinstance(event, TokenEvent):
+                    return
 
 
 class EngineLoop:
