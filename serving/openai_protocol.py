@@ -76,14 +76,14 @@ class _Sampling(BaseModel):
         return None
 
     def sampling_proto(self, max_tokens: int | None) -> pb.SamplingParams:
-        if max_tokens is not None and not -INT32_MAX <= max_tokens <= INT32_MAX:
-            raise ValueError(f"max_tokens={max_tokens} is over the server's limit")
+        """The proto the shared validation reads (`SamplingParams` checks the values); refused
+        here is only what the proto cannot hold, and what OpenAI spells differently (top_k -1)."""
+        _check_width("max_tokens", max_tokens, 32)
+        _check_width("seed", self.seed, 64)
+        for t in self.stop_token_ids or ():
+            _check_width("stop_token_ids", t, 32)
         if self.top_k is not None and not -1 <= self.top_k <= INT32_MAX:
             raise ValueError(f"top_k={self.top_k!r} must be -1 or 0 (disabled) or a positive integer")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed!r} must be in [0, 2**32)")
-        if any(not -INT32_MAX <= t <= INT32_MAX for t in self.stop_token_ids or ()):
-            raise ValueError(f"stop_token_ids hold ids outside the vocabulary: {self.stop_token_ids[:8]}")
         msg = pb.SamplingParams(top_k=max(0, self.top_k or 0), ignore_eos=self.ignore_eos,
                                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
                                 stop_token_ids=list(self.stop_token_ids or ()))
@@ -156,6 +156,12 @@ class ChatCompletionRequest(_Sampling):
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """The plain chat template of the module docstring."""
     return "".join(f"{m.role}: {m.text()}\n" for m in messages) + "assistant:"
+
+
+def _check_width(name: str, value: int | None, bits: int) -> None:
+    """A ValueError naming the field when `value` does not fit the proto's signed `bits`-bit int."""
+    if value is not None and not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        raise ValueError(f"{name}={value!r} is out of range")
 
 
 # ---- responses --------------------------------------------------------------------------------
