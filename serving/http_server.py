@@ -214,12 +214,12 @@ class OpenAIApp:
         if body.model not in self.model_names:
             return _error(404, f"The model `{body.model}` does not exist: this server serves `{self.model}`",
                           param="model", code="model_not_found")
-        if (problem := body.unsupported()) is not None:
-            return _error(400, problem)
         try:
+            if (problem := body.unsupported()) is not None:
+                raise ValueError(problem)
             generate = body.to_proto()
-        except ValueError as e:
-            return _error(400, str(e))
+        except ValueError as e:  # counted with the shared validation's refusals (dsjax_request_errors)
+            return _from_generate_error(self.generation.error(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
         try:  # validation tokenizes the prompt: off the event loop
             stream = await asyncio.to_thread(self.generation.start, generate)
         except GenerateError as e:
