@@ -28,6 +28,7 @@ lower bound (`LoadRun.stopped_early`). Goodput bisection uses it to skip overloa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import os
@@ -89,6 +90,18 @@ class _Tracker:
         self.done = False
         self._missed: bool | None = None  # verdict once done (computed once)
 
+    @contextlib.contextmanager
+    def in_flight(self, send_s: float):
+        """The request was sent at `send_s`; on leaving it is done (a run stopped early says so)."""
+        self.send_s = send_s
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.error = "cancelled: run stopped early"
+            raise
+        finally:
+            self.done = True
+
     def add_tokens(self, now: float, n: int) -> None:
         """`n` tokens received at `now` (seconds since the run's start); 0 is ignored."""
         if n:
@@ -128,20 +141,15 @@ def generate_request(req: BenchRequest, request_id: str) -> pb.GenerateRequest:
 async def _one(stub: pb_grpc.GenerationStub, tr: _Tracker, request_id: str, t0: float, timeout_s: float) -> None:
     clock = time.perf_counter
     msg_req = generate_request(tr.req, request_id)
-    tr.send_s = clock() - t0
-    try:
-        async for msg in stub.Generate(msg_req, timeout=timeout_s):
-            tr.add_tokens(clock() - t0, len(msg.token_ids))
-            tr.last = msg
-            tr.finish = pb.FinishReason.Name(msg.finish_reason)
-        _check_count(tr)
-    except grpc.aio.AioRpcError as e:
-        tr.error = f"{e.code().name}: {e.details()}"
-    except asyncio.CancelledError:
-        tr.error = "cancelled: run stopped early"
-        raise
-    finally:
-        tr.done = True
+    with tr.in_flight(clock() - t0):
+        try:
+            async for msg in stub.Generate(msg_req, timeout=timeout_s):
+                tr.add_tokens(clock() - t0, len(msg.token_ids))
+                tr.last = msg
+                tr.finish = pb.FinishReason.Name(msg.finish_reason)
+            _check_count(tr)
+        except grpc.aio.AioRpcError as e:
+            tr.error = f"{e.code().name}: {e.details()}"
 
 
 def _check_count(tr: _Tracker) -> None:
@@ -157,33 +165,28 @@ async def _one_http(client, model: str, tr: _Tracker, request_id: str, t0: float
     clock = time.perf_counter
     req = tr.req
     prompt = list(req.prompt_token_ids) if req.prompt_token_ids is not None else req.prompt_text
-    tr.send_s = clock() - t0
-    try:
-        stream = await client.completions.create(
-            model=model, prompt=prompt, max_tokens=req.output_len, temperature=0.0, stream=True, timeout=timeout_s,
-            stream_options={"include_usage": True}, user=request_id,
-            extra_body={"ignore_eos": True, "return_token_ids": True})
-        usage = None
-        async for chunk in stream:
-            now = clock() - t0
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                ids = (choice.model_extra or {}).get("token_ids")
-                tr.add_tokens(now, len(ids) if ids is not None else (1 if choice.text else 0))
-                if choice.finish_reason:
-                    tr.finish = choice.finish_reason.upper()
-        got = sum(n for _, n in tr.messages)
-        if usage is not None and tr.messages and usage.completion_tokens != got:  # chunks were not tokens
-            t_last, n_last = tr.messages[-1]
-            tr.messages[-1] = (t_last, n_last + usage.completion_tokens - got)
-        _check_count(tr)
-    except openai.APIError as e:
-        tr.error = f"HTTP {getattr(e, 'status_code', '?')}: {e.message}"
-    except asyncio.CancelledError:
-        tr.error = "cancelled: run stopped early"
-        raise
-    finally:
-        tr.done = True
+    with tr.in_flight(clock() - t0):
+        try:
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=req.output_len, temperature=0.0, stream=True, timeout=timeout_s,
+                stream_options={"include_usage": True}, user=request_id,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+            usage = None
+            async for chunk in stream:
+                now = clock() - t0
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    ids = (choice.model_extra or {}).get("token_ids")
+                    tr.add_tokens(now, len(ids) if ids is not None else (1 if choice.text else 0))
+                    if choice.finish_reason:
+                        tr.finish = choice.finish_reason.upper()
+            got = sum(n for _, n in tr.messages)
+            if usage is not None and tr.messages and usage.completion_tokens != got:  # chunks were not tokens
+                t_last, n_last = tr.messages[-1]
+                tr.messages[-1] = (t_last, n_last + usage.completion_tokens - got)
+            _check_count(tr)
+        except openai.APIError as e:
+            tr.error = f"HTTP {getattr(e, 'status_code', '?')}: {e.message}"
 
 
 def _result(tr: _Tracker, request_id: str) -> RequestResult:
