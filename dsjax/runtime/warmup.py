@@ -15,7 +15,7 @@ N = max_num_seqs, MB_max = blocks of the longest context):
                         most T tokens; with `prefix`, chunks after a cached prefix: up to MB_max);
                         a prompt longer than L runs alone: T = 2 next_pow2(L) .. next_pow2(max
                         context), B = 1, MB = T / block_size
-    decode (B, MB):     B = 2 .. next_pow2(N), MB = 1 .. next_pow2(MB_max)
+    decode (B, MB):     B = 1 .. next_pow2(N), MB = 1 .. next_pow2(MB_max)
 
 A padding-only batch (no real request: every token writes the null block's slot 0, every length
 is 0, every block table points at the null block) runs the same compiled program as a real batch
@@ -60,7 +60,7 @@ def prefill_shapes(*, max_prefill_tokens: int, max_prefill_seqs: int, max_contex
 def decode_shapes(*, max_num_seqs: int, max_context: int, block_size: int) -> list[tuple[int, int]]:
     """(B, MB) of every decode program the scheduler can run."""
     mb_max = shapes.next_pow2(-(-max_context // block_size))
-    return [(b, mb) for b in _pow2_range(2, shapes.next_pow2(max_num_seqs, 2)) for mb in _pow2_range(1, mb_max)]
+    return [(b, mb) for b in _pow2_range(1, shapes.next_pow2(max_num_seqs)) for mb in _pow2_range(1, mb_max)]
 
 
 def _padding_prefill(t: int, b: int, mb: int):

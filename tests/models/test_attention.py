@@ -1,4 +1,5 @@
-"""The jnp attention's split of a mixed (chunked-prefill) batch against the unsplit formulations."""
+"""The jnp attention: the split of a mixed (chunked-prefill) batch against the unsplit formulations,
+the blockwise decode against dense attention, and the in-place KV write."""
 
 import dataclasses
 
@@ -6,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.attention import PrefillMeta, prefill_attention_xla
+from models.attention import DecodeMeta, PrefillMeta, decode_attention_xla, prefill_attention_xla
 from pallas_kernels import ragged_prefill_reference
+from tests.support.kernel_inputs import make_paged_kv, naive_attention
 from tests.support.mixed_batch import mixed_batch
 
 SM_SCALE = 0.3
@@ -55,3 +57,53 @@ def test_split_rejects_a_decode_region_without_prefill_region(num_decode_rows):
                        kv_lens=jnp.ones(3, jnp.int32), num_decode_rows=num_decode_rows)
     with pytest.raises(ValueError, match=f"num_decode_rows={num_decode_rows}"):
         prefill_attention_xla(q, cache, cache, meta, sm_scale=SM_SCALE)
+
+
+# kv_lens: one long and several short (the loop runs to the longest; shorter rows mask), a row
+# ending on a block edge, one inside the first block, and a padding row (0); table wider than
+# the contexts (the loop stops at the longest context, not the table width).
+@pytest.mark.parametrize("kv_lens,hq,hkv,block_size,width", [
+    ([37, 5, 16, 0], 4, 2, 4, 16),
+    ([1], 4, 4, 8, 8),
+    ([64, 64], 2, 1, 16, 4),
+    ([3, 50, 17, 9, 33, 1, 0, 24], 8, 2, 8, 8),
+])
+def test_decode_attention_matches_dense_attention(kv_lens, hq, hkv, block_size, width):
+    """The blockwise online-softmax decode against dense float64 attention per request, on a pool
+    whose unused rows hold NaN (freed blocks may hold anything a previous owner wrote)."""
+    rng = np.random.default_rng(len(kv_lens) + hq)
+    kv = make_paged_kv(rng, kv_lens=kv_lens, num_kv_heads=hkv, head_dim=8, block_size=block_size,
+                       dtype=jnp.float32, max_blocks=width)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), hq, 8)), jnp.float32)
+    meta = DecodeMeta(positions=jnp.maximum(kv.kv_lens - 1, 0), slots=jnp.zeros(len(kv_lens), jnp.int32),
+                      block_tables=kv.block_tables, kv_lens=kv.kv_lens)
+    out = np.asarray(decode_attention_xla(q, kv.k_cache, kv.v_cache, meta, sm_scale=SM_SCALE))
+    for b, n in enumerate(kv_lens):
+        if n == 0:
+            assert (out[b] == 0).all()  # padding row
+            continue
+        want = naive_attention(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], sm_scale=SM_SCALE, q_positions=[n - 1])
+        np.testing.assert_allclose(out[b], want[0], atol=ATOL, rtol=1e-5)
+
+
+def test_one_row_kv_write_keeps_the_donated_pool_in_place():
+    """A batch-1 decode writes one K/V row; compiled with the pool donated, the program must not
+    copy the pool (XLA turns a one-row scatter into an update it duplicates per reader)."""
+    import jax
+
+    from models.attention import write_kv
+
+    pool = jnp.zeros((64, 16, 2, 8), jnp.float32)
+
+    def step(k_cache, v_cache, k, v, slots, meta):
+        k_cache, v_cache = write_kv(k_cache, v_cache, k, v, slots)
+        return decode_attention_xla(k[:, :, :] * 1.0, k_cache, v_cache, meta, sm_scale=SM_SCALE), k_cache, v_cache
+
+    row = jnp.ones((1, 2, 8), jnp.float32)
+    meta = DecodeMeta(positions=jnp.array([4]), slots=jnp.array([20]), block_tables=jnp.array([[1, 0]], jnp.int32),
+                      kv_lens=jnp.array([5], jnp.int32))
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(pool, pool, row, row, meta.slots, meta).compile().as_text()
+    pool_copies = [line for line in hlo.splitlines() if "f32[64,16,2,8]" in line and " copy(" in line]
+    assert pool_copies == []
+    out, k_cache, _ = jax.jit(step, donate_argnums=(0, 1))(jnp.zeros_like(pool), jnp.zeros_like(pool), row, row, meta.slots, meta)
+    assert float(k_cache[1, 4].sum()) == 16.0 and float(k_cache[0, 0].sum()) == 0.0  # slot 20 = block 1, row 4

@@ -19,7 +19,7 @@ def test_shape_lists_follow_the_limits():
     assert all(b <= 2 and mb <= max(1, t // 16) for t, b, mb in pre)
     assert (64, 2, 8) not in pre and (64, 2, 8) in prefill_shapes(
         max_prefill_tokens=48, max_prefill_seqs=2, max_context=128, block_size=16, prefix=True)
-    assert decode_shapes(max_num_seqs=3, max_context=40, block_size=16) == [(2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4)]
+    assert decode_shapes(max_num_seqs=3, max_context=40, block_size=16) == [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4)]
 
 
 def test_no_compilation_after_warmup(tiny_llama):
