@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
                                 description="Per-device goodput of disaggregated vs colocated vs chunked prefill, "
                                             "each started in turn on the same cores, plus the simulator's prediction.")
     p.add_argument("--quick", action="store_true", help="~10 minutes: 60 requests, 2 bisections (see docs/results.md)")
-    p.add_argument("--model", default="small-llama", help="model preset served with dummy weights")
+    p.add_argument("--model", default="opt-125m",
+                   help="model preset served with dummy weights (default opt-125m: decode bound by memory bandwidth)")
     _add_workload(p, num_requests=None)
     p.add_argument("--rates", type=_floats, default=None, help="scan rates, req/s (default: around the simulated goodputs)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
@@ -221,6 +223,10 @@ def main_compare(argv: list[str]) -> int:
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in summary["ratios"].items())
     print(f"per-device goodput: " + ", ".join(f"{s} {d['per_device_goodput']:.3g}" for s, d in summary["systems"].items())
           + (f"; {ratios}" if ratios else "") + f"; results in {cfg.out}")
+    headline = {k: summary[k] for k in ("per_device_goodput", "regime", "slo") if k in summary}
+    headline.update({k: v for k, v in summary.items() if k.endswith("_ratio")})
+    headline["model"], headline["wall_s"] = cfg.model, summary.get("wall_s")
+    print(json.dumps(headline, indent=1, default=str))
     return 0
 
 

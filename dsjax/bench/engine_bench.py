@@ -11,7 +11,6 @@ number of bytes between the same devices, measured side by side in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -23,6 +22,7 @@ from dsjax.engine.block_manager import BlockManager
 from dsjax.engine.placement import PhaseParallel
 from dsjax.engine.request import Chunk, Request
 from dsjax.engine.sampling_params import SamplingParams
+from dsjax.bench.roofline import chain_ms, measure_bandwidth_gbs, median_ms, weight_bytes
 from dsjax.runtime.builder import build_runner, load_causal_lm
 from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.runtime.runner import ModelRunner
@@ -33,13 +33,7 @@ GREEDY = SamplingParams(max_tokens=1_000_000, temperature=0.0, ignore_eos=True)
 
 
 def _median_time(fn, reps: int) -> float:
-    fn()  # compile / warm
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_ms(fn, reps) / 1e3
 
 
 def _requests(n: int, length: int, rng) -> list[Request]:
@@ -58,17 +52,39 @@ def bench_prefill(runner: ModelRunner, shapes, reps, rng):
     return rows
 
 
-def bench_decode(runner: ModelRunner, batches, context, reps, rng):
+def _decode_ms(runner: ModelRunner, batch: int, context: int, reps: int, rng) -> float:
+    reqs = _requests(batch, context, rng)
+    bm = BlockManager(runner.cache_config.num_blocks, runner.block_size)
+    tables = [bm.allocate(r.request_id, context + 1) for r in reqs]
+    for r in reqs:
+        r.output_token_ids.append(1)
+    return median_ms(lambda: runner.decode(reqs, tables), reps)
+
+
+def bench_decode(runner: ModelRunner, params, batches, context, reps, rng, bandwidth_gbs: float):
+    """Decode step time beside the plain matmul chain of the same weights at the same batch and
+    the bandwidth floor (weight bytes / measured bandwidth), in the same process."""
+    floor_ms = weight_bytes(params) / bandwidth_gbs / 1e6
     rows = []
     for n in tqdm(batches, desc="decode", leave=False):
-        reqs = _requests(n, context, rng)
-        bm = BlockManager(runner.cache_config.num_blocks, runner.block_size)
-        tables = [bm.allocate(r.request_id, context + 1) for r in reqs]
-        for r in reqs:
-            r.output_token_ids.append(1)
-        t = _median_time(lambda: runner.decode(reqs, tables), reps)
-        rows.append({"batch": n, "context": context, "step_ms": 1e3 * t, "tokens_per_s": n / t})
+        step = _decode_ms(runner, n, context, reps, rng)
+        chain = chain_ms(runner.model, params, n, reps)
+        rows.append({"batch": n, "context": context, "step_ms": step, "plain_chain_ms": chain, "step_over_chain": step / chain,
+                     "floor_ms": floor_ms, "step_over_floor": step / floor_ms, "tokens_per_s": 1e3 * n / step})
     return rows
+
+
+def bench_context(runner: ModelRunner, batch, contexts, reps, rng, bandwidth_gbs: float):
+    """What a token of context costs a decode step: the slope of step time between two contexts
+    at one batch, per token of the batch's context, against the floor of reading that token's K
+    and V once (all layers) at the measured bandwidth."""
+    cfg = runner.model.config
+    kv_floor_us = cfg.kv_bytes_per_token(jnp.dtype(runner.model.dtype).itemsize) / bandwidth_gbs / 1e3
+    lo, hi = contexts
+    t_lo, t_hi = (_decode_ms(runner, batch, c, reps, rng) for c in tqdm(contexts, desc="context", leave=False))
+    us = 1e3 * (t_hi - t_lo) / (batch * (hi - lo))
+    return [{"batch": batch, "contexts": f"{lo} -> {hi}", "step_ms": f"{t_lo:.1f} -> {t_hi:.1f}",
+             "us_per_context_token": us, "kv_floor_us": kv_floor_us, "over_floor": us / kv_floor_us}]
 
 
 def bench_migration(model: CausalLM, params, cache: CacheConfig, lengths, reps):
@@ -150,7 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--only", choices=["prefill", "decode", "migration", "interference"], help="run one section")
+    ap.add_argument("--only", choices=["prefill", "decode", "context", "migration", "interference"], help="run one section")
     args = ap.parse_args(argv)
     model, params = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=True, backend="xla")
     config = model.config
@@ -158,13 +174,20 @@ def main(argv=None) -> None:
     runner = build_runner(model, params, cache)
     rng = np.random.default_rng(0)
     prefill_shapes = [(1, 128), (1, 512), (4, 128)] if args.quick else [(1, 128), (1, 512), (1, 1024), (4, 128), (8, 128), (4, 512)]
-    decode_batches = [1, 8] if args.quick else [1, 8, 32]
+    decode_batches = [1, 16] if args.quick else [1, 8, 16, 32]
     print(f"# {args.model} ({config.num_params() / 1e6:.1f}M params, {args.dtype}) on {jax.devices()[0].device_kind}, jax {jax.__version__}\n")
     want = lambda name: args.only in (None, name)  # noqa: E731
     if want("prefill"):
         print("## Prefill\n" + _table(bench_prefill(runner, prefill_shapes, args.reps, rng)))
+    if want("decode") or want("context"):
+        bandwidth = measure_bandwidth_gbs()
+        print(f"memory bandwidth (one jitted sum over 256 MiB): {bandwidth:.1f} GB/s; weights {weight_bytes(params) / 1e6:.0f} MB\n")
     if want("decode"):
-        print("## Decode (context 512)\n" + _table(bench_decode(runner, decode_batches, 512, args.reps, rng)))
+        print("## Decode vs the plain matmul chain and the bandwidth floor (context 8)\n"
+              + _table(bench_decode(runner, params, decode_batches, 8, args.reps, rng, bandwidth)))
+    if want("context"):
+        print("## Decode cost per token of context (batch 16)\n"
+              + _table(bench_context(runner, 16, (256, 1024), args.reps, rng, bandwidth)))
     if want("migration"):
         print("## In-process KV migration (device 0 -> device 1) vs one device_put of the same bytes\n"
               + _table(bench_migration(model, params, cache, [64, 512, 1024] if not args.quick else [512], args.reps)))

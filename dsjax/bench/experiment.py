@@ -1,6 +1,11 @@
 """The headline experiment: per-device goodput of disaggregated vs colocated vs chunked prefill.
 
-    python -m dsjax.bench compare [--quick] [--workload sharegpt] [--model small-llama] [--out DIR]
+    python -m dsjax.bench compare [--quick] [--workload sharegpt] [--model opt-125m] [--out DIR]
+
+The default model is opt-125m in float32: 500 MB of weights, 16x this machine's 32 MB last-level
+cache, so a decode step streams every weight from memory (bound by bandwidth, as every LLM decode
+on a GPU is), the regime disaggregation exists for. `--model small-llama` (14 MB, cache-resident,
+compute-bound decode) is the second regime (docs/results.md compares the two).
 
 1. Profile: `python -m dsjax.plan profile --quick` pinned to one core (or a cached profile).
 2. SLOs (stated rule): TTFT = 3.5 x the isolated 512-token prefill, TPOT = 5 x the isolated decode
@@ -39,12 +44,13 @@ DEFAULT_CACHE = Path(os.environ.get("DSJAX_CACHE", os.path.expanduser("~/.cache/
 # The scan spans 0.3x the lowest to 1.5x the highest simulated goodput: on this machine the
 # simulator (runner-only profile) has been optimistic, so the scan reaches well below it.
 AUTO_RATE_FACTORS = (0.3, 0.5, 0.75, 1.0, 1.5)
+QUICK_RATE_FACTORS = (0.5, 1.0, 1.5)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CompareConfig:
     out: Path
-    model: str = "small-llama"
+    model: str = "opt-125m"
     workload: str = "sharegpt"
     scale: float = 4.0
     num_requests: int = 200
@@ -52,7 +58,8 @@ class CompareConfig:
     prompt_format: str = "bytes"
     source_limit: int | None = None  # read only the first N dataset records (tests)
     systems: tuple[str, ...] = SYSTEMS
-    rates: tuple[float, ...] | None = None  # None: from the simulator's goodputs (AUTO_RATE_FACTORS)
+    rates: tuple[float, ...] | None = None  # None: from the simulator's goodputs (times rates_factors)
+    rates_factors: tuple[float, ...] = AUTO_RATE_FACTORS
     arrival: str = "poisson"
     cv: float = 1.0
     target: float = 0.9
@@ -79,8 +86,10 @@ class CompareConfig:
 
 
 def quick_config(**overrides: Any) -> CompareConfig:
-    """The --quick setting: ~10 minutes on a 2-core machine (fewer requests, fewer probes)."""
-    base = dict(num_requests=60, scale=4.0, max_bisections=2, rel_tol=0.1)
+    """The --quick setting: at most ~12 minutes on a 2-core machine with opt-125m (fewer and
+    shorter requests, three scan rates, one bisection, a short warm-up)."""
+    base = dict(num_requests=40, scale=8.0, max_bisections=1, rel_tol=0.15, rates_factors=QUICK_RATE_FACTORS,
+                warmup_requests=8)
     base.update(overrides)
     return CompareConfig(**base)
 
@@ -137,6 +146,19 @@ def derive_slos(metadata: dict, target: float = 0.9) -> tuple[SLOs, dict]:
     return slos, how
 
 
+def regime_numbers(profile, model: str) -> dict[str, Any]:
+    """Where the run sits between a compute-bound and a bandwidth-bound decode: the isolated
+    512-token prefill over the batch-1 decode step (OPT-13B on an A100: 72 / 20 ms = 3.6) and the
+    fitted decode step at batch 1, 8 and 32 with 512 tokens of context each (flat in the batch:
+    bound by bandwidth; growing with it: bound by compute)."""
+    meta = dict(profile.metadata)
+    lat = profile.latency(model, tp=1)
+    prefill_ms, decode_ms = float(meta["prefill_512_ms"]), float(meta["decode_bs1_ctx512_ms"])
+    return {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms, "prefill_over_decode": prefill_ms / decode_ms,
+            "decode_step_ms_ctx512": {str(b): 1e3 * lat.decode_step_s(b, b * 513) for b in (1, 8, 32)},
+            "a100_opt13b_prefill_over_decode": 72 / 20}
+
+
 # ---- the experiment ---------------------------------------------------------------------------
 
 
@@ -185,6 +207,7 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     started = _machine_state()
     log(f"machine: load average {started['loadavg_1_5_15']} on {started['cpus']} CPUs at {started['time']}")
     profile_path = obtain_profile(cfg, log)
@@ -203,7 +226,7 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
                               max_prefill_tokens=cfg.server.max_prefill_tokens) for s in cfg.systems}
     probe_rates = tuple(float(f"{0.25 * 2 ** (i / 2):.3g}") for i in range(24))  # 0.25 .. 724 req/s
     sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates) for s in cfg.systems}
-    rates = cfg.rates or auto_rates(sim_goodput)
+    rates = cfg.rates or auto_rates(sim_goodput, cfg.rates_factors)
     log(f"simulated goodput (req/s, {len(cfg.server.cores)} devices): "
         + ", ".join(f"{s} {g:.3g}" for s, g in sim_goodput.items()) + f"; scan rates {list(rates)}")
 
@@ -248,7 +271,9 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
                    for s, c in served.items()}
     summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path,
                          rates, started, served_sims=served_sims, served_info={s: c.info for s, c in served.items()},
-                         probe_rates=probe_rates, rescaled=_rescaled_sims(served, step_dirs, sweeps, cfg, slos))
+                         probe_rates=probe_rates, rescaled=_rescaled_sims(served, step_dirs, sweeps, cfg, slos),
+                         regime=regime_numbers(profile, cfg.model))
+    summary["wall_s"] = time.perf_counter() - t_start
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     return summary
 
@@ -330,7 +355,7 @@ def _sim_columns(prefix: str, row: dict, sim, *, p90: bool = False) -> dict[str,
 
 
 def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source, profile_path, rates, started,
-               *, served_sims=None, served_info=None, probe_rates=(), rescaled=None):
+               *, served_sims=None, served_info=None, probe_rates=(), rescaled=None, regime=None):
     served_sims, served_info, rescaled = served_sims or {}, served_info or {}, rescaled or {}
     systems: dict[str, Any] = {}
     fidelity = []
@@ -369,6 +394,10 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
             if base in systems:
                 b = systems[base]["per_device_goodput"]
                 ratios[f"disaggregated_over_{base}"] = d / b if b > 0 else float("inf")
+    for base in ("colocated", "chunked"):
+        if "disaggregated" in systems and base in systems:
+            sd, sb = systems["disaggregated"]["simulated_per_device_goodput"], systems[base]["simulated_per_device_goodput"]
+            ratios[f"simulated_disaggregated_over_{base}"] = sd / sb if sb > 0 else float("inf")
     ref_rate = _reference_rate(sweeps, rates)
     scales = {s: sw.rows[[r["rate"] for r in sw.rows].index(ref_rate)]["tightest_slo_scale"]
               for s, sw in sweeps.items() if ref_rate in [r["rate"] for r in sw.rows]}
@@ -383,6 +412,9 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
                            "prompt_max": max(p for p, _ in lens), "output_max": max(o for _, o in lens)},
         "slo": {"ttft_s": slos.ttft_s, "tpot_s": slos.tpot_s, "target": slos.target, **slo_source},
         "profile": str(profile_path),
+        "per_device_goodput": {s: d["per_device_goodput"] for s, d in systems.items()},
+        **{f"{k}_ratio": v for k, v in ratios.items()},
+        "regime": regime,
         "systems": systems,
         "ratios": ratios,
         "reference_rate": ref_rate,

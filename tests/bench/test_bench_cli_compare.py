@@ -75,7 +75,7 @@ def test_compare_orchestration_with_fake_systems(tmp_path):
     profile_path = tmp_path / "profile.json"
     save_profile(profile_path, Profile(entries={"small-llama": {1: coeffs}},
                                        metadata={"prefill_512_ms": 20.0, "decode_bs1_ctx512_ms": 2.0}))
-    cfg = CompareConfig(out=tmp_path / "cmp", workload="humaneval", scale=16, num_requests=16, rates=(20.0, 80.0),
+    cfg = CompareConfig(out=tmp_path / "cmp", model="small-llama", workload="humaneval", scale=16, num_requests=16, rates=(20.0, 80.0),
                         max_bisections=1, rel_tol=0.3, warmup_requests=2, profile=profile_path, progress=False,
                         server=ServerOptions(model="small-llama"))
     summary = run_compare(cfg, log=lambda _: None, launcher=_FakeSystem)
@@ -89,6 +89,14 @@ def test_compare_orchestration_with_fake_systems(tmp_path):
     assert systems["colocated"]["goodput"] < 80.0, systems["colocated"]["probes"]
     ratio = summary["ratios"]["disaggregated_over_colocated"]
     assert ratio == pytest.approx(systems["disaggregated"]["goodput"] / systems["colocated"]["goodput"])
+    # The headline keys: measured and simulated ratios side by side, and the regime of the run.
+    assert summary["disaggregated_over_colocated_ratio"] == ratio
+    sim = summary["simulated_disaggregated_over_colocated_ratio"]
+    assert sim == pytest.approx(systems["disaggregated"]["simulated_goodput"] / systems["colocated"]["simulated_goodput"])
+    assert summary["per_device_goodput"] == {s: d["per_device_goodput"] for s, d in systems.items()}
+    assert summary["regime"]["prefill_over_decode"] == pytest.approx(10.0)
+    step = summary["regime"]["decode_step_ms_ctx512"]
+    assert step["1"] < step["8"] < step["32"]  # this fake profile's decode grows with the batch
     assert {f["system"] for f in summary["fidelity"]} == set(systems)
     out = tmp_path / "cmp"
     assert all((out / p).stat().st_size > 1000 for p in PNGS)
