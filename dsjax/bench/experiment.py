@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dsjax.bench.analysis import SLOs, write_json
+from dsjax.bench.regime import derive_slos, regime_numbers
 from dsjax.bench.loadgen import send_schedule
 from dsjax.bench.metrics import write_results_csv, write_results_json
 from dsjax.bench.prompts import load_bench_requests
@@ -38,8 +39,6 @@ from dsjax.bench.report import render, summary_markdown
 from dsjax.bench.servers import SYSTEMS, LaunchedSystem, ServerOptions, launch_system
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
 
-TTFT_PREFILL_FACTOR = 3.5
-TPOT_DECODE_FACTOR = 5.0
 DEFAULT_CACHE = Path(os.environ.get("DSJAX_CACHE", os.path.expanduser("~/.cache/dsjax")))
 # The scan spans 0.3x the lowest to 1.5x the highest simulated goodput: on this machine the
 # simulator (runner-only profile) has been optimistic, so the scan reaches well below it.
@@ -132,31 +131,6 @@ def obtain_profile(cfg: CompareConfig, log: Callable[[str], None]) -> Path:
     subprocess.run(cmd, env=env, check=True, cwd=str(Path(__file__).resolve().parents[2]))
     log(f"profile: written to {path} in {time.perf_counter() - t0:.0f} s")
     return path
-
-
-def derive_slos(metadata: dict, target: float = 0.9) -> tuple[SLOs, dict]:
-    """TTFT = 3.5 x prefill_512_ms, TPOT = 5 x decode_bs1_ctx512_ms (profile metadata)."""
-    missing = [k for k in ("prefill_512_ms", "decode_bs1_ctx512_ms") if k not in metadata]
-    if missing:
-        raise ValueError(f"profile metadata lacks {missing}: profile with isolated measurements (python -m dsjax.plan profile)")
-    prefill_ms, decode_ms = float(metadata["prefill_512_ms"]), float(metadata["decode_bs1_ctx512_ms"])
-    slos = SLOs(ttft_s=TTFT_PREFILL_FACTOR * prefill_ms / 1e3, tpot_s=TPOT_DECODE_FACTOR * decode_ms / 1e3, target=target)
-    how = {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms,
-           "rule": f"TTFT = {TTFT_PREFILL_FACTOR} x prefill_512_ms, TPOT = {TPOT_DECODE_FACTOR} x decode_bs1_ctx512_ms"}
-    return slos, how
-
-
-def regime_numbers(profile, model: str) -> dict[str, Any]:
-    """Where the run sits between a compute-bound and a bandwidth-bound decode: the isolated
-    512-token prefill over the batch-1 decode step (OPT-13B on an A100: 72 / 20 ms = 3.6) and the
-    fitted decode step at batch 1, 8 and 32 with 512 tokens of context each (flat in the batch:
-    bound by bandwidth; growing with it: bound by compute)."""
-    meta = dict(profile.metadata)
-    lat = profile.latency(model, tp=1)
-    prefill_ms, decode_ms = float(meta["prefill_512_ms"]), float(meta["decode_bs1_ctx512_ms"])
-    return {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms, "prefill_over_decode": prefill_ms / decode_ms,
-            "decode_step_ms_ctx512": {str(b): 1e3 * lat.decode_step_s(b, b * 513) for b in (1, 8, 32)},
-            "a100_opt13b_prefill_over_decode": 72 / 20}
 
 
 # ---- the experiment ---------------------------------------------------------------------------

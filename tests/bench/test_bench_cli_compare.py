@@ -6,7 +6,8 @@ import json
 import pytest
 
 from dsjax.bench.cli import main
-from dsjax.bench.experiment import CompareConfig, auto_rates, derive_slos, run_compare
+from dsjax.bench.experiment import CompareConfig, auto_rates, run_compare
+from dsjax.bench.regime import derive_slos
 from dsjax.bench.servers import ServerOptions
 from dsjax.planner.latency import LatencyCoeffs, Profile, save_profile
 from tests.support.fake_server import FakeServer, FakeTiming

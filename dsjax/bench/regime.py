@@ -1,0 +1,39 @@
+"""The stated SLO rule and the regime a run sits in, both read off the run's latency profile.
+
+SLOs: TTFT = 3.5 x the isolated 512-token prefill, TPOT = 5 x the isolated decode step at batch 1
+with 512 tokens of context (DistServe's rule of thumb, scaled to whatever device was profiled).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsjax.bench.analysis import SLOs
+
+TTFT_PREFILL_FACTOR = 3.5
+TPOT_DECODE_FACTOR = 5.0
+
+
+def derive_slos(metadata: dict, target: float = 0.9) -> tuple[SLOs, dict]:
+    """TTFT = 3.5 x prefill_512_ms, TPOT = 5 x decode_bs1_ctx512_ms (profile metadata)."""
+    missing = [k for k in ("prefill_512_ms", "decode_bs1_ctx512_ms") if k not in metadata]
+    if missing:
+        raise ValueError(f"profile metadata lacks {missing}: profile with isolated measurements (python -m dsjax.plan profile)")
+    prefill_ms, decode_ms = float(metadata["prefill_512_ms"]), float(metadata["decode_bs1_ctx512_ms"])
+    slos = SLOs(ttft_s=TTFT_PREFILL_FACTOR * prefill_ms / 1e3, tpot_s=TPOT_DECODE_FACTOR * decode_ms / 1e3, target=target)
+    how = {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms,
+           "rule": f"TTFT = {TTFT_PREFILL_FACTOR} x prefill_512_ms, TPOT = {TPOT_DECODE_FACTOR} x decode_bs1_ctx512_ms"}
+    return slos, how
+
+
+def regime_numbers(profile, model: str) -> dict[str, Any]:
+    """Where the run sits between a compute-bound and a bandwidth-bound decode: the isolated
+    512-token prefill over the batch-1 decode step (OPT-13B on an A100: 72 / 20 ms = 3.6) and the
+    fitted decode step at batch 1, 8 and 32 with 512 tokens of context each (flat in the batch:
+    bound by bandwidth; growing with it: bound by compute)."""
+    meta = dict(profile.metadata)
+    lat = profile.latency(model, tp=1)
+    prefill_ms, decode_ms = float(meta["prefill_512_ms"]), float(meta["decode_bs1_ctx512_ms"])
+    return {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms, "prefill_over_decode": prefill_ms / decode_ms,
+            "decode_step_ms_ctx512": {str(b): 1e3 * lat.decode_step_s(b, b * 513) for b in (1, 8, 32)},
+            "a100_opt13b_prefill_over_decode": 72 / 20}
