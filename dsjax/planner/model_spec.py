@@ -92,6 +92,10 @@ MODELS: dict[str, ModelSpec] = {
         _small("tiny-llama", layers=2, heads=4, kv_heads=2, hidden=64, ffn=128, params=139_264),
         _small("small-llama", layers=4, heads=8, kv_heads=4, hidden=256, ffn=768, params=3_407_872),
         _small("small-opt", layers=4, heads=8, kv_heads=8, hidden=256, ffn=1024, params=3_801_600),
+        # The bandwidth-bound CPU benchmark model (float32: 500 MB of weights), keyed by preset
+        # name like the small ones, since profiles of it are measured on this engine.
+        ModelSpec(name="opt-125m", hf_name="opt-125m", num_layers=12, num_heads=12, num_kv_heads=12, hidden_size=768,
+                  ffn_size=3072, vocab_size=50272, num_params=125_117_952, dtype_bytes=4),
     )
 }
 _BY_HF_NAME = {m.hf_name.lower(): m for m in MODELS.values()}
