@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -45,8 +46,10 @@ def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
     from dsjax.llm import default_num_blocks
     from dsjax.runtime.kv_cache import CacheConfig
 
-    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens)
-    num_blocks = args.num_blocks or default_num_blocks(config, args.block_size, sched.max_num_seqs, dtype_bytes)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                            max_model_len=args.max_model_len)
+    sized = dataclasses.replace(config, max_position=sched.context_len(config.max_position))
+    num_blocks = args.num_blocks or default_num_blocks(sized, args.block_size, sched.max_num_seqs, dtype_bytes)
     return CacheConfig(num_blocks=num_blocks, block_size=args.block_size), sched
 
 
@@ -64,7 +67,7 @@ def _cluster_token(*, create: bool = False) -> str:
 def _limits(args: argparse.Namespace):
     from serving.validation import Limits
 
-    return Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit)
+    return Limits(max_request_bytes=args.max_request_bytes, max_tokens=args.max_tokens_limit, max_model_len=args.max_model_len)
 
 
 class _Fronts:
@@ -184,6 +187,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv.append("--dummy-weights")
     if args.num_blocks:
         argv += ["--num-blocks", str(args.num_blocks)]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
     if args.no_warmup:
         argv.append("--no-warmup")
     if args.step_log:

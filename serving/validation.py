@@ -28,6 +28,7 @@ class Limits:
 
     max_request_bytes: int = 1 << 20  # serialized GenerateRequest; gRPC's own cap is set above it
     max_tokens: int | None = None  # None: up to the context length
+    max_model_len: int | None = None  # prompt + output tokens; None: the model's context length
     max_stop: int = 16  # stop strings and stop token ids, each
     max_stop_chars: int = 256
 
@@ -36,6 +37,11 @@ class Limits:
             raise ValueError(f"max_request_bytes={self.max_request_bytes} must be >= 1")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
+
+    def context_len(self, model_max: int) -> int:
+        return model_max if self.max_model_len is None else min(model_max, self.max_model_len)
 
 
 def model_config(model: str) -> ModelConfig:
@@ -86,11 +92,12 @@ def validate_request(request: pb.GenerateRequest, tokenizer, config: ModelConfig
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise ValueError(f"request is {size} bytes, over the server's message limit of {limits.max_request_bytes} bytes")
-    sampling = sampling_from_proto(request.sampling, limits, config.max_position)
+    context = limits.context_len(config.max_position)
+    sampling = sampling_from_proto(request.sampling, limits, context)
     ids = prompt_token_ids(request, tokenizer)
     check_token_ids(ids, config.vocab_size, "prompt token_ids")
     check_token_ids(sampling.stop_token_ids, config.vocab_size, "stop_token_ids")
-    validate_prompt(ids, sampling, vocab_size=config.vocab_size, max_position=config.max_position)
+    validate_prompt(ids, sampling, vocab_size=config.vocab_size, max_position=context)
     return ids, sampling
 
 

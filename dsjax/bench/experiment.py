@@ -196,6 +196,13 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
     requests = load_bench_requests(cfg.workload, num_requests=cfg.num_requests, seed=cfg.seed, scale=cfg.scale,
                                    prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
     schedule = _schedule(cfg, len(requests))
+    if cfg.server.max_model_len is None:
+        # Every system serves the sample's longest request and nothing longer: the KV pool and the
+        # shapes each server compiles at start-up (--warmup-shapes) follow the workload, not the
+        # model's 2048-token context (opt-125m: minutes of compilation per server otherwise).
+        longest = max(r.prompt_len + r.output_len for r in requests)
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, max_model_len=1 << (longest - 1).bit_length()))
+        log(f"servers: --max-model-len {cfg.server.max_model_len} (the sample's longest request: {longest} tokens)")
     sims = {s: TraceSimulator(system=s, profile=profile, model=cfg.model, slos=slos, max_num_seqs=cfg.server.max_num_seqs,
                               max_prefill_tokens=cfg.server.max_prefill_tokens) for s in cfg.systems}
     probe_rates = tuple(float(f"{0.25 * 2 ** (i / 2):.3g}") for i in range(24))  # 0.25 .. 724 req/s

@@ -49,6 +49,7 @@ class ServerOptions:
     max_num_seqs: int = 32
     max_prefill_tokens: int = 256  # L_m; see docs/results.md for why not the engine's 1024
     num_blocks: int | None = None
+    max_model_len: int | None = None  # None: the model's context (compare sets it from the workload)
     xla_flags: str = ""  # appended to XLA_FLAGS of every server process
     pin: bool = True  # taskset -c one core per model process
     cores: tuple[int, ...] = (0, 1)
@@ -68,6 +69,8 @@ class ServerOptions:
                 "--compilation-cache", self.compilation_cache, "--log-level", self.log_level]
         if self.num_blocks:
             args += ["--num-blocks", str(self.num_blocks)]
+        if self.max_model_len:
+            args += ["--max-model-len", str(self.max_model_len)]
         return args
 
     def model_args(self) -> list[str]:

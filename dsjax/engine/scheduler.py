@@ -20,16 +20,25 @@ from dsjax.engine.request import Request, Status
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     """`max_prefill_tokens` is DistServe's L_m: prompts are batched until their total length
-    reaches it (a longer prompt runs alone). `max_num_seqs` caps a decode batch."""
+    reaches it (a longer prompt runs alone). `max_num_seqs` caps a decode batch. `max_model_len`
+    caps prompt + output tokens of one request below the model's own context (None: the model's),
+    which bounds the KV a request can hold and the program shapes a server compiles."""
 
     max_num_seqs: int = 32
     max_prefill_tokens: int = 1024
     max_prefill_seqs: int = 16
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2 (a prompt token and an output token)")
+
+    def context_len(self, model_max: int) -> int:
+        """Tokens one request may hold: the model's context, or max_model_len if shorter."""
+        return model_max if self.max_model_len is None else min(model_max, self.max_model_len)
 
 
 def pick_prefill_batch(

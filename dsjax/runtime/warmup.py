@@ -95,10 +95,10 @@ def warm_runner(runner, scheduler, *, prefill: bool = True, decode: bool = True,
                 log: Callable[[str], None] | None = None) -> float:
     """`warm_shapes` for the shapes `scheduler` (dsjax.engine.scheduler.SchedulerConfig) can produce on
     `runner`; `prefix` for engines that prefill chunks after a cached prefix (chunked mode)."""
-    cfg = runner.model.config
+    context = scheduler.context_len(runner.model.config.max_position)
     pre = prefill_shapes(max_prefill_tokens=scheduler.max_prefill_tokens, max_prefill_seqs=scheduler.max_prefill_seqs,
-                         max_context=cfg.max_position, block_size=runner.block_size, prefix=prefix) if prefill else []
-    dec = decode_shapes(max_num_seqs=scheduler.max_num_seqs, max_context=cfg.max_position,
+                         max_context=context, block_size=runner.block_size, prefix=prefix) if prefill else []
+    dec = decode_shapes(max_num_seqs=scheduler.max_num_seqs, max_context=context,
                         block_size=runner.block_size) if decode else []
     seconds = warm_shapes(runner, prefill=pre, decode=dec)
     if log is not None:

@@ -24,16 +24,13 @@ def test_shape_lists_follow_the_limits():
 
 def test_no_compilation_after_warmup(tiny_llama):
     model, params = tiny_llama
-    sched = SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32, max_prefill_seqs=4)
+    # the context a request can reach here: its prompt plus 8 tokens (--max-model-len 64)
+    sched = SchedulerConfig(max_num_seqs=4, max_prefill_tokens=32, max_prefill_seqs=4, max_model_len=64)
     runner = ModelRunner(model, params, CacheConfig(num_blocks=64, block_size=8))
     # a real block with known contents must survive the padding-only batches
     stage = runner.stages[0]
     marker = jax.numpy.full(stage.cache.k[0][5].shape, 7.0, stage.cache.k[0].dtype)
     stage.cache = type(stage.cache)(k=tuple(k.at[5].set(marker) for k in stage.cache.k), v=stage.cache.v)
-    # the context a request can reach here: its prompt plus 8 tokens
-    import dataclasses
-
-    runner.model = dataclasses.replace(model, config=dataclasses.replace(model.config, max_position=64))
     warm_runner(runner, sched)
     np.testing.assert_array_equal(np.asarray(stage.cache.k[0][5]), np.asarray(marker))
     sizes = (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size())

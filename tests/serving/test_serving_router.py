@@ -208,3 +208,22 @@ def test_engine_death_ends_streams_and_health():
                 time.sleep(0.05)
     finally:
         router.stop(0)
+
+
+def test_max_model_len_caps_prompt_plus_output():
+    """--max-model-len: a request must fit prompt + max_tokens within it (below the model's 512)."""
+    from serving.validation import validate_request
+
+    limits = Limits(max_model_len=64)
+    tok = ByteTokenizer(CONFIG.vocab_size)
+    ids, sampling = validate_request(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 40),
+                                                        sampling=pb.SamplingParams(max_tokens=24)), tok, CONFIG, limits)
+    assert len(ids) == 40 and sampling.max_tokens == 24
+    with pytest.raises(ValueError, match="max_tokens=25 .* context length 64"):
+        validate_request(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 40), sampling=pb.SamplingParams(max_tokens=25)),
+                         tok, CONFIG, limits)
+    with pytest.raises(ValueError, match="prompt length 64 must be below the context length 64"):
+        validate_request(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 64), sampling=pb.SamplingParams(max_tokens=1)),
+                         tok, CONFIG, limits)
+    with pytest.raises(ValueError, match="max_model_len=1"):
+        Limits(max_model_len=1)
