@@ -73,7 +73,7 @@ def _add_workload(p: argparse.ArgumentParser, *, num_requests: int | None) -> No
     p.add_argument("--workload", choices=WORKLOAD_NAMES, default="sharegpt")
     p.add_argument("--num-requests", type=int, default=num_requests, help="requests per rate (one seeded sample)")
     p.add_argument("--scale", type=float, default=None,
-                   help="divide prompt and output lengths (>= 1; default 1 for a server, 4 for compare)")
+                   help="divide prompt and output lengths (>= 1; default 1 for a server, 8 for compare)")
     p.add_argument("--seed", type=int, default=0, help="drives the sample, the prompts and the arrivals")
     p.add_argument("--arrival", choices=ARRIVAL_PROCESSES, default="poisson")
     p.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation of the gaps")
@@ -124,7 +124,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsjax.bench compare",
                                 description="Per-device goodput of disaggregated vs colocated vs chunked prefill, "
                                             "each started in turn on the same cores, plus the simulator's prediction.")
-    p.add_argument("--quick", action="store_true", help="~10 minutes: 60 requests, 2 bisections (see docs/results.md)")
+    p.add_argument("--quick", action="store_true",
+                   help="~13 minutes: 40 requests, 3 scan rates, 1 bisection (see docs/results.md)")
     p.add_argument("--model", default="opt-125m",
                    help="model preset served with dummy weights (default opt-125m: decode bound by memory bandwidth)")
     _add_workload(p, num_requests=None)

@@ -51,8 +51,8 @@ class CompareConfig:
     out: Path
     model: str = "opt-125m"
     workload: str = "sharegpt"
-    scale: float = 4.0
-    num_requests: int = 200
+    scale: float = 8.0  # opt-125m: ShareGPT / 8 keeps a full run near 40 minutes (small-llama: 4)
+    num_requests: int = 120
     seed: int = 0
     prompt_format: str = "bytes"
     source_limit: int | None = None  # read only the first N dataset records (tests)
@@ -71,7 +71,7 @@ class CompareConfig:
     rel_tol: float = 0.05
     # Sent to each system before measuring, at once, then at the highest and the lowest scan rate
     # (the server compiles its shapes; not measured). None: the whole sample.
-    warmup_requests: int | None = None
+    warmup_requests: int | None = 16
     # Seconds of unmeasured traffic at each rate just before its measured run, for the simulator's
     # "probe" speed calibration (sweep.SweepConfig.probe_s). 0: none.
     speed_probe_s: float = 0.0
