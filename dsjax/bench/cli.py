@@ -49,6 +49,7 @@ SUBCOMMANDS: dict[str, str] = {
     "compare": "headline experiment: per-device goodput, disaggregated vs colocated vs chunked",
     "report": "re-draw a compare directory's plots and summary.md",
     "fidelity": "the planner's simulator against repeated compare runs",
+    "regimes": "profiles side by side: prefill vs decode cost and how decode grows with the batch",
     **{name: line for name, (_, _, _, line) in FORWARDED.items()},
 }
 
@@ -146,7 +147,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="prefill batch budget L_m (and chunked step budget) of every system; 256: on one CPU core a "
                         "packed prefill stops gaining from batching beyond ~256 tokens (docs/results.md)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up requests per system (at once, then at the top and bottom scan rates); default all")
+                   help="warm-up requests per system (at once, then at the top and bottom scan rates); default 16 (--quick: 8)")
     p.add_argument("--speed-probe", type=float, default=None, metavar="S",
                    help="before each measured run, S seconds of unmeasured traffic at the same rate whose step costs "
                         "recalibrate the simulator (the fidelity table's 'probe' column); default 0: none")
@@ -276,6 +277,32 @@ def main_fidelity(argv: list[str]) -> int:
     return 0
 
 
+def main_regimes(argv: list[str]) -> int:
+    from dsjax.bench.regime import plot_regimes, regime_markdown, regime_row
+    from dsjax.planner.latency import load_profile
+
+    p = argparse.ArgumentParser(prog="python -m dsjax.bench regimes",
+                                description="Latency profiles side by side (dsjax/bench/regime.py): the 512-token "
+                                            "prefill in decode steps, and the decode step against the batch.")
+    p.add_argument("profiles", nargs="+", metavar="LABEL=PATH[:MODEL]",
+                   help="a profile JSON (`python -m dsjax.plan profile`, or DistServe's), MODEL if it holds several")
+    p.add_argument("--plot", type=Path, default=None, help="also draw step time / batch-1 step against the batch (PNG)")
+    args = p.parse_args(argv)
+    rows = []
+    for spec in args.profiles:
+        label, _, rest = spec.rpartition("=")
+        path, _, model = rest.partition(":")
+        profile = load_profile(Path(path))
+        models = list(profile.entries)
+        if not model and len(models) != 1:
+            raise ValueError(f"{path} holds {models}: name one as {path}:MODEL")
+        rows.append(regime_row(label or Path(path).stem, profile, model or models[0]))
+    print(regime_markdown(rows), end="")
+    if args.plot:
+        print(f"plot: {plot_regimes(rows, args.plot)}")
+    return 0
+
+
 def main_forwarded(name: str, argv: list[str]) -> int:
     """Run micro-benchmark `name` (a key of FORWARDED) on `argv`; its exit code (None: 0)."""
     module_name, leading, host_devices, _ = FORWARDED[name]
@@ -296,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             return main_report(argv[1:])
         if argv[:1] == ["fidelity"]:
             return main_fidelity(argv[1:])
+        if argv[:1] == ["regimes"]:
+            return main_regimes(argv[1:])
         return main_run(argv)
     except (ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

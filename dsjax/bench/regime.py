@@ -37,3 +37,46 @@ def regime_numbers(profile, model: str) -> dict[str, Any]:
     return {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms, "prefill_over_decode": prefill_ms / decode_ms,
             "decode_step_ms_ctx512": {str(b): 1e3 * lat.decode_step_s(b, b * 513) for b in (1, 8, 32)},
             "a100_opt13b_prefill_over_decode": 72 / 20}
+
+
+REGIME_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def regime_row(label: str, profile, model: str) -> dict[str, Any]:
+    """One profile's regime from its fitted latency model (so measured and published profiles,
+    e.g. DistServe's A100 one, are read the same way): the 512-token prefill, the decode step at
+    each of REGIME_BATCHES with 512 tokens of context per request, and their ratios."""
+    lat = profile.latency(model, tp=1)
+    prefill_ms = 1e3 * lat.prefill_s(512, 512**2)
+    steps = {b: 1e3 * lat.decode_step_s(b, b * 513) for b in REGIME_BATCHES}
+    return {"label": label, "model": model, "prefill_512_ms": prefill_ms, "decode_ms": steps,
+            "prefill_over_decode": prefill_ms / steps[1], "decode_32_over_1": steps[32] / steps[1]}
+
+
+def regime_markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| profile | 512-token prefill | decode step, batch " + " / ".join(map(str, REGIME_BATCHES)) + \
+           " (ms) | prefill / decode(1) | decode(32) / decode(1) |\n|---|---|---|---|---|\n"
+    return head + "".join(
+        f"| {r['label']} | {r['prefill_512_ms']:.1f} ms | " + " / ".join(f"{r['decode_ms'][b]:.1f}" for b in REGIME_BATCHES)
+        + f" | {r['prefill_over_decode']:.1f} | {r['decode_32_over_1']:.2f} |\n" for r in rows)
+
+
+def plot_regimes(rows: list[dict[str, Any]], path) -> Any:
+    """Decode step time relative to batch 1 against the batch: flat where a step is bound by
+    reading the weights, rising where it is bound by compute (or by an inefficient matmul)."""
+    from matplotlib.figure import Figure
+
+    from dsjax.bench.plots import _save
+
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    for r in rows:
+        ax.plot(REGIME_BATCHES, [r["decode_ms"][b] / r["decode_ms"][1] for b in REGIME_BATCHES], marker="o",
+                label=f"{r['label']} (prefill = {r['prefill_over_decode']:.1f} decode steps)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("decode batch (512 tokens of context each)")
+    ax.set_ylabel("step time / batch-1 step")
+    ax.set_title("Decode step cost vs batch, per profile")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

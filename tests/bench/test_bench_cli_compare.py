@@ -110,3 +110,19 @@ def test_compare_orchestration_with_fake_systems(tmp_path):
         (out / p).unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "summary.md").read_text() == first and all((out / p).is_file() for p in PNGS)
+
+
+def test_regimes_command_reads_profiles_side_by_side(tmp_path, capsys):
+    flat = LatencyCoeffs(prefill=[10.0, 0.1, 0.0], decode_small=[20.0, 0.0, 0.0], decode_large=[20.0, 0.0, 0.0])
+    steep = LatencyCoeffs(prefill=[1.0, 0.2, 0.0], decode_small=[1.0, 0.0, 1.0], decode_large=[1.0, 0.0, 1.0])
+    for name, coeffs in (("flat", flat), ("steep", steep)):
+        save_profile(tmp_path / f"{name}.json", Profile(entries={"small-llama": {1: coeffs}}, metadata={}))
+    plot = tmp_path / "regimes.png"
+    assert main(["regimes", f"bandwidth-bound={tmp_path / 'flat.json'}", f"compute-bound={tmp_path / 'steep.json'}:small-llama",
+                 "--plot", str(plot)]) == 0
+    table = capsys.readouterr().out
+    # flat: a 512-token prefill is 10 + 51.2 = 61.2 ms = 3.1 steps of 20 ms, whatever the batch
+    assert "| bandwidth-bound | 61.2 ms | 20.0 / 20.0 / 20.0 / 20.0 / 20.0 / 20.0 | 3.1 | 1.00 |" in table
+    # steep: decode = 1 + 1 ms per request, so batch 32 costs 33 / 2 = 16.5x batch 1
+    assert "| compute-bound | 103.4 ms | 2.0 / 3.0 / 5.0 / 9.0 / 17.0 / 33.0 | 51.7 | 16.50 |" in table
+    assert plot.stat().st_size > 1000
