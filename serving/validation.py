@@ -40,9 +40,6 @@ class Limits:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
 
-    def context_len(self, model_max: int) -> int:
-        return model_max if self.max_model_len is None else min(model_max, self.max_model_len)
-
 
 def model_config(model: str) -> ModelConfig:
     """A preset's or checkpoint directory's config without loading weights (for the router)."""
@@ -92,7 +89,7 @@ def validate_request(request: pb.GenerateRequest, tokenizer, config: ModelConfig
     size = request.ByteSize()
     if size > limits.max_request_bytes:
         raise ValueError(f"request is {size} bytes, over the server's message limit of {limits.max_request_bytes} bytes")
-    context = limits.context_len(config.max_position)
+    context = min(config.max_position, limits.max_model_len or config.max_position)
     sampling = sampling_from_proto(request.sampling, limits, context)
     ids = prompt_token_ids(request, tokenizer)
     check_token_ids(ids, config.vocab_size, "prompt token_ids")
