@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dsjax.bench.roofline import chain_ms, measure_bandwidth_gbs, median_ms, weight_bytes
 from dsjax.engine.block_manager import BlockManager
 from dsjax.engine.placement import PhaseParallel
 from dsjax.engine.request import Chunk, Request
 from dsjax.engine.sampling_params import SamplingParams
-from dsjax.bench.roofline import chain_ms, measure_bandwidth_gbs, median_ms, weight_bytes
 from dsjax.runtime.builder import build_runner, load_causal_lm
 from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.runtime.runner import ModelRunner

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from dsjax.bench.analysis import SLOs, write_json
-from dsjax.bench.regime import derive_slos, regime_numbers
 from dsjax.bench.loadgen import send_schedule
 from dsjax.bench.metrics import write_results_csv, write_results_json
 from dsjax.bench.prompts import load_bench_requests
+from dsjax.bench.regime import derive_slos, regime_numbers
 from dsjax.bench.report import render, summary_markdown
 from dsjax.bench.servers import SYSTEMS, LaunchedSystem, ServerOptions, launch_system
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target

@@ -32,10 +32,10 @@ def regime_numbers(profile, model: str) -> dict[str, Any]:
     fitted decode step at batch 1, 8 and 32 with 512 tokens of context each (flat in the batch:
     bound by bandwidth; growing with it: bound by compute)."""
     meta = dict(profile.metadata)
-    lat = profile.latency(model, tp=1)
+    fitted = regime_row(model, profile, model)["decode_ms"]
     prefill_ms, decode_ms = float(meta["prefill_512_ms"]), float(meta["decode_bs1_ctx512_ms"])
     return {"prefill_512_ms": prefill_ms, "decode_bs1_ctx512_ms": decode_ms, "prefill_over_decode": prefill_ms / decode_ms,
-            "decode_step_ms_ctx512": {str(b): 1e3 * lat.decode_step_s(b, b * 513) for b in (1, 8, 32)},
+            "decode_step_ms_ctx512": {str(b): fitted[b] for b in (1, 8, 32)},
             "a100_opt13b_prefill_over_decode": 72 / 20}
 
 
