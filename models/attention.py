@@ -2,10 +2,12 @@
 
 KV cache layout (one pair of arrays per layer; see dsjax/runtime/kv_cache.py for the pool):
 
-    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim]   (head-major blocks)
 
-A request's token at logical position p lives in physical block ``block_tables[b, p // block_size]``,
-row ``p % block_size``. Block 0 is the *null block*: the block manager never hands it out, padding
+Each (block, head) is one contiguous [block_size, head_dim] tile: a gathered block feeds the
+per-head dots as it lies (no transpose), a kernel loads a head's tile as one 2-D slab, and under
+tensor parallelism axis 1 splits over the "tp" axis. A request's token at logical position p lives
+in physical block ``block_tables[b, p // block_size]``, row ``p % block_size`` of every head. Block 0 is the *null block*: the block manager never hands it out, padding
 tokens write their K/V there, and padding entries of a block table point at it, so every index the
 programs compute is in bounds and no real block is ever clobbered by padding.
 
@@ -98,7 +100,7 @@ Meta = PrefillMeta | DecodeMeta
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Scatter new K/V rows into the paged cache at flat `slots`.
 
-    k_cache, v_cache: [NB, BS, Hkv, D]; k, v: [T, Hkv, D]; slots: [T]. With the cache donated the
+    k_cache, v_cache: [NB, Hkv, BS, D]; k, v: [T, Hkv, D]; slots: [T]. With the cache donated the
     scatter happens in place. A single row is written together with a zero row at slot 0 (the null
     block's first row, which only padding reads): XLA rewrites a one-row scatter into a
     dynamic-update-slice, fuses a duplicate of it into every reader of the new pool, and each
@@ -109,18 +111,20 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
         k = jnp.concatenate([k, jnp.zeros_like(k)])
         v = jnp.concatenate([v, jnp.zeros_like(v)])
         slots = jnp.concatenate([slots, jnp.zeros_like(slots)])
-    bs = k_cache.shape[1]
+    bs = k_cache.shape[2]
     blocks, rows = slots // bs, slots % bs
-    k_cache = k_cache.at[blocks, rows].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
-    v_cache = v_cache.at[blocks, rows].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+    # Advanced indices split by the heads slice index [T, Hkv, D] updates: row t of every head.
+    k_cache = k_cache.at[blocks, :, rows].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
+    v_cache = v_cache.at[blocks, :, rows].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
     return k_cache, v_cache
 
 
 def _gather_kv(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """[NB, BS, Hkv, D] gathered through [B, MB] block tables -> [B, MB * BS, Hkv, D]."""
+    """[NB, Hkv, BS, D] gathered through [B, MB] block tables -> [B, Hkv, MB * BS, D]: each
+    request's keys of one head in logical order (the prefill paths' operand; one copy)."""
     b, mb = block_tables.shape
-    _, bs, h, d = cache.shape
-    return cache[block_tables].reshape(b, mb * bs, h, d)
+    _, h, bs, d = cache.shape
+    return cache[block_tables].transpose(0, 2, 1, 3, 4).reshape(b, h, mb * bs, d)
 
 
 def _softmax_masked(scores, mask):
@@ -163,8 +167,8 @@ def _check_split(q, meta: PrefillMeta) -> None:
 
 def _prefill_unsplit(q, k_cache, v_cache, meta: PrefillMeta, sm_scale):
     t = q.shape[0]
-    s = meta.block_tables.shape[1] * k_cache.shape[1]
-    keys = _gather_kv(k_cache, meta.block_tables)  # [B, S, Hkv, D]
+    s = meta.block_tables.shape[1] * k_cache.shape[2]
+    keys = _gather_kv(k_cache, meta.block_tables)  # [B, Hkv, S, D]
     vals = _gather_kv(v_cache, meta.block_tables)
     if s < t:
         return _prefill_padded(q, keys, vals, meta, sm_scale)
@@ -173,21 +177,21 @@ def _prefill_unsplit(q, k_cache, v_cache, meta: PrefillMeta, sm_scale):
 
 def _prefill_packed(q, keys, vals, meta: PrefillMeta, sm_scale):
     t, hq, d = q.shape
-    nreq, s, hkv, _ = keys.shape
+    nreq, hkv, s, _ = keys.shape
     g = hq // hkv
     seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]; B = padding
     own = seq[:, None] == jnp.arange(nreq)[None, :]  # [T, B]
     causal = jnp.arange(s)[None, :] <= meta.positions[:, None]  # [T, S]
     mask = (own[:, :, None] & causal[:, None, :]).reshape(t, 1, 1, nreq * s)
-    scores = jnp.einsum("tkgd,bskd->tkgbs", q.reshape(t, hkv, g, d), keys, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.einsum("tkgd,bksd->tkgbs", q.reshape(t, hkv, g, d), keys, preferred_element_type=jnp.float32) * sm_scale
     probs = _softmax_masked(scores.reshape(t, hkv, g, nreq * s), mask).reshape(t, hkv, g, nreq, s)
-    out = jnp.einsum("tkgbs,bskd->tkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    out = jnp.einsum("tkgbs,bksd->tkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
     return out.reshape(t, hq, d).astype(q.dtype)
 
 
 def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale):
     t, hq, d = q.shape
-    nreq, s, hkv, _ = keys.shape
+    nreq, hkv, s, _ = keys.shape
     g = hq // hkv
     qmax = min(t, s)  # a request's queries never outnumber its keys
     starts, q_lens = meta.cu_q_lens[:-1], meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]  # [B]
@@ -197,9 +201,9 @@ def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale):
     qp = q[idx].reshape(nreq, qmax, hkv, g, d)
     pos = meta.positions[idx]  # [B, Q]
     mask = valid[:, :, None] & (jnp.arange(s)[None, None, :] <= pos[:, :, None])  # [B, Q, S]
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qp, keys, preferred_element_type=jnp.float32) * sm_scale
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", qp, keys, preferred_element_type=jnp.float32) * sm_scale
     probs = _softmax_masked(scores, mask[:, None, None])
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgqs,bksd->bqkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
     # back to packed rows: token t is row t - cu[b] of its request b; padding tokens give 0
     seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]
     row = jnp.arange(t) - meta.cu_q_lens[jnp.minimum(seq, nreq - 1)]
@@ -213,35 +217,36 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
 
     Flash-decoding over the block table: a loop over block-table columns j = 0 .. n-1, where n
     covers the batch's longest context (a traced trip count, so the cost follows the real
-    context, not the padded table width), gathers one block per request, [B, BS, Hkv, D], and
-    folds it into a running softmax (max m, denominator l, weighted sum acc per query head).
-    Gathering the whole table at once instead materialised [B, MB * BS, Hkv, D] per layer: tens
-    of MB written and re-read every step (and freshly allocated pages faulted in), 10-15x the
-    bandwidth floor of reading the KV once on the CPU (docs/results.md, "Decode at the roofline").
+    context, not the padded table width), gathers block j of every request, [B, Hkv, BS, D] (the
+    pool's head-major blocks, so the per-head dots take them without a transpose), and folds it
+    into a running softmax (max m, denominator l, weighted sum acc per query head). Gathering the
+    whole table at once instead materialised [B, MB * BS, Hkv, D] per layer: tens of MB written
+    and re-read every step, 10-15x the bandwidth floor of reading the KV once on the CPU; with
+    token-major blocks each step's gather was a transposing copy, 3-4x the floor. Covering two or
+    more columns per step measured no faster in the model on one CPU core (docs/results.md,
+    "Decode at the roofline").
     """
     b, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
+    _, hkv, bs, _ = k_cache.shape
     g = hq // hkv
-    cols = _cols_per_step(b, meta.block_tables.shape[1])
-    span = cols * bs  # keys per request per step
-    tables = _pad_columns(meta.block_tables, cols)  # [B, steps * cols], null-block padded
+    tables = meta.block_tables  # [B, MB], null-block padded
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * sm_scale
-    num_steps = jnp.minimum((jnp.max(meta.kv_lens) + span - 1) // span, tables.shape[1] // cols)
+    num_steps = jnp.minimum((jnp.max(meta.kv_lens) + bs - 1) // bs, tables.shape[1])
 
     def fold(j, carry):
         m, l, acc = carry  # [B, Hkv, G] running max and denominator, [B, Hkv, G, D] weighted sum
-        blocks = jax.lax.dynamic_slice_in_dim(tables, j * cols, cols, axis=1)  # [B, cols]
-        live = j * span + jnp.arange(span, dtype=jnp.int32)[None, :] < meta.kv_lens[:, None]  # [B, span]
-        keys = k_cache[blocks].reshape(b, span, hkv, d)  # [B, cols * BS, Hkv, D]
+        blocks = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [B]
+        live = j * bs + jnp.arange(bs, dtype=jnp.int32)[None, :] < meta.kv_lens[:, None]  # [B, BS]
+        keys = k_cache[blocks]  # [B, Hkv, BS, D]
         # Rows past a request's length may hold anything a block's previous owner left (NaN
         # included), and 0 * NaN is NaN: zero them rather than trust the zero probabilities.
-        vals = jnp.where(live[:, :, None, None], v_cache[blocks].reshape(b, span, hkv, d), 0)
-        scores = jnp.einsum("bkgd,bckd->bkgc", qg, keys, preferred_element_type=jnp.float32)
+        vals = jnp.where(live[:, None, :, None], v_cache[blocks], 0)
+        scores = jnp.einsum("bkgd,bkcd->bkgc", qg, keys, preferred_element_type=jnp.float32)
         scores = jnp.where(live[:, None, None, :], scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(-1))  # finite: m starts at _NO_SCORE, not -inf
         probs = jnp.exp(scores - m_new[..., None])  # masked keys: exp(-inf) = 0
         rescale = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgc,bckd->bkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkgc,bkcd->bkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
         return m_new, l * rescale + probs.sum(-1), acc * rescale[..., None] + pv
 
     m0 = jnp.full((b, hkv, g), _NO_SCORE, jnp.float32)
@@ -249,24 +254,6 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
     _, l, acc = jax.lax.fori_loop(0, num_steps, fold, (m0, l0, jnp.zeros((b, hkv, g, d), jnp.float32)))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows (kv_len 0): l = 0, acc = 0 -> 0
     return out.reshape(b, hq, d).astype(q.dtype)
-
-
-# Blocks gathered per loop step across the batch. Measured on one CPU core (opt-125m heads, one
-# layer, 16-token blocks): batch 1 x 1024 tokens 0.63 / 0.57 / 1.60 ms with 1 / 2 / 16 blocks per
-# step; batch 16 x 512 tokens 8.9 / 10.0 / 16.5 ms with 1 / 2 / 16 columns. Larger steps spill the
-# gathered K/V out of the caches; smaller ones pay the loop's fixed cost per step.
-DECODE_BLOCKS_PER_STEP = 2
-
-
-def _cols_per_step(batch: int, width: int) -> int:
-    """Block-table columns one step of the decode loop covers (static: from the shapes)."""
-    return max(1, min(width, DECODE_BLOCKS_PER_STEP // batch))
-
-
-def _pad_columns(tables: jax.Array, cols: int) -> jax.Array:
-    """Pad [B, MB] block tables with null-block columns to a multiple of `cols`."""
-    extra = -tables.shape[1] % cols
-    return jnp.pad(tables, ((0, 0), (0, extra))) if extra else tables
 
 
 # The running max's start: below any real score, yet finite, so exp(m - m_new) never sees inf - inf.
@@ -283,7 +270,7 @@ def _tp_mesh():
 
 def _pallas(q, k_cache, v_cache, meta: Meta, sm_scale: float):
     """The Pallas kernels, per device: under tensor parallelism every device holds whole heads
-    (q [T, H/tp, D], pools [NB, BS, Hkv/tp, D]), so the kernel runs inside a shard_map over "tp"
+    (q [T, H/tp, D], pools [NB, Hkv/tp, BS, D]), so the kernel runs inside a shard_map over "tp"
     with replicated metadata; attention needs no communication across heads."""
     import pallas_kernels
 
@@ -301,7 +288,7 @@ def _pallas(q, k_cache, v_cache, meta: Meta, sm_scale: float):
         return kernel(*args)
     from jax.sharding import PartitionSpec as P
 
-    heads, pool = P(None, "tp", None), P(None, None, "tp", None)
+    heads, pool = P(None, "tp", None), P(None, "tp", None, None)
     specs = (heads, pool, pool) + (P(),) * (len(args) - 3)
     return jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)(*args)
 
@@ -315,7 +302,7 @@ def _auto_uses_kernel(q, k_cache, meta: Meta) -> bool:
         return False
     bd = meta.num_decode_rows  # a mixed batch's decode region costs Bd * S scores on the jnp path
     t, nreq = q.shape[0] - bd, meta.block_tables.shape[0] - bd
-    s = meta.block_tables.shape[1] * k_cache.shape[1]
+    s = meta.block_tables.shape[1] * k_cache.shape[2]
     return bd * s + min(t * nreq * s, nreq * s * min(t, s)) > AUTO_PREFILL_KERNEL_SCORES
 
 

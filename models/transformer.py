@@ -225,7 +225,7 @@ class CausalLM:
         c = self.config
         tok = jnp.zeros((1,), jnp.int32)
         x = jnp.zeros((1, c.hidden_size), self.dtype)
-        cache = jnp.zeros((1, 1, c.num_kv_heads, c.head_dim), self.dtype)
+        cache = jnp.zeros((1, c.num_kv_heads, 1, c.head_dim), self.dtype)
         keys = jax.random.split(rng, c.num_layers + 2)
         params = {"embed": Embed(c, self.dtype).init(keys[0], tok, tok)["params"]}
         meta = self._dummy_meta()

@@ -1,4 +1,4 @@
-"""Pallas (Triton) attention kernels over dsjax's block-major paged KV cache.
+"""Pallas (Triton) attention kernels over dsjax's paged KV cache (block-major, head-major within a block).
 
 Public entry points (see docs/kernels.md):
     ragged_prefill_attention / ragged_prefill_reference: packed ragged causal prefill.

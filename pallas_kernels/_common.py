@@ -6,8 +6,13 @@
 * The online-softmax step of both kernels and the masked softmax of both jnp references.
 
 Cache layout (the engine's contract, see docs/kernels.md): per layer `k_cache` and `v_cache` are each
-`[num_blocks, block_size, num_kv_heads, head_dim]`; logical position `p` of request `b` lives in
-physical block `block_tables[b, p // block_size]`, row `p % block_size`.
+HEAD-MAJOR `[num_blocks, num_kv_heads, block_size, head_dim]`; logical position `p` of request `b`
+lives in physical block `block_tables[b, p // block_size]`, row `p % block_size`, of every KV head.
+Each (block, head) pair is one contiguous `[block_size, head_dim]` tile, so a kernel program that
+owns one KV head (its BlockSpec selects head h on axis 1) sees a `[num_blocks, block_size, head_dim]`
+view whose block rows are contiguous, and a reference gathers per-head key sequences with one
+transpose of the block axis past the head axis. Physical block 0 is the null block: table entries
+past a request's used blocks point at it, and no kernel or reference may let its values through.
 """
 
 from __future__ import annotations
@@ -81,13 +86,17 @@ def check_q_and_cache(q, k_cache, v_cache, block_tables) -> tuple[int, int, int]
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{q.dtype=} is not supported; use float32 or bfloat16")
     _, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    # Head-major: the KV heads are axis 1, the rows of a block axis 2 (see the module doc).
+    num_blocks, num_kv_heads, block_size, cache_head_dim = k_cache.shape
     if head_dim != cache_head_dim:
         raise ValueError(f"q's {head_dim=} does not match the cache's head_dim={cache_head_dim}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"{head_dim=} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads=} must be divisible by {num_kv_heads=}")
+        raise ValueError(
+            f"{num_q_heads=} must be divisible by {num_kv_heads=} (axis 1 of the head-major cache "
+            f"[num_blocks, num_kv_heads, block_size, head_dim], got {k_cache.shape=})"
+        )
     if num_blocks == 0 or block_size == 0:
         raise ValueError(f"the cache holds no slots: {num_blocks=}, {block_size=}")
     if block_tables.shape[1] == 0:
@@ -116,7 +125,9 @@ def kv_tile_index(block_tables_ref, request, positions, *, block_size: int, head
     block_tables_ref: [batch, max_blocks] int32
     request:          scalar int32, the row of the block table
     positions:        [N] int32 logical token positions, >= 0
-    returns           (block, row, dim), each [N, head_dim], into a [num_blocks, block_size, head_dim] ref
+    returns           (block, row, dim), each [N, head_dim], into a [num_blocks, block_size, head_dim] ref:
+                      one KV head of the head-major cache, whose BlockSpec squeezed out axis 1, so
+                      consecutive positions of one block address consecutive head_dim-wide rows
 
     The block-table read is clamped in bounds, so positions past the table are safe provided their
     cache loads are masked. Compute once per KV tile; K and V share it.
@@ -198,17 +209,19 @@ def online_softmax_step(carry, scores, v, *, masked: bool):
 
 
 def gather_kv(cache, block_tables, kv_lens):
-    """Contiguous float32 KV per request through the block table, zero at positions >= kv_len.
+    """Contiguous float32 KV per request and KV head through the block table, zero at positions >= kv_len.
 
-    cache [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks], kv_lens [B]
-    -> [B, max_blocks * block_size, Hkv, D]
+    cache [num_blocks, Hkv, block_size, D] (head-major), block_tables [B, max_blocks], kv_lens [B]
+    -> [B, Hkv, max_blocks * block_size, D]: for each request and KV head, its keys in logical order.
     """
     batch, max_blocks = block_tables.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    gathered = cache[block_tables].reshape(batch, max_blocks * block_size, num_kv_heads, head_dim)
+    _, num_kv_heads, block_size, head_dim = cache.shape
+    gathered = cache[block_tables]  # [B, max_blocks, Hkv, block_size, D]
+    # Move the head axis before the block axis; then (block, row) flatten to the logical position.
+    gathered = gathered.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, max_blocks * block_size, head_dim)
     in_range = jnp.arange(max_blocks * block_size)[None, :] < kv_lens[:, None]  # [B, S]
     # `where`, not a multiply, so NaN garbage in unwritten slots cannot leak into the result.
-    return jnp.where(in_range[:, :, None, None], gathered.astype(jnp.float32), 0.0)
+    return jnp.where(in_range[:, None, :, None], gathered.astype(jnp.float32), 0.0)
 
 
 def masked_softmax(logits, mask):

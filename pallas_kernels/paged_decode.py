@@ -33,14 +33,15 @@ _MIN_BLOCK_M = 16
 def paged_decode_reference(q, k_cache, v_cache, block_tables, kv_lens, *, sm_scale):
     """Pure-jnp paged decode attention, same contract as `paged_decode_attention`."""
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    k = _common.gather_kv(k_cache, block_tables, kv_lens)  # [B, S, Hkv, D]
+    num_kv_heads = k_cache.shape[1]  # head-major cache [num_blocks, Hkv, block_size, D]
+    k = _common.gather_kv(k_cache, block_tables, kv_lens)  # [B, Hkv, S, D]
     v = _common.gather_kv(v_cache, block_tables, kv_lens)
-    visible = jnp.arange(k.shape[1])[None, :] < kv_lens[:, None]  # [B, S]
+    visible = jnp.arange(k.shape[2])[None, :] < kv_lens[:, None]  # [B, S]
+    # Query heads are kv-major: head h * G + g belongs to KV head h.
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("bkgd,bskd->bkgs", qg, k, precision=lax.Precision.HIGHEST) * sm_scale
+    logits = jnp.einsum("bkgd,bksd->bkgs", qg, k, precision=lax.Precision.HIGHEST) * sm_scale
     probs = _common.masked_softmax(logits, visible[:, None, None, :])
-    out = jnp.einsum("bkgs,bskd->bkgd", probs, v, precision=lax.Precision.HIGHEST)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v, precision=lax.Precision.HIGHEST)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
@@ -48,7 +49,7 @@ def _paged_decode_kernel(
     kv_lens_ref,  # [B] int32
     block_tables_ref,  # [B, max_blocks] int32
     q_ref,  # [G, D]  the query heads of this (request, KV head)
-    k_cache_ref,  # [num_blocks, block_size, D]  this KV head
+    k_cache_ref,  # [num_blocks, block_size, D]  this KV head (axis 1 of the cache, squeezed)
     v_cache_ref,  # [num_blocks, block_size, D]
     *rest,  # [o_init_ref, lse_init_ref (aliased, tests only),] o_ref [G, D], lse_ref [G]
     sm_scale: float,
@@ -131,7 +132,7 @@ def _paged_decode_call(
     input_output_aliases, so anything the kernel fails to write reaches the result as NaN.
     """
     batch, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, num_kv_heads, block_size, _ = k_cache.shape  # head-major
     group = num_q_heads // num_kv_heads
     block_m = max(_MIN_BLOCK_M, _common.next_power_of_2(group))
     # With one partition the kernel's output is final: keep q's dtype and skip the combine.
@@ -140,7 +141,9 @@ def _paged_decode_call(
     q_grouped = q.reshape(batch, num_kv_heads, group, head_dim)  # free: heads are kv-major
     sq = _common.SQUEEZED
     q_spec = pl.BlockSpec((sq, sq, group, head_dim), lambda b, h, s: (b, h, 0, 0))
-    cache_spec = pl.BlockSpec((num_blocks, block_size, sq, head_dim), lambda b, h, s: (0, 0, h, 0))
+    # Program (b, h, s) sees KV head h of every block: [num_blocks, block_size, D], each block's rows
+    # one contiguous tile of the head-major pool; the block table picks blocks inside the kernel.
+    cache_spec = pl.BlockSpec((num_blocks, sq, block_size, head_dim), lambda b, h, s: (0, h, 0, 0))
     o_spec = pl.BlockSpec((sq, sq, sq, group, head_dim), lambda b, h, s: (b, s, h, 0, 0))
     lse_spec = pl.BlockSpec((sq, sq, sq, group), lambda b, h, s: (b, s, h, 0))
     o_shape = (batch, num_splits, num_kv_heads, group, head_dim)
@@ -199,7 +202,8 @@ def paged_decode_attention(
 
     Args:
       q: [B, Hq, D], one query token per request.
-      k_cache, v_cache: [num_blocks, block_size, Hkv, D], holding the token's own K/V at kv_len - 1.
+      k_cache, v_cache: [num_blocks, Hkv, block_size, D] (head-major), holding the token's own K/V
+        at kv_len - 1; physical block 0 is the null block.
       block_tables: [B, max_blocks] int32; entries past a request's used blocks are never read.
       kv_lens: [B] int32; the token attends to positions < kv_len; 0 marks a padding row
         (kv_len <= max_blocks * block_size; not checked, values are traced).
@@ -228,8 +232,8 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = decode_num_splits(
             batch=batch,
-            num_kv_heads=k_cache.shape[2],
-            max_context=block_tables.shape[1] * k_cache.shape[1],
+            num_kv_heads=k_cache.shape[1],
+            max_context=block_tables.shape[1] * k_cache.shape[2],
             sizes=block_sizes,
         )
     return _paged_decode_call(

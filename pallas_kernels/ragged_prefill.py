@@ -1,4 +1,5 @@
-"""Ragged paged prefill attention (causal, GQA) over the block-major paged KV cache.
+"""Ragged paged prefill attention (causal, GQA) over the head-major paged KV cache
+`[num_blocks, num_kv_heads, block_size, head_dim]` (layout and null block: `_common`'s module doc).
 
 Queries of all requests are packed into one `[T, Hq, D]` array; request b owns rows
 `cu_q_lens[b]:cu_q_lens[b+1]`, and its KV (cached prefix + the new tokens, already written to the
@@ -39,12 +40,12 @@ def ragged_prefill_reference(q, k_cache, v_cache, block_tables, cu_q_lens, kv_le
     """Pure-jnp ragged paged prefill attention, same contract as `ragged_prefill_attention`.
 
     Used by the tests and fit for small shapes only: it gathers each query row's request KV,
-    a [T, max_blocks * block_size, Hkv, D] float32 array.
+    a [T, Hkv, max_blocks * block_size, D] float32 array.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     batch = kv_lens.shape[0]
-    num_kv_heads = k_cache.shape[2]
-    k = _common.gather_kv(k_cache, block_tables, kv_lens)  # [B, S, Hkv, D]
+    num_kv_heads = k_cache.shape[1]  # head-major cache [num_blocks, Hkv, block_size, D]
+    k = _common.gather_kv(k_cache, block_tables, kv_lens)  # [B, Hkv, S, D]
     v = _common.gather_kv(v_cache, block_tables, kv_lens)
 
     row = jnp.arange(num_tokens)
@@ -52,13 +53,14 @@ def ragged_prefill_reference(q, k_cache, v_cache, block_tables, cu_q_lens, kv_le
     q_len = cu_q_lens[request + 1] - cu_q_lens[request]
     q_pos = kv_lens[request] - q_len + (row - cu_q_lens[request])  # [T]
     is_query = row < cu_q_lens[batch]
-    visible = (jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]) & is_query[:, None]  # [T, S]
+    visible = (jnp.arange(k.shape[2])[None, :] <= q_pos[:, None]) & is_query[:, None]  # [T, S]
 
+    # Query heads are kv-major: head h * G + g belongs to KV head h.
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    k_rows, v_rows = k[request], v[request]  # [T, S, Hkv, D]
-    logits = jnp.einsum("tkgd,tskd->tkgs", qg, k_rows, precision=lax.Precision.HIGHEST) * sm_scale
+    k_rows, v_rows = k[request], v[request]  # [T, Hkv, S, D]
+    logits = jnp.einsum("tkgd,tksd->tkgs", qg, k_rows, precision=lax.Precision.HIGHEST) * sm_scale
     probs = _common.masked_softmax(logits, visible[:, None, None, :])
-    out = jnp.einsum("tkgs,tskd->tkgd", probs, v_rows, precision=lax.Precision.HIGHEST)
+    out = jnp.einsum("tkgs,tksd->tkgd", probs, v_rows, precision=lax.Precision.HIGHEST)
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
 
@@ -66,7 +68,7 @@ def _ragged_prefill_kernel(
     tile_table_ref,  # [num_tiles, 5] int32, columns _REQUEST.._KV_LEN
     block_tables_ref,  # [B, max_blocks] int32
     q_ref,  # [T, G, D]  the query heads of this program's KV head
-    k_cache_ref,  # [num_blocks, block_size, D]  this KV head
+    k_cache_ref,  # [num_blocks, block_size, D]  this KV head (axis 1 of the cache, squeezed)
     v_cache_ref,  # [num_blocks, block_size, D]
     *rest,  # [out_init_ref [T, G, D] (aliased to o_ref, tests only),] o_ref [T, G, D]
     sm_scale: float,
@@ -172,7 +174,7 @@ def _ragged_prefill_call(
     any row the kernel fails to write comes back NaN.
     """
     num_tokens, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_blocks, num_kv_heads, block_size, _ = k_cache.shape  # head-major
     group = num_q_heads // num_kv_heads
     group_pad = _common.next_power_of_2(group)
     block_q = max(1, block_sizes.block_m // group_pad)
@@ -181,7 +183,9 @@ def _ragged_prefill_call(
     q_grouped = q.reshape(num_tokens, num_kv_heads, group, head_dim)  # free: heads are kv-major
     sq = _common.SQUEEZED
     group_spec = pl.BlockSpec((num_tokens, sq, group, head_dim), lambda t, h: (0, h, 0, 0))
-    cache_spec = pl.BlockSpec((num_blocks, block_size, sq, head_dim), lambda t, h: (0, 0, h, 0))
+    # Program (t, h) sees KV head h of every block: [num_blocks, block_size, D], each block's rows
+    # one contiguous tile of the head-major pool; the block table picks blocks inside the kernel.
+    cache_spec = pl.BlockSpec((num_blocks, sq, block_size, head_dim), lambda t, h: (0, h, 0, 0))
     in_specs = [
         pl.BlockSpec(tile_table.shape, lambda t, h: (0, 0)),
         pl.BlockSpec(block_tables.shape, lambda t, h: (0, 0)),
@@ -236,7 +240,8 @@ def ragged_prefill_attention(
 
     Args:
       q: [T, Hq, D] packed queries; request b's are rows cu_q_lens[b]:cu_q_lens[b+1].
-      k_cache, v_cache: [num_blocks, block_size, Hkv, D], already holding the new tokens' K/V.
+      k_cache, v_cache: [num_blocks, Hkv, block_size, D] (head-major), already holding the new
+        tokens' K/V; physical block 0 is the null block.
       block_tables: [B, max_blocks] int32; entries past a request's used blocks are never read.
       cu_q_lens: [B + 1] int32, nondecreasing, cu_q_lens[0] == 0; rows >= cu_q_lens[B] are padding.
       kv_lens: [B] int32, each request's KV length including its new tokens (kv_len >= q_len,

@@ -279,7 +279,7 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
             table = self.inst.blocks.allocate("warmup", prompt_len)
             r, bs = self.inst.runner, self.inst.blocks.block_size
             cfg = r.model.config
-            zeros = np.zeros((cfg.num_layers, len(table), bs, cfg.num_kv_heads, cfg.head_dim), jnp.dtype(r.model.dtype))
+            zeros = np.zeros((cfg.num_layers, len(table), cfg.num_kv_heads, bs, cfg.head_dim), jnp.dtype(r.model.dtype))
             import_blocks(r, table, zeros, zeros)
             self.inst.running.append(req)
             while self.inst.running:

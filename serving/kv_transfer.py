@@ -1,7 +1,7 @@
 """A request's KV on the wire: host arrays <-> a stream of `KVChunk` messages (no jax).
 
 The sender (prefill worker) exports the request's blocks to host memory once
-(`dsjax.runtime.migration.export_blocks`: all layers, all heads, [L, n, BS, H, D] for K and for V) and
+(`dsjax.runtime.migration.export_blocks`: all layers, all heads, [L, n, H, BS, D] for K and for V: the pool's head-major blocks) and
 cuts them into chunks, each a layer group x block range of at most `max_chunk_bytes` (K + V):
 
     layers 0..L-1, blocks 0..n-1  ->  [layers 0..a) x all blocks] [layers a..b) x all blocks] ...
@@ -27,7 +27,7 @@ import xxhash
 from dsjax.runtime.migration import KVDescriptor
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 
-LAYOUT = "LNSHD"  # layer, block, slot in block, kv head, head dim
+LAYOUT = "LNHSD"  # layer, block, kv head, slot in block, head dim (the pool's block layout)
 DEFAULT_CHUNK_BYTES = 1 << 20  # fastest on loopback of 0.25-16 MiB (docs/serving.md)
 
 
@@ -60,8 +60,8 @@ def chunk_plan(d: KVDescriptor, max_chunk_bytes: int) -> list[tuple[int, int, in
 
 
 def to_chunks(d: KVDescriptor, k: np.ndarray, v: np.ndarray, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[wpb.KVChunk]:
-    """Chunks of host K and V ([L, n, BS, H, D] each, as `export_blocks` returns them)."""
-    expect = (d.num_layers, d.num_blocks, d.block_size, d.num_kv_heads, d.head_dim)
+    """Chunks of host K and V ([L, n, H, BS, D] each, as `export_blocks` returns them)."""
+    expect = (d.num_layers, d.num_blocks, d.num_kv_heads, d.block_size, d.head_dim)
     if k.shape != expect or v.shape != expect:
         raise ValueError(f"K/V shapes {k.shape}, {v.shape} do not match the descriptor's {expect}")
     desc = descriptor_to_proto(d)
@@ -87,7 +87,7 @@ class KVAssembler:
 
     def __init__(self, d: KVDescriptor):
         self.descriptor = d
-        shape = (d.num_layers, d.num_blocks, d.block_size, d.num_kv_heads, d.head_dim)
+        shape = (d.num_layers, d.num_blocks, d.num_kv_heads, d.block_size, d.head_dim)
         self.k = np.empty(shape, np.dtype(d.dtype))
         self.v = np.empty(shape, np.dtype(d.dtype))
         self.bytes = 0
@@ -103,7 +103,7 @@ class KVAssembler:
         l, nl, b, nb = chunk.first_layer, chunk.num_layers, chunk.first_block, chunk.num_blocks
         if not (0 <= l and nl > 0 and l + nl <= d.num_layers and 0 <= b and nb > 0 and b + nb <= d.num_blocks):
             raise ValueError(f"chunk {chunk.index} covers layers [{l}, {l + nl}) x blocks [{b}, {b + nb}), outside {d}")
-        shape = (nl, nb, d.block_size, d.num_kv_heads, d.head_dim)
+        shape = (nl, nb, d.num_kv_heads, d.block_size, d.head_dim)
         want = int(np.prod(shape)) * self.k.itemsize
         if len(chunk.k) != want or len(chunk.v) != want:
             raise ValueError(f"chunk {chunk.index} holds {len(chunk.k)} + {len(chunk.v)} bytes, expected {want} each for {shape}")
@@ -131,10 +131,11 @@ class KVAssembler:
 
 
 def repage(x: np.ndarray, num_tokens: int, block_size: int) -> np.ndarray:
-    """[L, n, BS, H, D] -> [L, n', block_size, H, D] holding the same first `num_tokens` rows."""
-    L, _, _, H, D = x.shape
-    rows = x.reshape(L, -1, H, D)[:, :num_tokens]
+    """[L, n, H, BS, D] -> [L, n', H, block_size, D] holding the same first `num_tokens` rows
+    (re-cut in token order: [L, H, tokens, D] in between)."""
+    L, n_old, H, bs, D = x.shape
+    rows = x.transpose(0, 2, 1, 3, 4).reshape(L, H, n_old * bs, D)[:, :, :num_tokens]
     n = -(-num_tokens // block_size)
-    out = np.zeros((L, n * block_size, H, D), x.dtype)
-    out[:, :num_tokens] = rows
-    return out.reshape(L, n, block_size, H, D)
+    out = np.zeros((L, H, n * block_size, D), x.dtype)
+    out[:, :, :num_tokens] = rows
+    return out.reshape(L, H, n, block_size, D).transpose(0, 2, 1, 3, 4)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -111,6 +112,16 @@ def profile_command(model: str, out: Path, *, dtype: str, quick: bool, core: int
     return cmd, env
 
 
+def step_code_digest() -> str:
+    """12 hex digits of the code that prices a step (models/, pallas_kernels/, dsjax/runtime/): a
+    cached profile is reused only by the code that measured it."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for f in sorted(p for d in ("models", "pallas_kernels", "dsjax/runtime") for p in (root / d).rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def obtain_profile(cfg: CompareConfig, log: Callable[[str], None]) -> Path:
     """cfg.profile if given; else the cached profile for (model, dtype, grid), measured if absent."""
     if cfg.profile is not None:
@@ -118,7 +129,7 @@ def obtain_profile(cfg: CompareConfig, log: Callable[[str], None]) -> Path:
             raise ValueError(f"profile {cfg.profile} does not exist")
         return Path(cfg.profile)
     grid = "quick" if cfg.quick_profile else "full"
-    path = DEFAULT_CACHE / "bench" / f"profile-{cfg.model}-{cfg.server.dtype}-{grid}-1core.json"
+    path = DEFAULT_CACHE / "bench" / f"profile-{cfg.model}-{cfg.server.dtype}-{grid}-1core-{step_code_digest()}.json"
     if path.is_file() and not cfg.reprofile:
         log(f"profile: reusing {path}")
         return path

@@ -100,7 +100,7 @@ class PrefillCase:
         return 4.0 * self.batch * self.num_q_heads * self.head_dim * visible_keys
 
     def reference_bytes(self) -> int:
-        """The reference gathers each query row's request KV in float32: [T, S, Hkv, D] twice."""
+        """The reference gathers each query row's request KV in float32: [T, Hkv, S, D] twice."""
         num_tokens = self.batch * self.q_len
         return 2 * num_tokens * self.context * self.num_kv_heads * self.head_dim * 4
 
@@ -152,7 +152,7 @@ def make_inputs(case, key):
     blocks_per_request = -(-case.context // case.block_size)
     num_blocks = case.batch * blocks_per_request
     k_key, v_key, q_key, perm_key = jax.random.split(key, 4)
-    cache_shape = (num_blocks, case.block_size, case.num_kv_heads, case.head_dim)
+    cache_shape = (num_blocks, case.num_kv_heads, case.block_size, case.head_dim)  # head-major pool
     k_cache = jax.random.normal(k_key, cache_shape, dtype)
     v_cache = jax.random.normal(v_key, cache_shape, dtype)
     block_tables = jax.random.permutation(perm_key, num_blocks).astype(jnp.int32).reshape(case.batch, -1)

@@ -35,7 +35,7 @@ def descriptor(model: str, tokens: int, dtype: str, block_size: int = 16) -> KVD
 
 
 def _host_kv(d: KVDescriptor):
-    shape = (d.num_layers, d.num_blocks, d.block_size, d.num_kv_heads, d.head_dim)
+    shape = (d.num_layers, d.num_blocks, d.num_kv_heads, d.block_size, d.head_dim)
     rng = np.random.default_rng(0)
     return rng.standard_normal(shape, np.float32).astype(d.dtype), rng.standard_normal(shape, np.float32).astype(d.dtype)
 

@@ -1,9 +1,10 @@
 """The paged KV pool on device and how large it can be.
 
 One instance's pool is a `models.KVCache`: for each of its layers a K and a V array of shape
-[num_blocks, block_size, num_kv_heads, head_dim]. Block 0 is the null block (see
-dsjax/engine/block_manager.py). With tensor parallelism the kv_heads axis is sharded over the mesh's
-"tp" axis, so each device holds num_kv_heads / tp heads of every block.
+[num_blocks, num_kv_heads, block_size, head_dim] (head-major blocks: each head's rows of a block
+are one contiguous [block_size, head_dim] tile; models/attention.py says why). Block 0 is the null
+block (see dsjax/engine/block_manager.py). With tensor parallelism the kv_heads axis (1) is
+sharded over the mesh's "tp" axis, so each device holds num_kv_heads / tp heads of every block.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class CacheConfig:
 def allocate_cache(config: ModelConfig, cache: CacheConfig, dtype, num_layers: int | None = None, sharding=None) -> KVCache:
     """Zero-filled pool for `num_layers` layers (all by default), placed with `sharding` if given."""
     n = config.num_layers if num_layers is None else num_layers
-    shape = (cache.num_blocks, cache.block_size, config.num_kv_heads, config.head_dim)
+    shape = (cache.num_blocks, config.num_kv_heads, cache.block_size, config.head_dim)
 
     def make():
         return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(n)), v=tuple(jnp.zeros(shape, dtype) for _ in range(n)))

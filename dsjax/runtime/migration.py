@@ -5,7 +5,7 @@ and serves both the in-process path here and the gRPC wire format (serving/kv_tr
 
 In process the copy is three steps, per piece of the request's block list:
 1. gather: on each source pipeline stage, a jitted gather of the request's blocks from every layer
-   it holds -> [L_s, n, BS, Hkv, D], still sharded over the source mesh's "tp" axis (heads);
+   it holds -> [L_s, n, Hkv, BS, D], still sharded over the source mesh's "tp" axis (heads);
 2. move: `jax.device_put` of each layer range onto the destination stage that holds those layers,
    with the destination's head sharding, so TP and PP may differ (heads split or merged, layers
    regrouped across stages);
@@ -68,13 +68,13 @@ def pieces(n: int) -> list[tuple[int, int]]:
 
 @jax.jit
 def _gather(ks, vs, ids):
-    # ks, vs: tuples of [NB, BS, H, D] per layer; ids [n] -> [L, n, BS, H, D] each
+    # ks, vs: tuples of [NB, H, BS, D] per layer; ids [n] -> [L, n, H, BS, D] each
     return jnp.stack([k[ids] for k in ks]), jnp.stack([v[ids] for v in vs])
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _insert(ks, vs, ids, k_new, v_new):
-    # k_new, v_new: [L, n, BS, H, D] written to blocks `ids` of each layer's pool
+    # k_new, v_new: [L, n, H, BS, D] written to blocks `ids` of each layer's pool
     ks = tuple(k.at[ids].set(k_new[i]) for i, k in enumerate(ks))
     vs = tuple(v.at[ids].set(v_new[i]) for i, v in enumerate(vs))
     return ks, vs
@@ -84,7 +84,7 @@ def _heads_sharding(stage, ndim: int):
     if stage.mesh is None:
         return jax.devices()[0]
     spec = [None] * ndim
-    spec[3] = shd.TP_AXIS  # [L, n, BS, H, D]: heads over tp
+    spec[2] = shd.TP_AXIS  # [L, n, H, BS, D]: heads over tp
     return NamedSharding(stage.mesh, P(*spec))
 
 
@@ -95,7 +95,7 @@ def _put_ids(stage, ids: np.ndarray):
 @dataclasses.dataclass(frozen=True)
 class StagedKV:
     """A request's gathered blocks, still on the source devices: for each piece (start, end) of its
-    block list, per source stage (first_layer, last_layer, k, v) with k, v [L_s, n, BS, H, D].
+    block list, per source stage (first_layer, last_layer, k, v) with k, v [L_s, n, H, BS, D].
     These arrays no longer depend on the source pool, so later programs on the source instance
     neither wait for nor disturb them."""
 
@@ -156,7 +156,7 @@ def migrate(src, src_table: list[int], dst, dst_table: list[int]) -> int:
 
 
 def staged_to_host(staged: StagedKV) -> tuple[np.ndarray, np.ndarray]:
-    """Host copies of staged K and V, [L, n, BS, H, D] each (all layers, all heads, blocks in
+    """Host copies of staged K and V, [L, n, H, BS, D] each (all layers, all heads, blocks in
     order): one device-to-host copy. Safe on any thread: the staged arrays are independent of the
     source pool."""
     host = jax.device_get([[(first, k, v) for first, _, k, v in parts] for _, _, parts in staged.pieces])
@@ -171,14 +171,14 @@ def staged_to_host(staged: StagedKV) -> tuple[np.ndarray, np.ndarray]:
 
 
 def export_blocks(src, src_table: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Host copies of a request's K and V, [L, n, BS, H, D] each (all layers, all heads, the
+    """Host copies of a request's K and V, [L, n, H, BS, D] each (all layers, all heads, the
     blocks of `src_table` in order): the sending half of a transfer between processes. When this
     returns, the source blocks are no longer read."""
     return staged_to_host(gather_request(src, src_table))
 
 
 def import_blocks(dst, dst_table: list[int], k: np.ndarray, v: np.ndarray) -> int:
-    """Write host K and V ([L, n, BS, H, D], all layers and heads) into blocks dst_table[:n] of
+    """Write host K and V ([L, n, H, BS, D], all layers and heads) into blocks dst_table[:n] of
     runner `dst`, resharding heads to each destination stage's mesh: the receiving half of a
     transfer between processes. Returns the bytes written; the write has landed on return."""
     n = k.shape[1]

@@ -128,7 +128,7 @@ def shard_stage_params(model: CausalLM, params, mesh: Mesh, first: int, last: in
 
 
 def cache_sharding(mesh: Mesh, num_layers: int) -> KVCache:
-    s = NamedSharding(mesh, P(None, None, TP_AXIS, None))  # [NB, BS, Hkv/tp, D] per device
+    s = NamedSharding(mesh, P(None, TP_AXIS, None, None))  # [NB, Hkv/tp, BS, D] per device
     return KVCache(k=(s,) * num_layers, v=(s,) * num_layers)
 
 

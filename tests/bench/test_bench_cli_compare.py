@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dsjax.bench.cli import main
-from dsjax.bench.experiment import CompareConfig, auto_rates, run_compare
+from dsjax.bench.experiment import CompareConfig, auto_rates, obtain_profile, run_compare
 from dsjax.bench.regime import derive_slos
 from dsjax.bench.servers import ServerOptions
 from dsjax.planner.latency import LatencyCoeffs, Profile, save_profile
@@ -126,3 +126,22 @@ def test_regimes_command_reads_profiles_side_by_side(tmp_path, capsys):
     # steep: decode = 1 + 1 ms per request, so batch 32 costs 33 / 2 = 16.5x batch 1
     assert "| compute-bound | 103.4 ms | 2.0 / 3.0 / 5.0 / 9.0 / 17.0 / 33.0 | 51.7 | 16.50 |" in table
     assert plot.stat().st_size > 1000
+
+
+def test_cached_profile_is_keyed_by_the_step_code(tmp_path, monkeypatch):
+    """A profile cached by other engine code is not reused: the cache name carries a digest of
+    models/, pallas_kernels/ and dsjax/runtime/, which changes when any of them does."""
+    import dsjax.bench.experiment as experiment
+
+    monkeypatch.setattr(experiment, "DEFAULT_CACHE", tmp_path)
+    cfg = CompareConfig(model="tiny-llama", out=tmp_path / "out")
+    digest = experiment.step_code_digest()
+    assert len(digest) == 12 and int(digest, 16) >= 0 and digest == experiment.step_code_digest()
+    cached = tmp_path / "bench" / f"profile-tiny-llama-{cfg.server.dtype}-{'quick' if cfg.quick_profile else 'full'}-1core-{digest}.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}")
+    assert obtain_profile(cfg, log=lambda _: None) == cached
+    monkeypatch.setattr(experiment, "step_code_digest", lambda: "0" * 12)  # as if the code changed
+    monkeypatch.setattr(experiment.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("would profile")))
+    with pytest.raises(RuntimeError, match="would profile"):
+        obtain_profile(cfg, log=lambda _: None)

@@ -79,7 +79,7 @@ def test_same_greedy_tokens_everywhere(name, tiny_llama, prompts, reference):
             for stage in inst.runner.stages:
                 k = stage.cache.k[0]
                 assert {d.id for d in k.sharding.device_set} == {d.id for d in stage.mesh.devices.flat}
-                assert k.sharding.shard_shape(k.shape)[2] == model.config.num_kv_heads // stage.mesh.size
+                assert k.sharding.shard_shape(k.shape)[1] == model.config.num_kv_heads // stage.mesh.size
         for inst in engine.prefill + engine.decode:
             assert inst.blocks.num_free_blocks == CACHE.num_blocks - 1
             inst.blocks.check_invariants()

@@ -35,7 +35,7 @@ def test_split_with_an_empty_prefill_region():
     """A decode region followed by a prefill region of padding only is still valid."""
     rng = np.random.default_rng(1)
     q = jnp.asarray(rng.standard_normal((16, 4, 8)), jnp.float32)
-    k_cache, v_cache = (jnp.asarray(rng.standard_normal((4, 4, 2, 8)), jnp.float32) for _ in range(2))
+    k_cache, v_cache = (jnp.asarray(rng.standard_normal((4, 2, 4, 8)), jnp.float32) for _ in range(2))
     positions = np.zeros(16, np.int32)
     positions[:2] = [4, 2]
     meta = PrefillMeta(positions=jnp.asarray(positions), slots=jnp.zeros(16, jnp.int32),
@@ -51,7 +51,7 @@ def test_split_with_an_empty_prefill_region():
 @pytest.mark.parametrize("num_decode_rows", [3, 8])
 def test_split_rejects_a_decode_region_without_prefill_region(num_decode_rows):
     q = jnp.zeros((4, 4, 8), jnp.float32)
-    cache = jnp.zeros((2, 4, 2, 8), jnp.float32)
+    cache = jnp.zeros((2, 2, 4, 8), jnp.float32)
     meta = PrefillMeta(positions=jnp.zeros(4, jnp.int32), slots=jnp.zeros(4, jnp.int32),
                        block_tables=jnp.zeros((3, 1), jnp.int32), cu_q_lens=jnp.arange(4, dtype=jnp.int32),
                        kv_lens=jnp.ones(3, jnp.int32), num_decode_rows=num_decode_rows)
@@ -93,7 +93,7 @@ def test_one_row_kv_write_keeps_the_donated_pool_in_place():
 
     from models.attention import write_kv
 
-    pool = jnp.zeros((64, 16, 2, 8), jnp.float32)
+    pool = jnp.zeros((64, 2, 16, 8), jnp.float32)
 
     def step(k_cache, v_cache, k, v, slots, meta):
         k_cache, v_cache = write_kv(k_cache, v_cache, k, v, slots)
@@ -103,7 +103,7 @@ def test_one_row_kv_write_keeps_the_donated_pool_in_place():
     meta = DecodeMeta(positions=jnp.array([4]), slots=jnp.array([20]), block_tables=jnp.array([[1, 0]], jnp.int32),
                       kv_lens=jnp.array([5], jnp.int32))
     hlo = jax.jit(step, donate_argnums=(0, 1)).lower(pool, pool, row, row, meta.slots, meta).compile().as_text()
-    pool_copies = [line for line in hlo.splitlines() if "f32[64,16,2,8]" in line and " copy(" in line]
+    pool_copies = [line for line in hlo.splitlines() if "f32[64,2,16,8]" in line and " copy(" in line]
     assert pool_copies == []
     out, k_cache, _ = jax.jit(step, donate_argnums=(0, 1))(jnp.zeros_like(pool), jnp.zeros_like(pool), row, row, meta.slots, meta)
-    assert float(k_cache[1, 4].sum()) == 16.0 and float(k_cache[0, 0].sum()) == 0.0  # slot 20 = block 1, row 4
+    assert float(k_cache[1, :, 4].sum()) == 16.0 and float(k_cache[0, 0].sum()) == 0.0  # slot 20 = block 1, row 4

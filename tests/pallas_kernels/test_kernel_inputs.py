@@ -18,11 +18,14 @@ F32, BF16, I32 = jnp.float32, jnp.bfloat16, jnp.int32
 
 
 def _prefill_args(**overrides):
-    """Abstract arguments of a valid prefill call (T=12, Hq=8, Hkv=2, D=16, B=3), with overrides."""
+    """Abstract arguments of a valid prefill call (T=12, Hq=8, Hkv=2, D=16, B=3), with overrides.
+
+    Caches are head-major [num_blocks=10, Hkv=2, block_size=8, D=16].
+    """
     args = dict(
         q=S((12, 8, 16), F32),
-        k_cache=S((10, 8, 2, 16), F32),
-        v_cache=S((10, 8, 2, 16), F32),
+        k_cache=S((10, 2, 8, 16), F32),
+        v_cache=S((10, 2, 8, 16), F32),
         block_tables=S((3, 4), I32),
         cu_q_lens=S((4,), I32),
         kv_lens=S((3,), I32),
@@ -34,8 +37,8 @@ def _prefill_args(**overrides):
 def _decode_args(**overrides):
     args = dict(
         q=S((3, 8, 16), F32),
-        k_cache=S((10, 8, 2, 16), F32),
-        v_cache=S((10, 8, 2, 16), F32),
+        k_cache=S((10, 2, 8, 16), F32),
+        v_cache=S((10, 2, 8, 16), F32),
         block_tables=S((3, 4), I32),
         kv_lens=S((3,), I32),
     )
@@ -56,14 +59,14 @@ def test_valid_arguments_trace():
 COMMON_CASES = [
     ({"q": S((12, 8), F32)}, "q must have rank 3"),
     ({"k_cache": S((10, 8, 32), F32)}, "k_cache must have rank 4"),
-    ({"v_cache": S((10, 8, 2, 16, 1), F32)}, "v_cache must have rank 4"),
-    ({"v_cache": S((11, 8, 2, 16), F32)}, "k_cache and v_cache must have the same shape"),
+    ({"v_cache": S((10, 2, 8, 16, 1), F32)}, "v_cache must have rank 4"),
+    ({"v_cache": S((11, 2, 8, 16), F32)}, "k_cache and v_cache must have the same shape"),
     (
-        {"k_cache": S((10, 8, 3, 16), F32), "v_cache": S((10, 8, 3, 16), F32)},
+        {"k_cache": S((10, 3, 8, 16), F32), "v_cache": S((10, 3, 8, 16), F32)},
         "num_q_heads=8 must be divisible by num_kv_heads=3",
     ),
-    ({"k_cache": S((10, 8, 2, 16), BF16), "v_cache": S((10, 8, 2, 16), BF16)}, "must share a dtype"),
-    ({"k_cache": S((10, 8, 2, 32), F32), "v_cache": S((10, 8, 2, 32), F32)}, "does not match the cache's head_dim=32"),
+    ({"k_cache": S((10, 2, 8, 16), BF16), "v_cache": S((10, 2, 8, 16), BF16)}, "must share a dtype"),
+    ({"k_cache": S((10, 2, 8, 32), F32), "v_cache": S((10, 2, 8, 32), F32)}, "does not match the cache's head_dim=32"),
     ({"block_tables": S((3, 4), F32)}, "block_tables must be int32"),
     ({"block_tables": S((3, 0), I32)}, "block_tables has no columns"),
 ]
@@ -83,9 +86,16 @@ def test_decode_rejects(overrides, message):
         _trace(paged_decode_attention, _decode_args(**overrides))
 
 
+def test_head_count_error_names_the_head_major_layout():
+    """The KV heads are read from axis 1: a message about them says so and shows the cache shape."""
+    cache = S((10, 3, 8, 16), F32)
+    with pytest.raises(ValueError, match=r"axis 1 of the head-major cache .*k_cache.shape=\(10, 3, 8, 16\)"):
+        _trace(paged_decode_attention, _decode_args(k_cache=cache, v_cache=cache))
+
+
 def _all_dtype(dtype, head_dim=16):
     return dict(
-        q=S((12, 8, head_dim), dtype), k_cache=S((10, 8, 2, head_dim), dtype), v_cache=S((10, 8, 2, head_dim), dtype)
+        q=S((12, 8, head_dim), dtype), k_cache=S((10, 2, 8, head_dim), dtype), v_cache=S((10, 2, 8, head_dim), dtype)
     )
 
 

@@ -63,7 +63,7 @@ def _check_lowered(lowered):
 
 
 def _cache(head_dim, dtype, block_size=16, num_blocks=64):
-    return S((num_blocks, block_size, NUM_KV_HEADS, head_dim), dtype)
+    return S((num_blocks, NUM_KV_HEADS, block_size, head_dim), dtype)  # head-major
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -114,6 +114,6 @@ def test_engine_block_sizes_lower_for_cuda(block_size):
 def test_large_cache_lowers_with_64bit_offsets():
     """A cache over 4 GiB per layer makes Triton address it with 64-bit offsets; it must still lower."""
     dtype, head_dim = jnp.bfloat16, 128
-    cache = S((140_000, 16, 8, head_dim), dtype)  # 140000 * 16 * 8 * 128 * 2 bytes = 4.3 GiB
+    cache = S((140_000, 8, 16, head_dim), dtype)  # 140000 * 8 * 16 * 128 * 2 bytes = 4.3 GiB
     args = (S((4, 32, head_dim), dtype), cache, cache, S((4, 2048), jnp.int32), S((4,), jnp.int32))
     _check_lowered(_lower_for_cuda(paged_decode_attention, *args, sm_scale=0.1, interpret=False))

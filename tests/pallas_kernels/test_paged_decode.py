@@ -124,6 +124,25 @@ def test_cache_blocks_larger_than_kv_tile():
     _check(_run_poisoned(q, kv, num_splits=3), q, kv, jnp.float32, check_reference=False)
 
 
+def test_head_major_pool_and_gather_kv():
+    """The test pools are head-major (token p of request b at [block_tables[b, p // bs], h, p % bs]),
+    and `_common.gather_kv` turns them into per-head logical sequences, zero past kv_len."""
+    from pallas_kernels import _common
+
+    _, kv = _make_inputs(
+        7, kv_lens=(5, 0, 19), num_q_heads=3, num_kv_heads=3, head_dim=16, block_size=BLOCK_SIZE, dtype=jnp.float32
+    )
+    cache, tables = np.asarray(kv.k_cache), np.asarray(kv.block_tables)
+    assert cache.shape[1:] == (3, BLOCK_SIZE, 16)
+    gathered = np.asarray(_common.gather_kv(kv.k_cache, kv.block_tables, kv.kv_lens))  # [B, Hkv, S, D]
+    assert gathered.shape == (3, 3, tables.shape[1] * BLOCK_SIZE, 16)
+    for b, k_seq in enumerate(kv.k_seqs):
+        for p in range(len(k_seq)):
+            np.testing.assert_array_equal(cache[tables[b, p // BLOCK_SIZE], :, p % BLOCK_SIZE], k_seq[p])
+        np.testing.assert_array_equal(gathered[b, :, : len(k_seq)], k_seq.transpose(1, 0, 2))
+        assert (gathered[b, :, len(k_seq) :] == 0).all()  # NaN-poisoned slots past kv_len come out 0
+
+
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_reference_matches_dense_attention(group):
     q, kv = _make_inputs(

@@ -23,7 +23,7 @@ def desc(num_tokens=37, block_size=8, dtype="float32", layers=3):
 
 def random_kv(d, seed=0):
     rng = np.random.default_rng(seed)
-    shape = (d.num_layers, d.num_blocks, d.block_size, d.num_kv_heads, d.head_dim)
+    shape = (d.num_layers, d.num_blocks, d.num_kv_heads, d.block_size, d.head_dim)
     return rng.standard_normal(shape).astype(d.dtype), rng.standard_normal(shape).astype(d.dtype)
 
 
@@ -45,7 +45,7 @@ def test_chunks_round_trip_in_any_order(dtype, limit):
     k, v = random_kv(desc(), 1)
     k, v = k.astype(np.dtype(dtype)), v.astype(np.dtype(dtype))
     chunks = list(to_chunks(d, k, v, limit))
-    assert all(c.layout == "LNSHD" and c.count == len(chunks) for c in chunks)
+    assert all(c.layout == "LNHSD" and c.count == len(chunks) for c in chunks)
     random.Random(0).shuffle(chunks)
     asm = KVAssembler(d)
     for c in chunks:
@@ -102,9 +102,12 @@ def test_repage_keeps_every_token(src_bs, dst_bs):
     d = desc(num_tokens=45, block_size=src_bs)
     k, _ = random_kv(d)
     out = repage(k, 45, dst_bs)
-    assert out.shape[1:3] == (-(-45 // dst_bs), dst_bs)
-    tokens = lambda x: x.reshape(x.shape[0], -1, *x.shape[3:])[:, :45]  # noqa: E731
+    assert out.shape == (d.num_layers, -(-45 // dst_bs), d.num_kv_heads, dst_bs, d.head_dim)
+    # token t of head h is row t % BS of block t // BS: [L, H, tokens, D] in logical order
+    tokens = lambda x: x.transpose(0, 2, 1, 3, 4).reshape(x.shape[0], x.shape[2], -1, x.shape[4])[:, :, :45]  # noqa: E731
     assert np.array_equal(tokens(out), tokens(k))
+    rows = out.transpose(0, 2, 1, 3, 4).reshape(out.shape[0], out.shape[2], -1, out.shape[4])
+    assert not rows[:, :, 45:].any()  # the re-cut tail past the last token is zero
 
 
 def test_lease_table_expires_and_renews():
@@ -134,7 +137,7 @@ def runner(tiny_llama, phase, devices):
 
 
 def pool(r, table):
-    """Host K, V of blocks `table` across all stages: [L, n, BS, H, D]."""
+    """Host K, V of blocks `table` across all stages: [L, n, H, BS, D]."""
     k = np.concatenate([np.stack([np.asarray(x)[table] for x in s.cache.k]) for s in r.stages])
     v = np.concatenate([np.stack([np.asarray(x)[table] for x in s.cache.v]) for s in r.stages])
     return k, v

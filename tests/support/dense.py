@@ -15,7 +15,7 @@ def prompt_logits(model: CausalLM, params, token_ids):
     """[T] tokens -> [T, V] float32 logits. Jit it with the model bound (`functools.partial`)."""
     t = token_ids.shape[0]
     c = model.config
-    shape = (2, t, c.num_kv_heads, c.head_dim)  # [null block + one block of T rows, T, Hkv, D]
+    shape = (2, c.num_kv_heads, t, c.head_dim)  # [null block + one block of T rows, Hkv, T, D]
     cache = KVCache(k=tuple(jnp.zeros(shape, model.dtype) for _ in range(c.num_layers)),
                     v=tuple(jnp.zeros(shape, model.dtype) for _ in range(c.num_layers)))
     positions = jnp.arange(t, dtype=jnp.int32)

@@ -5,6 +5,11 @@ request's used blocks points at it, block ids are shuffled, and every slot that 
 token (the null block, spare blocks, the rows past kv_len in a request's last block) is NaN when
 `poison=True`. A kernel that reads a slot it must not touch, or multiplies a garbage value by a
 zero probability, turns its output NaN.
+
+The pools are head-major, `[num_blocks, num_kv_heads, block_size, head_dim]` (the kernels' contract):
+token p of a request is row p % block_size of physical block block_tables[b, p // block_size], for
+every KV head. The contiguous copies next to them stay token-major, `[kv_len, num_kv_heads, head_dim]`,
+the layout the dense float64 attention below reads.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ def _round_to(x, dtype) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PagedKV:
-    k_cache: jnp.ndarray  # [num_blocks, block_size, Hkv, D]
-    v_cache: jnp.ndarray  # [num_blocks, block_size, Hkv, D]
+    k_cache: jnp.ndarray  # [num_blocks, Hkv, block_size, D], head-major
+    v_cache: jnp.ndarray  # [num_blocks, Hkv, block_size, D]
     block_tables: jnp.ndarray  # [B, max_blocks] int32
     kv_lens: jnp.ndarray  # [B] int32
     k_seqs: list[np.ndarray]  # per request [kv_len, Hkv, D] float32, the same values contiguous
@@ -50,7 +55,7 @@ def make_paged_kv(
     if max(blocks_needed) > max_blocks:
         raise ValueError(f"{max_blocks=} is too small for {kv_lens=} at {block_size=}")
     num_blocks = 1 + sum(blocks_needed) + num_spare_blocks  # block 0 is the null block
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    shape = (num_blocks, num_kv_heads, block_size, head_dim)  # head-major
     fill = np.nan if poison else 0.0
     k_cache = np.full(shape, fill, np.float32)
     v_cache = np.full(shape, fill, np.float32)
@@ -65,8 +70,9 @@ def make_paged_kv(
         next_id += n_blocks
         block_tables[b, :n_blocks] = ids
         for p in range(kv_len):
-            k_cache[ids[p // block_size], p % block_size] = k_seq[p]
-            v_cache[ids[p // block_size], p % block_size] = v_seq[p]
+            # Token p's [Hkv, D] goes to one row of its block, across all the head tiles.
+            k_cache[ids[p // block_size], :, p % block_size] = k_seq[p]
+            v_cache[ids[p // block_size], :, p % block_size] = v_seq[p]
         k_seqs.append(k_seq)
         v_seqs.append(v_seq)
     return PagedKV(

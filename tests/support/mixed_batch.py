@@ -21,7 +21,7 @@ PROMPT_CHUNKS = ((7, 7), (5, 13), (8, 16))  # (q_len, kv_len): fresh, cached pre
 
 
 def mixed_batch(seed: int, *, table_blocks: int, decode_kv_lens=DECODE_KV_LENS, prompt_chunks=PROMPT_CHUNKS):
-    """-> (q [T, Hq, D], k_cache, v_cache [NB, BS, Hkv, D], PrefillMeta, out_rows), all jnp but out_rows.
+    """-> (q [T, Hq, D], k_cache, v_cache [NB, Hkv, BS, D], PrefillMeta, out_rows), all jnp but out_rows.
 
     Every block table has `table_blocks` entries (the block manager allocates a prompt's blocks
     whole), which sets S = next_pow2(table_blocks) * BLOCK_SIZE keys per request and so which
@@ -38,7 +38,7 @@ def mixed_batch(seed: int, *, table_blocks: int, decode_kv_lens=DECODE_KV_LENS, 
     num_decodes = len(decode_kv_lens) if prompt_chunks else 0
     _, meta, _, out_rows = pack_prefill(chunks, tables, BLOCK_SIZE, num_decodes=num_decodes)
     num_tokens = meta.positions.shape[0]
-    shape = (next_block, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    shape = (next_block, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
     k_cache, v_cache = rng.standard_normal(shape), rng.standard_normal(shape)
     q = rng.standard_normal((num_tokens, NUM_Q_HEADS, HEAD_DIM))
     as_f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
