@@ -4,7 +4,9 @@ Every dynamic size is rounded up to a bucket so that a serving run compiles a ha
 
 - prefill: total packed tokens T -> next power of two >= 16; number of requests B -> next power of
   two; block-table width MB -> next power of two of the longest request's blocks.
-- decode: batch B -> next power of two; block-table width MB -> next power of two. (Batch 1 is
+- decode: batch B -> next power of two; block-table width MB -> next power of two, at least the
+  runner's floor (the XLA decode loop's cost follows the real lengths, not the table width, so
+  there the floor covers the whole context and one width serves every batch). (Batch 1 is
   its own bucket: XLA:CPU runs a one-row matmul as a matrix-vector product at the bandwidth floor,
   and two rows as a GEMM at twice the time, 18 vs 39 ms for opt-125m's layers on one core.
   models/attention.py `write_kv` keeps the one-row KV write in place.)
@@ -35,8 +37,8 @@ def prefill_bucket(num_tokens: int, num_seqs: int, max_blocks: int) -> tuple[int
     return next_pow2(num_tokens, 16), next_pow2(num_seqs), next_pow2(max_blocks)
 
 
-def decode_bucket(batch: int, max_blocks: int) -> tuple[int, int]:
-    return next_pow2(batch), next_pow2(max_blocks)
+def decode_bucket(batch: int, max_blocks: int, min_blocks: int = 1) -> tuple[int, int]:
+    return next_pow2(batch), next_pow2(max_blocks, min_blocks)
 
 
 def mixed_prefill_bucket(num_decodes: int, num_tokens: int, num_seqs: int, max_blocks: int) -> tuple[int, int, int, int]:

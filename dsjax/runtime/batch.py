@@ -87,11 +87,12 @@ def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int, 
     return token_ids, meta, sampling, out_rows
 
 
-def pack_decode(reqs: list[Request], tables: list[list[int]], block_size: int):
+def pack_decode(reqs: list[Request], tables: list[list[int]], block_size: int, min_blocks: int = 1):
     """-> (token_ids [B], DecodeMeta, SamplingArrays): each request feeds its last token, which
-    sits at position num_tokens - 1 and is attended with kv_len = num_tokens."""
+    sits at position num_tokens - 1 and is attended with kv_len = num_tokens. Block tables are at
+    least `min_blocks` wide (the runner's `decode_min_blocks`)."""
     max_blocks = max(len(t) for t in tables)
-    b_pad, mb_pad = shapes.decode_bucket(len(reqs), max_blocks)
+    b_pad, mb_pad = shapes.decode_bucket(len(reqs), max_blocks, min_blocks)
     token_ids = np.zeros(b_pad, np.int32)
     positions = np.zeros(b_pad, np.int32)
     slots = np.zeros(b_pad, np.int32)

@@ -27,6 +27,11 @@ from dsjax.runtime.kv_cache import CacheConfig, allocate_cache
 from dsjax.runtime.programs import stage_programs
 from models.transformer import CausalLM, KVCache
 
+# The widest block table the XLA decode path pads every batch to (4096 tokens of 16-token blocks):
+# past it (long-context models) the width is bucketed again, so that per-step host work and
+# transfers stay small (the table is B x width int32).
+DECODE_TABLE_FLOOR_BLOCKS = 256
+
 
 @dataclasses.dataclass
 class Stage:
@@ -80,8 +85,25 @@ class ModelRunner:
         program on the XLA path, where fusing saves nothing measurable (8 decodes + a 128-token
         chunk: 11.7 ms fused vs 2.7 + 7.6 ms apart, docs/results.md) and every (decodes, chunk)
         combination would be one more compiled shape (2-3 s each on one CPU core)."""
+        return self.attends_with_kernels
+
+    @property
+    def attends_with_kernels(self) -> bool:
+        """The Pallas kernels attend (backend "pallas", or "auto" on GPU); else the jnp path."""
         backend = self.model.backend
         return backend == "pallas" or (backend == "auto" and self.devices()[0].platform == "gpu")
+
+    @property
+    def decode_min_blocks(self) -> int:
+        """The narrowest block table a decode program is compiled for. The XLA decode loop's trip
+        count follows the batch's real lengths, so a wider table costs nothing there: its tables
+        cover the model's context (up to DECODE_TABLE_FLOOR_BLOCKS) and one program per batch
+        bucket serves every context, 6 decode programs to compile instead of 6 per context
+        bucket. The kernels' grid follows the table width, so with them the width is bucketed."""
+        if self.attends_with_kernels:
+            return 1
+        context_blocks = -(-self.model.config.max_position // self.block_size)
+        return min(1 << (context_blocks - 1).bit_length(), DECODE_TABLE_FLOOR_BLOCKS)
 
     def devices(self) -> list:
         if self.stages[0].mesh is None:
@@ -129,7 +151,7 @@ class ModelRunner:
         parts = max(1, min(self.pp, n))
         bounds = [round(i * n / parts) for i in range(parts + 1)]
         return [
-            (self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size), decode=True), b - a)
+            (self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size, self.decode_min_blocks), decode=True), b - a)
             for a, b in zip(bounds, bounds[1:])
         ]
 

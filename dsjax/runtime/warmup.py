@@ -15,7 +15,8 @@ N = max_num_seqs, MB_max = blocks of the longest context):
                         most T tokens; with `prefix`, chunks after a cached prefix: up to MB_max);
                         a prompt longer than L runs alone: T = 2 next_pow2(L) .. next_pow2(max
                         context), B = 1, MB = T / block_size
-    decode (B, MB):     B = 1 .. next_pow2(N), MB = 1 .. next_pow2(MB_max)
+    decode (B, MB):     B = 1 .. next_pow2(N), MB = m .. next_pow2(MB_max), m the runner's
+                        decode_min_blocks (the whole context on the XLA path: one MB)
 
 A padding-only batch (no real request: every token writes the null block's slot 0, every length
 is 0, every block table points at the null block) runs the same compiled program as a real batch
@@ -57,10 +58,10 @@ def prefill_shapes(*, max_prefill_tokens: int, max_prefill_seqs: int, max_contex
     return out
 
 
-def decode_shapes(*, max_num_seqs: int, max_context: int, block_size: int) -> list[tuple[int, int]]:
-    """(B, MB) of every decode program the scheduler can run."""
-    mb_max = shapes.next_pow2(-(-max_context // block_size))
-    return [(b, mb) for b in _pow2_range(1, shapes.next_pow2(max_num_seqs)) for mb in _pow2_range(1, mb_max)]
+def decode_shapes(*, max_num_seqs: int, max_context: int, block_size: int, min_blocks: int = 1) -> list[tuple[int, int]]:
+    """(B, MB) of every decode program the scheduler can run on tables at least `min_blocks` wide."""
+    mb_max = shapes.next_pow2(-(-max_context // block_size), min_blocks)
+    return [(b, mb) for b in _pow2_range(1, shapes.next_pow2(max_num_seqs)) for mb in _pow2_range(min_blocks, mb_max)]
 
 
 def _padding_prefill(t: int, b: int, mb: int):
@@ -98,8 +99,8 @@ def warm_runner(runner, scheduler, *, prefill: bool = True, decode: bool = True,
     context = scheduler.context_len(runner.model.config.max_position)
     pre = prefill_shapes(max_prefill_tokens=scheduler.max_prefill_tokens, max_prefill_seqs=scheduler.max_prefill_seqs,
                          max_context=context, block_size=runner.block_size, prefix=prefix) if prefill else []
-    dec = decode_shapes(max_num_seqs=scheduler.max_num_seqs, max_context=context,
-                        block_size=runner.block_size) if decode else []
+    dec = decode_shapes(max_num_seqs=scheduler.max_num_seqs, max_context=context, block_size=runner.block_size,
+                        min_blocks=runner.decode_min_blocks) if decode else []
     seconds = warm_shapes(runner, prefill=pre, decode=dec)
     if log is not None:
         log(f"warmed {len(pre)} prefill and {len(dec)} decode shapes in {seconds:.1f} s")

@@ -20,6 +20,8 @@ def test_shape_lists_follow_the_limits():
     assert (64, 2, 8) not in pre and (64, 2, 8) in prefill_shapes(
         max_prefill_tokens=48, max_prefill_seqs=2, max_context=128, block_size=16, prefix=True)
     assert decode_shapes(max_num_seqs=3, max_context=40, block_size=16) == [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (4, 4)]
+    # the XLA path's floor: one table width past the context (its loop follows the real lengths)
+    assert decode_shapes(max_num_seqs=3, max_context=40, block_size=16, min_blocks=8) == [(1, 8), (2, 8), (4, 8)]
 
 
 def test_no_compilation_after_warmup(tiny_llama):
@@ -31,7 +33,12 @@ def test_no_compilation_after_warmup(tiny_llama):
     stage = runner.stages[0]
     marker = jax.numpy.full(stage.cache.k[0][5].shape, 7.0, stage.cache.k[0].dtype)
     stage.cache = type(stage.cache)(k=tuple(k.at[5].set(marker) for k in stage.cache.k), v=stage.cache.v)
-    warm_runner(runner, sched)
+    assert runner.decode_min_blocks == 1 << (-(-model.config.max_position // 8) - 1).bit_length()
+    logged = []
+    warm_runner(runner, sched, log=logged.append)
+    pre = prefill_shapes(max_prefill_tokens=32, max_prefill_seqs=4, max_context=64, block_size=8)
+    # decode: batch buckets 1, 2, 4 at one table width (the serving below must compile nothing)
+    assert logged and logged[0].startswith(f"warmed {len(pre)} prefill and 3 decode shapes")
     np.testing.assert_array_equal(np.asarray(stage.cache.k[0][5]), np.asarray(marker))
     sizes = (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size())
     engine = ColocatedEngine(runner, sched)
