@@ -43,6 +43,7 @@ FORWARDED: dict[str, tuple[str, tuple[str, ...], int, str]] = {
     "transfer": ("dsjax.bench.transfer_bench", (), 1, "KV transfer over gRPC on loopback against a raw TCP copy"),
     "profile": ("dsjax.plan", ("profile",), 1, "latency profile of the engine (same as `python -m dsjax.plan profile`)"),
     "fronts": ("dsjax.bench.fronts", (), 1, "one server through its gRPC and its OpenAI HTTP front, side by side"),
+    "gpu": ("dsjax.bench.gpu_check", (), 1, "the GPU check (make gpu-check): kernel tests, kernels vs XLA, end-to-end tokens/s"),
 }
 
 SUBCOMMANDS: dict[str, str] = {
