@@ -3,7 +3,10 @@
 With no arguments: tiny-llama with dummy weights, disaggregated in this process on two local
 devices (prefill on device 0, decode on device 1; on a CPU host the two devices are made with
 XLA_FLAGS), gRPC on :50051 (health, reflection), the OpenAI HTTP API on :8000, Prometheus metrics
-on :9090, all on loopback (`--host 0.0.0.0` exposes them).
+on :9090, all on loopback (`--host 0.0.0.0` exposes them). With one device (one GPU, or
+XLA_FLAGS=--xla_force_host_platform_device_count=1 on a CPU host) and no --mode or --plan, it
+serves colocated instead. Attention runs the Pallas kernels on GPU and the XLA path elsewhere
+(`--attention-backend auto`).
 
     python -m dsjax.serve                                   # the demo above
     python -m dsjax.serve --workers processes --prefill-tp 2 --decode-replicas 2
@@ -26,6 +29,9 @@ import sys
 
 from dsjax.engine.placement import MODES
 
+# models.attention.BACKENDS; spelled out here because this module must not import jax (XLA_FLAGS first).
+ATTENTION_BACKENDS = ("auto", "pallas", "xla")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dsjax.serve", description=__doc__.split("\n\n")[0],
@@ -35,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--dummy-weights", action="store_true", help="random weights (implied for presets)")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     m.add_argument("--seed", type=int, default=0, help="dummy-weight seed (identical weights in every process)")
+    m.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="attention path of every instance: auto = the Pallas kernels on GPU, XLA elsewhere "
+                        "(pallas on CPU runs the kernels interpreted: slow)")
     s = p.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1",
                    help="interface every listener binds (default loopback; 0.0.0.0 or [::] exposes them)")
@@ -44,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` on the public HTTP and gRPC APIs (default $DSJAX_API_KEY)")
     s.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics and /debug/instances (-1: off)")
-    s.add_argument("--mode", choices=MODES, default=None, help="default: the plan's, else disaggregated")
+    s.add_argument("--mode", choices=MODES, default=None,
+                   help="default: the plan's, else disaggregated, or colocated where the in-process server sees one device")
     s.add_argument("--plan", help="a placement written by the planner (dsjax.engine.placement.save_plan)")
     s.add_argument("--workers", choices=("inprocess", "processes"), default="inprocess")
     s.add_argument("--role", choices=("router", "prefill", "decode"), default=None,

@@ -107,14 +107,18 @@ class _Fronts:
 
 def run_inprocess(args: argparse.Namespace, placement) -> int:
     _setup_jax(args)
+    import jax
     import jax.numpy as jnp
 
     from dsjax.engine.disaggregated import DisaggEngine
     from dsjax.runtime.builder import build_engine, load_causal_lm
     from serving.inprocess import InProcessBackend, ThreadedBackend
+    from serving.worker import model_backend
 
     t0 = time.perf_counter()
-    model, params = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=_dummy(args), seed=args.seed, backend="xla")
+    placement = _fit_devices(args, placement, jax.devices())
+    model, params = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=_dummy(args), seed=args.seed,
+                                   backend=model_backend(args.attention_backend))
     config = model.config
     cache, sched = _cache_and_scheduler(args, config, jnp.dtype(model.dtype).itemsize)
     engine = build_engine(model, params, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
@@ -127,13 +131,38 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
         _warm_engine_shapes(backend, engine, sched)
     backend.warm = True
     step_log = _attach_step_log(args, backend, engine)
-    log.info("%s %s ready in %.1fs (%s)", args.model, placement.mode, time.perf_counter() - t0, placement.to_dict())
+    log.info("%s %s ready in %.1fs (%s, attention backend %s)", args.model, placement.mode, time.perf_counter() - t0,
+             placement.to_dict(), model.backend)
     _wait_for_signal()
     fronts.close()
     backend.close()
     if step_log is not None:
         step_log.close()
     return 0
+
+
+def _fit_devices(args: argparse.Namespace, placement, devices: list):
+    """The in-process placement on `devices` (those jax sees). With no --mode and no --plan, one
+    device serves colocated (the default disaggregated placement puts each phase on its own
+    device); a placement that needs more devices than there are exits with what to change."""
+    from dsjax.engine.placement import Placement
+
+    if len(devices) == 1 and placement.mode == "disaggregated" and args.mode is None and not args.plan:
+        log.info("1 device: serving colocated (disaggregation needs a device per phase; --mode overrides)")
+        placement = Placement(prefill=placement.prefill, decode=placement.prefill, mode="colocated")
+    if placement.num_devices > len(devices):
+        n, platform = len(devices), devices[0].platform
+        if placement.mode == "disaggregated":
+            fix = "serve --mode colocated or --mode chunked, or give the process more devices"
+            need = "prefill and decode each on devices of their own"
+        else:
+            fix, need = "lower --prefill-tp/-pp/-replicas, or give the process more devices", "tp x pp x replicas"
+        if platform == "cpu":
+            fix += (" (on a CPU host XLA_FLAGS=--xla_force_host_platform_device_count=N; without it the server "
+                    "makes as many as the placement needs)")
+        raise SystemExit(f"mode {placement.mode} needs {placement.num_devices} devices ({need}) and jax sees {n} "
+                         f"{platform} device{'s' if n > 1 else ''}: {fix}")
+    return placement
 
 
 def _colocated_engines(engine) -> list:
@@ -171,7 +200,8 @@ def _attach_step_log(args: argparse.Namespace, backend, engine):
     if not engines:
         raise SystemExit("--step-log times one engine loop; the in-process disaggregated engine runs a thread per "
                          "instance: use --workers processes (each worker writes its own log)")
-    step_log = StepLog(os.path.join(args.step_log, f"engine-{os.getpid()}.jsonl"))
+    step_log = StepLog(os.path.join(args.step_log, f"engine-{os.getpid()}.jsonl"),
+                       backend=engines[0].runner.attention_backend)
     backend.attach_step_log(step_log, [e.runner for e in engines])
     return step_log
 
@@ -182,7 +212,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
             "--max-num-seqs", str(args.max_num_seqs), "--max-prefill-tokens", str(args.max_prefill_tokens),
             "--lease-seconds", str(args.lease_seconds), "--kv-chunk-bytes", str(args.kv_chunk_bytes),
             "--kv-staging-mib", str(args.kv_staging_mib),
-            "--compilation-cache", args.compilation_cache, "--log-level", args.log_level, "--exit-with-parent"]
+            "--attention-backend", args.attention_backend, "--compilation-cache", args.compilation_cache,
+            "--log-level", args.log_level, "--exit-with-parent"]
     if _dummy(args):
         argv.append("--dummy-weights")
     if args.num_blocks:
@@ -250,7 +281,8 @@ def run_worker(args: argparse.Namespace, placement) -> int:
     cache, sched = _cache_and_scheduler(args, config, jnp.dtype(DTYPES[args.dtype]).itemsize)
     cfg = WorkerConfig(
         role=args.role, worker_id=args.worker_id or f"{args.role}-{os.getpid()}", router=args.router,
-        model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed, tp=phase.tp, pp=phase.pp,
+        model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed,
+        attention_backend=args.attention_backend, tp=phase.tp, pp=phase.pp,
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,

@@ -9,6 +9,7 @@ would start its next step), and written with the shapes of the program calls the
 
     {"t": 1763821234.512,          # wall-clock start of the step (time.time())
      "ms": 4.81,                   # served step time
+     "backend": "xla",             # the attention path the programs took: "xla" or "pallas"
      "calls": [{"kind": "decode",  "ctx": [212, 97, 130]},          # context length per request
                {"kind": "prefill", "chunks": [[0, 180], [0, 33]]}]} # [start, end) per chunk
 
@@ -30,8 +31,10 @@ class StepLog:
     """Collects program calls (`note_*`, from the runner's launch hook) and closes them into one
     record per served step (`end_step`). Used from the engine loop's thread only."""
 
-    def __init__(self, path: str | Path, *, flush_every: int = 256, flush_seconds: float = 1.0):
+    def __init__(self, path: str | Path, *, backend: str | None = None, flush_every: int = 256,
+                 flush_seconds: float = 1.0):
         self.path = Path(path)
+        self.backend = backend  # the served runners' attention path (ModelRunner.attention_backend)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         self._calls: list[dict[str, Any]] = []
@@ -55,8 +58,11 @@ class StepLog:
         """Close the step that started at `start_wall` and took `seconds` (no-op without calls)."""
         if not self._calls:
             return
-        self._lines.append(json.dumps({"t": round(start_wall, 6), "ms": round(seconds * 1e3, 4), "calls": self._calls},
-                                      separators=(",", ":")))
+        record: dict[str, Any] = {"t": round(start_wall, 6), "ms": round(seconds * 1e3, 4)}
+        if self.backend is not None:
+            record["backend"] = self.backend
+        record["calls"] = self._calls
+        self._lines.append(json.dumps(record, separators=(",", ":")))
         self._calls = []
         self.num_steps += 1
         if len(self._lines) >= self._flush_every or time.monotonic() - self._last_flush >= self._flush_seconds:

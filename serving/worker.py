@@ -3,6 +3,9 @@ registered with the router and kept alive by heartbeats.
 
     python -m dsjax.serve --role decode --router HOST:PORT --decode-tp 1 --model tiny-llama --dummy-weights
 
+(dsjax/serve.py parses a worker's flags, `--attention-backend` among them; serving/launcher.py
+passes the router's own on to the workers it starts.)
+
 Start-up order: load the model (same seed everywhere: identical weights), build the instance on a
 mesh of `tp * pp` local devices, start the engine thread, warm up (compile the common programs),
 serve, then register: the router routes only to warm workers. Heartbeats carry the instance's
@@ -42,6 +45,7 @@ class WorkerConfig:
     dummy_weights: bool = False
     dtype: str = "float32"
     seed: int = 0
+    attention_backend: str = "auto"  # "auto" (the platform's: kernels on GPU, XLA elsewhere), "pallas" or "xla"
     tp: int = 1
     pp: int = 1
     cache: CacheConfig = CacheConfig()
@@ -73,14 +77,22 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return s
 
 
+def model_backend(flag: str) -> str | None:
+    """--attention-backend as `load_causal_lm`'s backend: "auto" is the platform's path, fixed for
+    every program shape (dsjax.runtime.builder.platform_backend), so the step log can name it."""
+    return None if flag == "auto" else flag
+
+
 def build_instance(cfg: WorkerConfig):
     """The role's PrefillInstance or DecodeInstance on the first tp * pp local devices."""
     from dsjax.engine.disaggregated import DecodeInstance, PrefillInstance
     from dsjax.engine.placement import PhaseParallel
     from dsjax.runtime.builder import build_runner, load_causal_lm
 
-    model, params = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed, backend="xla")
+    model, params = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed,
+                                   backend=model_backend(cfg.attention_backend))
     runner = build_runner(model, params, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
+    log.info("%s: attention backend %s on %s", cfg.worker_id, runner.attention_backend, runner.devices()[0].platform)
     return (PrefillInstance if cfg.role == "prefill" else DecodeInstance)(runner, cfg.scheduler)
 
 
@@ -112,7 +124,8 @@ class WorkerProcess:
         if cfg.step_log_dir:
             from serving.step_log import StepLog
 
-            self.step_log = StepLog(os.path.join(cfg.step_log_dir, f"{cfg.worker_id}.jsonl"))
+            self.step_log = StepLog(os.path.join(cfg.step_log_dir, f"{cfg.worker_id}.jsonl"),
+                                    backend=inst.runner.attention_backend)
             self.engine.attach_step_log(self.step_log, [inst.runner])
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS,
                                   interceptors=[cluster_guard(cfg.cluster_token)] if cfg.cluster_token else None)

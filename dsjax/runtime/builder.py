@@ -2,6 +2,7 @@
 in-process server, a worker process, the profiler and the micro-benchmarks) calls these.
 
 - `load_causal_lm`: a preset or an HF checkpoint folder -> (the Flax module, its weights);
+- `platform_backend`: the attention path a model takes on this platform when none is asked for;
 - `build_runner`: one instance of a phase's (tp, pp) on devices (or unsharded, on the default
   device, with no phase);
 - `build_engine`: the engine for a placement and a mode:
@@ -33,14 +34,25 @@ from models.weights import DTYPES, load_model
 def load_causal_lm(model: str, *, dtype: str = "float32", dummy_weights: bool = False, seed: int = 0,
                    backend: str | None = None) -> tuple[CausalLM, dict]:
     """The Flax module and its weights for a preset name or a checkpoint folder; `dtype` names the
-    compute and weight dtype, `backend` the attention path (default: kernels on GPU)."""
+    compute and weight dtype, `backend` the attention path: "xla", "pallas", "auto" (chosen per
+    program shape, models.attention.attend) or None, the platform's path for the model, fixed for
+    every shape (`platform_backend`; servers use it for --attention-backend auto)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
-    backend = backend or default_backend()
-    if backend not in BACKENDS:
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
     config, params = load_model(model, dtype=DTYPES[dtype], dummy_weights=dummy_weights, seed=seed)
-    return CausalLM(config=config, dtype=DTYPES[dtype], backend=backend), params
+    return CausalLM(config=config, dtype=DTYPES[dtype], backend=backend or platform_backend(config)), params
+
+
+def platform_backend(config) -> str:
+    """The attention path a model takes on this platform when none is asked for: the Pallas kernels
+    on GPU (models.attention.default_backend), the XLA path elsewhere, and for a model with a
+    sliding window, which the kernels do not implement. One path for every program shape, unlike
+    the models' "auto", which on CPU also runs the ragged kernel, interpreted, for large prefills."""
+    if getattr(config, "sliding_window", None) is not None:  # ModelConfig.sliding_window (Mistral)
+        return "xla"
+    return default_backend()
 
 
 def build_runner(model: CausalLM, params, cache: CacheConfig, *, phase: PhaseParallel | None = None,

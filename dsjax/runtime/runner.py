@@ -94,6 +94,13 @@ class ModelRunner:
         return backend == "pallas" or (backend == "auto" and self.devices()[0].platform == "gpu")
 
     @property
+    def attention_backend(self) -> str:
+        """The attention path this runner's programs take, "pallas" or "xla" (what step logs
+        record). Exact for a model built with a fixed path, as servers build them
+        (builder.platform_backend); with the models' "auto", some shapes may take the other."""
+        return "pallas" if self.attends_with_kernels else "xla"
+
+    @property
     def decode_min_blocks(self) -> int:
         """The narrowest block table a decode program is compiled for. The XLA decode loop's trip
         count follows the batch's real lengths, so a wider table costs nothing there: its tables

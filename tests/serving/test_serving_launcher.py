@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,3 +77,62 @@ def test_placement_from_flags_and_plan(tmp_path):
     assert assign_gpus([2, 1, 1], 4) == [(0, 1), (2,), (3,)]
     with pytest.raises(ValueError, match="need 5 GPUs"):
         assign_gpus([4, 1], 4)
+
+
+def test_attention_backend_flag_reaches_the_workers():
+    from dsjax.serve import ATTENTION_BACKENDS, parse_args
+    from models.attention import BACKENDS
+    from serving.launcher import _worker_argv
+
+    assert set(ATTENTION_BACKENDS) == set(BACKENDS)
+    assert parse_args([]).attention_backend == "auto"
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--attention-backend", "cuda"])  # argparse: invalid choice, exit status 2
+    assert e.value.code == 2
+    for name in ATTENTION_BACKENDS:
+        argv = _worker_argv(parse_args(["--attention-backend", name]), "decode", "decode-0", "127.0.0.1:1")
+        assert parse_args(argv).attention_backend == name
+
+
+def test_auto_is_the_platforms_fixed_path():
+    import jax
+
+    from dsjax.runtime.builder import load_causal_lm, platform_backend
+    from serving.validation import model_config
+    from serving.worker import model_backend
+
+    platform = "pallas" if jax.default_backend() == "gpu" else "xla"
+    assert platform_backend(model_config("tiny-llama")) == platform
+    assert platform_backend(SimpleNamespace(sliding_window=8)) == "xla"  # the kernels take no window
+    assert [model_backend(b) for b in ("auto", "pallas", "xla")] == [None, "pallas", "xla"]
+    assert load_causal_lm("tiny-llama", dummy_weights=True, backend=model_backend("auto"))[0].backend == platform
+    with pytest.raises(ValueError, match="attention_backend='cuda'"):
+        load_causal_lm("tiny-llama", dummy_weights=True, backend="cuda")
+
+
+def test_default_mode_follows_the_devices(tmp_path):
+    """No --mode: one device serves colocated, two or more disaggregated; --mode and a plan's mode
+    win, and a placement with too few devices exits naming the fix."""
+    from dsjax.engine.placement import PhaseParallel, Placement, save_plan
+    from dsjax.serve import parse_args, placement_from_args
+    from serving.launcher import _fit_devices
+
+    one, two = [SimpleNamespace(platform="cpu")], [SimpleNamespace(platform="cpu")] * 2
+
+    def fit(flags, devices):
+        args = parse_args(flags)
+        return _fit_devices(args, placement_from_args(args), devices)
+
+    assert fit([], one) == Placement(prefill=PhaseParallel(), decode=PhaseParallel(), mode="colocated")
+    assert fit([], two).mode == "disaggregated"
+    assert fit(["--mode", "chunked"], two).mode == "chunked"
+    with pytest.raises(SystemExit, match=r"mode disaggregated needs 2 devices .* jax sees 1 cpu device: serve --mode colocated"):
+        fit(["--mode", "disaggregated"], one)
+    with pytest.raises(SystemExit, match=r"mode colocated needs 2 devices .* lower --prefill-tp"):
+        fit(["--prefill-tp", "2"], one)
+    with pytest.raises(SystemExit, match=r"jax sees 1 gpu device: serve --mode colocated or --mode chunked, or give"):
+        fit(["--mode", "disaggregated"], [SimpleNamespace(platform="gpu")])
+    plan = tmp_path / "plan.json"
+    save_plan(plan, Placement(prefill=PhaseParallel(), decode=PhaseParallel()), goodput=1.0)
+    with pytest.raises(SystemExit, match="mode disaggregated needs 2 devices"):
+        fit(["--plan", str(plan)], one)

@@ -46,6 +46,16 @@ def test_step_log_records_and_windows(tmp_path):
         log.note("mixed", [])
 
 
+def test_records_name_the_attention_backend(tmp_path):
+    log = StepLog(tmp_path / "k.jsonl", backend="pallas")
+    timer = StepTimer(log)
+    timer.start()
+    log.note("prefill", [(0, 3)])
+    timer.stop()
+    log.close()
+    assert [r["backend"] for r in read_step_log(tmp_path / "k.jsonl")] == ["pallas"]
+
+
 def test_bad_line_names_file_and_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"t": 1.0, "ms": 1.0, "calls": []}) + "\n{not json\n")
