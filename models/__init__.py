@@ -1,4 +1,5 @@
-"""Flax decoder models (OPT, LLaMA family), presets, tokenizers and weight loading.
+"""Flax decoder models (OPT; the LLaMA family: LLaMA, Qwen2, Qwen3, Mistral), presets, tokenizers,
+chat templates and weight loading.
 
 Names are imported on first use, so `models.config` alone (what the router needs) loads no jax.
 """
@@ -7,7 +8,8 @@ import importlib
 
 _EXPORTS = {
     "DecodeMeta": "attention", "PrefillMeta": "attention",
-    "PRESETS": "config", "ModelConfig": "config", "get_preset": "config",
+    "PRESETS": "config", "ModelConfig": "config", "get_preset": "config", "GenerationDefaults": "config",
+    "RopeScaling": "config", "load_hf_config": "hf_config",
     "CausalLM": "transformer", "KVCache": "transformer",
     "load_hf_checkpoint": "weights", "load_model": "weights", "restore_params": "weights", "save_params": "weights",
 }

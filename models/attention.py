@@ -45,6 +45,12 @@ they attend row 0 of the null block, which the step's padding tokens have just w
 (B_d * S scores) and only the prefill region with a prefill formulation, instead of padding every
 decode to a prefill request; the split is also a valid ragged description, so the Pallas kernel
 reads the same metadata unchanged.
+
+Sliding-window attention (Mistral): with a static `sliding_window` W, the query at position p
+attends keys p - W < k <= p (W keys, itself included), as Hugging Face masks it. Only the jnp
+paths implement it: blocks older than the window stay allocated and are masked (decode skips
+the block-table columns before every live request's window); `attend` refuses backend
+"pallas" and takes the jnp path for "auto".
 """
 
 from __future__ import annotations
@@ -133,7 +139,16 @@ def _softmax_masked(scores, mask):
     return jnp.where(mask, probs, 0.0)  # fully masked rows (padding) give 0, not NaN
 
 
-def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: float) -> jax.Array:
+def _visible(key_pos, query_pos, sliding_window: int | None):
+    """Causal mask, narrowed to the last `sliding_window` positions when set (broadcasting)."""
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask = mask & (key_pos > query_pos - sliding_window)
+    return mask
+
+
+def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: float,
+                          sliding_window: int | None = None) -> jax.Array:
     """Ragged prefill attention in plain jnp (the CPU path): q [T, Hq, D] -> [T, Hq, D].
 
     With a cached prefix, query i of request b sits at position kv_len - q_len + i, which is
@@ -153,10 +168,11 @@ def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: f
     if bd:
         _check_split(q, meta)
         decode_meta, prefill_meta = meta.split()
-        decoded = decode_attention_xla(q[:bd], k_cache, v_cache, decode_meta, sm_scale=sm_scale)  # [Bd, Hq, D]
-        prefilled = _prefill_unsplit(q[bd:], k_cache, v_cache, prefill_meta, sm_scale)  # [T - Bd, Hq, D]
+        decoded = decode_attention_xla(q[:bd], k_cache, v_cache, decode_meta, sm_scale=sm_scale,
+                                       sliding_window=sliding_window)  # [Bd, Hq, D]
+        prefilled = _prefill_unsplit(q[bd:], k_cache, v_cache, prefill_meta, sm_scale, sliding_window)  # [T - Bd, Hq, D]
         return jnp.concatenate([decoded, prefilled], axis=0)
-    return _prefill_unsplit(q, k_cache, v_cache, meta, sm_scale)
+    return _prefill_unsplit(q, k_cache, v_cache, meta, sm_scale, sliding_window)
 
 
 def _check_split(q, meta: PrefillMeta) -> None:
@@ -165,23 +181,23 @@ def _check_split(q, meta: PrefillMeta) -> None:
         raise ValueError(f"num_decode_rows={bd} must be in (0, min(T, B)) for {q.shape=}, {meta.block_tables.shape=}")
 
 
-def _prefill_unsplit(q, k_cache, v_cache, meta: PrefillMeta, sm_scale):
+def _prefill_unsplit(q, k_cache, v_cache, meta: PrefillMeta, sm_scale, sliding_window):
     t = q.shape[0]
     s = meta.block_tables.shape[1] * k_cache.shape[2]
     keys = _gather_kv(k_cache, meta.block_tables)  # [B, Hkv, S, D]
     vals = _gather_kv(v_cache, meta.block_tables)
     if s < t:
-        return _prefill_padded(q, keys, vals, meta, sm_scale)
-    return _prefill_packed(q, keys, vals, meta, sm_scale)
+        return _prefill_padded(q, keys, vals, meta, sm_scale, sliding_window)
+    return _prefill_packed(q, keys, vals, meta, sm_scale, sliding_window)
 
 
-def _prefill_packed(q, keys, vals, meta: PrefillMeta, sm_scale):
+def _prefill_packed(q, keys, vals, meta: PrefillMeta, sm_scale, sliding_window):
     t, hq, d = q.shape
     nreq, hkv, s, _ = keys.shape
     g = hq // hkv
     seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]; B = padding
     own = seq[:, None] == jnp.arange(nreq)[None, :]  # [T, B]
-    causal = jnp.arange(s)[None, :] <= meta.positions[:, None]  # [T, S]
+    causal = _visible(jnp.arange(s)[None, :], meta.positions[:, None], sliding_window)  # [T, S]
     mask = (own[:, :, None] & causal[:, None, :]).reshape(t, 1, 1, nreq * s)
     scores = jnp.einsum("tkgd,bksd->tkgbs", q.reshape(t, hkv, g, d), keys, preferred_element_type=jnp.float32) * sm_scale
     probs = _softmax_masked(scores.reshape(t, hkv, g, nreq * s), mask).reshape(t, hkv, g, nreq, s)
@@ -189,7 +205,7 @@ def _prefill_packed(q, keys, vals, meta: PrefillMeta, sm_scale):
     return out.reshape(t, hq, d).astype(q.dtype)
 
 
-def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale):
+def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale, sliding_window):
     t, hq, d = q.shape
     nreq, hkv, s, _ = keys.shape
     g = hq // hkv
@@ -200,7 +216,7 @@ def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale):
     idx = jnp.clip(starts[:, None] + rows[None, :], 0, t - 1)  # [B, Q] packed row of each padded query
     qp = q[idx].reshape(nreq, qmax, hkv, g, d)
     pos = meta.positions[idx]  # [B, Q]
-    mask = valid[:, :, None] & (jnp.arange(s)[None, None, :] <= pos[:, :, None])  # [B, Q, S]
+    mask = valid[:, :, None] & _visible(jnp.arange(s)[None, None, :], pos[:, :, None], sliding_window)  # [B, Q, S]
     scores = jnp.einsum("bqkgd,bksd->bkgqs", qp, keys, preferred_element_type=jnp.float32) * sm_scale
     probs = _softmax_masked(scores, mask[:, None, None])
     out = jnp.einsum("bkgqs,bksd->bqkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
@@ -212,7 +228,8 @@ def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale):
     return packed.reshape(t, hq, d).astype(q.dtype)
 
 
-def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: float) -> jax.Array:
+def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: float,
+                         sliding_window: int | None = None) -> jax.Array:
     """Paged decode attention in plain jnp: q [B, Hq, D] -> [B, Hq, D]; padding rows give 0.
 
     Flash-decoding over the block table: a loop over block-table columns j = 0 .. n-1, where n
@@ -224,7 +241,8 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
     and re-read every step, 10-15x the bandwidth floor of reading the KV once on the CPU; with
     token-major blocks each step's gather was a transposing copy, 3-4x the floor. Covering two or
     more columns per step measured no faster in the model on one CPU core (docs/results.md,
-    "Decode at the roofline").
+    "Decode at the roofline"). With a sliding window the loop starts at the first column any live
+    request's window reaches, and keys before a request's window are masked.
     """
     b, hq, d = q.shape
     _, hkv, bs, _ = k_cache.shape
@@ -232,11 +250,16 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
     tables = meta.block_tables  # [B, MB], null-block padded
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * sm_scale
     num_steps = jnp.minimum((jnp.max(meta.kv_lens) + bs - 1) // bs, tables.shape[1])
+    first_step = 0
+    if sliding_window is not None:  # padding rows (kv_len 0) do not hold the loop back
+        window_start = jnp.maximum(meta.kv_lens - sliding_window, 0) // bs
+        first_step = jnp.min(jnp.where(meta.kv_lens > 0, window_start, num_steps))
 
     def fold(j, carry):
         m, l, acc = carry  # [B, Hkv, G] running max and denominator, [B, Hkv, G, D] weighted sum
         blocks = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [B]
-        live = j * bs + jnp.arange(bs, dtype=jnp.int32)[None, :] < meta.kv_lens[:, None]  # [B, BS]
+        key_pos = j * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]  # [1, BS]
+        live = _visible(key_pos, meta.kv_lens[:, None] - 1, sliding_window)  # [B, BS]
         keys = k_cache[blocks]  # [B, Hkv, BS, D]
         # Rows past a request's length may hold anything a block's previous owner left (NaN
         # included), and 0 * NaN is NaN: zero them rather than trust the zero probabilities.
@@ -251,7 +274,7 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
 
     m0 = jnp.full((b, hkv, g), _NO_SCORE, jnp.float32)
     l0 = jnp.zeros((b, hkv, g), jnp.float32)
-    _, l, acc = jax.lax.fori_loop(0, num_steps, fold, (m0, l0, jnp.zeros((b, hkv, g, d), jnp.float32)))
+    _, l, acc = jax.lax.fori_loop(first_step, num_steps, fold, (m0, l0, jnp.zeros((b, hkv, g, d), jnp.float32)))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows (kv_len 0): l = 0, acc = 0 -> 0
     return out.reshape(b, hq, d).astype(q.dtype)
 
@@ -306,15 +329,19 @@ def _auto_uses_kernel(q, k_cache, meta: Meta) -> bool:
     return bd * s + min(t * nreq * s, nreq * s * min(t, s)) > AUTO_PREFILL_KERNEL_SCORES
 
 
-def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend) -> jax.Array:
-    """Dispatch on the metadata type (prefill or decode) and the static backend name."""
+def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend,
+           sliding_window: int | None = None) -> jax.Array:
+    """Dispatch on the metadata type (prefill or decode) and the static backend name; a sliding
+    window (static) runs on the jnp paths only."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
-    if backend == "pallas" or (backend == "auto" and _auto_uses_kernel(q, k_cache, meta)):
+    if sliding_window is not None and backend == "pallas":
+        raise ValueError(f"sliding_window={sliding_window} is not supported by the Pallas kernels; use backend 'xla' or 'auto'")
+    if sliding_window is None and (backend == "pallas" or (backend == "auto" and _auto_uses_kernel(q, k_cache, meta))):
         return _pallas(q, k_cache, v_cache, meta, sm_scale)
     if isinstance(meta, PrefillMeta):
-        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
-    return decode_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale)
+        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window)
+    return decode_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window)
 
 
 def default_backend() -> Backend:

@@ -1,12 +1,24 @@
 """Static model configuration and the named presets.
 
 `ModelConfig` is frozen, keyword-only and hashable so it can be a static argument of a jitted
-program. Two architecture families share one decoder:
+program. Two decoder skeletons (`arch`) cover every supported Hugging Face family (`family`,
+the checkpoint's `model_type`):
 
 - ``"opt"``: learned absolute positions (row = position + 2, OPT's offset), pre-LayerNorm with
   biases, ReLU MLP, multi-head attention, biases on every projection, tied LM head.
-- ``"llama"``: RoPE (configurable theta), RMSNorm, SwiGLU MLP, grouped-query attention, no biases,
-  optionally tied embeddings.
+- ``"llama"``: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, optionally tied embeddings.
+  Families differ only by the switches below (models/hf_config.py sets them):
+
+      family    qkv_bias  qk_norm  sliding_window        rope_scaling
+      llama     -         -        -                     linear | dynamic | llama3
+      qwen2     yes       -        - (refused)           as llama
+      qwen3     -         yes      - (refused)           as llama
+      mistral   -         -        when shorter than     as llama
+                                   max_position
+
+Generation metadata rides along for the serving layer and never changes the programs:
+`eos_token_ids` (every id that ends generation) and `generation` (sampling defaults of
+generation_config.json).
 """
 
 from __future__ import annotations
@@ -15,6 +27,59 @@ import dataclasses
 from typing import Literal
 
 ARCHS = ("opt", "llama")
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling, as HF's `rope_type` (models/rope.py computes the frequencies).
+
+    - ``linear``: every inverse frequency divided by `factor`.
+    - ``dynamic`` (NTK): HF rescales the base only while a sequence is longer than
+      `original_max_position` (its `max_position_embeddings`), with a base that depends on that
+      sequence's current length; within it the frequencies are plain RoPE. The model's
+      `max_position` may not exceed `original_max_position` (ModelConfig checks), so the
+      engine's context limit keeps every request in the exact regime.
+    - ``llama3``: wavelengths longer than original_max_position / low_freq_factor are divided by
+      `factor`, shorter than original_max_position / high_freq_factor kept, and those between
+      interpolated smoothly.
+    """
+
+    rope_type: Literal["linear", "dynamic", "llama3"]
+    factor: float
+    original_max_position: int  # llama3: pre-training context; dynamic: where rescaling would start
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r} must be one of {ROPE_SCALING_TYPES}")
+        if not self.factor > 0:
+            raise ValueError(f"rope scaling factor={self.factor!r} must be positive")
+        if not isinstance(self.original_max_position, int) or self.original_max_position < 1:
+            raise ValueError(f"original_max_position={self.original_max_position!r} must be a positive integer")
+        if self.rope_type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                f"llama3 RoPE needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor}, {self.high_freq_factor}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationDefaults:
+    """Sampling defaults of a checkpoint's generation_config.json (None: the file leaves it unset)."""
+
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+    def sampling_kwargs(self) -> dict[str, float | int]:
+        """`SamplingParams` keyword defaults for a request that sets none itself: do_sample=False
+        means greedy (as HF `generate` decodes it); otherwise the values the file sets."""
+        if self.do_sample is False:
+            return {"temperature": 0.0}
+        values = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,9 +95,18 @@ class ModelConfig:
     max_position: int  # longest context (prompt + output) the model accepts
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # llama only
+    rope_scaling: RopeScaling | None = None  # llama only; None = plain RoPE
+    qkv_bias: bool = False  # llama only: biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # llama only: RMSNorm over head_dim of q and k, before RoPE (Qwen3)
+    # llama only: query at position p attends keys k with p - sliding_window < k <= p (Mistral);
+    # None = full causal attention.
+    sliding_window: int | None = None
     tie_embeddings: bool = False
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the primary EOS (tokenizers and the wire protocol carry one)
+    eos_token_ids: tuple[int, ...] = ()  # every EOS id config.json / generation_config.json list
+    generation: GenerationDefaults = dataclasses.field(default_factory=GenerationDefaults)
+    family: str | None = None  # the HF model_type the config came from (informational)
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -44,13 +118,32 @@ class ModelConfig:
                 raise ValueError(f"{field}={value!r} must be a positive integer")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}")
+        # A list would make the config unhashable (it is a static jit argument).
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window={self.sliding_window!r} must be a positive integer or None")
         if self.arch == "opt":
             if self.num_kv_heads != self.num_heads:
                 raise ValueError(f"OPT uses multi-head attention: num_kv_heads={self.num_kv_heads} != num_heads={self.num_heads}")
             if self.num_heads * self.head_dim != self.hidden_size:
                 raise ValueError(f"OPT needs num_heads*head_dim == hidden_size, got {self.num_heads}*{self.head_dim} != {self.hidden_size}")
+            for field in ("rope_scaling", "qkv_bias", "qk_norm", "sliding_window"):
+                if getattr(self, field):
+                    raise ValueError(f"{field}={getattr(self, field)!r} applies to the llama decoder only, not OPT")
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got head_dim={self.head_dim}")
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.rope_type == "dynamic" and self.max_position > scaling.original_max_position:
+            raise ValueError(
+                f"dynamic RoPE is exact only up to original_max_position={scaling.original_max_position}; "
+                f"max_position={self.max_position} exceeds it (HF rescales by each sequence's run-time length there)"
+            )
+
+    @property
+    def all_eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: `eos_token_id` first, then the rest of `eos_token_ids`."""
+        ids = ([] if self.eos_token_id is None else [self.eos_token_id]) + list(self.eos_token_ids)
+        return tuple(dict.fromkeys(ids))
 
     @property
     def q_per_kv(self) -> int:

@@ -3,9 +3,12 @@
 Both tokenizers share one interface:
 
     encode(text) -> list[int]        with BOS first when the model's HF tokenizer would add it
+                                     (add_special_tokens=False: never, e.g. for a rendered chat)
     decode(ids) -> str               special tokens skipped
     incremental_decoder(prefix_ids)  an `IncrementalDecoder` for streaming
-    bos_token_id, eos_token_id, eos_token_ids, vocab_size
+    apply_chat_template(messages, add_generation_prompt=..., tokenize=...)
+                                     the checkpoint's Jinja2 chat template (models/chat_template.py)
+    bos_token_id, eos_token_id, eos_token_ids, vocab_size, chat_template
 
 Byte tokenizer layout (ids the model may emit beyond it decode to nothing):
 
@@ -18,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from models.chat_template import SPECIAL_TOKEN_NAMES, find_chat_template, render_chat_template
 from models.config import ModelConfig
 from models.hf_config import eos_token_ids_from_hf
 
@@ -34,12 +38,16 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     vocab_size: int
+    chat_template: str | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def incremental_decoder(self, prefix_ids: Sequence[int] = ()) -> IncrementalDecoder: ...
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, tokenize: bool = False,
+                            **kwargs) -> str | list[int]: ...
 
 
 class IncrementalDecoder:
@@ -93,6 +101,7 @@ class ByteTokenizer:
     eos_token_ids = (BYTE_EOS,)
     pad_token_id = BYTE_PAD
     vocab_size = BYTE_VOCAB_SIZE
+    chat_template = None
 
     def __init__(self, model_vocab_size: int):
         if model_vocab_size < BYTE_VOCAB_SIZE:
@@ -101,14 +110,17 @@ class ByteTokenizer:
                 f"the model has vocab_size={model_vocab_size}"
             )
 
-    def encode(self, text: str) -> list[int]:
-        return [BYTE_BOS, *text.encode("utf-8")]
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [BYTE_BOS] * add_special_tokens + list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
 
     def incremental_decoder(self, prefix_ids: Sequence[int] = ()) -> IncrementalDecoder:
         return IncrementalDecoder(self, prefix_ids)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, tokenize: bool = False, **kwargs):
+        raise ValueError("the byte tokenizer has no chat template (the model directory ships no tokenizer files)")
 
 
 def _token_content(value) -> str | None:
@@ -139,22 +151,26 @@ class HFTokenizer:
         model_eos = eos_token_ids_from_hf(_read_json(model_dir / "config.json")) + eos_token_ids_from_hf(
             _read_json(model_dir / "generation_config.json")
         )
-        ids = [self.eos_token_id, *model_eos]
+        ids = [self.eos_token_id, *config.all_eos_token_ids, *model_eos]
         self.eos_token_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         if self.add_bos and self.bos_token_id is None:
             raise ValueError(f"{model_dir}: add_bos_token is set but no BOS token id is known")
+        self.chat_template = find_chat_template(model_dir, tok_config)
+        # The special tokens a chat template sees by name ("bos_token": "<|begin_of_text|>", ...).
+        self.special_tokens = {k: c for k in SPECIAL_TOKEN_NAMES if (c := _token_content(tok_config.get(k)))}
+        self._model_dir = model_dir
 
     def _special_id(self, token, fallback: int | None) -> int | None:
         content = _token_content(token)
         found = self._tok.token_to_id(content) if content else None
         return found if found is not None else fallback
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if self.add_bos:
+        if add_special_tokens and self.add_bos:
             ids = [self.bos_token_id, *ids]
-        if self.add_eos and self.eos_token_id is not None:
+        if add_special_tokens and self.add_eos and self.eos_token_id is not None:
             ids = [*ids, self.eos_token_id]
         return ids
 
@@ -163,6 +179,16 @@ class HFTokenizer:
 
     def incremental_decoder(self, prefix_ids: Sequence[int] = ()) -> IncrementalDecoder:
         return IncrementalDecoder(self, prefix_ids)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, tokenize: bool = False, **kwargs):
+        """The chat rendered with the checkpoint's template, as HF's `apply_chat_template`: text, or
+        with `tokenize=True` its ids (encoded without adding BOS: templates write it themselves)."""
+        if self.chat_template is None:
+            raise ValueError(f"{self._model_dir} has no chat template "
+                             "(tokenizer_config.json chat_template or chat_template.jinja)")
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    special_tokens=self.special_tokens, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 def _read_json(path: Path) -> dict:

@@ -1,4 +1,4 @@
-"""The decoder for both families, in Flax Linen, over the paged KV cache.
+"""The decoder for both skeletons (OPT, llama family), in Flax Linen, over the paged KV cache.
 
 Every weight is declared once, here, with its shape, dtype and logical axes
 (`nn.with_logical_partitioning`); sharding rules per phase map the logical names to mesh axes
@@ -10,7 +10,10 @@ Parameter tree (names are part of the weight-loading contract in models/weights.
 
     embed/tokens [V, E]            embed/positions [P + 2, E]   (OPT only)
     layers_{i}/attn_norm/{scale[,bias]} [E]
-    layers_{i}/attn/{q [E, H, D], k [E, Hkv, D], v [E, Hkv, D], o [H, D, E]}  (+ *_bias for OPT)
+    layers_{i}/attn/{q [E, H, D], k [E, Hkv, D], v [E, Hkv, D], o [H, D, E]}
+    layers_{i}/attn/{q_bias [H, D], k_bias, v_bias [Hkv, D]}   (OPT, and llama with qkv_bias: Qwen2)
+    layers_{i}/attn/o_bias [E]                                  (OPT)
+    layers_{i}/attn/{q_norm, k_norm}/scale [D]                  (llama with qk_norm: Qwen3)
     layers_{i}/mlp_norm/{scale[,bias]} [E]
     layers_{i}/mlp/{gate, up [E, F], down [F, E]} (llama) | {fc1 [E, F], fc1_bias, fc2 [F, E], fc2_bias} (OPT)
     final_norm/{scale[,bias]} [E]
@@ -33,13 +36,14 @@ from flax import struct
 
 from models.attention import Backend, Meta, PrefillMeta, attend, write_kv
 from models.config import ModelConfig
+from models.rope import apply_rope, inv_freq
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table is indexed by position + 2
 
 
 @struct.dataclass
 class KVCache:
-    """Per-layer paged K and V arrays, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per-layer paged K and V arrays, each [num_blocks, num_kv_heads, block_size, head_dim]."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -58,6 +62,13 @@ def _zeros(module, name, shape, axes, dtype):
     return _param(module, name, shape, axes, dtype, nn.initializers.zeros)
 
 
+def _rms_norm(x, scale, eps: float):
+    """RMSNorm over the last axis, statistics in float32 (as HF's LlamaRMSNorm / Qwen3RMSNorm)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 class Norm(nn.Module):
     """LayerNorm with bias (OPT) or RMSNorm (llama); statistics in float32."""
 
@@ -74,19 +85,19 @@ class Norm(nn.Module):
             xf = xf - xf.mean(-1, keepdims=True)
             y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + self.config.norm_eps)
             return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
-        y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + self.config.norm_eps)
-        return (y * scale.astype(jnp.float32)).astype(x.dtype)
+        return _rms_norm(x, scale, self.config.norm_eps)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding, half-split convention (as Hugging Face LLaMA): x [T, H, D], positions [T]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
-    xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+class HeadNorm(nn.Module):
+    """RMSNorm of each head's vector over head_dim (Qwen3's q_norm / k_norm): [T, H, D] -> same."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (self.config.head_dim,), ("head_dim",), self.dtype, nn.initializers.ones)
+        return _rms_norm(x, scale, self.config.norm_eps)
 
 
 class Attention(nn.Module):
@@ -109,15 +120,20 @@ class Attention(nn.Module):
         q = (x @ wq.reshape(e, h * d)).reshape(t, h, d)  # [T, H, D]
         k = (x @ wk.reshape(e, hkv * d)).reshape(t, hkv, d)  # [T, Hkv, D]
         v = (x @ wv.reshape(e, hkv * d)).reshape(t, hkv, d)
-        if c.arch == "opt":
+        if c.arch == "opt" or c.qkv_bias:
             q = q + _zeros(self, "q_bias", (h, d), ("heads", "head_dim"), self.dtype)
             k = k + _zeros(self, "k_bias", (hkv, d), ("kv_heads", "head_dim"), self.dtype)
             v = v + _zeros(self, "v_bias", (hkv, d), ("kv_heads", "head_dim"), self.dtype)
-        else:
-            q = rope(q, meta.positions, c.rope_theta)
-            k = rope(k, meta.positions, c.rope_theta)
+        if c.arch == "llama":
+            if c.qk_norm:  # per head, over head_dim: under tensor parallelism no head is split
+                q = HeadNorm(c, self.dtype, name="q_norm")(q)
+                k = HeadNorm(c, self.dtype, name="k_norm")(k)
+            freq = inv_freq(d, c.rope_theta, c.rope_scaling)
+            q = apply_rope(q, meta.positions, freq)
+            k = apply_rope(k, meta.positions, freq)
         k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slots)
-        out = attend(q, k_cache, v_cache, meta, sm_scale=d**-0.5, backend=self.backend)  # [T, H, D]
+        out = attend(q, k_cache, v_cache, meta, sm_scale=d**-0.5, backend=self.backend,
+                     sliding_window=c.sliding_window)  # [T, H, D]
         y = out.reshape(t, h * d) @ wo.reshape(h * d, e)
         if c.arch == "opt":
             y = y + _zeros(self, "o_bias", (e,), ("embed",), self.dtype)
@@ -204,6 +220,13 @@ class CausalLM:
     config: ModelConfig
     dtype: Any = jnp.float32
     backend: Backend = "xla"
+
+    def __post_init__(self) -> None:
+        if self.config.sliding_window is not None and self.backend == "pallas":
+            raise ValueError(
+                f"sliding_window={self.config.sliding_window} (model {self.config.name!r}) is not supported by the "
+                "Pallas attention kernels; use attention backend 'xla' or 'auto' (which then takes the jnp path)"
+            )
 
     def _layer(self) -> DecoderLayer:
         return DecoderLayer(self.config, self.dtype, self.backend)

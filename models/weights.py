@@ -5,12 +5,14 @@ stored [out, in]; ours are [in, out] with the head axes split out:
 
     HF q_proj.weight [H*D, E]   -> attn/q [E, H, D]     (transpose, then split the output axis)
     HF o_proj.weight [E, H*D]   -> attn/o [H, D, E]     (transpose, then split the input axis)
-    HF q_proj.bias   [H*D]      -> attn/q_bias [H, D]   (OPT)
+    HF q_proj.bias   [H*D]      -> attn/q_bias [H, D]   (OPT, Qwen2)
+    HF q_norm.weight [D]        -> attn/q_norm/scale [D] (Qwen3; k_norm likewise)
     HF fc1 / gate_proj [F, E]   -> [E, F]; fc2 / down_proj [E, F] -> [F, E]
     HF lm_head.weight [V, E]    -> lm_head/kernel [E, V] (only when embeddings are not tied)
 
 Names are matched after dropping the `model.` prefix (and OPT's `decoder.`), so checkpoints saved
-from the bare `LlamaModel` / `OPTModel` load too. docs/weights.md has the full table.
+from the bare `LlamaModel` / `OPTModel` load too. Qwen2, Qwen3 and Mistral use LLaMA's names
+plus the tensors their switches add (models/config.py). docs/weights.md has the full table.
 
 Loading reads one tensor at a time (safetensors memory-maps the file), converts it on the host
 and hands it to `put` (default: `jax.device_put`), so at most one tensor exists twice at once.
@@ -36,7 +38,7 @@ from flax import linen as nn
 from safetensors import safe_open
 
 from models.config import PRESETS, ModelConfig
-from models.hf_config import config_from_hf, read_hf_config
+from models.hf_config import load_hf_config
 from models.transformer import CausalLM
 
 Params = dict[str, Any]
@@ -92,6 +94,8 @@ def _llama_tensors(c: ModelConfig) -> list[_Tensor]:
     q_in = functools.partial(_in_heads, heads=h, head_dim=d)
     kv_in = functools.partial(_in_heads, heads=hkv, head_dim=d)
     o_out = functools.partial(_out_heads, heads=h, head_dim=d)
+    q_bias = functools.partial(_bias_heads, heads=h, head_dim=d)
+    kv_bias = functools.partial(_bias_heads, heads=hkv, head_dim=d)
     specs = [_Tensor("embed_tokens.weight", (v, e), ("embed", "tokens"), _keep)]
     for i in range(c.num_layers):
         hf, ours = f"layers.{i}.", f"layers_{i}"
@@ -106,6 +110,17 @@ def _llama_tensors(c: ModelConfig) -> list[_Tensor]:
             _Tensor(hf + "mlp.up_proj.weight", (f, e), (ours, "mlp", "up"), _transpose),
             _Tensor(hf + "mlp.down_proj.weight", (e, f), (ours, "mlp", "down"), _transpose),
         ]
+        if c.qkv_bias:  # Qwen2
+            specs += [
+                _Tensor(hf + "self_attn.q_proj.bias", (h * d,), (ours, "attn", "q_bias"), q_bias),
+                _Tensor(hf + "self_attn.k_proj.bias", (hkv * d,), (ours, "attn", "k_bias"), kv_bias),
+                _Tensor(hf + "self_attn.v_proj.bias", (hkv * d,), (ours, "attn", "v_bias"), kv_bias),
+            ]
+        if c.qk_norm:  # Qwen3: one [D] scale shared by every head
+            specs += [
+                _Tensor(hf + "self_attn.q_norm.weight", (d,), (ours, "attn", "q_norm", "scale"), _keep),
+                _Tensor(hf + "self_attn.k_norm.weight", (d,), (ours, "attn", "k_norm", "scale"), _keep),
+            ]
     specs.append(_Tensor("norm.weight", (e,), ("final_norm", "scale"), _keep))
     if not c.tie_embeddings:
         specs.append(_Tensor("lm_head.weight", (v, e), ("lm_head", "kernel"), _transpose))
@@ -242,7 +257,7 @@ def _default_put(path: TreePath, host: np.ndarray) -> jax.Array:
 
 
 def load_hf_checkpoint(model_dir: str | os.PathLike, *, dtype: Any, put: Put | None = None) -> tuple[ModelConfig, Params]:
-    """Read a Hugging Face OPT or LLaMA checkpoint directory into (ModelConfig, params).
+    """Read a Hugging Face checkpoint directory (OPT, LLaMA, Qwen2, Qwen3, Mistral) into (ModelConfig, params).
 
     `model_dir` holds `config.json` and `model.safetensors` or shards with `model.safetensors.index.json`.
     Every weight is cast to `dtype`. `put(tree_path, host_array)` places each converted tensor
@@ -250,8 +265,7 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, *, dtype: Any, put: Put | N
     straight onto a mesh). Raises ValueError naming the file or tensor on any mismatch.
     """
     model_dir = Path(model_dir)
-    hf = read_hf_config(model_dir)
-    config = config_from_hf(hf, name=model_dir.resolve().name, source=str(model_dir / "config.json"))
+    config = load_hf_config(model_dir)
     target = np.dtype(jnp.dtype(dtype))
     put = put or _default_put
     specs = {s.hf_name: s for s in hf_tensor_specs(config)}
@@ -274,7 +288,7 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, *, dtype: Any, put: Put | N
         )
     if unexpected:
         raise ValueError(
-            f"checkpoint {model_dir} holds {len(unexpected)} tensor(s) a {config.arch} model with "
+            f"checkpoint {model_dir} holds {len(unexpected)} tensor(s) a {config.family or config.arch} model with "
             f"{config.num_layers} layers does not use, e.g. {sorted(unexpected)[:4]}"
         )
 
@@ -310,7 +324,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any, dummy_weights: bo
             raise ValueError(f"preset {name!r} has no weights: pass dummy_weights=True for random ones, or a checkpoint directory")
         config = PRESETS[name]
     elif dummy_weights:
-        config = config_from_hf(read_hf_config(path), name=path.resolve().name, source=str(path / "config.json"))
+        config = load_hf_config(path)
     else:
         return load_hf_checkpoint(path, dtype=dtype)
     return config, CausalLM(config=config, dtype=jnp.dtype(dtype)).init(jax.random.PRNGKey(seed))

@@ -107,3 +107,61 @@ def test_one_row_kv_write_keeps_the_donated_pool_in_place():
     assert pool_copies == []
     out, k_cache, _ = jax.jit(step, donate_argnums=(0, 1))(jnp.zeros_like(pool), jnp.zeros_like(pool), row, row, meta.slots, meta)
     assert float(k_cache[1, :, 4].sum()) == 16.0 and float(k_cache[0, 0].sum()) == 0.0  # slot 20 = block 1, row 4
+
+
+# ----------------------------------------------------------------------------- sliding window
+
+
+def windowed_attention(q, keys, vals, q_positions, window: int, sm_scale: float) -> np.ndarray:
+    """Dense float64 GQA attention of one request's queries [Tq, Hq, D] over its keys/values
+    [S, Hkv, D], query at p seeing keys p - window < k <= p (Hugging Face's sliding window)."""
+    q, keys, vals = (np.asarray(x, np.float64) for x in (q, keys, vals))
+    group = q.shape[1] // keys.shape[1]
+    keys, vals = np.repeat(keys, group, axis=1), np.repeat(vals, group, axis=1)
+    k_pos, q_pos = np.arange(keys.shape[0])[None, :], np.asarray(q_positions)[:, None]
+    visible = (k_pos <= q_pos) & (k_pos > q_pos - window)  # [Tq, S]
+    logits = np.where(visible[None], np.einsum("thd,shd->hts", q, keys) * sm_scale, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("hts,shd->thd", weights / weights.sum(-1, keepdims=True), vals)
+
+
+# table_blocks 4: the padded prefill formulation; 16: the packed one. Window 6 against block size
+# 4: windows start mid-block, and the 16-token decode and the cached-prefix chunks slide past blocks.
+@pytest.mark.parametrize("table_blocks", [4, 16])
+def test_sliding_window_on_a_mixed_batch(table_blocks):
+    window = 6
+    q, k_cache, v_cache, meta, _ = mixed_batch(2, table_blocks=table_blocks)
+    out = np.asarray(prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=SM_SCALE, sliding_window=window))
+    plain = np.asarray(prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=SM_SCALE))
+    cu, kv_lens = np.asarray(meta.cu_q_lens), np.asarray(meta.kv_lens)
+    for b in range(len(kv_lens)):
+        rows, blocks = np.arange(cu[b], cu[b + 1]), np.asarray(meta.block_tables[b])
+        if kv_lens[b] == 0 or not blocks.any():
+            continue  # a padding request (prefill region) or padding decode row (null block only)
+        keys = np.asarray(k_cache)[blocks].transpose(0, 2, 1, 3).reshape(-1, k_cache.shape[1], k_cache.shape[3])[:kv_lens[b]]
+        vals = np.asarray(v_cache)[blocks].transpose(0, 2, 1, 3).reshape(-1, v_cache.shape[1], v_cache.shape[3])[:kv_lens[b]]
+        want = windowed_attention(q[rows], keys, vals, np.asarray(meta.positions)[rows], window, SM_SCALE)
+        np.testing.assert_allclose(out[rows], want, atol=ATOL, err_msg=f"request {b}")
+        if kv_lens[b] <= window:  # the window covers the whole context: plain causal attention
+            np.testing.assert_allclose(out[rows], plain[rows], atol=ATOL)
+    assert not np.allclose(out, plain, atol=ATOL)  # some request did slide
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 100])
+def test_sliding_window_decode_matches_dense(window):
+    """Blocks wholly before every live window are skipped, the rest masked; NaN-poisoned spare
+    rows and a padding row (kv_len 0) included."""
+    kv_lens, hq, hkv, block_size = [37, 5, 16, 0, 50], 4, 2, 4
+    rng = np.random.default_rng(window)
+    kv = make_paged_kv(rng, kv_lens=kv_lens, num_kv_heads=hkv, head_dim=8, block_size=block_size,
+                       dtype=jnp.float32, max_blocks=16)
+    q = jnp.asarray(rng.standard_normal((len(kv_lens), hq, 8)), jnp.float32)
+    meta = DecodeMeta(positions=jnp.maximum(kv.kv_lens - 1, 0), slots=jnp.zeros(len(kv_lens), jnp.int32),
+                      block_tables=kv.block_tables, kv_lens=kv.kv_lens)
+    out = np.asarray(decode_attention_xla(q, kv.k_cache, kv.v_cache, meta, sm_scale=SM_SCALE, sliding_window=window))
+    for b, n in enumerate(kv_lens):
+        if n == 0:
+            assert (out[b] == 0).all()
+            continue
+        want = windowed_attention(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], [n - 1], window, SM_SCALE)
+        np.testing.assert_allclose(out[b], want[0], atol=ATOL, rtol=1e-5, err_msg=f"row {b}")

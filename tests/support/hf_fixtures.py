@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 BYTE_SPECIAL_IDS = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
 
@@ -28,8 +29,28 @@ TINY_HF_CONFIGS = {
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, **BYTE_SPECIAL_IDS,
     ),
+    # Qwen2: q/k/v biases; tied embeddings as the small Qwen2.5 checkpoints.
+    "qwen2": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **BYTE_SPECIAL_IDS,
+    ),
+    # Qwen3: q/k RMSNorm, head_dim 32 != hidden_size / heads (as the real ones: 128 vs 2560 / 32).
+    "qwen3": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-5, **BYTE_SPECIAL_IDS,
+    ),
+    # Mistral: a 24-token sliding window (contexts in the tests cross it and several 16-token blocks).
+    "mistral": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, sliding_window=24, **BYTE_SPECIAL_IDS,
+    ),
 }
-_MODELS = {"opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+_MODELS = {
+    "opt": (OPTConfig, OPTForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
 
 
 def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
@@ -46,7 +67,7 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
 
 
 def make_hf_torch_model(arch: str, *, seed: int = 0, std: float = 0.15, **overrides) -> torch.nn.Module:
-    """A tiny random `OPTForCausalLM` / `LlamaForCausalLM` (float32, eval); overrides go to the HF config."""
+    """A tiny random `*ForCausalLM` of family `arch` (float32, eval); overrides go to the HF config."""
     if arch not in _MODELS:
         raise ValueError(f"arch={arch!r} must be one of {sorted(_MODELS)}")
     config_cls, model_cls = _MODELS[arch]
