@@ -99,7 +99,7 @@ class LLM:
         for ids, sp in zip(prompt_token_ids, params):
             req = Request(
                 request_id=f"offline-{next(self._ids)}", prompt_token_ids=ids, sampling=sp,
-                seed=sp.seed if sp.seed is not None else random.getrandbits(32), eos_token_id=self.config.eos_token_id,
+                seed=sp.seed if sp.seed is not None else random.getrandbits(32), eos_token_ids=self.config.all_eos_token_ids,
             )
             self.engine.add_request(req)
             reqs.append(req)

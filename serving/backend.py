@@ -24,7 +24,7 @@ class GenerateJob:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     seed: int
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # every id that ends generation; () for none
 
 
 class Handle(Protocol):

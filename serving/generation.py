@@ -85,7 +85,7 @@ class Generation:
         try:
             seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
             job = GenerateJob(request_id=rid, prompt_token_ids=prompt, sampling=sampling, seed=seed,
-                              eos_token_id=self.config.eos_token_id)
+                              eos_token_ids=self.config.all_eos_token_ids)
             handle = self.backend.submit(job)
         except BaseException:
             self._release(rid)

@@ -217,7 +217,7 @@ class OpenAIApp:
         try:
             if (problem := body.unsupported()) is not None:
                 raise ValueError(problem)
-            generate = body.to_proto()
+            generate = body.to_proto(self.generation.tokenizer) if chat else body.to_proto()
         except ValueError as e:  # counted with the shared validation's refusals (dsjax_request_errors)
             return _from_generate_error(self.generation.error(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
         try:  # validation tokenizes the prompt: off the event loop

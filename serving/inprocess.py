@@ -63,7 +63,7 @@ class InProcessBackend(EngineLoop):
     # ---- Backend -------------------------------------------------------------------------
     def submit(self, job: GenerateJob) -> _Handle:
         req = Request(request_id=job.request_id, prompt_token_ids=list(job.prompt_token_ids), sampling=job.sampling,
-                      seed=job.seed, eos_token_id=job.eos_token_id)
+                      seed=job.seed, eos_token_ids=job.eos_token_ids)
         a = _Active(req, Outbox())
         with self._lock:
             self._active[req.request_id] = a
@@ -87,7 +87,7 @@ class InProcessBackend(EngineLoop):
         """Compile the common programs with one short greedy request (blocks until done)."""
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         for _ in self.submit(GenerateJob(request_id="warmup", prompt_token_ids=[1] * prompt_len, sampling=sp, seed=0,
-                                         eos_token_id=None)).events():
+                                         eos_token_ids=())).events():
             pass
 
     def _pop(self, request_id: str) -> _Active | None:
@@ -184,7 +184,7 @@ class ThreadedBackend:
 
     def submit(self, job: GenerateJob) -> "_ThreadedHandle":
         req = Request(request_id=job.request_id, prompt_token_ids=list(job.prompt_token_ids), sampling=job.sampling,
-                      seed=job.seed, eos_token_id=job.eos_token_id)
+                      seed=job.seed, eos_token_ids=job.eos_token_ids)
         a = _Active(req, Outbox())
         if self.threaded.errors:
             a.outbox.put(ErrorEvent(grpc.StatusCode.UNAVAILABLE, f"engine failed: {self.threaded.errors[0]!r}"))
@@ -229,7 +229,7 @@ class ThreadedBackend:
 
     def warmup(self, prompt_len: int = 24, max_tokens: int = 56) -> None:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        job = GenerateJob(request_id="warmup", prompt_token_ids=[1] * prompt_len, sampling=sp, seed=0, eos_token_id=None)
+        job = GenerateJob(request_id="warmup", prompt_token_ids=[1] * prompt_len, sampling=sp, seed=0, eos_token_ids=())
         for _ in self.submit(job).events():
             pass
 

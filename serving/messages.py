@@ -32,10 +32,10 @@ def sampling_from_worker_proto(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def worker_request(request_id: str, prompt: list[int], output: list[int], sampling: SamplingParams, seed: int,
-                   eos_token_id: int | None) -> wpb.WorkerRequest:
+                   eos_token_ids: tuple[int, ...]) -> wpb.WorkerRequest:
     return wpb.WorkerRequest(
         request_id=request_id, prompt_token_ids=prompt, output_token_ids=output, sampling=sampling_to_proto(sampling),
-        seed=seed, eos_token_id=-1 if eos_token_id is None else eos_token_id,
+        seed=seed, eos_token_ids=eos_token_ids,
     )
 
 
@@ -44,5 +44,5 @@ def request_from_proto(msg: wpb.WorkerRequest) -> Request:
     return Request(
         request_id=msg.request_id, prompt_token_ids=list(msg.prompt_token_ids), output_token_ids=list(msg.output_token_ids),
         sampling=sampling_from_worker_proto(msg.sampling), seed=msg.seed,
-        eos_token_id=None if msg.eos_token_id < 0 else msg.eos_token_id,
+        eos_token_ids=tuple(msg.eos_token_ids),
     )

@@ -9,8 +9,10 @@ generated `token_ids`: what a benchmark needs to time tokens, not text pieces). 
 those. What the engine cannot do is refused with a 400 naming the field (`n` > 1, `logprobs`,
 `echo`, `best_of` > 1, `min_tokens` > 0, penalties), never silently ignored.
 
-Chat prompts: the presets ship no chat template, so messages are joined by a documented plain
-template, one line per message and a cue for the reply:
+Chat prompts: a checkpoint whose tokenizer files carry a chat template (tokenizer_config.json or
+chat_template.jinja) is prompted with that template rendered as transformers renders it, with the
+generation cue, sent as token ids (special tokens once). The presets ship none, so their messages
+are joined by a documented plain template, one line per message and a cue for the reply:
 
     system: You are terse.
     user: Hello!
@@ -148,9 +150,17 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
-    def to_proto(self) -> pb.GenerateRequest:
+    def to_proto(self, tokenizer=None) -> pb.GenerateRequest:
+        """With a tokenizer that carries the checkpoint's chat template, the prompt is that template
+        rendered as transformers renders it (token ids, special tokens included once); else the
+        plain template of the module docstring, as text."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return pb.GenerateRequest(text=chat_prompt(self.messages), sampling=self.sampling_proto(max_tokens))
+        sampling = self.sampling_proto(max_tokens)
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+        return pb.GenerateRequest(text=chat_prompt(self.messages), sampling=sampling)
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:

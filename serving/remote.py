@@ -73,13 +73,13 @@ class _RemoteHandle:
         for attempt in range(self.backend.max_recomputes + 1):
             wid = f"{job.request_id}#{attempt}"
             try:
-                pw, resp = self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_id))
+                pw, resp = self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids))
                 output.append(resp.token_id)
                 yield TokenEvent((resp.token_id,))
                 if resp.finish_reason:
                     yield FinishEvent(FINISH_FROM_PROTO[resp.finish_reason], self.breakdown)
                     return
-                req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_id)
+                req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
                 for ids in self._decode(req, pw, resp):
                     output.extend(ids)
                     yield TokenEvent(ids)

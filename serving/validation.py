@@ -16,7 +16,7 @@ from typing import Sequence
 from dsjax.engine.request import validate_prompt
 from dsjax.engine.sampling_params import SamplingParams
 from models.config import PRESETS, ModelConfig
-from models.hf_config import config_from_hf, read_hf_config
+from models.hf_config import load_hf_config
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 
 _DEFAULTS = SamplingParams()
@@ -45,20 +45,30 @@ def model_config(model: str) -> ModelConfig:
     """A preset's or checkpoint directory's config without loading weights (for the router)."""
     path = Path(model)
     if path.is_dir():
-        return config_from_hf(read_hf_config(path), name=path.resolve().name, source=str(path / "config.json"))
+        return load_hf_config(path)  # config.json and generation_config.json (every EOS id, sampling defaults)
     if model not in PRESETS:
         raise ValueError(f"model={model!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}")
     return PRESETS[model]
 
 
-def sampling_from_proto(msg: pb.SamplingParams, limits: Limits, max_position: int) -> SamplingParams:
-    """Unset optional fields take SamplingParams' defaults; set ones are validated as given."""
-    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else _DEFAULTS.max_tokens
+def checkpoint_defaults(config: ModelConfig) -> SamplingParams:
+    """SamplingParams' defaults with the temperature and top_p of the checkpoint's
+    generation_config.json (do_sample false: greedy). top_k stays the request's own: the proto's
+    top_k has no "unset" (0 disables it)."""
+    given = config.generation.sampling_kwargs()
+    return SamplingParams(**{k: given[k] for k in ("temperature", "top_p") if k in given})
+
+
+def sampling_from_proto(msg: pb.SamplingParams, limits: Limits, max_position: int,
+                        defaults: SamplingParams = _DEFAULTS) -> SamplingParams:
+    """Unset optional fields take `defaults` (SamplingParams' own, or `checkpoint_defaults`); set
+    ones are validated as given."""
+    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else defaults.max_tokens
     cap = min(limits.max_tokens or max_position, max_position)
     if max_tokens > cap:
         raise ValueError(f"max_tokens={max_tokens} is over the server's limit of {cap}")
-    temperature = msg.temperature if msg.HasField("temperature") else _DEFAULTS.temperature
-    top_p = msg.top_p if msg.HasField("top_p") else _DEFAULTS.top_p
+    temperature = msg.temperature if msg.HasField("temperature") else defaults.temperature
+    top_p = msg.top_p if msg.HasField("top_p") else defaults.top_p
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if not math.isfinite(value):
             raise ValueError(f"{name}={value!r} must be a finite number")
@@ -90,7 +100,7 @@ def validate_request(request: pb.GenerateRequest, tokenizer, config: ModelConfig
     if size > limits.max_request_bytes:
         raise ValueError(f"request is {size} bytes, over the server's message limit of {limits.max_request_bytes} bytes")
     context = min(config.max_position, limits.max_model_len or config.max_position)
-    sampling = sampling_from_proto(request.sampling, limits, context)
+    sampling = sampling_from_proto(request.sampling, limits, context, checkpoint_defaults(config))
     ids = prompt_token_ids(request, tokenizer)
     check_token_ids(ids, config.vocab_size, "prompt token_ids")
     check_token_ids(sampling.stop_token_ids, config.vocab_size, "stop_token_ids")

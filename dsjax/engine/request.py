@@ -71,7 +71,8 @@ class Request:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     seed: int
-    eos_token_id: int | None = None
+    # Every id that ends generation (Llama-3-Instruct lists several in generation_config.json).
+    eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
@@ -103,7 +104,7 @@ class Request:
         sp = self.sampling
         if token in sp.stop_token_ids:
             self.finish_reason = FinishReason.STOP
-        elif not sp.ignore_eos and self.eos_token_id is not None and token == self.eos_token_id:
+        elif not sp.ignore_eos and token in self.eos_token_ids:
             self.finish_reason = FinishReason.EOS
         elif len(self.output_token_ids) >= sp.max_tokens:
             self.finish_reason = FinishReason.LENGTH

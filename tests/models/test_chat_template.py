@@ -120,3 +120,19 @@ def test_without_a_template(tmp_path):
     with pytest.raises(ValueError, match="no chat template"):
         ByteTokenizer(512).apply_chat_template(CHATS[0])
     assert ByteTokenizer(512).encode("hi", add_special_tokens=False) == [104, 105]
+
+
+def test_chat_completions_send_the_rendered_template_as_token_ids(tokenizers):
+    """/v1/chat/completions: with a template the server sends transformers' rendering as token ids
+    (BOS once); without one, the plain text template."""
+    from serving.openai_protocol import ChatCompletionRequest
+
+    ours, hf = tokenizers
+    body = ChatCompletionRequest(model="m", messages=CHATS[1], max_tokens=4)
+    proto = body.to_proto(ours)
+    want = hf.apply_chat_template(CHATS[1], tokenize=True, add_generation_prompt=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert proto.WhichOneof("prompt") == "token_ids" and list(proto.token_ids.ids) == list(want)
+    assert list(proto.token_ids.ids).count(hf.bos_token_id) == 1
+    assert body.to_proto(ByteTokenizer(LLAMA.vocab_size)).WhichOneof("prompt") == "text"
+    assert body.to_proto().text.endswith("assistant:")

@@ -161,7 +161,7 @@ def test_unpulled_kv_lease_expires(cluster):
     (prefill,) = [s for s in instances(target) if s.role == wpb.PREFILL]
     with internal_channel(prefill.address) as ch:
         stub = worker_pb2_grpc.PrefillWorkerStub(ch)
-        req = wpb.WorkerRequest(request_id="orphan#0", prompt_token_ids=list(range(1, 40)), seed=0, eos_token_id=-1,
+        req = wpb.WorkerRequest(request_id="orphan#0", prompt_token_ids=list(range(1, 40)), seed=0,
                                 sampling=pb.SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0))
         resp = stub.Prefill(wpb.PrefillRequest(request=req), timeout=30)
         assert resp.kv.num_tokens == 39 and resp.lease_ms == LEASE_S * 1000
@@ -216,7 +216,7 @@ def test_internal_services_refuse_callers_without_the_cluster_token(cluster):
     before = instances(target)
     prefill = next(s for s in before if s.role == wpb.PREFILL)
     decode = next(s for s in before if s.role == wpb.DECODE)
-    req = wpb.WorkerRequest(request_id="intruder#0", prompt_token_ids=[1, 2, 3], seed=0, eos_token_id=-1,
+    req = wpb.WorkerRequest(request_id="intruder#0", prompt_token_ids=[1, 2, 3], seed=0,
                             sampling=pb.SamplingParams(max_tokens=2, temperature=0.0, top_p=1.0))
     forged = wpb.WorkerInfo(worker_id=decode.worker_id, role=wpb.DECODE, address="127.0.0.1:1", pid=1, tp=1, pp=1,
                             model="tiny-llama", block_size=16)

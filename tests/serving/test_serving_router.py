@@ -227,3 +227,24 @@ def test_max_model_len_caps_prompt_plus_output():
                          tok, CONFIG, limits)
     with pytest.raises(ValueError, match="max_model_len=1"):
         Limits(max_model_len=1)
+
+
+def test_unset_sampling_fields_take_the_checkpoints_generation_defaults():
+    """generation_config.json's temperature / top_p fill what a request leaves unset (do_sample
+    false: greedy); what the request sets wins; without a generation config, SamplingParams'."""
+    import dataclasses
+
+    from models.config import GenerationDefaults
+    from serving.validation import validate_request
+
+    base = PRESETS["tiny-llama"]
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2, 3]), sampling=pb.SamplingParams(max_tokens=4))
+    _, plain = validate_request(request, ByteTokenizer(base.vocab_size), base, Limits())
+    assert plain.temperature == 1.0 and plain.top_p == 1.0
+    tuned = dataclasses.replace(base, generation=GenerationDefaults(do_sample=True, temperature=0.6, top_p=0.9))
+    _, sp = validate_request(request, ByteTokenizer(base.vocab_size), tuned, Limits())
+    assert (sp.temperature, sp.top_p) == (pytest.approx(0.6), pytest.approx(0.9))
+    greedy = dataclasses.replace(base, generation=GenerationDefaults(do_sample=False, temperature=0.6))
+    assert validate_request(request, ByteTokenizer(base.vocab_size), greedy, Limits())[1].temperature == 0.0
+    request.sampling.temperature = 0.3
+    assert validate_request(request, ByteTokenizer(base.vocab_size), tuned, Limits())[1].temperature == pytest.approx(0.3)

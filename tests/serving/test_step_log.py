@@ -73,7 +73,7 @@ def test_served_engine_writes_its_steps(tmp_path):
     backend.attach_step_log(log, [engine.runner])
     prompts = {"a": [256, 5, 6, 7, 8], "b": [256] + list(range(30, 50))}
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    handles = [backend.submit(GenerateJob(request_id=k, prompt_token_ids=v, sampling=sp, seed=0, eos_token_id=None))
+    handles = [backend.submit(GenerateJob(request_id=k, prompt_token_ids=v, sampling=sp, seed=0, eos_token_ids=()))
                for k, v in prompts.items()]
     for h in handles:
         events = list(h.events())
