@@ -60,8 +60,9 @@ class LLM:
         placement: Placement | None = None,
         mode: str = "colocated",
     ):
-        self.model, params = load_causal_lm(model, dtype=dtype, dummy_weights=dummy_weights, seed=seed,
-                                            backend=attention_backend)
+        # `weights` holds no arrays: the engine's runners read them, each stage straight onto its devices.
+        self.model, weights = load_causal_lm(model, dtype=dtype, dummy_weights=dummy_weights, seed=seed,
+                                             backend=attention_backend)
         self.config = self.model.config
         model_dir = Path(model) if Path(model).is_dir() else None
         self.tokenizer = load_tokenizer(model_dir, self.config)
@@ -70,7 +71,7 @@ class LLM:
             num_blocks = default_num_blocks(self.config, block_size, self.scheduler_config.max_num_seqs,
                                             jnp.dtype(self.model.dtype).itemsize)
         self.engine = build_engine(
-            self.model, params, placement=placement, mode=mode,
+            self.model, weights, placement=placement, mode=mode,
             cache=CacheConfig(num_blocks=num_blocks, block_size=block_size), scheduler=self.scheduler_config,
         )
         self._ids = itertools.count()

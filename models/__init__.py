@@ -12,6 +12,7 @@ _EXPORTS = {
     "RopeScaling": "config", "load_hf_config": "hf_config",
     "CausalLM": "transformer", "KVCache": "transformer",
     "load_hf_checkpoint": "weights", "load_model": "weights", "restore_params": "weights", "save_params": "weights",
+    "WeightSource": "weights", "open_weights": "weights",
 }
 __all__ = sorted(_EXPORTS)
 

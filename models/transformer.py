@@ -26,6 +26,7 @@ same code on its slice of layers; its KV cache holds exactly those layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ from flax import struct
 
 from models.attention import Backend, Meta, PrefillMeta, attend, write_kv
 from models.config import ModelConfig
+from models.placement import Shardings, insert, lookup, place
 from models.rope import apply_rope, inv_freq
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table is indexed by position + 2
@@ -208,6 +210,20 @@ def _unbox(tree):
     return nn.meta.unbox(tree)
 
 
+# Random init draws on the host below this many parameters, on the device above (CausalLM.init).
+HOST_INIT_MAX_PARAMS = 500_000_000
+
+
+@functools.lru_cache(maxsize=64)
+def _normal_program(shape: tuple[int, ...], dtype: np.dtype, sharding) -> Any:
+    """key -> normal(0.02) weights of `shape`, compiled to come out with `sharding` (None: default
+    device). The threefry bits do not depend on the sharding, so neither do the weights."""
+    def draw(key):
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    return jax.jit(draw) if sharding is None else jax.jit(draw, out_shardings=sharding)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CausalLM:
     """The decoder as functions over a plain params dict (tree documented at the top of the file).
@@ -260,30 +276,38 @@ class CausalLM:
             params["lm_head"] = {"kernel": head["kernel"]}
         return params
 
-    def init(self, rng) -> dict:
+    def init(self, rng, shardings: Shardings | None = None) -> dict:
         """Random weights as a plain dict: normal(0.02) matrices, unit norm scales, zero biases.
 
-        Leaf i draws from its own stream seeded by (rng, i), so weights depend only on the seed.
-        Models under ~0.5B parameters draw on the host with numpy (no compilation: start-up of
-        small models was dominated by compiling an init program); larger ones draw on the device.
+        Leaf i draws from its own stream seeded by (rng, i), so weights depend only on the seed, not
+        on which of them are made or how they are sharded. Models under HOST_INIT_MAX_PARAMS draw on
+        the host with numpy (no compilation: start-up of small models was dominated by compiling an
+        init program); larger ones draw on the device. `shardings` (models/placement.py: a nested
+        mapping over any subset of the tree) makes only those weights, each straight onto its
+        devices: host draws are placed block by block, device draws come out of a program compiled
+        for that output sharding. None: every weight, on the default device.
         """
-        abstract = self.param_shapes()
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+        leaves, _ = jax.tree_util.tree_flatten_with_path(self.param_shapes())
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-        on_host = self.config.num_params() < 500_000_000
-        out = []
-        for i, (path, leaf) in enumerate(leaves):
-            name = str(getattr(path[-1], "key", path[-1]))
-            if name == "scale":
-                out.append(jnp.ones(leaf.shape, leaf.dtype))
-            elif name.endswith("bias"):
-                out.append(jnp.zeros(leaf.shape, leaf.dtype))
+        on_host = self.config.num_params() < HOST_INIT_MAX_PARAMS
+        out: dict = {}
+        for i, (key_path, leaf) in enumerate(leaves):
+            path = tuple(str(getattr(k, "key", k)) for k in key_path)
+            wanted, sharding = lookup(shardings, path)
+            if not wanted:
+                continue
+            if path[-1] == "scale" or path[-1].endswith("bias"):
+                const = np.ones((), leaf.dtype) if path[-1] == "scale" else np.zeros((), leaf.dtype)
+                value = place(np.broadcast_to(const, leaf.shape), sharding, leaf.dtype)
             elif on_host:
-                draw = np.random.default_rng([seed, i]).standard_normal(leaf.shape, dtype=np.float32) * 0.02
-                out.append(jnp.asarray(draw.astype(leaf.dtype)))
+                draw = np.random.default_rng([seed, i]).standard_normal(leaf.shape, dtype=np.float32)
+                draw *= 0.02  # in place: one host copy of the weight
+                value = place(draw, sharding, leaf.dtype)
+                del draw
             else:
-                out.append((0.02 * jax.random.normal(jax.random.PRNGKey(seed + i), leaf.shape, jnp.float32)).astype(leaf.dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
+                value = _normal_program(leaf.shape, np.dtype(leaf.dtype), sharding)(jax.random.PRNGKey(seed + i))
+            insert(out, path, value)
+        return out
 
     def embed(self, params, token_ids, positions):  # [T] -> [T, E]
         return Embed(self.config, self.dtype).apply({"params": params["embed"]}, token_ids, positions)

@@ -14,41 +14,38 @@ Names are matched after dropping the `model.` prefix (and OPT's `decoder.`), so 
 from the bare `LlamaModel` / `OPTModel` load too. Qwen2, Qwen3 and Mistral use LLaMA's names
 plus the tensors their switches add (models/config.py). docs/weights.md has the full table.
 
-Loading reads one tensor at a time (safetensors memory-maps the file), converts it on the host
-and hands it to `put` (default: `jax.device_put`), so at most one tensor exists twice at once.
+Loading maps one tensor at a time from the file and places it by itself, straight onto the devices
+that hold it with their sharding (models/placement.py), so no whole copy of the model is ever made
+on the host or on one device. `WeightSource` (from `open_weights`) is a model's weights before they
+are read: runners load each pipeline stage's share from it onto the stage's mesh.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import struct
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import linen as nn
-from safetensors import safe_open
 
 from models.config import PRESETS, ModelConfig
 from models.hf_config import load_hf_config
+from models.placement import Shardings, TreePath, insert, lookup, place
+from models.safetensors_files import by_file, checkpoint_files, header, map_tensor, tensor_info
 from models.transformer import CausalLM
 
 Params = dict[str, Any]
-TreePath = tuple[str, ...]
 Put = Callable[[TreePath, np.ndarray], Any]
 
 # Weight dtypes by name, as the CLIs and the offline API spell them.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-INDEX_FILE = "model.safetensors.index.json"
 # Tensors some checkpoints carry that the decoder recomputes or never reads.
 _UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -186,94 +183,33 @@ def _full_name(short: str, arch: str) -> str:
     return ("model.decoder." if arch == "opt" else "model.") + short
 
 
-# ----------------------------------------------------------------------------- safetensors reading
+# ----------------------------------------------------------------------------- loading
 
 
-def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> file holding it, from the shard index or by listing each file's header."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {e}") from None
-        located = {name: model_dir / fname for name, fname in weight_map.items()}
-        missing_files = sorted({str(p) for p in located.values() if not p.is_file()})
-        if missing_files:
-            raise ValueError(f"{index} names shard files that do not exist: {missing_files}")
-        return located
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        hint = f" (found {others}: convert PyTorch pickles to safetensors first)" if others else ""
-        raise ValueError(f"no *.safetensors files in {model_dir}{hint}")
-    located: dict[str, Path] = {}
-    for path in files:
-        with safe_open(path, framework="np") as f:
-            for name in f.keys():
-                if name in located:
-                    raise ValueError(f"tensor {name!r} appears in both {located[name]} and {path}")
-                located[name] = path
-    return located
-
-
-@functools.lru_cache(maxsize=16)
-def _header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header JSON) of a safetensors file."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        return 8 + size, json.loads(fh.read(size))
-
-
-def _read_tensor(f, path: Path, name: str) -> np.ndarray:
-    """One tensor as a host array. The safetensors numpy backend has no bfloat16, so BF16 tensors are
-    memory-mapped from the file directly (little-endian, row-major, as the format specifies)."""
-    dtype = f.get_slice(name).get_dtype()
-    if dtype != "BF16":
-        return f.get_tensor(name)
-    start, header = _header(path)
-    info = header[name]
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-    return raw.view(ml_dtypes.bfloat16).reshape(shape)
-
-
-def _by_file(located: dict[str, Path]) -> Iterator[tuple[Path, list[str]]]:
-    groups: dict[Path, list[str]] = defaultdict(list)
-    for name, path in located.items():
-        groups[path].append(name)
-    yield from sorted(groups.items())
-
-
-def _set(tree: Params, path: TreePath, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _default_put(path: TreePath, host: np.ndarray) -> jax.Array:
-    return jax.device_put(host)
-
-
-def load_hf_checkpoint(model_dir: str | os.PathLike, *, dtype: Any, put: Put | None = None) -> tuple[ModelConfig, Params]:
+def load_hf_checkpoint(model_dir: str | os.PathLike, *, dtype: Any, put: Put | None = None,
+                       shardings: Shardings | None = None) -> tuple[ModelConfig, Params]:
     """Read a Hugging Face checkpoint directory (OPT, LLaMA, Qwen2, Qwen3, Mistral) into (ModelConfig, params).
 
     `model_dir` holds `config.json` and `model.safetensors` or shards with `model.safetensors.index.json`.
-    Every weight is cast to `dtype`. `put(tree_path, host_array)` places each converted tensor
-    (default `jax.device_put` to the default device; pass one that applies a sharding to load
-    straight onto a mesh). Raises ValueError naming the file or tensor on any mismatch.
+    Every weight is cast to `dtype`. Each tensor is read through a memory map of its own bytes and
+    placed by itself (models/placement.py): with `shardings` (a nested mapping shaped like the params
+    tree, over any subset of it, of `jax.sharding.Sharding`s) straight onto its devices, each
+    device's block converted and copied on its own, and tensors the mapping leaves out are not read
+    (a pipeline stage loads only its layers); without, onto the default device. `put(tree_path,
+    host_array)` instead hands each whole converted tensor to the caller. Every tensor's name and
+    shape are checked before any is read: ValueError naming the file or tensor on any mismatch.
     """
+    if put is not None and shardings is not None:
+        raise ValueError("pass put or shardings, not both")
     model_dir = Path(model_dir)
     config = load_hf_config(model_dir)
     target = np.dtype(jnp.dtype(dtype))
-    put = put or _default_put
     specs = {s.hf_name: s for s in hf_tensor_specs(config)}
 
     located: dict[str, Path] = {}
     original: dict[str, str] = {}
     unexpected = []
-    for name, path in _checkpoint_files(model_dir).items():
+    for name, path in checkpoint_files(model_dir).items():
         short = _short_name(name, config.arch)
         if short in specs:
             if short in located:
@@ -291,27 +227,52 @@ def load_hf_checkpoint(model_dir: str | os.PathLike, *, dtype: Any, put: Put | N
             f"checkpoint {model_dir} holds {len(unexpected)} tensor(s) a {config.family or config.arch} model with "
             f"{config.num_layers} layers does not use, e.g. {sorted(unexpected)[:4]}"
         )
-
-    params: Params = {}
-    for path, names in _by_file(located):
-        with safe_open(path, framework="np") as f:
+    try:
+        for path, names in by_file(located):
             for short in names:
-                spec, name = specs[short], original[short]
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != spec.hf_shape:
-                    raise ValueError(f"{path.name}: tensor {name!r} has shape {shape}, expected {spec.hf_shape} from config.json")
-                host = np.ascontiguousarray(spec.convert(_read_tensor(f, path, name)), dtype=target)
-                _set(params, spec.path, put(spec.path, host))
-                del host
-    _header.cache_clear()
+                shape = tuple(tensor_info(path, original[short])["shape"])
+                if shape != specs[short].hf_shape:
+                    raise ValueError(f"{path.name}: tensor {original[short]!r} has shape {shape}, "
+                                     f"expected {specs[short].hf_shape} from config.json")
+        params: Params = {}
+        for path, names in by_file(located):
+            for short in names:
+                spec = specs[short]
+                wanted, sharding = lookup(shardings, spec.path)
+                if not wanted:
+                    continue
+                view = spec.convert(map_tensor(path, original[short]))  # a view: transposes and reshapes copy nothing
+                insert(params, spec.path, put(spec.path, np.array(view, dtype=target, order="C")) if put else place(view, sharding, target))
+                del view  # unmaps the tensor
+    finally:
+        header.cache_clear()
     return config, params
 
 
 # ----------------------------------------------------------------------------- presets and dummy weights
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: Any, dummy_weights: bool = False, seed: int = 0) -> tuple[ModelConfig, Params]:
-    """A preset name or a HF checkpoint directory -> (ModelConfig, params).
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """A model's weights before they are read: a checkpoint directory, or random init from `seed`
+    (`model_dir` None). `load(shardings)` reads or draws them tensor by tensor straight onto their
+    devices; the source holds no arrays, so keeping it costs nothing."""
+
+    config: ModelConfig
+    dtype: Any
+    model_dir: Path | None = None
+    seed: int = 0
+
+    def load(self, shardings: Shardings | None = None) -> Params:
+        """The weights `shardings` covers, each placed with its sharding (None: all of them, on the
+        default device); see load_hf_checkpoint and CausalLM.init."""
+        if self.model_dir is None:
+            return CausalLM(config=self.config, dtype=jnp.dtype(self.dtype)).init(jax.random.PRNGKey(self.seed), shardings)
+        return load_hf_checkpoint(self.model_dir, dtype=self.dtype, shardings=shardings)[1]
+
+
+def open_weights(name_or_path: str | os.PathLike, *, dtype: Any, dummy_weights: bool = False, seed: int = 0) -> WeightSource:
+    """A preset name or a HF checkpoint directory -> its `WeightSource`, reading only the config.
 
     Presets have no weights: they need `dummy_weights=True` (random init from `seed`). A directory
     loads its safetensors, or with `dummy_weights=True` only its config.json, with random weights.
@@ -322,12 +283,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any, dummy_weights: bo
             raise ValueError(f"{name!r} is neither a checkpoint directory nor a preset; presets: {sorted(PRESETS)}")
         if not dummy_weights:
             raise ValueError(f"preset {name!r} has no weights: pass dummy_weights=True for random ones, or a checkpoint directory")
-        config = PRESETS[name]
-    elif dummy_weights:
-        config = load_hf_config(path)
-    else:
-        return load_hf_checkpoint(path, dtype=dtype)
-    return config, CausalLM(config=config, dtype=jnp.dtype(dtype)).init(jax.random.PRNGKey(seed))
+        return WeightSource(PRESETS[name], dtype, None, seed)
+    return WeightSource(load_hf_config(path), dtype, None if dummy_weights else path, seed)
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: Any, dummy_weights: bool = False, seed: int = 0,
+               shardings: Shardings | None = None) -> tuple[ModelConfig, Params]:
+    """`open_weights(...)`'s config and its weights, loaded (see WeightSource.load for `shardings`)."""
+    source = open_weights(name_or_path, dtype=dtype, dummy_weights=dummy_weights, seed=seed)
+    return source.config, source.load(shardings)
 
 
 # ----------------------------------------------------------------------------- Orbax
@@ -371,7 +335,7 @@ def _abstract_from_config(ckpt, path: Path, config: ModelConfig, dtype: Any) -> 
         got = tuple(flat_stored[key].shape)
         if got != tuple(want.shape):
             raise ValueError(f"{path}: {'/'.join(key)} has shape {got}, expected {tuple(want.shape)} for config {config.name!r}")
-        _set(out, key, jax.ShapeDtypeStruct(want.shape, jnp.dtype(dtype) if dtype else flat_stored[key].dtype))
+        insert(out, key, jax.ShapeDtypeStruct(want.shape, jnp.dtype(dtype) if dtype else flat_stored[key].dtype))
     return out
 
 
@@ -402,7 +366,7 @@ def restore_params(path: str | os.PathLike, target: ModelConfig | Params | None 
         if dtype is not None:
             abstract = {}
             for key, meta in _flatten(_stored_tree(ckpt, path)):
-                _set(abstract, key, jax.ShapeDtypeStruct(tuple(meta.shape), jnp.dtype(dtype)))
+                insert(abstract, key, jax.ShapeDtypeStruct(tuple(meta.shape), jnp.dtype(dtype)))
     else:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if dtype else x.dtype, sharding=getattr(x, "sharding", None)),

@@ -117,11 +117,14 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
 
     t0 = time.perf_counter()
     placement = _fit_devices(args, placement, jax.devices())
-    model, params = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=_dummy(args), seed=args.seed,
-                                   backend=model_backend(args.attention_backend))
+    # Nothing is read yet: each instance's runners load their stages' weights straight onto their
+    # meshes (tensor by tensor, sharded), so no unsharded copy exists, here or on any device.
+    model, weights = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=_dummy(args), seed=args.seed,
+                                    backend=model_backend(args.attention_backend))
     config = model.config
     cache, sched = _cache_and_scheduler(args, config, jnp.dtype(model.dtype).itemsize)
-    engine = build_engine(model, params, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
+    engine = build_engine(model, weights, placement=placement, mode=placement.mode, cache=cache, scheduler=sched)
+    del weights
     backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
     fronts = _Fronts(args, backend, config, cluster_token=_cluster_token(create=True))
     backend.start()

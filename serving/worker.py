@@ -6,11 +6,12 @@ registered with the router and kept alive by heartbeats.
 (dsjax/serve.py parses a worker's flags, `--attention-backend` among them; serving/launcher.py
 passes the router's own on to the workers it starts.)
 
-Start-up order: load the model (same seed everywhere: identical weights), build the instance on a
-mesh of `tp * pp` local devices, start the engine thread, warm up (compile the common programs),
-serve, then register: the router routes only to warm workers. Heartbeats carry the instance's
-stats; if the router forgets the worker (it restarted) the worker registers again. With
-`exit_with_parent`, the worker exits when the process that started it is gone.
+Start-up order: build the instance on a mesh of `tp * pp` local devices, each stage reading its
+weights straight onto its devices (same seed everywhere: identical dummy weights), start the
+engine thread, warm up (compile the common programs), serve, then register: the router routes
+only to warm workers. Heartbeats carry the instance's stats; if the router forgets the worker (it
+restarted) the worker registers again. With `exit_with_parent`, the worker exits when the process
+that started it is gone.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def build_instance(cfg: WorkerConfig):
     from dsjax.engine.placement import PhaseParallel
     from dsjax.runtime.builder import build_runner, load_causal_lm
 
-    model, params = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed,
-                                   backend=model_backend(cfg.attention_backend))
-    runner = build_runner(model, params, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
+    # The weights are read here, each stage's straight onto its mesh (no unsharded copy anywhere).
+    model, weights = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed,
+                                    backend=model_backend(cfg.attention_backend))
+    runner = build_runner(model, weights, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
     log.info("%s: attention backend %s on %s", cfg.worker_id, runner.attention_backend, runner.devices()[0].platform)
     return (PrefillInstance if cfg.role == "prefill" else DecodeInstance)(runner, cfg.scheduler)
 

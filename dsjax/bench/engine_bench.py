@@ -168,7 +168,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--only", choices=["prefill", "decode", "context", "migration", "interference"], help="run one section")
     args = ap.parse_args(argv)
-    model, params = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=True, backend="xla")
+    model, weights = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=True, backend="xla")
+    params = weights.load()  # one tree on the default device: the plain chain and the weight bytes read it
     config = model.config
     cache = CacheConfig(num_blocks=2200, block_size=16)
     runner = build_runner(model, params, cache)

@@ -1,7 +1,8 @@
 """The one place a model and its runners are built: every entry point (the offline `LLM`, the
 in-process server, a worker process, the profiler and the micro-benchmarks) calls these.
 
-- `load_causal_lm`: a preset or an HF checkpoint folder -> (the Flax module, its weights);
+- `load_causal_lm`: a preset or an HF checkpoint folder -> (the Flax module, its weights as a
+  `WeightSource`: nothing is read until a runner places each stage's share on its devices);
 - `platform_backend`: the attention path a model takes on this platform when none is asked for;
 - `build_runner`: one instance of a phase's (tp, pp) on devices (or unsharded, on the default
   device, with no phase);
@@ -11,6 +12,12 @@ in-process server, a worker process, the profiler and the micro-benchmarks) call
   - colocated / chunked: `placement.prefill.replicas` independent instances doing both phases
     (dsjax/engine/colocated.py).
   With no placement the model runs unsharded on the default device (colocated).
+
+Weights (docs/weights.md, "Sharded loading"): every runner built from a `WeightSource` loads each
+of its stages' weights tensor by tensor from the checkpoint file (memory-mapped) or the random
+init straight onto the stage's mesh with the phase's sharding, so no device ever holds the whole
+model and nothing unsharded outlives start-up. A params tree already in memory is still accepted
+(resharded with device_put), for tests and callers that made one.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from dsjax.runtime.runner import ModelRunner
 from dsjax.runtime.sharding import ShardingRules, carve, instance_meshes
 from models.attention import BACKENDS, default_backend
 from models.transformer import CausalLM
-from models.weights import DTYPES, load_model
+from models.weights import DTYPES, WeightSource, open_weights
 
 
 def load_causal_lm(model: str, *, dtype: str = "float32", dummy_weights: bool = False, seed: int = 0,
-                   backend: str | None = None) -> tuple[CausalLM, dict]:
-    """The Flax module and its weights for a preset name or a checkpoint folder; `dtype` names the
+                   backend: str | None = None) -> tuple[CausalLM, WeightSource]:
+    """The Flax module and its weights, not yet read (a `WeightSource`: `build_runner` and
+    `build_engine` place them), for a preset name or a checkpoint folder; `dtype` names the
     compute and weight dtype, `backend` the attention path: "xla", "pallas", "auto" (chosen per
     program shape, models.attention.attend) or None, the platform's path for the model, fixed for
     every shape (`platform_backend`; servers use it for --attention-backend auto)."""
@@ -41,8 +49,9 @@ def load_causal_lm(model: str, *, dtype: str = "float32", dummy_weights: bool = 
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
-    config, params = load_model(model, dtype=DTYPES[dtype], dummy_weights=dummy_weights, seed=seed)
-    return CausalLM(config=config, dtype=DTYPES[dtype], backend=backend or platform_backend(config)), params
+    weights = open_weights(model, dtype=DTYPES[dtype], dummy_weights=dummy_weights, seed=seed)
+    config = weights.config
+    return CausalLM(config=config, dtype=DTYPES[dtype], backend=backend or platform_backend(config)), weights
 
 
 def platform_backend(config) -> str:
@@ -55,10 +64,11 @@ def platform_backend(config) -> str:
     return default_backend()
 
 
-def build_runner(model: CausalLM, params, cache: CacheConfig, *, phase: PhaseParallel | None = None,
+def build_runner(model: CausalLM, params: WeightSource | dict, cache: CacheConfig, *, phase: PhaseParallel | None = None,
                  devices: Sequence | None = None, rules: ShardingRules | None = None) -> ModelRunner:
     """One instance: with `phase`, its tp * pp devices taken in order from `devices` (default all
-    local devices) as pp stage meshes of tp devices; with none, unsharded on the default device."""
+    local devices) as pp stage meshes of tp devices; with none, unsharded on the default device.
+    `params`: a `WeightSource` (each stage reads its weights straight onto its mesh) or a tree."""
     if phase is None:
         return ModelRunner(model, params, cache)
     devices = list(jax.devices() if devices is None else devices)
@@ -71,7 +81,7 @@ def build_runner(model: CausalLM, params, cache: CacheConfig, *, phase: PhasePar
     return ModelRunner(model, params, cache, instance_meshes(devices[:need], phase).meshes, rules)
 
 
-def build_engine(model: CausalLM, params, *, placement: Placement | None, mode: str, cache: CacheConfig,
+def build_engine(model: CausalLM, params: WeightSource | dict, *, placement: Placement | None, mode: str, cache: CacheConfig,
                  scheduler: SchedulerConfig, devices: list | None = None, prefill_rules: ShardingRules | None = None,
                  decode_rules: ShardingRules | None = None):
     if mode not in MODES:

@@ -26,6 +26,7 @@ from dsjax.runtime.batch import pack_decode, pack_prefill
 from dsjax.runtime.kv_cache import CacheConfig, allocate_cache
 from dsjax.runtime.programs import stage_programs
 from models.transformer import CausalLM, KVCache
+from models.weights import WeightSource
 
 # The widest block table the XLA decode path pads every batch to (4096 tokens of 16-token blocks):
 # past it (long-context models) the width is bucketed again, so that per-step host work and
@@ -48,8 +49,11 @@ class Stage:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, params, cache_config: CacheConfig, meshes: tuple[Mesh, ...] | None = None,
-                 rules: shd.ShardingRules | None = None):
+    def __init__(self, model: CausalLM, params: WeightSource | dict, cache_config: CacheConfig,
+                 meshes: tuple[Mesh, ...] | None = None, rules: shd.ShardingRules | None = None):
+        """`params`: a `WeightSource` (each stage loads its own weights from it, tensor by tensor,
+        straight onto its mesh; the runner keeps no reference to it) or a params tree in memory
+        (each stage's subset resharded onto its mesh)."""
         self.model = model
         self.cache_config = cache_config
         self.stages: list[Stage] = []
@@ -60,6 +64,8 @@ class ModelRunner:
         if meshes is None:
             prefill_fn, decode_fn = stage_programs(model, 0, cfg.num_layers)
             cache = allocate_cache(cfg, cache_config, model.dtype)
+            if isinstance(params, WeightSource):
+                params = params.load()  # every weight, on the default device
             self.stages.append(Stage(0, cfg.num_layers, None, params, cache, prefill_fn, decode_fn))
             return
         for mesh, (first, last) in zip(meshes, shd.stage_layers(cfg.num_layers, len(meshes)), strict=True):

@@ -11,6 +11,8 @@ split the same way, on its kv_heads axis.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -21,6 +23,9 @@ from jax.sharding import PartitionSpec as P
 from dsjax.engine.placement import PhaseParallel, Placement
 from models.config import ModelConfig
 from models.transformer import CausalLM, KVCache
+
+if TYPE_CHECKING:
+    from models.weights import WeightSource
 
 TP_AXIS = "tp"
 
@@ -120,11 +125,23 @@ def stage_param_keys(config: ModelConfig, first: int, last: int) -> list[str]:
     return sorted(set(keys))
 
 
-def shard_stage_params(model: CausalLM, params, mesh: Mesh, first: int, last: int, rules: ShardingRules | None = None):
-    """The stage's subset of params placed on its mesh with the phase's rules."""
+def stage_shardings(model: CausalLM, mesh: Mesh, first: int, last: int, rules: ShardingRules | None = None) -> dict:
+    """NamedSharding of every weight a stage running layers [first, last) holds (the params tree's
+    subset: `stage_param_keys`), from the phase's rules."""
     shardings = param_shardings(model, mesh, rules or ShardingRules())
-    keys = stage_param_keys(model.config, first, last)
-    return {k: jax.device_put(params[k], shardings[k]) for k in keys}
+    return {k: shardings[k] for k in stage_param_keys(model.config, first, last)}
+
+
+def shard_stage_params(model: CausalLM, params: WeightSource | dict, mesh: Mesh, first: int, last: int,
+                       rules: ShardingRules | None = None):
+    """The stage's subset of params placed on its mesh with the phase's rules. From a `WeightSource`
+    each tensor goes from the checkpoint file (or the random init) straight to the stage's devices
+    with its sharding, and the other stages' weights are never read; a params tree already in memory
+    is resharded with device_put."""
+    shardings = stage_shardings(model, mesh, first, last, rules)
+    if isinstance(params, Mapping):
+        return {k: jax.device_put(params[k], shardings[k]) for k in shardings}
+    return params.load(shardings)
 
 
 def cache_sharding(mesh: Mesh, num_layers: int) -> KVCache:
