@@ -81,6 +81,10 @@ class PrefillMeta:
     # Static: the first num_decode_rows requests own one row each, rows 0..num_decode_rows-1 (the
     # decode region of a mixed batch, see the module docstring); 0 = a plain prefill batch.
     num_decode_rows: int = struct.field(pytree_node=False, default=0)
+    # Static: no request has a cached prefix (every chunk starts at position 0) and there is no
+    # decode region, so each request's keys are exactly its own packed rows of this step and the
+    # jnp path attends the step's K/V directly (T x T scores, no gather; see `_prefill_fresh`).
+    fresh: bool = struct.field(pytree_node=False, default=False)
 
     def split(self) -> tuple[DecodeMeta, PrefillMeta]:
         """(decode region, prefill region) of a mixed batch; the prefill region's rows start at 0."""
@@ -148,7 +152,7 @@ def _visible(key_pos, query_pos, sliding_window: int | None):
 
 
 def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: float,
-                          sliding_window: int | None = None) -> jax.Array:
+                          sliding_window: int | None = None, k=None, v=None) -> jax.Array:
     """Ragged prefill attention in plain jnp (the CPU path): q [T, Hq, D] -> [T, Hq, D].
 
     With a cached prefix, query i of request b sits at position kv_len - q_len + i, which is
@@ -165,6 +169,8 @@ def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: f
     prefill region alone, then concatenated.
     """
     bd = meta.num_decode_rows
+    if meta.fresh and k is not None and not bd:
+        return _prefill_fresh(q, k, v, meta, sm_scale, sliding_window)
     if bd:
         _check_split(q, meta)
         decode_meta, prefill_meta = meta.split()
@@ -173,6 +179,33 @@ def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: f
         prefilled = _prefill_unsplit(q[bd:], k_cache, v_cache, prefill_meta, sm_scale, sliding_window)  # [T - Bd, Hq, D]
         return jnp.concatenate([decoded, prefilled], axis=0)
     return _prefill_unsplit(q, k_cache, v_cache, meta, sm_scale, sliding_window)
+
+
+def _prefill_fresh(q, k, v, meta: PrefillMeta, sm_scale, sliding_window):
+    """Prompts without a cached prefix attend the step's own K/V: q [T, Hq, D], k, v [T, Hkv, D].
+
+    Packed row j is a key of packed row i exactly when both belong to the same request (segment
+    ids from cu_q_lens) and position j <= position i (within the window, if any): T x T scores
+    per head in the dots' canonical [Hkv, G, T, T] layout, however many requests share the batch,
+    where the cache formulations score T x B x S (packed) or B x S x min(T, S) (padded) and gather
+    the keys first. Padding rows (segment B) see no key and give 0.
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    nreq = meta.cu_q_lens.shape[0] - 1
+    seg = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]; nreq = padding
+    mask = (seg[:, None] == seg[None, :]) & (seg[:, None] < nreq)  # [T(query), T(key)]
+    mask = mask & _visible(meta.positions[None, :], meta.positions[:, None], sliding_window)
+    qh = (q.reshape(t, hkv, g, d).astype(jnp.float32) * sm_scale).transpose(1, 2, 0, 3)  # [Hkv, G, T, D]
+    kh, vh = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [Hkv, T, D]
+    scores = jnp.einsum("kgtd,ksd->kgts", qh, kh.astype(jnp.float32))
+    scores = jnp.where(mask, scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))  # masked keys: exp(-inf) = 0
+    denom = probs.sum(-1, keepdims=True)
+    out = jnp.einsum("kgts,ksd->kgtd", probs, vh.astype(jnp.float32)) / jnp.where(denom > 0, denom, 1.0)
+    return out.transpose(2, 0, 1, 3).reshape(t, hq, d).astype(q.dtype)
 
 
 def _check_split(q, meta: PrefillMeta) -> None:
@@ -185,7 +218,9 @@ def _prefill_unsplit(q, k_cache, v_cache, meta: PrefillMeta, sm_scale, sliding_w
     t = q.shape[0]
     s = meta.block_tables.shape[1] * k_cache.shape[2]
     keys = _gather_kv(k_cache, meta.block_tables)  # [B, Hkv, S, D]
-    vals = _gather_kv(v_cache, meta.block_tables)
+    # Rows past a request's length may hold anything (NaN included) and 0 * NaN is NaN: zero them.
+    held = jnp.arange(s)[None, :] < meta.kv_lens[:, None]  # [B, S]
+    vals = jnp.where(held[:, None, :, None], _gather_kv(v_cache, meta.block_tables), 0)
     if s < t:
         return _prefill_padded(q, keys, vals, meta, sm_scale, sliding_window)
     return _prefill_packed(q, keys, vals, meta, sm_scale, sliding_window)
@@ -323,6 +358,8 @@ def _auto_uses_kernel(q, k_cache, meta: Meta) -> bool:
         return True
     if not isinstance(meta, PrefillMeta):
         return False
+    if meta.fresh:  # the jnp path scores T x T pairs (_prefill_fresh)
+        return q.shape[0] ** 2 > AUTO_PREFILL_KERNEL_SCORES
     bd = meta.num_decode_rows  # a mixed batch's decode region costs Bd * S scores on the jnp path
     t, nreq = q.shape[0] - bd, meta.block_tables.shape[0] - bd
     s = meta.block_tables.shape[1] * k_cache.shape[2]
@@ -330,9 +367,10 @@ def _auto_uses_kernel(q, k_cache, meta: Meta) -> bool:
 
 
 def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend,
-           sliding_window: int | None = None) -> jax.Array:
+           sliding_window: int | None = None, k=None, v=None) -> jax.Array:
     """Dispatch on the metadata type (prefill or decode) and the static backend name; a sliding
-    window (static) runs on the jnp paths only."""
+    window (static) runs on the jnp paths only. `k`, `v` [T, Hkv, D]: this step's keys and values
+    (as just written to the cache), which a fresh prefill on the jnp path attends directly."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend={backend!r} must be one of {BACKENDS}")
     if sliding_window is not None and backend == "pallas":
@@ -340,7 +378,7 @@ def attend(q, k_cache, v_cache, meta: Meta, *, sm_scale: float, backend: Backend
     if sliding_window is None and (backend == "pallas" or (backend == "auto" and _auto_uses_kernel(q, k_cache, meta))):
         return _pallas(q, k_cache, v_cache, meta, sm_scale)
     if isinstance(meta, PrefillMeta):
-        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window)
+        return prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window, k=k, v=v)
     return decode_attention_xla(q, k_cache, v_cache, meta, sm_scale=sm_scale, sliding_window=sliding_window)
 
 

@@ -135,7 +135,7 @@ class Attention(nn.Module):
             k = apply_rope(k, meta.positions, freq)
         k_cache, v_cache = write_kv(k_cache, v_cache, k, v, meta.slots)
         out = attend(q, k_cache, v_cache, meta, sm_scale=d**-0.5, backend=self.backend,
-                     sliding_window=c.sliding_window)  # [T, H, D]
+                     sliding_window=c.sliding_window, k=k, v=v)  # [T, H, D]
         y = out.reshape(t, h * d) @ wo.reshape(h * d, e)
         if c.arch == "opt":
             y = y + _zeros(self, "o_bias", (e,), ("embed",), self.dtype)

@@ -51,10 +51,12 @@ def _check_decodes(chunks: list[Chunk], num_decodes: int) -> int:
     return num_decodes
 
 
-def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int, num_decodes: int = 0):
+def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int, num_decodes: int = 0,
+                 fresh_ok: bool = False):
     """-> (token_ids [T], PrefillMeta, SamplingArrays, out_rows [len(chunks)]) as numpy, padded to
     the prefill bucket, or with `num_decodes` > 0 the mixed one (see the module docstring);
-    out_rows[j] is the row of the program's [B] output that holds chunk j's sampled token."""
+    out_rows[j] is the row of the program's [B] output that holds chunk j's sampled token. With
+    `fresh_ok`, a plain batch whose chunks all start at position 0 is marked `fresh`."""
     nd = _check_decodes(chunks, num_decodes)
     prompt_chunks = chunks[nd:]
     total = sum(c.num_tokens for c in prompt_chunks)
@@ -82,7 +84,8 @@ def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int, 
         kv_lens[row] = c.end
         cu[row + 1] = off + c.num_tokens
     meta = PrefillMeta(positions=positions, slots=slots, block_tables=_tables_at(tables, out_rows, b_pad, mb_pad),
-                       cu_q_lens=cu, kv_lens=kv_lens, num_decode_rows=bd)
+                       cu_q_lens=cu, kv_lens=kv_lens, num_decode_rows=bd,
+                       fresh=fresh_ok and not bd and all(c.start == 0 for c in chunks))
     sampling = SamplingArrays.from_requests([c.request for c in chunks], b_pad, rows=out_rows)
     return token_ids, meta, sampling, out_rows
 

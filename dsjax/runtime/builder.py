@@ -81,6 +81,13 @@ def build_runner(model: CausalLM, params: WeightSource | dict, cache: CacheConfi
     return ModelRunner(model, params, cache, instance_meshes(devices[:need], phase).meshes, rules)
 
 
+def _colocated(runner: ModelRunner, scheduler: SchedulerConfig, chunked: bool) -> ColocatedEngine:
+    # A chunked engine prefills chunks after cached prefixes: its prefill programs always read the
+    # cache, so one program variant per shape serves its fresh and its continued chunks alike.
+    runner.fresh_prefill = not chunked
+    return ColocatedEngine(runner, scheduler, chunked=chunked)
+
+
 def build_engine(model: CausalLM, params: WeightSource | dict, *, placement: Placement | None, mode: str, cache: CacheConfig,
                  scheduler: SchedulerConfig, devices: list | None = None, prefill_rules: ShardingRules | None = None,
                  decode_rules: ShardingRules | None = None):
@@ -90,7 +97,7 @@ def build_engine(model: CausalLM, params: WeightSource | dict, *, placement: Pla
     if placement is None:
         if mode == "disaggregated":
             raise ValueError("mode='disaggregated' needs a placement (which devices prefill and decode use)")
-        return ColocatedEngine(build_runner(model, params, cache), scheduler, chunked=chunked)
+        return _colocated(build_runner(model, params, cache), scheduler, chunked)
     if placement.mode != mode:
         placement = Placement(prefill=placement.prefill, decode=placement.decode if mode == "disaggregated" else placement.prefill, mode=mode)
     meshes = carve(placement, devices)
@@ -101,5 +108,5 @@ def build_engine(model: CausalLM, params: WeightSource | dict, *, placement: Pla
     if mode == "disaggregated":
         return DisaggEngine([PrefillInstance(r, scheduler) for r in runners("prefill", prefill_rules)],
                             [DecodeInstance(r, scheduler) for r in runners("decode", decode_rules)])
-    engines = [ColocatedEngine(r, scheduler, chunked=chunked) for r in runners("colocated", prefill_rules)]
+    engines = [_colocated(r, scheduler, chunked) for r in runners("colocated", prefill_rules)]
     return engines[0] if len(engines) == 1 else ReplicatedEngine(engines)

@@ -60,6 +60,10 @@ class ModelRunner:
         # Called with ("prefill", [(start, end) per chunk]) / ("decode", [context len per request])
         # for every batch launched (serving/step_log.py uses it to time served steps).
         self.launch_hook: Callable[[str, list], None] | None = None
+        # Prefill batches whose chunks all start at position 0 attend their own K/V on the jnp path
+        # (models/attention.py `_prefill_fresh`); engines that prefill after cached prefixes
+        # (chunked) turn it off so that each prefill shape compiles one program.
+        self.fresh_prefill = True
         cfg = model.config
         if meshes is None:
             prefill_fn, decode_fn = stage_programs(model, 0, cfg.num_layers)
@@ -147,7 +151,7 @@ class ModelRunner:
                 self.launch_hook("prefill", [(c.start, c.end) for c in chunks])
         launched = []
         for c, t in batches:
-            token_ids, meta, sampling, out_rows = pack_prefill(c, t, self.block_size, num_decodes)
+            token_ids, meta, sampling, out_rows = pack_prefill(c, t, self.block_size, num_decodes, fresh_ok=self.fresh_prefill)
             launched.append((self._dispatch((token_ids, meta, sampling), decode=False), out_rows))
         return launched
 

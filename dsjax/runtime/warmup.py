@@ -64,10 +64,10 @@ def decode_shapes(*, max_num_seqs: int, max_context: int, block_size: int, min_b
     return [(b, mb) for b in _pow2_range(1, shapes.next_pow2(max_num_seqs)) for mb in _pow2_range(min_blocks, mb_max)]
 
 
-def _padding_prefill(t: int, b: int, mb: int):
+def _padding_prefill(t: int, b: int, mb: int, fresh: bool = False):
     meta = PrefillMeta(positions=np.zeros(t, np.int32), slots=np.zeros(t, np.int32),
                        block_tables=np.zeros((b, mb), np.int32), cu_q_lens=np.zeros(b + 1, np.int32),
-                       kv_lens=np.zeros(b, np.int32))
+                       kv_lens=np.zeros(b, np.int32), fresh=fresh)
     return np.zeros(t, np.int32), meta, SamplingArrays.from_requests([], b)
 
 
@@ -84,7 +84,7 @@ def warm_shapes(runner, *, prefill: list[tuple[int, int, int]], decode: list[tup
     t0 = time.perf_counter()
     total = len(prefill) + len(decode)
     done = 0
-    for packed, is_decode in [(_padding_prefill(*s), False) for s in prefill] + [(_padding_decode(*s), True) for s in decode]:
+    for packed, is_decode in [(_padding_prefill(*s, fresh=runner.fresh_prefill), False) for s in prefill] + [(_padding_decode(*s), True) for s in decode]:
         np.asarray(runner._dispatch(packed, decode=is_decode))  # wait: one compilation at a time
         done += 1
         if on_shape is not None:

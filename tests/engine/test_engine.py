@@ -120,8 +120,8 @@ def test_chunked_prefill_matches_prefill_first(tiny_llama, prompts, monkeypatch,
     real_pack, real_pack_decode = dsjax.runtime.runner.pack_prefill, dsjax.runtime.runner.pack_decode
     runner = ModelRunner(model, params, cache)
 
-    def pack_spy(*args):
-        packed = real_pack(*args)
+    def pack_spy(*args, **kwargs):
+        packed = real_pack(*args, **kwargs)
         decode_rows.append(packed[1].num_decode_rows)
         return packed
 

@@ -165,3 +165,47 @@ def test_sliding_window_decode_matches_dense(window):
             continue
         want = windowed_attention(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], [n - 1], window, SM_SCALE)
         np.testing.assert_allclose(out[b], want[0], atol=ATOL, rtol=1e-5, err_msg=f"row {b}")
+
+
+@pytest.mark.parametrize("lens,window", [((5, 16, 1, 9), None), ((30,), None), ((7, 12), 4), ((3,), None)])
+def test_fresh_prefill_attends_its_own_kv_as_the_cache_paths_do(lens, window):
+    """A batch of prompts without a cached prefix: attending the step's own K/V (T x T scores under
+    a segment mask) equals attending the paged cache they were just written to; padding rows give 0."""
+    from models.attention import write_kv
+
+    rng = np.random.default_rng(sum(lens))
+    hq, hkv, d, bs = 4, 2, 8, 4
+    t = 1 << (sum(lens) - 1).bit_length()  # padded like a prefill bucket
+    positions, slots, tables, cu, next_block = np.zeros(t, np.int32), np.zeros(t, np.int32), [], [0], 1
+    for n in lens:
+        blocks = list(range(next_block, next_block + -(-n // bs)))
+        next_block += len(blocks)
+        rows = np.arange(cu[-1], cu[-1] + n)
+        positions[rows] = np.arange(n)
+        slots[rows] = np.asarray(blocks)[np.arange(n) // bs] * bs + np.arange(n) % bs
+        tables.append(blocks + [0] * (8 - len(blocks)))
+        cu.append(cu[-1] + n)
+    meta = PrefillMeta(positions=jnp.asarray(positions), slots=jnp.asarray(slots), block_tables=jnp.asarray(tables, jnp.int32),
+                       cu_q_lens=jnp.asarray(cu, jnp.int32), kv_lens=jnp.asarray(lens, jnp.int32))
+    q, k, v = (jnp.asarray(rng.standard_normal((t, h, d)), jnp.float32) for h in (hq, hkv, hkv))
+    pool = jnp.full((next_block, hkv, bs, d), jnp.nan, jnp.float32)  # unused rows: anything
+    k_cache, v_cache = write_kv(pool, pool, k, v, meta.slots)
+    cached = prefill_attention_xla(q, k_cache, v_cache, meta, sm_scale=SM_SCALE, sliding_window=window)
+    fresh = prefill_attention_xla(q, k_cache, v_cache, dataclasses.replace(meta, fresh=True), sm_scale=SM_SCALE,
+                                  sliding_window=window, k=k, v=v)
+    real = cu[-1]
+    np.testing.assert_allclose(np.asarray(fresh)[:real], np.asarray(cached)[:real], atol=ATOL, rtol=1e-5)
+    assert (np.asarray(fresh)[real:] == 0).all()
+
+
+def test_pack_prefill_marks_only_prefix_free_batches_fresh():
+    from dsjax.engine.request import Chunk, Request
+    from dsjax.engine.sampling_params import SamplingParams
+    from dsjax.runtime.batch import pack_prefill
+
+    reqs = [Request(request_id=f"r{i}", prompt_token_ids=list(range(1, 10)), sampling=SamplingParams(max_tokens=2), seed=0)
+            for i in range(2)]
+    tables = [[1, 2, 3], [4, 5, 6]]
+    assert pack_prefill([Chunk(r, 0, 9) for r in reqs], tables, 4, fresh_ok=True)[1].fresh
+    assert not pack_prefill([Chunk(r, 0, 9) for r in reqs], tables, 4)[1].fresh  # the caller did not allow it
+    assert not pack_prefill([Chunk(reqs[0], 0, 9), Chunk(reqs[1], 4, 9)], tables, 4, fresh_ok=True)[1].fresh

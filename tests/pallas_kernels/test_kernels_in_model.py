@@ -48,14 +48,15 @@ def test_auto_backend_mixes_paths_and_matches_xla(monkeypatch):
     used = []
     real = pallas_kernels.ragged_prefill_attention
     monkeypatch.setattr(pallas_kernels, "ragged_prefill_attention", lambda *a, **k: (used.append(a[0].shape), real(*a, **k))[1])
-    prompts = [list(range(1, 301)), list(range(7, 47)), [3] * 20]  # packs to 512 tokens x 512 keys
+    # packs to 1024 tokens of fresh prompts: the jnp path would score 1024 x 1024 pairs (> 512 x 512)
+    prompts = [list(range(1, 301)), [t % 400 + 7 for t in range(250)], [3] * 20]
     sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     outs = {}
     for backend in ("xla", "auto"):
         llm = LLM(model="tiny-llama", dummy_weights=True, attention_backend=backend,
-                  scheduler=SchedulerConfig(max_prefill_tokens=512))
+                  scheduler=SchedulerConfig(max_prefill_tokens=1024))
         outs[backend] = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling=sp)]
-    assert used and all(shape[0] == 512 for shape in used)  # only the big prefill took the kernel
+    assert used and all(shape[0] == 1024 for shape in used)  # only the big prefill took the kernel
     assert outs["auto"] == outs["xla"]
 
 
