@@ -181,6 +181,11 @@ def prefill_attention_xla(q, k_cache, v_cache, meta: PrefillMeta, *, sm_scale: f
     return _prefill_unsplit(q, k_cache, v_cache, meta, sm_scale, sliding_window)
 
 
+def _request_of_rows(meta: PrefillMeta, t: int) -> jax.Array:
+    """[T] the request that owns each packed row; B (the request count) for padding rows."""
+    return jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")
+
+
 def _prefill_fresh(q, k, v, meta: PrefillMeta, sm_scale, sliding_window):
     """Prompts without a cached prefix attend the step's own K/V: q [T, Hq, D], k, v [T, Hkv, D].
 
@@ -194,7 +199,7 @@ def _prefill_fresh(q, k, v, meta: PrefillMeta, sm_scale, sliding_window):
     hkv = k.shape[1]
     g = hq // hkv
     nreq = meta.cu_q_lens.shape[0] - 1
-    seg = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]; nreq = padding
+    seg = _request_of_rows(meta, t)
     mask = (seg[:, None] == seg[None, :]) & (seg[:, None] < nreq)  # [T(query), T(key)]
     mask = mask & _visible(meta.positions[None, :], meta.positions[:, None], sliding_window)
     qh = (q.reshape(t, hkv, g, d).astype(jnp.float32) * sm_scale).transpose(1, 2, 0, 3)  # [Hkv, G, T, D]
@@ -230,7 +235,7 @@ def _prefill_packed(q, keys, vals, meta: PrefillMeta, sm_scale, sliding_window):
     t, hq, d = q.shape
     nreq, hkv, s, _ = keys.shape
     g = hq // hkv
-    seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]; B = padding
+    seq = _request_of_rows(meta, t)
     own = seq[:, None] == jnp.arange(nreq)[None, :]  # [T, B]
     causal = _visible(jnp.arange(s)[None, :], meta.positions[:, None], sliding_window)  # [T, S]
     mask = (own[:, :, None] & causal[:, None, :]).reshape(t, 1, 1, nreq * s)
@@ -256,7 +261,7 @@ def _prefill_padded(q, keys, vals, meta: PrefillMeta, sm_scale, sliding_window):
     probs = _softmax_masked(scores, mask[:, None, None])
     out = jnp.einsum("bkgqs,bksd->bqkgd", probs.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
     # back to packed rows: token t is row t - cu[b] of its request b; padding tokens give 0
-    seq = jnp.searchsorted(meta.cu_q_lens[1:], jnp.arange(t, dtype=jnp.int32), side="right")  # [T]
+    seq = _request_of_rows(meta, t)
     row = jnp.arange(t) - meta.cu_q_lens[jnp.minimum(seq, nreq - 1)]
     packed = out[jnp.minimum(seq, nreq - 1), jnp.clip(row, 0, qmax - 1)]  # [T, Hkv, G, D]
     packed = jnp.where((seq < nreq)[:, None, None, None], packed, 0.0)
