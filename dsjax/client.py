@@ -3,6 +3,7 @@
     python -m dsjax.client "Once upon a time" --max-tokens 64 --temperature 0.8
     python -m dsjax.client --token-ids 256,72,105 --max-tokens 8 --temperature 0 --show-tokens
     python -m dsjax.client --target host:50051 --wait 60 "hello"    # wait for the server to be up
+    python -m dsjax.client --tls-ca ca.pem --target host:50051 "hi"  # a server with --api-tls-cert
 
 Text goes to stdout as it arrives; the finish reason and latencies (TTFT, TPOT) go to stderr. A
 failed request prints its gRPC status and message and exits with 1.
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--show-tokens", action="store_true", help="print the token ids to stderr at the end")
     p.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY") or None,
                    help="sent as `authorization: Bearer KEY` (a server started with --api-key; default $DSJAX_API_KEY)")
+    p.add_argument("--tls-ca", metavar="FILE", default=None,
+                   help="connect over TLS, trusting the CA certificates in FILE (PEM; a server with --api-tls-cert)")
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.token_ids is None):
         p.error("give a text prompt or --token-ids (exactly one)")
@@ -73,12 +76,20 @@ def wait_until_serving(channel: grpc.Channel, timeout: float) -> bool:
         time.sleep(0.25)
 
 
+def open_channel(target: str, tls_ca: str | None) -> grpc.Channel:
+    """Plaintext, or TLS trusting `tls_ca` (the server's name must match its certificate)."""
+    if tls_ca is None:
+        return grpc.insecure_channel(target)
+    with open(tls_ca, "rb") as f:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+
+
 def main(argv: list[str] | None = None) -> int:
     from serving.proto.dsjax.v1 import dsjax_pb2 as pb
     from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 
     args = parse_args(argv)
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args.target, args.tls_ca) as channel:
         if args.wait and not wait_until_serving(channel, args.wait):
             print(f"error: {args.target} did not report SERVING within {args.wait:.0f}s", file=sys.stderr)
             return 1

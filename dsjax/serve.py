@@ -12,6 +12,8 @@ serves colocated instead. Attention runs the Pallas kernels on GPU and the XLA p
     python -m dsjax.serve --workers processes --prefill-tp 2 --decode-replicas 2
     python -m dsjax.serve --plan plan.json --model /ckpt/opt-13b
     python -m dsjax.serve --mode chunked --prefill-tp 2     # a colocated baseline
+    python -m dsjax.serve --emulate A100_PROFILE.json --model opt-13b --prefill-tp 2   # emulated devices (dsjax/emulate.py)
+    python -m dsjax.serve certs ./tls && python -m dsjax.serve --workers processes --tls-dir ./tls   # mutual TLS
     # one role per host, all with the same DSJAX_CLUSTER_TOKEN (serving/cluster_auth.py):
     export DSJAX_CLUSTER_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
     python -m dsjax.serve --role router --host 0.0.0.0 --port 50051
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("model")
     m.add_argument("--model", default="tiny-llama", help="a preset name or a Hugging Face checkpoint directory")
     m.add_argument("--dummy-weights", action="store_true", help="random weights (implied for presets)")
-    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="default float32; with --emulate the profile's (float16 for DistServe's)")
     m.add_argument("--seed", type=int, default=0, help="dummy-weight seed (identical weights in every process)")
     m.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                    help="attention path of every instance: auto = the Pallas kernels on GPU, XLA elsewhere "
@@ -53,6 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--api-key", default=os.environ.get("DSJAX_API_KEY") or None,
                    help="require `Authorization: Bearer KEY` on the public HTTP and gRPC APIs (default $DSJAX_API_KEY)")
     s.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics and /debug/instances (-1: off)")
+    s.add_argument("--tls-dir", default=os.environ.get("DSJAX_TLS_DIR") or None,
+                   help="mutual TLS on every internal gRPC call and listener, with DIR/ca.pem, node.pem, node-key.pem "
+                        "(`python -m dsjax.serve certs DIR` makes them; default $DSJAX_TLS_DIR); the router's Registry "
+                        "and Admin then move to --cluster-port")
+    s.add_argument("--cluster-port", type=int, default=None,
+                   help="the router's listener for the cluster's services (Registry, Admin; workers' --router points "
+                        "here); default: none, they share --port, or 50052 with --tls-dir or --api-tls-cert")
+    s.add_argument("--api-tls-cert", default=None, help="serve the public gRPC port and the HTTP API over TLS with this PEM certificate")
+    s.add_argument("--api-tls-key", default=None, help="the private key (PEM) of --api-tls-cert")
     s.add_argument("--mode", choices=MODES, default=None,
                    help="default: the plan's, else disaggregated, or colocated where the in-process server sees one device")
     s.add_argument("--plan", help="a placement written by the planner (dsjax.engine.placement.save_plan)")
@@ -99,7 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + output tokens per request (default: the model's context); bounds the KV "
                         "pool's default size and the program shapes --warmup-shapes compiles")
-    return p.parse_args(argv)
+    from dsjax.emulate import add_arguments
+
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if args.dtype is None and not args.emulate:
+        args.dtype = "float32"
+    return args
 
 
 def placement_from_args(args: argparse.Namespace):
@@ -122,10 +140,25 @@ def placement_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["certs"]:  # `python -m dsjax.serve certs DIR`: the cluster's CA and node certificate
+        from serving.certs import main as certs_main
+
+        return certs_main(argv[1:])
     args = parse_args(argv)
     if args.port is None:
         args.port = 0 if args.role in ("prefill", "decode") else 50051
     placement = placement_from_args(args)
+    if args.emulate:  # emulated devices (dsjax/emulate.py): no jax, no XLA devices to make
+        from dsjax.emulate import Emulation
+        from serving import launcher
+
+        try:
+            emulation = Emulation.from_args(args)
+        except ValueError as e:
+            raise SystemExit(f"--emulate: {e}") from None
+        args.dtype = emulation.dtype
+        return launcher.run(args, placement, emulation=emulation)
     # Devices exist once jax starts: on a CPU host, give this process as many as it will use.
     if args.role in ("prefill", "decode"):
         phase = placement.prefill if args.role == "prefill" else placement.decode

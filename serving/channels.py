@@ -1,17 +1,21 @@
-"""gRPC channels between the router and the workers, and between workers (one per address).
+"""gRPC channels between the router and the workers, and between workers (one per address), and
+the router's internal listener.
 
 Messages up to 256 MiB are allowed on internal channels (KV chunks are far smaller: see
 serving/kv_transfer.py); keepalive pings make a dead peer's connection fail within seconds
-instead of hanging.
+instead of hanging. With the cluster's TLS credentials (serving/tls.py), every channel is mutual
+TLS: it presents the node certificate and accepts only servers the cluster CA signed.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent import futures
 
 import grpc
 
-from serving.cluster_auth import with_token
+from serving.cluster_auth import cluster_guard, with_token
+from serving.tls import ClusterTLS, bind, dial
 
 MAX_INTERNAL_MESSAGE = 256 << 20
 OPTIONS = [
@@ -35,11 +39,11 @@ SERVER_OPTIONS = [
 
 
 class Channels:
-    """A thread-safe cache of insecure channels by address; with `token`, every call on them
-    carries the cluster token (serving/cluster_auth.py)."""
+    """A thread-safe cache of channels by address; with `token`, every call on them carries the
+    cluster token (serving/cluster_auth.py); with `tls`, they are mutual TLS, else plaintext."""
 
-    def __init__(self, token: str | None = None):
-        self._token = token
+    def __init__(self, token: str | None = None, tls: ClusterTLS | None = None):
+        self._token, self._tls = token, tls
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._raw: dict[str, grpc.Channel] = {}
@@ -48,7 +52,7 @@ class Channels:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                raw = self._raw[address] = grpc.insecure_channel(address, options=OPTIONS)
+                raw = self._raw[address] = dial(address, self._tls, OPTIONS)
                 ch = self._channels[address] = with_token(raw, self._token)
             return ch
 
@@ -64,3 +68,25 @@ class Channels:
             chans, self._channels, self._raw = list(self._raw.values()), {}, {}
         for ch in chans:
             ch.close()
+
+
+class InternalServer:
+    """The router's listener for cluster members only (with TLS on, or `--cluster-port`): the
+    servicers given (the worker Registry, Admin), mutual TLS with `tls`, the cluster token with
+    `token`. The public port then serves only Generate, health and reflection."""
+
+    def __init__(self, servicers, *, host: str, port: int, tls: ClusterTLS | None, token: str | None, max_workers: int = 64):
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cluster"),
+                                  options=SERVER_OPTIONS, interceptors=[cluster_guard(token)] if token else None)
+        for add, servicer in servicers:
+            add(servicer, self.server)
+        self.port = bind(self.server, f"{host}:{port}", tls)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind the cluster listener to {host}:{port}")
+
+    def start(self) -> "InternalServer":
+        self.server.start()
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.server.stop(grace).wait()

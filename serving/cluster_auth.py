@@ -8,8 +8,9 @@ public API (Generation, health, reflection) is not covered: `--api-key` guards t
 
 The token comes from $DSJAX_CLUSTER_TOKEN. `python -m dsjax.serve` makes a random one when it
 starts the workers itself (they inherit it); processes started by hand (`--role ...`) must all be
-given the same one, and refuse to start without it. The token travels in the clear: on networks
-that are not trusted it needs TLS on these channels as well.
+given the same one, and refuse to start without it. The token travels in the clear unless the
+cluster runs with `--tls-dir` (mutual TLS on every internal channel: serving/tls.py), which
+untrusted networks need.
 """
 
 from __future__ import annotations

@@ -26,20 +26,19 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import jax.numpy as jnp
 import numpy as np
 
 from dsjax.engine.block_manager import blocks_for
 from dsjax.engine.disaggregated import DecodeInstance
 from dsjax.engine.request import FinishReason, Request, Status
 from dsjax.engine.sampling_params import SamplingParams
-from dsjax.runtime.migration import import_blocks
 from serving.channels import Channels
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, KVAssembler, descriptor_from_proto
 from serving.messages import FINISH_TO_PROTO, request_from_proto
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
+from serving.tls import ClusterTLS
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +59,20 @@ class _Entry:
 class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, instance: DecodeInstance, *, worker_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  pull_threads: int = 4, pull_timeout_s: float = 60.0, renew_every_s: float = 1.0,
-                 cluster_token: str | None = None):
+                 cluster_token: str | None = None, tls: ClusterTLS | None = None):
         super().__init__(f"decode-engine-{worker_id}")
         self.inst = instance
         self.worker_id = worker_id
         self.chunk_bytes = chunk_bytes
         self.pull_timeout_s = pull_timeout_s
         self.renew_every_s = renew_every_s
-        self.channels = Channels(cluster_token)  # pulls from prefill workers carry the cluster token
+        self.channels = Channels(cluster_token, tls)  # pulls from prefill workers: the cluster token, mutual TLS
         self._pool = ThreadPoolExecutor(pull_threads, thread_name_prefix=f"pull-{worker_id}")
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[str] = deque()
         self._last_renew = time.monotonic()
-        cfg, runner = instance.runner.model.config, instance.runner
-        self._expect = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(runner.model.dtype).name)
+        d = instance.runner.kv_descriptor(0)  # what the runner's KV looks like on the wire
+        self._expect = (d.num_layers, d.num_kv_heads, d.head_dim, d.dtype)
 
     # ---- gRPC handler (server threads) ---------------------------------------------------
     def Decode(self, request, context):  # noqa: N802
@@ -152,11 +151,13 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
             why = f"bad KV stream: {err}"
             self._post_quietly(lambda: self._pull_failed(e, why))
 
-    def _land(self, e: _Entry, k, v, nbytes: int, chunks: int, pulled: float) -> None:
+    def _land(self, e: _Entry, k, v, wire_bytes: int, chunks: int, pulled: float) -> None:
         rid = e.request.request_id
         if self._entries.get(rid) is not e or e.state != "pulling":
             return  # aborted while in flight: its blocks are already free
-        import_blocks(self.inst.runner, self.inst.blocks.block_table(rid), k, v)
+        # Counted as the runner lands them (wire_bytes too on devices; an emulated device's payload
+        # is a placeholder of the real model's bytes, dsjax/runtime/emulated.py).
+        nbytes = self.inst.runner.import_kv(self.inst.blocks.block_table(rid), k, v)
         now = time.perf_counter()
         self._release_source(e)
         e.state, e.call = "running", None
@@ -278,9 +279,9 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
                           sampling=SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True))
             table = self.inst.blocks.allocate("warmup", prompt_len)
             r, bs = self.inst.runner, self.inst.blocks.block_size
-            cfg = r.model.config
-            zeros = np.zeros((cfg.num_layers, len(table), cfg.num_kv_heads, bs, cfg.head_dim), jnp.dtype(r.model.dtype))
-            import_blocks(r, table, zeros, zeros)
+            d = r.kv_descriptor(prompt_len)
+            zeros = np.zeros((d.num_layers, len(table), d.num_kv_heads, bs, d.head_dim), np.dtype(d.dtype))
+            r.import_kv(table, zeros, zeros)
             self.inst.running.append(req)
             while self.inst.running:
                 self.inst.step()

@@ -270,15 +270,18 @@ class OpenAIApp:
 
 
 class HttpServer:
-    """uvicorn serving an `OpenAIApp` from a thread; `port` 0 picks a free one (see `.port`)."""
+    """uvicorn serving an `OpenAIApp` from a thread; `port` 0 picks a free one (see `.port`). With
+    `ssl_certfile` and `ssl_keyfile` (PEM files) it serves HTTPS."""
 
-    def __init__(self, api: OpenAIApp, *, host: str, port: int):
+    def __init__(self, api: OpenAIApp, *, host: str, port: int, ssl_certfile: str | None = None,
+                 ssl_keyfile: str | None = None):
         family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host.strip("[]"), port))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(api.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(api.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
+                                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="http", daemon=True)

@@ -254,6 +254,6 @@ class _ThreadedHandle:
 def _breakdown(engine, req: Request) -> dict:
     out = dict(req.lifecycle.breakdown())
     if isinstance(engine, DisaggEngine) and req.lifecycle.migration_start is not None:
-        out["kv_bytes"] = engine.prefill[0].runner.kv_descriptor(req.prompt_len).nbytes
+        out["kv_bytes"] = engine.prefill[0].runner.kv_bytes(req.prompt_len)
     out["recomputes"] = req.lifecycle.num_preemptions
     return out

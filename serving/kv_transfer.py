@@ -1,7 +1,7 @@
 """A request's KV on the wire: host arrays <-> a stream of `KVChunk` messages (no jax).
 
 The sender (prefill worker) exports the request's blocks to host memory once
-(`dsjax.runtime.migration.export_blocks`: all layers, all heads, [L, n, H, BS, D] for K and for V: the pool's head-major blocks) and
+(the runner's `export_kv`, `dsjax.runtime.migration.export_blocks` on devices: all layers, all heads, [L, n, H, BS, D] for K and for V: the pool's head-major blocks) and
 cuts them into chunks, each a layer group x block range of at most `max_chunk_bytes` (K + V):
 
     layers 0..L-1, blocks 0..n-1  ->  [layers 0..a) x all blocks] [layers a..b) x all blocks] ...
@@ -24,7 +24,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 import xxhash
 
-from dsjax.runtime.migration import KVDescriptor
+from dsjax.runtime.kv_descriptor import KVDescriptor
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 
 LAYOUT = "LNHSD"  # layer, block, kv head, slot in block, head dim (the pool's block layout)

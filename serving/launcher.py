@@ -4,6 +4,7 @@
     no --role, --workers processes   router here + prefill/decode worker processes (supervised)
     --role router                    router only; workers register from other hosts
     --role prefill | decode          one worker (serving/worker.py)
+    --emulate PROFILE (any of them)  the same on emulated devices (dsjax/emulate.py): no jax, no weights
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("dsjax.serve")
+DEFAULT_CLUSTER_PORT = 50052  # the cluster's own listener (with TLS on, or --cluster-port)
 
 
 def _wait_for_signal() -> None:
@@ -41,13 +43,18 @@ def _dummy(args: argparse.Namespace) -> bool:
     return args.dummy_weights or not Path(args.model).is_dir()
 
 
-def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
+def _scheduler(args: argparse.Namespace):
     from dsjax.engine.scheduler import SchedulerConfig
+
+    return SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                           max_model_len=args.max_model_len)
+
+
+def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
     from dsjax.llm import default_num_blocks
     from dsjax.runtime.kv_cache import CacheConfig
 
-    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                            max_model_len=args.max_model_len)
+    sched = _scheduler(args)
     sized = dataclasses.replace(config, max_position=sched.context_len(config.max_position))
     num_blocks = args.num_blocks or default_num_blocks(sized, args.block_size, sched.max_num_seqs, dtype_bytes)
     return CacheConfig(num_blocks=num_blocks, block_size=args.block_size), sched
@@ -72,26 +79,47 @@ def _limits(args: argparse.Namespace):
 
 class _Fronts:
     """What a router process listens on: gRPC (Generate, Admin, health), the OpenAI HTTP API and
-    the metrics endpoint. `close` stops all three (the backend is the caller's)."""
+    the metrics endpoint. `close` stops them all (the backend is the caller's).
+
+    With --tls-dir, --api-tls-cert or --cluster-port, the cluster's services (`extra_servicers`,
+    the worker Registry, and Admin) get a listener of their own on --cluster-port (mutual TLS with
+    --tls-dir), and the public port serves only Generate, health and reflection (TLS with
+    --api-tls-cert); `cluster_port` is then that listener's port, else the public one."""
 
     def __init__(self, args, backend, config, extra_servicers=(), *, cluster_token: str):
         from models.tokenizer import load_tokenizer
+        from serving.channels import InternalServer
         from serving.prometheus import MetricsServer
-        from serving.router import RouterServer
+        from serving.proto.dsjax.v1 import worker_pb2_grpc
+        from serving.router import AdminServicer, RouterServer
+        from serving.tls import api_server_credentials, cluster_tls
 
         model_dir = Path(args.model) if Path(args.model).is_dir() else None
+        tls, api_tls = cluster_tls(args.tls_dir), api_server_credentials(args.api_tls_cert, args.api_tls_key)
+        split = tls is not None or api_tls is not None or args.cluster_port is not None
         self.router = RouterServer(backend, load_tokenizer(model_dir, config), config, port=args.port, host=args.host,
-                                   limits=_limits(args), max_pending=args.max_pending, extra_servicers=extra_servicers,
-                                   api_key=args.api_key, cluster_token=cluster_token).start()
-        log.info("router listening on %s:%d", args.host, self.router.port)
+                                   limits=_limits(args), max_pending=args.max_pending,
+                                   extra_servicers=() if split else extra_servicers, api_key=args.api_key,
+                                   cluster_token=cluster_token, credentials=api_tls, admin=not split).start()
+        log.info("router listening on %s:%d%s", args.host, self.router.port, " (TLS)" if api_tls else "")
+        self.cluster, self.cluster_port = None, self.router.port
+        if split:
+            servicers = [*extra_servicers, (worker_pb2_grpc.add_AdminServicer_to_server, AdminServicer(backend))]
+            port = DEFAULT_CLUSTER_PORT if args.cluster_port is None else args.cluster_port
+            self.cluster = InternalServer(servicers, host=args.host, port=port, tls=tls, token=cluster_token).start()
+            self.cluster_port = self.cluster.port
+            log.info("cluster services (Registry, Admin) on %s:%d (%s)", args.host, self.cluster_port,
+                     f"mutual TLS, CA {tls.source}" if tls else "plaintext, cluster token")
         self.http = None
         if args.http_port != 0:
             from serving.http_server import HttpServer, OpenAIApp
 
             api = OpenAIApp(self.router.generation, model_names=[config.name, args.model], ready=backend.ready,
                             metrics_text=self.router.metrics.text, api_key=args.api_key)
-            self.http = HttpServer(api, host=args.host, port=max(0, args.http_port)).start()
-            log.info("OpenAI HTTP API on %s:%d (/v1/completions, /v1/chat/completions, /v1/models)", args.host, self.http.port)
+            self.http = HttpServer(api, host=args.host, port=max(0, args.http_port), ssl_certfile=args.api_tls_cert,
+                                   ssl_keyfile=args.api_tls_key).start()
+            log.info("OpenAI HTTP%s API on %s:%d (/v1/completions, /v1/chat/completions, /v1/models)",
+                     "S" if api_tls else "", args.host, self.http.port)
         self.metrics = None
         if args.metrics_port >= 0:
             self.metrics = MetricsServer(self.router.metrics, backend.instances, args.metrics_port, host=args.host)
@@ -99,6 +127,8 @@ class _Fronts:
 
     def close(self) -> None:
         self.router.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.http is not None:
             self.http.stop()
         if self.metrics is not None:
@@ -136,6 +166,32 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     step_log = _attach_step_log(args, backend, engine)
     log.info("%s %s ready in %.1fs (%s, attention backend %s)", args.model, placement.mode, time.perf_counter() - t0,
              placement.to_dict(), model.backend)
+    _wait_for_signal()
+    fronts.close()
+    backend.close()
+    if step_log is not None:
+        step_log.close()
+    return 0
+
+
+def run_emulated(args: argparse.Namespace, placement, emulation) -> int:
+    """--emulate with in-process workers: the engine's instances on emulated devices
+    (dsjax/emulate.py), with no jax, no weights and nothing to warm up."""
+    from dsjax.engine.disaggregated import DisaggEngine
+    from serving.inprocess import InProcessBackend, ThreadedBackend
+
+    t0 = time.perf_counter()
+    try:
+        engine = emulation.build_engine(placement, scheduler=_scheduler(args), block_size=args.block_size,
+                                        num_blocks=args.num_blocks)
+    except ValueError as e:
+        raise SystemExit(f"--emulate: {e}") from None
+    backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
+    fronts = _Fronts(args, backend, emulation.config, cluster_token=_cluster_token(create=True))
+    backend.start()
+    backend.warm = True
+    step_log = _attach_step_log(args, backend, engine)
+    log.info("%s ready in %.1fs: %s", placement.mode, time.perf_counter() - t0, emulation.describe(placement, args.block_size, args.num_blocks))
     _wait_for_signal()
     fronts.close()
     backend.close()
@@ -229,12 +285,28 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv += ["--step-log", args.step_log]
     if args.warmup_shapes:
         argv.append("--warmup-shapes")
+    if args.tls_dir:
+        argv += ["--tls-dir", os.path.abspath(args.tls_dir)]
     return argv
 
 
-def run_router(args: argparse.Namespace, placement) -> int:
-    from serving.proto.dsjax.v1 import worker_pb2_grpc
+def cluster_registry(args: argparse.Namespace, token: str | None):
+    """The router's worker Registry: the cluster's fingerprint (model, block size, dtype, weights
+    hash: serving/fingerprint.py) and its calls to the workers (the token, mutual TLS with --tls-dir)."""
+    from serving.fingerprint import weights_fingerprint
     from serving.registry import Registry
+    from serving.tls import cluster_tls
+
+    weights_hash = weights_fingerprint(args.model, dummy_weights=_dummy(args), seed=args.seed)
+    if weights_hash is None:
+        log.warning("no *.safetensors under %s here: the first worker to register fixes the cluster's weights hash",
+                    args.model)
+    return Registry(cluster_token=token, model=args.model, block_size=args.block_size, dtype=args.dtype,
+                    weights_hash=weights_hash, pin=("weights_hash",), tls=cluster_tls(args.tls_dir))
+
+
+def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
+    from serving.proto.dsjax.v1 import worker_pb2_grpc
     from serving.remote import RemoteBackend
     from serving.supervisor import Supervisor, WorkerSpec, assign_gpus
     from serving.validation import model_config
@@ -242,20 +314,24 @@ def run_router(args: argparse.Namespace, placement) -> int:
     if placement.mode != "disaggregated":
         raise SystemExit(f"--workers processes / --role router serve mode=disaggregated, not {placement.mode!r}: "
                          "run colocated and chunked baselines with --workers inprocess")
+    if emulation is not None:
+        emulation.check(placement)
+        log.info("%s", emulation.describe(placement, args.block_size, args.num_blocks))
     config = model_config(args.model)
     token = _cluster_token(create=args.role is None)  # the workers started here inherit it
-    registry = Registry(cluster_token=token, model=args.model, block_size=args.block_size)
+    registry = cluster_registry(args, token)
     backend = RemoteBackend(registry, max_recomputes=args.max_recomputes)
     fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)],
                      cluster_token=token)
     supervisor = None
     if args.role is None:  # start the workers here
-        address = f"127.0.0.1:{fronts.router.port}"
+        address = f"127.0.0.1:{fronts.cluster_port}"
         specs = []
         for role, phase in (("prefill", placement.prefill), ("decode", placement.decode)):
             for i in range(phase.replicas):
                 wid = f"{role}-{i}"
                 argv = _worker_argv(args, role, wid, address) + [f"--{role}-tp", str(phase.tp), f"--{role}-pp", str(phase.pp)]
+                argv += emulation.worker_argv() if emulation is not None else []
                 specs.append(WorkerSpec(wid, argv, phase.tp * phase.pp))
         if args.gpus:
             for spec, gpus in zip(specs, assign_gpus([s.num_devices for s in specs], args.gpus)):
@@ -269,19 +345,31 @@ def run_router(args: argparse.Namespace, placement) -> int:
     return 0
 
 
-def run_worker(args: argparse.Namespace, placement) -> int:
-    _setup_jax(args)
-    import jax.numpy as jnp
-
-    from models.weights import DTYPES
+def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
+    from serving.tls import cluster_tls
     from serving.validation import model_config
     from serving.worker import WorkerConfig, WorkerProcess
 
     if not args.router:
         raise SystemExit(f"--role {args.role} needs --router HOST:PORT")
+    cluster_tls(args.tls_dir)  # a missing or unreadable --tls-dir exits here, before the weights load
     phase = placement.prefill if args.role == "prefill" else placement.decode
     config = model_config(args.model)
-    cache, sched = _cache_and_scheduler(args, config, jnp.dtype(DTYPES[args.dtype]).itemsize)
+    runner = None
+    if emulation is None:
+        _setup_jax(args)
+        import jax.numpy as jnp
+
+        from models.weights import DTYPES
+
+        cache, sched = _cache_and_scheduler(args, config, jnp.dtype(DTYPES[args.dtype]).itemsize)
+    else:  # no jax: nothing to compile or warm up
+        try:
+            runner = emulation.runner(phase, block_size=args.block_size, num_blocks=args.num_blocks)
+        except ValueError as e:
+            raise SystemExit(f"--emulate: {e}") from None
+        cache, sched = runner.cache_config, _scheduler(args)
+        args.no_warmup, args.warmup_shapes = True, False
     cfg = WorkerConfig(
         role=args.role, worker_id=args.worker_id or f"{args.role}-{os.getpid()}", router=args.router,
         model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed,
@@ -289,19 +377,22 @@ def run_worker(args: argparse.Namespace, placement) -> int:
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
-        max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(),
+        max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
     )
-    worker = WorkerProcess(cfg)
+    worker = WorkerProcess(cfg, runner=runner)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.request_stop())
     worker.serve()
     return 0
 
 
-def run(args: argparse.Namespace, placement) -> int:
+def run(args: argparse.Namespace, placement, emulation=None) -> int:
+    """`emulation`: the --emulate runner factory (dsjax/emulate.py), None on real devices."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.role in ("prefill", "decode"):
-        return run_worker(args, placement)
+        return run_worker(args, placement, emulation)
     if args.role == "router" or args.workers == "processes":
-        return run_router(args, placement)
+        return run_router(args, placement, emulation)
+    if emulation is not None:
+        return run_emulated(args, placement, emulation)
     return run_inprocess(args, placement)

@@ -4,7 +4,7 @@
     Prefill   -> queued FCFS; the engine thread batches and runs prompts; the reply carries the
                  sampled token and, unless the request ended there, a KV descriptor and a lease
     (staging) -> right after the prefill step, on the engine thread, each held request's blocks
-                 are gathered into device arrays of their own (`migration.gather_request`), while
+                 are gathered into device arrays of their own (the runner's `stage_kv`), while
                  the staged total stays under `max_staged_bytes`
     PullKV    -> a staged request is copied to host and streamed by the handler thread at once,
                  without waiting for the engine thread to finish its current prefill (under load
@@ -31,13 +31,12 @@ import time
 from concurrent.futures import Future
 
 import grpc
-import jax.numpy as jnp
 
 from dsjax.engine.block_manager import blocks_for
 from dsjax.engine.disaggregated import PrefillInstance
 from dsjax.engine.request import Request
 from dsjax.engine.sampling_params import SamplingParams
-from dsjax.runtime.migration import KVDescriptor, StagedKV, export_blocks, gather_request, staged_to_host
+from dsjax.runtime.kv_descriptor import KVDescriptor
 from serving.engine_loop import EngineDead, EngineLoop
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, descriptor_to_proto, to_chunks
 from serving.leases import LeaseTable
@@ -66,7 +65,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_waiting: int = 1024, max_staged_bytes: int = 512 << 20):
         super().__init__(f"prefill-engine-{worker_id}")
         self.max_staged_bytes = max_staged_bytes
-        self._staged: dict[str, tuple[KVDescriptor, StagedKV]] = {}  # written by the engine thread
+        self._staged: dict[str, tuple[KVDescriptor, object]] = {}  # written by the engine thread
         self._staged_lock = threading.Lock()
         self._staged_bytes = 0
         self.inst = instance
@@ -76,10 +75,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         self.leases: LeaseTable[Request] = LeaseTable(lease_s)
         self._pending: dict[str, _Pending] = {}
         self.migrations = 0
-        self.kv_bytes = 0
-        cfg = instance.runner.model.config
-        self._kv = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                        block_size=instance.runner.block_size, dtype=jnp.dtype(instance.runner.model.dtype).name)
+        self.kv_bytes = 0  # the runner's bytes (an emulated device's: the real model's, not the placeholder's)
 
     # ---- gRPC handlers (server threads) ----------------------------------------------------
     def Prefill(self, request, context):  # noqa: N802
@@ -101,8 +97,8 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         if staged is not None:
             if self.error is not None:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill engine of {self.worker_id} died: {self.error!r}")
-            self._post_quietly(lambda: self._pulled(rid, staged[0].nbytes))
-            desc, (k, v) = staged[0], staged_to_host(staged[1])
+            self._post_quietly(lambda: self._pulled(rid, self.inst.runner.kv_bytes(staged[0].num_tokens)))
+            desc, (k, v) = staged[0], self.inst.runner.kv_to_host(staged[1])
         else:
             try:
                 desc, k, v = self.call(lambda: self._export(rid), timeout=None)
@@ -158,7 +154,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         if self._staged_bytes + desc.nbytes > self.max_staged_bytes:
             return
         table = self.inst.blocks.block_table(req.request_id)[: desc.num_blocks]
-        staged = gather_request(self.inst.runner, table)  # dispatched; ordered before later pool writes
+        staged = self.inst.runner.stage_kv(table)  # dispatched; ordered before later pool writes
         self._staged_bytes += desc.nbytes
         with self._staged_lock:
             self._staged[req.request_id] = (desc, staged)
@@ -186,13 +182,13 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
             raise KeyError(rid)
         self.leases.renew(rid)
         desc = self._descriptor(req)
-        k, v = export_blocks(self.inst.runner, self.inst.blocks.block_table(rid)[: desc.num_blocks])
+        k, v = self.inst.runner.export_kv(self.inst.blocks.block_table(rid)[: desc.num_blocks])
         self.migrations += 1
-        self.kv_bytes += k.nbytes + v.nbytes
+        self.kv_bytes += self.inst.runner.kv_bytes(desc.num_tokens)
         return desc, k, v
 
     def _descriptor(self, req: Request) -> KVDescriptor:
-        return KVDescriptor(num_tokens=req.num_tokens - 1, **self._kv)  # the last token's KV is decode's to write
+        return self.inst.runner.kv_descriptor(req.num_tokens - 1)  # the last token's KV is decode's to write
 
     def busy(self) -> bool:
         return bool(self.inst.waiting)

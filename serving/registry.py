@@ -20,6 +20,7 @@ import grpc
 from serving.channels import Channels
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
+from serving.tls import ClusterTLS
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,19 @@ class WorkerEntry:
 
 class Registry(worker_pb2_grpc.RegistryServicer):
     def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0, cluster_token: str | None = None,
-                 model: str | None = None, block_size: int | None = None):
-        """`model` and `block_size`, when given, are what every registering worker must serve with
-        (a worker with other weights or another KV page size would corrupt the requests routed to it)."""
+                 model: str | None = None, block_size: int | None = None, dtype: str | None = None,
+                 weights_hash: str | None = None, pin: tuple[str, ...] = (), tls: ClusterTLS | None = None):
+        """The cluster's fingerprint: `model`, `block_size`, `dtype` and `weights_hash`
+        (serving/fingerprint.py), when given, are what every registering worker must serve with (a
+        worker with other weights, another dtype or another KV page size would corrupt the requests
+        routed to it). A field named in `pin` and not given is fixed by the first worker accepted
+        (a router that cannot read the weights pins their hash). `tls`: the router's calls to the
+        workers are mutual TLS (serving/tls.py)."""
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
-        self.expect = {"model": model, "block_size": block_size}
-        self.channels = Channels(cluster_token)  # the router's calls to the workers carry the token
+        self.expect = {"model": model, "block_size": block_size, "dtype": dtype, "weights_hash": weights_hash}
+        self._pin = tuple(f for f in pin if self.expect[f] is None)
+        self.channels = Channels(cluster_token, tls)  # the router's calls to the workers carry the token
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerEntry] = {}
         self._changed = threading.Condition(self._lock)
@@ -72,14 +79,22 @@ class Registry(worker_pb2_grpc.RegistryServicer):
 
     # ---- gRPC (workers call these) -------------------------------------------------------
     def Register(self, request: wpb.WorkerInfo, context):  # noqa: N802
-        if (problem := self.mismatch(request)) is not None:
+        with self._lock:  # checked and pinned at once: two first workers cannot pin different values
+            problem = self.mismatch(request)
+            if problem is None:
+                for field in self._pin:
+                    if self.expect[field] is None:
+                        self.expect[field] = getattr(request, field)
+                        log.info("cluster %s pinned to %r by worker %s", field, self.expect[field], request.worker_id)
+        if problem is not None:
             log.warning("refused worker %s: %s", request.worker_id, problem)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         self.add(request)
         return wpb.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
 
     def mismatch(self, info: wpb.WorkerInfo) -> str | None:
-        """Why this worker cannot join the cluster (None: it can)."""
+        """Why this worker cannot join the cluster (None: it can): the first fingerprint field that
+        differs, with both values."""
         for field, want in self.expect.items():
             got = getattr(info, field)
             if want is not None and got != want:

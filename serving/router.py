@@ -82,11 +82,14 @@ class AdminServicer(worker_pb2_grpc.AdminServicer):
 
 class RouterServer:
     """The router's gRPC server: Generation, Admin, health (NOT_SERVING until the backend is
-    ready) and reflection; `extra_servicers` adds more (the worker registry in processes mode)."""
+    ready) and reflection; `extra_servicers` adds more (the worker registry in processes mode).
+    With `credentials` the port is TLS (the public API's certificate); `admin=False` leaves Admin
+    to the cluster's own listener (serving/channels.py InternalServer)."""
 
     def __init__(self, backend: Backend, tokenizer, config: ModelConfig, *, port: int, host: str = "127.0.0.1",
                  limits: Limits = Limits(), max_pending: int = 256, metrics: ServingMetrics | None = None,
-                 extra_servicers=(), api_key: str | None = None, cluster_token: str | None = None):
+                 extra_servicers=(), api_key: str | None = None, cluster_token: str | None = None,
+                 credentials: grpc.ServerCredentials | None = None, admin: bool = True):
         self.backend = backend
         self.metrics = metrics or ServingMetrics(backend.instances)
         self.generation = Generation(backend, tokenizer, config, limits=limits, max_pending=max_pending, metrics=self.metrics)
@@ -103,14 +106,17 @@ class RouterServer:
                      ("grpc.http2.max_ping_strikes", 0), ("grpc.so_reuseport", 0)],
         )
         dsjax_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.generation), self.server)
-        worker_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), self.server)
+        if admin:
+            worker_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), self.server)
         for add, servicer in extra_servicers:
             add(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names = [GENERATION_SERVICE, wpb.DESCRIPTOR.services_by_name["Admin"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        admin_name = [wpb.DESCRIPTOR.services_by_name["Admin"].full_name] if admin else []
+        reflection.enable_server_reflection([GENERATION_SERVICE, *admin_name, health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                            self.server)
+        address = f"{host}:{port}"
+        self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind the router to {host}:{port}")
         self._stop = threading.Event()

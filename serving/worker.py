@@ -30,9 +30,11 @@ from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
 from serving.channels import OPTIONS, SERVER_OPTIONS
 from serving.cluster_auth import cluster_guard, with_token
+from serving.fingerprint import weights_fingerprint
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
+from serving.tls import ClusterTLS, bind, dial
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class WorkerConfig:
     step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
     warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/runtime/warmup.py)
     cluster_token: str | None = None  # required on this worker's services and sent on its calls (serving/cluster_auth.py)
+    tls_dir: str | None = None  # mutual TLS on this worker's services and on its calls (serving/tls.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -84,33 +87,37 @@ def model_backend(flag: str) -> str | None:
     return None if flag == "auto" else flag
 
 
-def build_instance(cfg: WorkerConfig):
-    """The role's PrefillInstance or DecodeInstance on the first tp * pp local devices."""
+def build_instance(cfg: WorkerConfig, runner=None):
+    """The role's PrefillInstance or DecodeInstance on the first tp * pp local devices, or on
+    `runner` when given (an emulated one, dsjax/runtime/emulated.py: then no jax is loaded)."""
     from dsjax.engine.disaggregated import DecodeInstance, PrefillInstance
-    from dsjax.engine.placement import PhaseParallel
-    from dsjax.runtime.builder import build_runner, load_causal_lm
 
-    # The weights are read here, each stage's straight onto its mesh (no unsharded copy anywhere).
-    model, weights = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed,
-                                    backend=model_backend(cfg.attention_backend))
-    runner = build_runner(model, weights, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
+    if runner is None:
+        from dsjax.engine.placement import PhaseParallel
+        from dsjax.runtime.builder import build_runner, load_causal_lm
+
+        # The weights are read here, each stage's straight onto its mesh (no unsharded copy anywhere).
+        model, weights = load_causal_lm(cfg.model, dtype=cfg.dtype, dummy_weights=cfg.dummy_weights, seed=cfg.seed,
+                                        backend=model_backend(cfg.attention_backend))
+        runner = build_runner(model, weights, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
     log.info("%s: attention backend %s on %s", cfg.worker_id, runner.attention_backend, runner.devices()[0].platform)
     return (PrefillInstance if cfg.role == "prefill" else DecodeInstance)(runner, cfg.scheduler)
 
 
 class WorkerProcess:
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, runner=None):
         from serving.decode_worker import DecodeWorker
         from serving.prefill_worker import PrefillWorker
 
         self.cfg = cfg
-        inst = build_instance(cfg)
+        self.tls = ClusterTLS.load(cfg.tls_dir) if cfg.tls_dir else None
+        inst = build_instance(cfg, runner)
         if cfg.role == "prefill":
             self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes,
                                         max_staged_bytes=cfg.max_staged_bytes)
         else:
             self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes,
-                                       cluster_token=cfg.cluster_token)
+                                       cluster_token=cfg.cluster_token, tls=self.tls)
         self.engine.start()
         if cfg.warmup:
             t = time.perf_counter()
@@ -137,14 +144,15 @@ class WorkerProcess:
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self.engine, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        port = bind(self.server, f"{cfg.host}:{cfg.port}", self.tls)
         if port == 0:
             raise RuntimeError(f"could not bind worker {cfg.worker_id} to {cfg.host}:{cfg.port}")
         self.address = f"{cfg.advertise_host}:{port}"
         worker_pb2_grpc.add_WorkerServicer_to_server(_WorkerServicer(self.engine, self.address), self.server)
         self.info = wpb.WorkerInfo(
             worker_id=cfg.worker_id, role=wpb.PREFILL if cfg.role == "prefill" else wpb.DECODE, address=self.address,
-            pid=os.getpid(), tp=cfg.tp, pp=cfg.pp, model=cfg.model, block_size=cfg.cache.block_size,
+            pid=os.getpid(), tp=cfg.tp, pp=cfg.pp, model=cfg.model, block_size=cfg.cache.block_size, dtype=cfg.dtype,
+            weights_hash=weights_fingerprint(cfg.model, dummy_weights=cfg.dummy_weights, seed=cfg.seed) or "",
         )
         self._stop = threading.Event()
         self._parent = os.getppid()
@@ -153,7 +161,7 @@ class WorkerProcess:
         """Serve until stopped; registers and heartbeats on this thread."""
         self.server.start()
         log.info("%s serving at %s", self.cfg.worker_id, self.address)
-        channel = with_token(grpc.insecure_channel(self.cfg.router, options=OPTIONS), self.cfg.cluster_token)
+        channel = with_token(dial(self.cfg.router, self.tls, OPTIONS), self.cfg.cluster_token)
         registry = worker_pb2_grpc.RegistryStub(channel)
         interval, registered, stats = 0.5, False, wpb.InstanceStats(worker_id=self.cfg.worker_id, pid=os.getpid(), alive=True)
         while not self._stop.is_set():
@@ -171,8 +179,10 @@ class WorkerProcess:
                 else:
                     stats = self._stats(stats)
                     registered = registry.Heartbeat(wpb.HeartbeatRequest(worker_id=self.cfg.worker_id, stats=stats), timeout=5.0).registered
-            except grpc.RpcError as e:  # the router is down or restarting: keep trying
-                log.debug("%s: router unreachable (%s)", self.cfg.worker_id, e.code())
+            except grpc.RpcError as e:  # the router is down or restarting, or refuses us: keep trying
+                refused = e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED)
+                log.log(logging.ERROR if refused else logging.DEBUG, "%s: router at %s: %s %s", self.cfg.worker_id,
+                        self.cfg.router, e.code().name, e.details() if refused else "(unreachable)")
                 registered = False
             self._stop.wait(interval)
         self.stop()

@@ -13,7 +13,12 @@ step. With `pp` pipeline stages up to `pp` prefill batches are in flight togethe
 KV handoff between two runners of the same model (a prefill and a decode instance): `stage_kv`
 gathers a request's blocks out of the pool into arrays of their own, `insert_kv` writes staged
 blocks into this runner's pool, and `pull_kv` does both from another runner (resharding when the
-two differ in TP or PP).
+two differ in TP or PP). Between processes (serving/prefill_worker.py, decode_worker.py) the
+workers also use `kv_descriptor` (what moves), `kv_to_host` / `export_kv` (the sending half),
+`import_kv` (the receiving half) and `kv_bytes` (the bytes a request's KV occupies on the device).
+
+Two runners implement it: `dsjax.runtime.runner.ModelRunner` on JAX devices and
+`dsjax.runtime.emulated.EmulatedRunner`, which prices each call with a latency profile and sleeps.
 """
 
 from __future__ import annotations
@@ -58,3 +63,13 @@ class Runner(Protocol):
     def insert_kv(self, table: list[int], staged: Any, *, wait: bool = True) -> int: ...
 
     def pull_kv(self, src: "Runner", src_table: list[int], table: list[int]) -> int: ...
+
+    def kv_descriptor(self, num_tokens: int) -> Any: ...
+
+    def kv_bytes(self, num_tokens: int) -> int: ...
+
+    def kv_to_host(self, staged: Any) -> tuple[Any, Any]: ...
+
+    def export_kv(self, table: list[int]) -> tuple[Any, Any]: ...
+
+    def import_kv(self, table: list[int], k: Any, v: Any) -> int: ...

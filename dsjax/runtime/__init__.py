@@ -7,6 +7,8 @@
     kv_cache.py    the paged KV pool's arrays and sizing
     sharding.py    logical axes -> mesh axes per phase, meshes per instance, pipeline stages
     migration.py   moving one request's KV between two instances' pools (resharding TP/PP)
+    kv_descriptor.py  what a request's KV handoff moves (no jax: shared with serving's wire format)
+    emulated.py    `EmulatedRunner`: the Runner interface timed by a latency profile, no jax, no arrays
     sampling.py    on-device sampling (greedy, temperature, top-k/p)
     warmup.py      compiling every reachable program shape before serving
 """

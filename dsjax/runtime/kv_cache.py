@@ -10,12 +10,12 @@ sharded over the mesh's "tp" axis, so each device holds num_kv_heads / tp heads 
 from __future__ import annotations
 
 import dataclasses
-
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
 
 from models.config import ModelConfig
-from models.transformer import KVCache
+
+if TYPE_CHECKING:
+    from models.transformer import KVCache
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +32,13 @@ class CacheConfig:
 
 def allocate_cache(config: ModelConfig, cache: CacheConfig, dtype, num_layers: int | None = None, sharding=None) -> KVCache:
     """Zero-filled pool for `num_layers` layers (all by default), placed with `sharding` if given."""
+    # jax only here: `CacheConfig` and the sizing below serve jax-free processes too (an emulated
+    # worker, dsjax/runtime/emulated.py).
+    import jax
+    import jax.numpy as jnp
+
+    from models.transformer import KVCache
+
     n = config.num_layers if num_layers is None else num_layers
     shape = (cache.num_blocks, config.num_kv_heads, cache.block_size, config.head_dim)
 

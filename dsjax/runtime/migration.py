@@ -29,31 +29,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsjax.runtime import sharding as shd
+from dsjax.runtime.kv_descriptor import KVDescriptor  # noqa: F401  (re-exported: the handoff's description)
 
 MAX_PIECE = 16
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class KVDescriptor:
-    """A request's KV as it leaves its prefill instance: layers [0, num_layers), all heads, the
-    first `num_tokens` positions held in `num_blocks` blocks of `block_size` rows."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    num_tokens: int
-    dtype: str
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_tokens // self.block_size)
-
-    @property
-    def nbytes(self) -> int:
-        """K and V bytes of all the request's blocks (whole blocks move)."""
-        per_block = self.block_size * self.num_kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
-        return 2 * self.num_layers * self.num_blocks * per_block
 
 
 def pieces(n: int) -> list[tuple[int, int]]:

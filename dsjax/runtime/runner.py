@@ -191,6 +191,22 @@ class ModelRunner:
         """Copy a request's blocks from runner `src` (same model) into this pool; returns bytes."""
         return migration.migrate(src, src_table, self, table)
 
+    def kv_to_host(self, staged: migration.StagedKV) -> tuple[np.ndarray, np.ndarray]:
+        """Host K and V of staged blocks, [L, n, H, BS, D] each (any thread): a transfer's sending half."""
+        return migration.staged_to_host(staged)
+
+    def export_kv(self, table: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Host K and V of a request's blocks (`kv_to_host` of `stage_kv`, waited for)."""
+        return migration.export_blocks(self, table)
+
+    def import_kv(self, table: list[int], k: np.ndarray, v: np.ndarray) -> int:
+        """Write host K and V into blocks `table` (resharded to this runner); returns the bytes."""
+        return migration.import_blocks(self, table, k, v)
+
+    def kv_bytes(self, num_tokens: int) -> int:
+        """Bytes of a request's KV of `num_tokens` positions on this runner's devices."""
+        return self.kv_descriptor(num_tokens).nbytes
+
     def kv_descriptor(self, num_tokens: int) -> migration.KVDescriptor:
         """The handoff description of a request's first `num_tokens` positions of KV."""
         cfg = self.model.config

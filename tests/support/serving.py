@@ -20,6 +20,7 @@ from serving.backend import GenerateJob
 from serving.engine_loop import FinishEvent, Outbox, TokenEvent
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
+from serving.tls import ClusterTLS, dial
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,6 +32,12 @@ def internal_channel(target: str) -> grpc.Channel:
 
 def instances(target: str) -> list[wpb.InstanceStats]:
     with internal_channel(target) as ch:
+        return list(worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), timeout=10.0).instances)
+
+
+def instances_over(target: str, tls: ClusterTLS) -> list[wpb.InstanceStats]:
+    """`instances` from a cluster listener with mutual TLS (serving/tls.py): the node certificate and the token."""
+    with with_token(dial(target, tls), os.environ.get(TOKEN_ENV)) as ch:
         return list(worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), timeout=10.0).instances)
 
 

@@ -204,7 +204,7 @@ class InstanceStats(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "model", "block_size")
+    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "model", "block_size", "dtype", "weights_hash")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +213,8 @@ class WorkerInfo(_message.Message):
     PP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_HASH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -221,7 +223,9 @@ class WorkerInfo(_message.Message):
     pp: int
     model: str
     block_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
+    dtype: str
+    weights_hash: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., weights_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_seconds",)

@@ -1,0 +1,197 @@
+"""The emulated device (dsjax/runtime/emulated.py): step times from the latency model, KV capacity
+from the model's bytes, placeholder tokens and KV payloads with the real byte counts."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dsjax.engine.colocated import ColocatedEngine
+from dsjax.engine.request import Chunk, Request
+from dsjax.engine.sampling_params import SamplingParams
+from dsjax.engine.scheduler import SchedulerConfig
+from dsjax.planner.latency import LatencyCoeffs, LatencyModel
+from dsjax.planner.model_spec import MemoryModel, get_model
+from dsjax.runtime.emulated import EmulatedRunner, emulated_num_blocks
+from dsjax.runtime.kv_cache import CacheConfig
+from models.config import PRESETS
+from serving.kv_transfer import KVAssembler, to_chunks
+from tests.support.fake_clock import ManualClock
+from tests.support.serving import REPO
+
+OPT13B = PRESETS["opt-13b"]
+# DistServe's OPT-13B TP1 fit on A100-80GB (shared/reference/distserve-a100), in ms.
+A100_TP1 = LatencyCoeffs(prefill=(18.1, 0.1019, 7.12e-6), decode_small=(19.93, 6.27e-4, 0.0385),
+                         decode_large=(7.17, 5.8e-4, 0.158))
+BLOCK_BYTES = OPT13B.kv_bytes_per_token(2) * 16  # fp16 K + V of one 16-token block, 40 layers
+
+
+def runner(pp=1, tp=1, link=None, clock=None, num_blocks=4096, **kw):
+    clock = clock or ManualClock()
+    lat = LatencyModel(coeffs=A100_TP1, tp=tp, pp=pp)
+    return EmulatedRunner(OPT13B, CacheConfig(num_blocks=num_blocks, block_size=16), lat, tp=tp, pp=pp, dtype="float16",
+                          link_bytes_per_s=link, clock=clock, sleep=clock.sleep, **kw), lat, clock
+
+
+def req(rid, prompt_len, out=0, max_tokens=16, **sp):
+    return Request(request_id=rid, prompt_token_ids=[5] * prompt_len, output_token_ids=[7] * out, seed=0,
+                   sampling=SamplingParams(max_tokens=max_tokens, **sp), eos_token_ids=(2,))
+
+
+def test_prefill_and_decode_take_the_latency_models_time():
+    r, lat, clock = runner()
+    t0 = clock()
+    tokens = r.prefill([Chunk(req("a", 100), 0, 100), Chunk(req("b", 300), 0, 300)], [[1], [2]])
+    assert len(tokens) == 2
+    assert clock() - t0 == pytest.approx(lat.prefill_s(400, 100**2 + 300**2, 2, 300))
+    reqs = [req("a", 100, out=1), req("b", 300, out=5)]
+    t0 = clock()
+    r.decode(reqs, [[1], [2]])
+    assert clock() - t0 == pytest.approx(lat.decode_step_s(2, 101 + 305, 305))
+    assert clock() - t0 == pytest.approx((19.93 + 6.27e-4 * 406 + 0.0385 * 2) * 1e-3)
+
+
+def test_chunks_after_a_prefix_and_mixed_steps():
+    r, lat, clock = runner()
+    t0 = clock()
+    r.prefill([Chunk(req("a", 300), 100, 300)], [[1]])  # 200 tokens after 100 cached ones
+    assert clock() - t0 == pytest.approx(lat.prefill_s(200, 300**2 - 100**2, 1, 300))
+    d = req("d", 50, out=3)
+    t0 = clock()
+    r.prefill([Chunk(d, 52, 53), Chunk(req("p", 64), 0, 64)], [[1], [2]], num_decodes=1)
+    assert clock() - t0 == pytest.approx(lat.mixed_step_s(64, 64 * 64, 1, 53, num_chunks=1, chunk_max_keys=64,
+                                                          decode_max_keys=53, fused=True))
+
+
+def test_pipeline_stages_overlap_prefills_and_decode_waits_for_them():
+    r, lat, clock = runner(pp=2)
+    stage = lat.prefill_stage_s(256, 256**2)
+    assert stage == pytest.approx(lat.prefill_ms(256, 256**2) / 2e3 + 2e-3)  # prefill/pp + pp ms
+    t0 = clock()
+    launched = r.launch_prefill([([Chunk(req(f"r{i}", 256), 0, 256)], [[i]]) for i in range(3)])
+    assert [x.ready_at - t0 for x in launched] == pytest.approx([2 * stage, 3 * stage, 4 * stage])
+    decode = r.launch_decode([req("d", 10, out=1)], [[9]])  # queued behind every stage's prefill
+    assert decode[0].ready_at - t0 == pytest.approx(4 * stage + lat.decode_step_s(1, 11))
+    assert clock() == t0  # launching never waits
+    r.collect(launched + decode)
+    assert clock() - t0 == pytest.approx(4 * stage + lat.decode_step_s(1, 11))
+
+
+def test_host_time_between_steps_leaves_the_device_idle():
+    r, lat, clock = runner()
+    r.decode([req("a", 10, out=1)], [[1]])
+    clock.advance(1.0)  # the engine was late: the next step starts now, not when the last ended
+    t0 = clock()
+    r.decode([req("a", 10, out=2)], [[1]])
+    assert clock() - t0 == pytest.approx(lat.decode_step_s(1, 12))
+
+
+def test_real_sleep_matches_the_model():
+    r, lat, _ = runner(clock=None)
+    r._clock, r._sleep = time.monotonic, time.sleep
+    reqs = [req(f"r{i}", 500, out=1) for i in range(8)]
+    expect = lat.decode_step_s(8, 8 * 501)
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        r.decode(reqs, [[1]] * 8)
+        took.append(time.monotonic() - t0)
+    assert expect <= min(took) < expect * 1.25 + 0.003  # the best of three: a busy host oversleeps
+
+
+def test_kv_capacity_follows_the_models_bytes_and_the_planners_memory_model():
+    for name, tps in (("opt-13b", (1, 2, 4)), ("opt-66b", (2, 4, 8))):
+        spec, cfg = MemoryModel(model=get_model(name)), PRESETS[name]
+        for tp in tps:
+            for pp in (1, 2):
+                blocks = emulated_num_blocks(cfg, tp=tp, pp=pp, block_size=16, dtype_bytes=2)
+                # the same arithmetic; the planner's parameter counts are rounded (65.7e9 for 65.71e9)
+                assert blocks == pytest.approx(spec.estimate_tokens(tp, pp) // 16 + 1, rel=2e-3, abs=1)
+    # OPT-13B TP1 on 80 GiB: 0.92 x 80 GiB - 25.7 GB of weights = 53.3 GB of KV at 800 KiB a token
+    blocks = emulated_num_blocks(OPT13B, tp=1, pp=1, block_size=16, dtype_bytes=2)
+    weights = OPT13B.num_params() * 2
+    assert (blocks - 1) * BLOCK_BYTES <= 0.92 * 80 * 2**30 - weights < blocks * BLOCK_BYTES
+    assert 4000 < blocks < 4100
+    assert emulated_num_blocks(OPT13B, tp=1, pp=1, block_size=16, dtype_bytes=2, memory_bytes=40 * 2**30) < blocks / 2
+    with pytest.raises(ValueError, match="leave no KV room"):
+        emulated_num_blocks(PRESETS["opt-66b"], tp=1, pp=1, block_size=16, dtype_bytes=2)
+
+
+def test_tokens_are_deterministic_placeholders_that_never_end_a_request_early():
+    r, _, _ = runner()
+    a = req("x", 4)
+    toks = [r.token(a, p) for p in range(4, 200)]
+    assert toks == [r.token(a, p) for p in range(4, 200)] and len(set(toks)) > 150
+    assert all(0 <= t < OPT13B.vocab_size for t in toks)
+    banned = req("x", 4, stop_token_ids=toks[:5])
+    banned.eos_token_ids = tuple(toks[5:10])
+    assert not set(r.token(banned, p) for p in range(4, 200)) & set(toks[:10])
+    engine = ColocatedEngine(runner(num_blocks=64)[0], SchedulerConfig(max_num_seqs=4, max_prefill_tokens=512))
+    reqs = [req(f"q{i}", 20 + i, max_tokens=3 + i) for i in range(6)]
+    for q in reqs:
+        engine.add_request(q)
+    while engine.has_unfinished():
+        engine.step()
+    assert [len(q.output_token_ids) for q in reqs] == [3, 4, 5, 6, 7, 8]
+    assert all(q.finish_reason.value == "length" for q in reqs)
+
+
+def test_in_process_kv_moves_take_bytes_over_bandwidth():
+    src, _, clock = runner(tp=2, link=25e9 / 8)
+    dst, _, _ = runner(link=25e9 / 8, clock=clock)
+    t0 = clock()
+    assert dst.pull_kv(src, [3, 4, 5], [7, 8, 9]) == 3 * BLOCK_BYTES
+    assert clock() - t0 == pytest.approx(3 * BLOCK_BYTES / (25e9 / 8))
+    t0 = clock()
+    staged = src.stage_kv([1, 2])
+    assert dst.insert_kv([5, 6], staged, wait=False) == 2 * BLOCK_BYTES and clock() == t0
+    out = dst.launch_decode([req("a", 20, out=1)], [[5, 6]])  # ordered after the insert
+    assert out[0].ready_at - t0 == pytest.approx(2 * BLOCK_BYTES / (25e9 / 8) + dst.decode_step_s([req("a", 20, out=1)]))
+    assert dst.bytes_moved == 5 * BLOCK_BYTES
+    free, _, _ = runner()
+    assert free.transfer_s(100) == 0.0  # no link given: transfers are free
+
+
+def test_wire_path_carries_a_placeholder_and_counts_the_real_bytes():
+    src, _, clock = runner(link=100e9 / 8)
+    dst, _, _ = runner(clock=clock)
+    d = src.kv_descriptor(37)  # 3 blocks of 16
+    assert (d.num_layers, d.num_kv_heads, d.head_dim, d.dtype, d.num_blocks) == (1, 1, 1, "uint8", 3)
+    assert src.kv_bytes(37) == 3 * BLOCK_BYTES and d.nbytes == 2 * 3 * 16
+    t0 = clock()
+    k, v = src.kv_to_host(src.stage_kv([4, 5, 6]))
+    assert clock() - t0 == pytest.approx(3 * BLOCK_BYTES / (100e9 / 8))
+    asm = KVAssembler(d)
+    for chunk in to_chunks(d, k, v):
+        asm.add(chunk)
+    assert asm.bytes == 96  # what crossed the wire
+    assert dst.import_kv([1, 2, 3], *asm.arrays(block_size=16)) == 3 * BLOCK_BYTES
+    with pytest.raises(ValueError, match="does not fit"):
+        dst.import_kv([1, 2], k, v)
+
+
+def test_the_emulated_worker_path_loads_no_jax():
+    code = ("import sys; from models.config import PRESETS; from dsjax.planner.latency import LatencyCoeffs, LatencyModel; "
+            "from dsjax.runtime.emulated import EmulatedRunner; from dsjax.runtime.kv_cache import CacheConfig; "
+            "import dsjax.emulate, serving.worker, serving.prefill_worker, serving.decode_worker, serving.launcher; "
+            "c = LatencyCoeffs(prefill=(1, 0, 0), decode_small=(1, 0, 0), decode_large=(1, 0, 0)); "
+            "EmulatedRunner(PRESETS['opt-13b'], CacheConfig(), LatencyModel(coeffs=c)).decode([], []); "
+            "print(sorted(m for m in ('jax', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_devices_and_stats_look_like_a_runner():
+    r, _, _ = runner(tp=2, pp=2, devices=[4, 5, 6, 7])
+    assert [d.id for d in r.devices()] == [4, 5, 6, 7] and r.devices()[0].platform == "emulated"
+    assert len(r.devices()) // r.pp == 2 and r.block_size == 16 and r.attention_backend == "emulated"
+    calls = []
+    r.launch_hook = lambda kind, shapes: calls.append((kind, shapes))
+    r.prefill([Chunk(req("a", 8), 0, 8)], [[1]])
+    r.decode([req("a", 8, out=1)], [[1]])
+    assert calls == [("prefill", [(0, 8)]), ("decode", [8])]
+    assert np.asarray(r.decode([], [])).size == 0
+    with pytest.raises(ValueError, match="device ids"):
+        runner(tp=2, devices=[1])
