@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from dsjax.engine.placement import Placement
 from dsjax.engine.request import FinishReason, Lifecycle, Request, validate_prompt
 from dsjax.engine.sampling_params import SamplingParams
+from models.checkpoints import resolve_model
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.builder import build_engine, load_causal_lm
 from dsjax.runtime.kv_cache import CacheConfig, num_blocks_for_memory
@@ -60,6 +61,7 @@ class LLM:
         placement: Placement | None = None,
         mode: str = "colocated",
     ):
+        model = resolve_model(model)
         # `weights` holds no arrays: the engine's runners read them, each stage straight onto its devices.
         self.model, weights = load_causal_lm(model, dtype=dtype, dummy_weights=dummy_weights, seed=seed,
                                              backend=attention_backend)

@@ -1,6 +1,7 @@
 """`python -m dsjax.serve`: the gRPC server (router, prefill and decode workers).
 
-With no arguments: tiny-llama with dummy weights, disaggregated in this process on two local
+With no arguments: tiny-chat (a small LLaMA trained on ShareGPT that ships in the package,
+models/checkpoints), disaggregated in this process on two local
 devices (prefill on device 0, decode on device 1; on a CPU host the two devices are made with
 XLA_FLAGS), gRPC on :50051 (health, reflection), the OpenAI HTTP API on :8000, Prometheus metrics
 on :9090, all on loopback (`--host 0.0.0.0` exposes them). With one device (one GPU, or
@@ -30,6 +31,7 @@ import os
 import sys
 
 from dsjax.engine.placement import MODES
+from models.checkpoints import DEFAULT_MODEL, resolve_model
 
 # models.attention.BACKENDS; spelled out here because this module must not import jax (XLA_FLAGS first).
 ATTENTION_BACKENDS = ("auto", "pallas", "xla")
@@ -39,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dsjax.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="tiny-llama", help="a preset name or a Hugging Face checkpoint directory")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a Hugging Face checkpoint directory, a packaged checkpoint (tiny-chat: trained, the default) "
+                        "or a preset name (random weights)")
     m.add_argument("--dummy-weights", action="store_true", help="random weights (implied for presets)")
     m.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="default float32; with --emulate the profile's (float16 for DistServe's)")
@@ -117,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype is None and not args.emulate:
         args.dtype = "float32"
+    args.model = resolve_model(args.model)
     return args
 
 

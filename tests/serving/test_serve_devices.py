@@ -71,13 +71,14 @@ def test_one_device_serves_colocated_with_the_xla_backend(tmp_path):
 
 
 def test_two_devices_serve_disaggregated(tmp_path):
+    """No --model: the packaged tiny-chat checkpoint (models/checkpoints), its real weights and tokenizer."""
     log = tmp_path / "serve.log"
     with serving(log, 2) as (port, metrics_port):
         assert len(generate(port, 4)) == 4
         assert roles(metrics_port) == {"prefill-0": "PREFILL", "decode-0": "DECODE"}
     text = log.read_text()
     assert "serving colocated" not in text
-    assert "tiny-llama disaggregated ready" in text and "attention backend xla" in text  # auto on CPU: XLA
+    assert "tiny-chat disaggregated ready" in text and "attention backend xla" in text  # auto on CPU: XLA
 
 
 def test_pallas_backend_serves_on_cpu(tmp_path):

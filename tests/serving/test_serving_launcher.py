@@ -33,6 +33,14 @@ def client(*args):
     return subprocess.run([sys.executable, "-m", "dsjax.client", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
 
 
+def default_tokenizer():
+    from models.checkpoints import DEFAULT_MODEL, ROOT
+    from models.hf_config import load_hf_config
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer(ROOT / DEFAULT_MODEL, load_hf_config(ROOT / DEFAULT_MODEL))
+
+
 def test_default_server_streams_to_the_client(default_server):
     port, metrics_port, startup_s, _ = default_server
     assert startup_s < 60
@@ -41,7 +49,10 @@ def test_default_server_streams_to_the_client(default_server):
     assert out.returncode == 0, out.stderr
     assert "[LENGTH] 12 tokens" in out.stderr and "token_ids: [" in out.stderr
     ids = json.loads(out.stderr.split("token_ids: ")[1].splitlines()[0])
-    again = client("--target", f"localhost:{port}", "--token-ids", ",".join(map(str, [256, *b"Hello, disaggregation"])),
+    # The same prompt as token ids, encoded by the default checkpoint's own tokenizer (BOS first).
+    prompt_ids = default_tokenizer().encode("Hello, disaggregation")
+    assert prompt_ids[0] == 0 and len(prompt_ids) < len("Hello, disaggregation")  # BPE, not bytes
+    again = client("--target", f"localhost:{port}", "--token-ids", ",".join(map(str, prompt_ids)),
                    "--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--show-tokens")
     assert again.returncode == 0 and json.loads(again.stderr.split("token_ids: ")[1].splitlines()[0]) == ids
     doc = json.loads(urllib.request.urlopen(f"http://localhost:{metrics_port}/debug/instances", timeout=5).read())
