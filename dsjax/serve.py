@@ -80,13 +80,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--worker-id", help="stable worker name (worker roles); default ROLE-PID")
     s.add_argument("--max-pending", type=int, default=256, help="admission queue: requests in flight before RESOURCE_EXHAUSTED")
     s.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    s.add_argument("--stream-interval-ms", type=float, default=0.0,
+                   help="hold a stream's later tokens up to this long after its previous message (in-process "
+                        "backends; vLLM's stream interval): fewer messages, the same TTFT and TPOT (the first token and "
+                        "the finish are never held); 0: every step's tokens at once")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="cap on max_tokens (default: the context length)")
     s.add_argument("--lease-seconds", type=float, default=30.0, help="KV held for transfer is freed if not pulled in time")
     s.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="K+V bytes per KV chunk message")
     s.add_argument("--kv-staging-mib", type=int, default=512,
                    help="prefill workers gather held KV off the pool right after prefill, up to this many MiB, "
                         "so pulls need not wait for the engine thread (0: export at pull time)")
-    s.add_argument("--max-recomputes", type=int, default=2)
+    s.add_argument("--max-recomputes", type=int, default=2,
+                   help="times a request whose KV or worker is lost is prefilled again from its tokens so far")
+    s.add_argument("--max-lease-seconds", type=float, default=None,
+                   help="renewals keep held KV at most this long (default 20 x --lease-seconds)")
+    s.add_argument("--hung-worker-seconds", type=float, default=60.0,
+                   help="the router quarantines a worker whose engine is stuck in one step this long while it still "
+                        "heartbeats, and recomputes its requests elsewhere (0: off)")
     s.add_argument("--no-restart", action="store_true", help="do not restart worker processes that die")
     s.add_argument("--gpus", type=int, default=0, help="processes mode on a GPU host: split GPUs 0..N-1 among the workers")
     s.add_argument("--log-dir", help="worker process logs (processes mode); default: inherit stderr")

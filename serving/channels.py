@@ -1,15 +1,19 @@
 """gRPC channels between the router and the workers, and between workers (one per address), and
 the router's internal listener.
 
-Messages up to 256 MiB are allowed on internal channels (KV chunks are far smaller: see
-serving/kv_transfer.py); keepalive pings make a dead peer's connection fail within seconds
-instead of hanging. With the cluster's TLS credentials (serving/tls.py), every channel is mutual
-TLS: it presents the node certificate and accepts only servers the cluster CA signed.
+Internal messages are limited to what the cluster really sends (`max_message`: a worker's is
+sized by serving/worker_checks.py to one KV chunk or one request of a whole context, the router's
+to a request; the defaults fit the default 1 MiB chunks); keepalive pings make a dead peer's
+connection fail within seconds instead of hanging. With the cluster's TLS credentials
+(serving/tls.py), every channel is mutual TLS: it presents the node certificate and accepts only
+servers the cluster CA signed. Channels to workers that left are closed after a grace period
+(`retire`): workers restarted on new ports would otherwise leave one each behind.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -17,7 +21,7 @@ import grpc
 from serving.cluster_auth import cluster_guard, with_token
 from serving.tls import ClusterTLS, bind, dial
 
-MAX_INTERNAL_MESSAGE = 256 << 20
+MAX_INTERNAL_MESSAGE = 8 << 20  # the default: 1 MiB KV chunks, requests of up to ~800k tokens
 OPTIONS = [
     ("grpc.max_receive_message_length", MAX_INTERNAL_MESSAGE),
     ("grpc.max_send_message_length", MAX_INTERNAL_MESSAGE),
@@ -38,21 +42,30 @@ SERVER_OPTIONS = [
 ]
 
 
+def with_message_limit(options: list, size: int) -> list:
+    """gRPC `options` with both message limits set to `size` bytes."""
+    keep = [(k, v) for k, v in options if k not in ("grpc.max_receive_message_length", "grpc.max_send_message_length")]
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size), *keep]
+
+
 class Channels:
     """A thread-safe cache of channels by address; with `token`, every call on them carries the
     cluster token (serving/cluster_auth.py); with `tls`, they are mutual TLS, else plaintext."""
 
-    def __init__(self, token: str | None = None, tls: ClusterTLS | None = None):
+    def __init__(self, token: str | None = None, tls: ClusterTLS | None = None, max_message: int | None = None):
         self._token, self._tls = token, tls
+        self._options = OPTIONS if max_message is None else with_message_limit(OPTIONS, max_message)
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._raw: dict[str, grpc.Channel] = {}
+        self._retired: list[tuple[float, grpc.Channel]] = []  # (close at, channel)
 
     def get(self, address: str) -> grpc.Channel:
+        self.close_retired()
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                raw = self._raw[address] = dial(address, self._tls, OPTIONS)
+                raw = self._raw[address] = dial(address, self._tls, self._options)
                 ch = self._channels[address] = with_token(raw, self._token)
             return ch
 
@@ -63,9 +76,36 @@ class Channels:
         if ch is not None:
             ch.close()
 
+    def retire(self, address: str, grace_s: float = 60.0) -> None:
+        """Forget `address` (its worker left) and close its channel after `grace_s`, when no call
+        started on it before can still need it: workers that restart on new ports would otherwise
+        leave one channel each behind, for good."""
+        with self._lock:
+            self._channels.pop(address, None)
+            ch = self._raw.pop(address, None)
+            if ch is not None:
+                self._retired.append((time.monotonic() + grace_s, ch))
+        self.close_retired()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._raw)
+
+    def close_retired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not self._retired or self._retired[0][0] > now:
+                return
+            due = [ch for t, ch in self._retired if t <= now]
+            self._retired = [(t, ch) for t, ch in self._retired if t > now]
+        for ch in due:
+            ch.close()
+
     def close(self) -> None:
         with self._lock:
             chans, self._channels, self._raw = list(self._raw.values()), {}, {}
+            chans += [ch for _, ch in self._retired]
+            self._retired = []
         for ch in chans:
             ch.close()
 

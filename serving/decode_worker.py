@@ -1,7 +1,9 @@
 """A decode worker: one `DecodeInstance` behind the `DecodeWorker` service; it pulls each
 request's KV from the prefill worker that holds it.
 
-    Decode -> queued FCFS until the instance has room (`DecodeInstance.can_pull`: the blocks
+    Decode -> checked (serving/worker_checks.py: the request, its KV descriptor, and a source the
+              router lists as a registered prefill worker; else INVALID_ARGUMENT)
+           -> queued FCFS until the instance has room (`DecodeInstance.can_pull`: the blocks
               plus a growth reserve, DistServe's 5% rule); meanwhile the KV waits on the prefill
               worker, whose lease this worker renews
            -> blocks allocated here, a pull thread streams the KV (PullKV) into host memory
@@ -35,10 +37,11 @@ from dsjax.engine.sampling_params import SamplingParams
 from serving.channels import Channels
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, KVAssembler, descriptor_from_proto
-from serving.messages import FINISH_TO_PROTO, request_from_proto
+from serving.messages import FINISH_TO_PROTO
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.tls import ClusterTLS
+from serving.worker_checks import Invalid, Peers, WorkerLimits, kv_source, worker_request
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,21 @@ class _Entry:
 class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, instance: DecodeInstance, *, worker_id: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  pull_threads: int = 4, pull_timeout_s: float = 60.0, renew_every_s: float = 1.0,
-                 cluster_token: str | None = None, tls: ClusterTLS | None = None):
+                 cluster_token: str | None = None, tls: ClusterTLS | None = None, peers: Peers | None = None):
+        """`peers`: the prefill workers the router lists, the only KV sources a Decode may name
+        (None: any, for a worker driven directly, without a router)."""
         super().__init__(f"decode-engine-{worker_id}")
         self.inst = instance
         self.worker_id = worker_id
         self.chunk_bytes = chunk_bytes
         self.pull_timeout_s = pull_timeout_s
         self.renew_every_s = renew_every_s
-        self.channels = Channels(cluster_token, tls)  # pulls from prefill workers: the cluster token, mutual TLS
+        self.peers = peers
+        self.limits = WorkerLimits.of(instance, chunk_bytes)  # what its handlers accept (serving/worker_checks.py)
+        # Pulls from prefill workers: the cluster token, mutual TLS, messages up to one KV chunk.
+        self.channels = Channels(cluster_token, tls, max_message=self.limits.message_bytes())
+        if peers is not None:
+            peers.on_gone = self.channels.retire  # a prefill worker that left (restarts come back on new ports)
         self._pool = ThreadPoolExecutor(pull_threads, thread_name_prefix=f"pull-{worker_id}")
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[str] = deque()
@@ -76,7 +86,14 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
 
     # ---- gRPC handler (server threads) ---------------------------------------------------
     def Decode(self, request, context):  # noqa: N802
-        req = request_from_proto(request.request)
+        try:
+            req = worker_request(request.request, self.limits, decode=True)
+            kv_source(request.source, req, self.limits)
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.peers is not None and not self.peers.allows(request.source.address):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"source.address={request.source.address!r} is not a "
+                          f"registered prefill worker (the router lists {self.worker_id} no such address)")
         rid, outbox = req.request_id, Outbox()
         try:
             self.post(lambda: self._admit(req, request.source, outbox),
@@ -101,8 +118,6 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
         elif (d.num_layers, d.num_kv_heads, d.head_dim, d.dtype) != self._expect:
             problem = (grpc.StatusCode.FAILED_PRECONDITION, f"KV from {source.worker_id} is (layers, kv_heads, head_dim, dtype)="
                        f"{(d.num_layers, d.num_kv_heads, d.head_dim, d.dtype)}, {self.worker_id} runs {self._expect}")
-        elif d.num_tokens != req.num_tokens - 1:
-            problem = (grpc.StatusCode.FAILED_PRECONDITION, f"KV holds {d.num_tokens} tokens, the request {req.num_tokens - 1}")
         else:
             need = blocks_for(req.prompt_len + req.sampling.max_tokens, self.inst.blocks.block_size)
             if need > self.inst.blocks.capacity_blocks:
@@ -111,8 +126,8 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
         if problem:
             outbox.put(ErrorEvent(*problem))
             return
-        if source.lease_ms > 0:  # renew well within the shortest lease seen
-            self.renew_every_s = min(self.renew_every_s, source.lease_ms / 3000)
+        if source.lease_ms > 0:  # renew well within the shortest lease seen (at most 10 times a second)
+            self.renew_every_s = max(0.1, min(self.renew_every_s, source.lease_ms / 3000))
         req.status = Status.MIGRATING
         self._entries[rid] = _Entry(req, source, outbox, time.perf_counter(), sent=len(req.output_token_ids))
         self._queue.append(rid)

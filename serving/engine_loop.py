@@ -81,34 +81,54 @@ class Outbox:
         an event loop (`drain` then sleeps until woken) instead of blocking a thread in `__iter__`."""
         self._waker = waker
 
-    def drain(self, first: Event | None = None) -> list[Event]:
-        """The events queued now (after `first`, if given), without waiting; consecutive token
-        events merged into one (a reader that fell behind the engine sends one message, not one
-        per step; two that each carry a migration stay apart)."""
-        out: list[Event] = [] if first is None else [first]
+    def drain(self, first: Event | None = None, out: list[Event] | None = None) -> list[Event]:
+        """The events queued now (after `first`, if given, appended to `out`), without waiting;
+        consecutive token events merged into one (a reader that fell behind the engine sends one
+        message, not one per step; two that each carry a migration stay apart)."""
+        out = [] if out is None else out
+        event = first
         while True:
+            if event is not None:
+                last = out[-1] if out else None
+                if (isinstance(event, TokenEvent) and isinstance(last, TokenEvent)
+                        and not (last.migration is not None and event.migration is not None)):
+                    out[-1] = TokenEvent(last.token_ids + event.token_ids, last.migration or event.migration)
+                else:
+                    out.append(event)
             try:
                 event = self._q.get_nowait()
             except queue.Empty:
                 return out
-            last = out[-1] if out else None
-            if (isinstance(event, TokenEvent) and isinstance(last, TokenEvent)
-                    and not (last.migration is not None and event.migration is not None)):
-                out[-1] = TokenEvent(last.token_ids + event.token_ids, last.migration or event.migration)
-            else:
-                out.append(event)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    # Seconds a reader holds later tokens after sending some (--stream-interval-ms; 0: none, each
+    # step's tokens leave at once). The first token and the finish are never held, so TTFT and
+    # TPOT as clients measure them do not change; intermediate tokens arrive in fewer messages.
+    stream_interval_s = 0.0
+
     def __iter__(self) -> Iterator[Event]:
-        """Events in order, blocking for each next one; queued token events merged (`drain`)."""
+        """Events in order, blocking for each next one; queued token events merged (`drain`),
+        and held up to `stream_interval_s` after the previous token message."""
+        sent = None  # when the last token message left
         while True:
-            for event in self.drain(self._q.get()):
+            events = self.drain(self._q.get())
+            while sent is not None and all(isinstance(e, TokenEvent) for e in events):
+                left = sent + self.stream_interval_s - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    events = self.drain(self._q.get(timeout=left), events)
+                except queue.Empty:
+                    break
+            for event in events:
                 yield event
                 if not isinstance(event, TokenEvent):
                     return
+            if self.stream_interval_s > 0:
+                sent = time.monotonic()
 
 
 class EngineLoop:
@@ -123,6 +143,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.error: BaseException | None = None
         self._timer = None  # serving.step_log.StepTimer once a step log is attached
+        self._beat = time.monotonic()  # the start of the loop's current iteration (see stalled_seconds)
 
     def attach_step_log(self, step_log, runners) -> None:
         """Time every step from now on into `step_log` (serving/step_log.py), with the shapes of
@@ -148,6 +169,14 @@ class EngineLoop:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def stalled_seconds(self) -> float:
+        """How long the loop has been inside its current iteration (any thread may ask): an idle
+        loop comes round every `idle_wait_s`, a served one once per step, so a value far above a
+        step's time means the engine is stuck in a step or a command (a hung device call, a
+        deadlock) while the process around it still answers. The heartbeat reports it and the
+        router's watchdog acts on it (serving/registry.py)."""
+        return max(0.0, time.monotonic() - self._beat) if self._thread.is_alive() else 0.0
 
     def post(self, fn: Callable[[], None], on_error: Callable[[Exception], None] | None = None) -> None:
         """Run `fn` on the engine thread before its next step (EngineDead if the loop died). If
@@ -234,6 +263,7 @@ class EngineLoop:
         progressed = False
         try:
             while not self._stop.is_set():
+                self._beat = time.monotonic()
                 self._drain(block=not progressed)
                 self.tick()
                 timer = self._timer

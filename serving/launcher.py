@@ -84,7 +84,9 @@ class _Fronts:
     With --tls-dir, --api-tls-cert or --cluster-port, the cluster's services (`extra_servicers`,
     the worker Registry, and Admin) get a listener of their own on --cluster-port (mutual TLS with
     --tls-dir), and the public port serves only Generate, health and reflection (TLS with
-    --api-tls-cert); `cluster_port` is then that listener's port, else the public one."""
+    --api-tls-cert); `cluster_port` is then that listener's port. Without them a Registry still gets
+    a listener (and a thread pool) of its own on any free port, where the launcher's own workers
+    register and heartbeat, and the public port serves it as well (hand-started workers)."""
 
     def __init__(self, args, backend, config, extra_servicers=(), *, cluster_token: str):
         from models.tokenizer import load_tokenizer
@@ -103,9 +105,9 @@ class _Fronts:
                                    cluster_token=cluster_token, credentials=api_tls, admin=not split).start()
         log.info("router listening on %s:%d%s", args.host, self.router.port, " (TLS)" if api_tls else "")
         self.cluster, self.cluster_port = None, self.router.port
-        if split:
+        if split or extra_servicers:  # heartbeats never queue behind Generate streams
             servicers = [*extra_servicers, (worker_pb2_grpc.add_AdminServicer_to_server, AdminServicer(backend))]
-            port = DEFAULT_CLUSTER_PORT if args.cluster_port is None else args.cluster_port
+            port = (DEFAULT_CLUSTER_PORT if split else 0) if args.cluster_port is None else args.cluster_port
             self.cluster = InternalServer(servicers, host=args.host, port=port, tls=tls, token=cluster_token).start()
             self.cluster_port = self.cluster.port
             log.info("cluster services (Registry, Admin) on %s:%d (%s)", args.host, self.cluster_port,
@@ -177,8 +179,10 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
 def run_emulated(args: argparse.Namespace, placement, emulation) -> int:
     """--emulate with in-process workers: the engine's instances on emulated devices
     (dsjax/emulate.py), with no jax, no weights and nothing to warm up."""
+    from dsjax.engine.colocated import ReplicatedEngine
     from dsjax.engine.disaggregated import DisaggEngine
     from serving.inprocess import InProcessBackend, ThreadedBackend
+    from serving.replicated import ReplicatedBackend
 
     t0 = time.perf_counter()
     try:
@@ -186,7 +190,12 @@ def run_emulated(args: argparse.Namespace, placement, emulation) -> int:
                                         num_blocks=args.num_blocks)
     except ValueError as e:
         raise SystemExit(f"--emulate: {e}") from None
-    backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
+    if isinstance(engine, ReplicatedEngine):  # one engine thread per replica: each is a device of its own
+        if args.step_log:
+            raise SystemExit("--step-log times one engine loop; emulated replicas run one each: serve one replica")
+        backend = ReplicatedBackend(engine.engines)
+    else:
+        backend = ThreadedBackend(engine) if isinstance(engine, DisaggEngine) else InProcessBackend(engine)
     fronts = _Fronts(args, backend, emulation.config, cluster_token=_cluster_token(create=True))
     backend.start()
     backend.warm = True
@@ -270,6 +279,7 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
             "--dtype", args.dtype, "--seed", str(args.seed), "--block-size", str(args.block_size),
             "--max-num-seqs", str(args.max_num_seqs), "--max-prefill-tokens", str(args.max_prefill_tokens),
             "--lease-seconds", str(args.lease_seconds), "--kv-chunk-bytes", str(args.kv_chunk_bytes),
+            "--max-lease-seconds", str(args.max_lease_seconds or 20 * args.lease_seconds),
             "--kv-staging-mib", str(args.kv_staging_mib),
             "--attention-backend", args.attention_backend, "--compilation-cache", args.compilation_cache,
             "--log-level", args.log_level, "--exit-with-parent"]
@@ -297,12 +307,18 @@ def cluster_registry(args: argparse.Namespace, token: str | None):
     from serving.registry import Registry
     from serving.tls import cluster_tls
 
+    from serving.validation import model_config
+    from serving.worker_checks import WorkerLimits
+
     weights_hash = weights_fingerprint(args.model, dummy_weights=_dummy(args), seed=args.seed)
     if weights_hash is None:
         log.warning("no *.safetensors under %s here: the first worker to register fixes the cluster's weights hash",
                     args.model)
+    config = model_config(args.model)
+    largest = WorkerLimits(vocab_size=config.vocab_size, context=config.max_position, max_chunk_bytes=0).request_bytes()
     return Registry(cluster_token=token, model=args.model, block_size=args.block_size, dtype=args.dtype,
-                    weights_hash=weights_hash, pin=("weights_hash",), tls=cluster_tls(args.tls_dir))
+                    weights_hash=weights_hash, pin=("weights_hash",), tls=cluster_tls(args.tls_dir),
+                    hung_s=args.hung_worker_seconds or None, max_message=max(largest, 4 << 20))
 
 
 def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
@@ -375,7 +391,7 @@ def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
         model=args.model, dummy_weights=_dummy(args), dtype=args.dtype, seed=args.seed,
         attention_backend=args.attention_backend, tp=phase.tp, pp=phase.pp,
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
-        lease_s=args.lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
+        lease_s=args.lease_seconds, max_lease_s=args.max_lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
         max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
     )
@@ -389,6 +405,9 @@ def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
 def run(args: argparse.Namespace, placement, emulation=None) -> int:
     """`emulation`: the --emulate runner factory (dsjax/emulate.py), None on real devices."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving.engine_loop import Outbox
+
+    Outbox.stream_interval_s = max(0.0, getattr(args, "stream_interval_ms", 0.0)) / 1e3
     if args.role in ("prefill", "decode"):
         return run_worker(args, placement, emulation)
     if args.role == "router" or args.workers == "processes":

@@ -20,13 +20,18 @@ T = TypeVar("T")
 class Lease(Generic[T]):
     item: T
     deadline: float
+    limit: float  # no renewal goes past it
 
 
 class LeaseTable(Generic[T]):
-    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic, max_hold_s: float | None = None):
+        """`max_hold_s`: how long renewals may keep one lease alive (default 20 x lease_s)."""
         if lease_s <= 0:
             raise ValueError(f"lease_s={lease_s} must be > 0")
         self.lease_s = lease_s
+        self.max_hold_s = 20 * lease_s if max_hold_s is None else max_hold_s
+        if self.max_hold_s < lease_s:
+            raise ValueError(f"max_hold_s={self.max_hold_s} must be >= lease_s={lease_s}")
         self._clock = clock
         self._leases: dict[str, Lease[T]] = {}
         self.num_expired = 0
@@ -40,18 +45,21 @@ class LeaseTable(Generic[T]):
     def hold(self, key: str, item: T) -> None:
         if key in self._leases:
             raise ValueError(f"a lease on {key!r} is already held")
-        self._leases[key] = Lease(item, self._clock() + self.lease_s)
+        now = self._clock()
+        self._leases[key] = Lease(item, now + self.lease_s, now + self.max_hold_s)
 
     def get(self, key: str) -> T | None:
         lease = self._leases.get(key)
         return None if lease is None else lease.item
 
     def renew(self, key: str) -> bool:
-        """Extend the lease by lease_s from now; False if none is held."""
+        """Extend the lease by lease_s from now, up to its limit; False if none is held (or it
+        is past its limit: it expires at the next `pop_expired`)."""
         lease = self._leases.get(key)
-        if lease is None:
+        now = self._clock()
+        if lease is None or now >= lease.limit:
             return False
-        lease.deadline = self._clock() + self.lease_s
+        lease.deadline = min(now + self.lease_s, lease.limit)
         return True
 
     def pop(self, key: str) -> T | None:

@@ -1,6 +1,8 @@
 """A prefill worker: one `PrefillInstance` (its own mesh of this host's devices) behind the
 `PrefillWorker` service.
 
+    (checks)  -> every request is checked first (serving/worker_checks.py): INVALID_ARGUMENT
+                 naming the field, before the engine thread sees it
     Prefill   -> queued FCFS; the engine thread batches and runs prompts; the reply carries the
                  sampled token and, unless the request ended there, a KV descriptor and a lease
     (staging) -> right after the prefill step, on the engine thread, each held request's blocks
@@ -12,7 +14,8 @@
                  thread between steps. Chunks: serving/kv_transfer.py. Renews the lease
     ReleaseKV -> frees the blocks (the decode side inserted them, or the request was aborted);
                  also drops a request still queued for prefill
-    (expiry)  -> a lease nobody renewed or released frees its blocks; a later pull gets NOT_FOUND
+    (expiry)  -> a lease nobody renewed or released frees its blocks; a later pull gets NOT_FOUND;
+                 renewals never keep a lease past `max_lease_s` (serving/leases.py)
 
 Blocks are allocated, read (staged, exported) and freed only on the engine thread, so a transfer
 never reads a freed block: a release that arrives during an export runs after it, and a staged
@@ -40,9 +43,10 @@ from dsjax.runtime.kv_descriptor import KVDescriptor
 from serving.engine_loop import EngineDead, EngineLoop
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, descriptor_to_proto, to_chunks
 from serving.leases import LeaseTable
-from serving.messages import FINISH_TO_PROTO, request_from_proto
+from serving.messages import FINISH_TO_PROTO
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
+from serving.worker_checks import Invalid, WorkerLimits, check_ids, pull_chunk_bytes, worker_request
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ class _Pending:
 
 class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, instance: PrefillInstance, *, worker_id: str, lease_s: float = 30.0,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_waiting: int = 1024, max_staged_bytes: int = 512 << 20):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_waiting: int = 1024, max_staged_bytes: int = 512 << 20,
+                 max_lease_s: float | None = None):
         super().__init__(f"prefill-engine-{worker_id}")
         self.max_staged_bytes = max_staged_bytes
         self._staged: dict[str, tuple[KVDescriptor, object]] = {}  # written by the engine thread
@@ -72,19 +77,22 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         self.worker_id = worker_id
         self.chunk_bytes = chunk_bytes
         self.max_waiting = max_waiting
-        self.leases: LeaseTable[Request] = LeaseTable(lease_s)
+        self.leases: LeaseTable[Request] = LeaseTable(lease_s, max_hold_s=max_lease_s)
+        self.limits = WorkerLimits.of(instance, chunk_bytes)  # what its handlers accept (serving/worker_checks.py)
         self._pending: dict[str, _Pending] = {}
         self.migrations = 0
         self.kv_bytes = 0  # the runner's bytes (an emulated device's: the real model's, not the placeholder's)
 
     # ---- gRPC handlers (server threads) ----------------------------------------------------
     def Prefill(self, request, context):  # noqa: N802
-        req = request_from_proto(request.request)
         fut: Future = Future()
         try:
+            req = worker_request(request.request, self.limits)
             self.post(lambda: self._add(req, fut), on_error=lambda e: fut.done() or fut.set_exception(e))
             context.add_callback(lambda: self._post_quietly(lambda: self._drop_pending(req.request_id)))
             return fut.result()
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except _Rejected as e:
             context.abort(e.code, e.message)
         except EngineDead as e:
@@ -92,6 +100,10 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
 
     def PullKV(self, request, context):  # noqa: N802
         rid = request.request_id
+        try:
+            chunk_bytes = pull_chunk_bytes(request, self.limits)
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         with self._staged_lock:
             staged = self._staged.get(rid)
         if staged is not None:
@@ -107,15 +119,22 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
             except KeyError:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"{self.worker_id} holds no KV for request {rid!r} "
                                                           "(released, lease expired, or never prefilled)")
-        yield from to_chunks(desc, k, v, request.max_chunk_bytes or self.chunk_bytes)
+        yield from to_chunks(desc, k, v, chunk_bytes)
 
     def RenewLease(self, request, context):  # noqa: N802
-        ids = list(request.request_ids)
+        ids = self._lease_ids(request, context)
         return wpb.LeaseResponse(unknown_ids=self.call(lambda: [r for r in ids if not self.leases.renew(r)]))
 
     def ReleaseKV(self, request, context):  # noqa: N802
-        ids = list(request.request_ids)
+        ids = self._lease_ids(request, context)
         return wpb.LeaseResponse(unknown_ids=self.call(lambda: [r for r in ids if not self._release(r)]))
+
+    @staticmethod
+    def _lease_ids(request, context) -> list[str]:
+        try:
+            return check_ids(request.request_ids)
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     # ---- engine thread ---------------------------------------------------------------------
     def _add(self, req: Request, fut: Future) -> None:

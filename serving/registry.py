@@ -2,10 +2,19 @@
 
 Workers call `Register` when they start (after warming up) and `Heartbeat` every
 `heartbeat_s` with their stats. A worker is dropped when its heartbeats stop for `timeout_s`
-(a hung or partitioned process) or when a call to it fails with UNAVAILABLE (a dead one); the
+(a stopped or partitioned process) or when a call to it fails with UNAVAILABLE (a dead one); the
 calls in flight to a dropped worker are cancelled so no request hangs on it. A worker that comes
 back (restarted, same worker_id) registers again and replaces its old entry; one the router has
-forgotten learns so from its next heartbeat (`registered=False`) and re-registers.
+forgotten learns so from its next heartbeat (`registered=False`) and re-registers (a router that
+restarted thus gets its workers back within a heartbeat).
+
+Watchdog: a worker whose heartbeats keep coming while its engine thread is stuck (its stats'
+`stalled_seconds`, serving/engine_loop.py, over `hung_s`) is quarantined: routed nothing, its calls
+cancelled (the router recomputes their requests elsewhere), until it reports progress again. The
+quarantine outlives a re-registration of the same process.
+
+Decode workers learn from the replies to Register and Heartbeat which prefill workers are
+registered: the only KV sources they accept (serving/worker_checks.py `Peers`).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from serving.channels import Channels
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.tls import ClusterTLS
+from serving.worker_checks import Invalid, check_id
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,7 @@ class WorkerEntry:
     stats: wpb.InstanceStats | None = None
     inflight: int = 0  # requests the router has on it now
     calls: set = dataclasses.field(default_factory=set)
+    hung: bool = False  # quarantined by the watchdog: routed nothing
 
     @property
     def id(self) -> str:
@@ -58,18 +69,22 @@ class WorkerEntry:
 class Registry(worker_pb2_grpc.RegistryServicer):
     def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0, cluster_token: str | None = None,
                  model: str | None = None, block_size: int | None = None, dtype: str | None = None,
-                 weights_hash: str | None = None, pin: tuple[str, ...] = (), tls: ClusterTLS | None = None):
+                 weights_hash: str | None = None, pin: tuple[str, ...] = (), tls: ClusterTLS | None = None,
+                 hung_s: float | None = 60.0, max_message: int | None = None):
         """The cluster's fingerprint: `model`, `block_size`, `dtype` and `weights_hash`
         (serving/fingerprint.py), when given, are what every registering worker must serve with (a
         worker with other weights, another dtype or another KV page size would corrupt the requests
         routed to it). A field named in `pin` and not given is fixed by the first worker accepted
         (a router that cannot read the weights pins their hash). `tls`: the router's calls to the
-        workers are mutual TLS (serving/tls.py)."""
+        workers are mutual TLS (serving/tls.py). `hung_s`: the watchdog's threshold (None: off).
+        `max_message`: the message limit of its channels to the workers (the largest request)."""
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
+        self.hung_s = hung_s
+        self._hung: dict[str, int] = {}  # worker_id -> pid of a quarantined process
         self.expect = {"model": model, "block_size": block_size, "dtype": dtype, "weights_hash": weights_hash}
         self._pin = tuple(f for f in pin if self.expect[f] is None)
-        self.channels = Channels(cluster_token, tls)  # the router's calls to the workers carry the token
+        self.channels = Channels(cluster_token, tls, max_message)  # the router's calls to the workers carry the token
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerEntry] = {}
         self._changed = threading.Condition(self._lock)
@@ -79,6 +94,13 @@ class Registry(worker_pb2_grpc.RegistryServicer):
 
     # ---- gRPC (workers call these) -------------------------------------------------------
     def Register(self, request: wpb.WorkerInfo, context):  # noqa: N802
+        try:
+            check_id(request.worker_id, "worker_id")
+            check_id(request.address, "address")
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if request.role not in (wpb.PREFILL, wpb.DECODE):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role={request.role} must be PREFILL or DECODE")
         with self._lock:  # checked and pinned at once: two first workers cannot pin different values
             problem = self.mismatch(request)
             if problem is None:
@@ -90,7 +112,7 @@ class Registry(worker_pb2_grpc.RegistryServicer):
             log.warning("refused worker %s: %s", request.worker_id, problem)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         self.add(request)
-        return wpb.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
+        return wpb.RegisterResponse(heartbeat_seconds=self.heartbeat_s, prefill_addresses=self._peers(request.role))
 
     def mismatch(self, info: wpb.WorkerInfo) -> str | None:
         """Why this worker cannot join the cluster (None: it can): the first fingerprint field that
@@ -108,7 +130,29 @@ class Registry(worker_pb2_grpc.RegistryServicer):
                 return wpb.HeartbeatResponse(registered=False)
             w.last_seen = time.monotonic()
             w.stats = request.stats
-        return wpb.HeartbeatResponse(registered=True)
+            stalled = request.stats.stalled_seconds
+            changed = (self.hung_s is not None and stalled > self.hung_s) != w.hung
+            if changed:
+                w.hung = not w.hung
+                if w.hung:
+                    self._hung[w.id] = w.info.pid
+                else:
+                    self._hung.pop(w.id, None)
+                    self._changed.notify_all()
+        if changed and w.hung:
+            log.warning("worker %s quarantined: its engine made no progress for %.1fs (over %.1fs); cancelling its calls",
+                        w.id, stalled, self.hung_s)
+            self._cancel_calls(w)
+        elif changed:
+            log.warning("worker %s made progress again: back in routing", w.id)
+        return wpb.HeartbeatResponse(registered=True, prefill_addresses=self._peers(w.info.role))
+
+    def _peers(self, role: int) -> list[str]:
+        """What a worker of `role` is told of the others: decode workers, the prefill addresses."""
+        if role != wpb.DECODE:
+            return []
+        with self._lock:
+            return sorted(w.address for w in self._workers.values() if w.info.role == wpb.PREFILL)
 
     # ---- membership ----------------------------------------------------------------------
     def add(self, info: wpb.WorkerInfo) -> None:
@@ -123,8 +167,12 @@ class Registry(worker_pb2_grpc.RegistryServicer):
                 return
             self._workers.pop(info.worker_id, None)
             if old is not None and old.address != info.address:
-                self.channels.drop(old.address)
-            self._workers[info.worker_id] = WorkerEntry(info, self.channels.get(info.address), time.monotonic())
+                self.channels.retire(old.address)
+            entry = WorkerEntry(info, self.channels.get(info.address), time.monotonic())
+            if self._hung.get(info.worker_id, info.pid) != info.pid:
+                del self._hung[info.worker_id]  # a new process: the quarantine was the old one's
+            entry.hung = info.worker_id in self._hung  # the same one: quarantined until it progresses
+            self._workers[info.worker_id] = entry
             self._changed.notify_all()
         if old is not None:
             self._cancel_calls(old)
@@ -137,6 +185,8 @@ class Registry(worker_pb2_grpc.RegistryServicer):
             if w is None or (entry is not None and w is not entry):
                 return
             del self._workers[worker_id]
+            if all(o.address != w.address for o in self._workers.values()):
+                self.channels.retire(w.address)  # a restarted worker comes back on a new port
         log.warning("worker %s dropped: %s", worker_id, reason)
         self._cancel_calls(w)
 
@@ -148,6 +198,7 @@ class Registry(worker_pb2_grpc.RegistryServicer):
 
     def _reap(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            self.channels.close_retired()
             now = time.monotonic()
             with self._lock:
                 stale = [w for w in self._workers.values() if now - w.last_seen > self.timeout_s]
@@ -164,12 +215,13 @@ class Registry(worker_pb2_grpc.RegistryServicer):
             return [w for w in self._workers.values() if role is None or w.info.role == role]
 
     def has(self, role: int) -> bool:
-        return bool(self.workers(role))
+        """A worker of `role` can be routed to (registered, not quarantined)."""
+        return any(not w.hung for w in self.workers(role))
 
     def wait_for(self, role: int, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._lock:
-            while sum(w.info.role == role for w in self._workers.values()) < count:
+            while sum(w.info.role == role and not w.hung for w in self._workers.values()) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -180,7 +232,7 @@ class Registry(worker_pb2_grpc.RegistryServicer):
         """The least-loaded live worker of `role` (router in-flight count, then its reported
         queue), or None; counted in flight until `release`."""
         with self._lock:
-            live = [w for w in self._workers.values() if w.info.role == role]
+            live = [w for w in self._workers.values() if w.info.role == role and not w.hung]
             if not live:
                 return None
             w = min(live, key=lambda w: (w.inflight, w.stats.waiting if w.stats else 0, w.id))
@@ -217,6 +269,6 @@ class Registry(worker_pb2_grpc.RegistryServicer):
                 if w.stats is not None:
                     s.CopyFrom(w.stats)
                 s.worker_id, s.role, s.alive = w.id, w.info.role, False
-            s.address = w.address
+            s.address, s.hung = w.address, w.hung
             out.append(s)
         return sorted(out, key=lambda s: (s.role, s.worker_id))

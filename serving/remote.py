@@ -8,12 +8,15 @@ One request, as seen from the router (each step on the handler thread of its Gen
                                      (the decode worker pulls the KV from the prefill worker)
 
 Fail-or-recompute: the router owns the request's tokens, so when the KV is lost before the
-request finishes on a live decode worker (prefill worker died or hung, lease expired, KV preempted
-on decode: the decode worker answers ABORTED), the request is prefilled again from prompt +
-tokens streamed so far, up to `max_recomputes` times. A decode worker that dies takes its
-requests with it: they end with UNAVAILABLE, and it leaves routing until it registers again.
-Cancelling a request cancels the call in flight and releases the KV on the prefill worker
-(idempotent; the lease is the backstop).
+request finishes (prefill worker died or hung, lease expired, KV preempted on decode: the decode
+worker answers ABORTED; or the decode worker itself died or was quarantined by the watchdog), the
+request is prefilled again from prompt + tokens streamed so far, as one new prompt, on the
+workers left, up to `max_recomputes` times. The client's stream just continues: every token it
+got is in that prompt, and the next one comes from the new prefill. Only when no worker of a
+phase is left does the request end with UNAVAILABLE. Every call to a worker has a deadline
+(`call_timeout_s`, plus `per_token_timeout_s` per token for a Decode stream). Cancelling a
+request cancels the call in flight and releases the KV on the prefill worker (idempotent; the
+lease is the backstop).
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ class _RemoteHandle:
         job, output = self.job, []
         for attempt in range(self.backend.max_recomputes + 1):
             wid = f"{job.request_id}#{attempt}"
+            done = _finished(job, output)  # the lost worker had sent the last token, not the finish
+            if done is not None:
+                yield FinishEvent(done, self.breakdown)
+                return
             try:
                 pw, resp = self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids))
                 output.append(resp.token_id)
@@ -86,16 +93,19 @@ class _RemoteHandle:
                 return
             except _Retry as e:
                 self.breakdown["recomputes"] += 1
+                lost = e
                 log.warning("%s: %s; recomputing from %d tokens", job.request_id, e, len(output))
             except _Stop as e:
                 yield e.event
                 return
-        yield ErrorEvent(grpc.StatusCode.UNAVAILABLE, f"the KV of {job.request_id} was lost {self.breakdown['recomputes']} times")
+        yield ErrorEvent(grpc.StatusCode.UNAVAILABLE, f"the KV of {job.request_id} was lost {self.breakdown['recomputes']} "
+                                                      f"times (--max-recomputes {self.backend.max_recomputes}); last: {lost}")
 
     def _prefill(self, req: wpb.WorkerRequest) -> tuple[WorkerEntry, wpb.PrefillResponse]:
         pw = self._acquire(wpb.PREFILL)
         try:
-            resp = self._result(pw, pw.prefill.Prefill.future(wpb.PrefillRequest(request=req)))
+            resp = self._result(pw, pw.prefill.Prefill.future(wpb.PrefillRequest(request=req),
+                                                              timeout=self.backend.call_timeout_s))
         except _Stop:
             # Cancelled (or failed) with the worker alive: the prefill may have completed just as
             # the call ended, leaving KV under a lease that nobody would pull. Release it now.
@@ -118,7 +128,8 @@ class _RemoteHandle:
         """Yields token id tuples; returns after the FinishEvent's data is recorded."""
         dw = self._acquire(wpb.DECODE)
         source = wpb.KVSource(worker_id=pw.id, address=pw.address, kv=resp.kv, lease_ms=resp.lease_ms)
-        call = self._track(dw, dw.decode.Decode(wpb.DecodeRequest(request=req, source=source)))
+        timeout = self.backend.call_timeout_s + self.backend.per_token_timeout_s * self.job.sampling.max_tokens
+        call = self._track(dw, dw.decode.Decode(wpb.DecodeRequest(request=req, source=source), timeout=timeout))
         bd, landed = self.breakdown, None
         try:
             for msg in call:
@@ -143,7 +154,7 @@ class _RemoteHandle:
                 _release(*held)
             if err.code() == grpc.StatusCode.ABORTED and not self._cancelled.is_set():
                 raise _Retry(err.details()) from None
-            raise self._classify(dw, err.code(), err.details(), retry=False) from None
+            raise self._classify(dw, err.code(), err.details(), retry=True) from None
         finally:
             self._untrack(dw, call)
             self.registry.release(dw)
@@ -187,15 +198,31 @@ class _RemoteHandle:
 
     def _classify(self, w: WorkerEntry, code: grpc.StatusCode, details: str, retry: bool) -> Exception:
         """A failed call: the client cancelled; or the worker is gone (died: UNAVAILABLE; hung
-        and dropped by the registry: CANCELLED), retried if `retry` else UNAVAILABLE; or an error
-        to pass on as it is (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
+        and dropped, or quarantined, by the registry: CANCELLED), retried if `retry` else
+        UNAVAILABLE; or an error to pass on as it is (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
         if self._cancelled.is_set():
             return _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return _Stop(ErrorEvent(code, f"{wpb.Role.Name(w.info.role).lower()} worker {w.id} did not finish the "
+                                          f"request within its deadline: {details}"))
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self.registry.drop(w.id, f"{code.name}: {details}", w)
+            if not w.hung:  # a quarantined worker stays registered: it rejoins once it progresses
+                self.registry.drop(w.id, f"{code.name}: {details}", w)
             why = f"{wpb.Role.Name(w.info.role).lower()} worker {w.id} at {w.address} failed: {code.name}: {details}"
             return _Retry(why) if retry else _Stop(ErrorEvent(grpc.StatusCode.UNAVAILABLE, why))
         return _Stop(ErrorEvent(code, details))
+
+
+def _finished(job: GenerateJob, output: list[int]) -> FinishReason | None:
+    """Whether the tokens so far already end the request (as the engine's `append_token` decides)."""
+    if not output:
+        return None
+    sp, last = job.sampling, output[-1]
+    if last in sp.stop_token_ids:
+        return FinishReason.STOP
+    if not sp.ignore_eos and last in job.eos_token_ids:
+        return FinishReason.EOS
+    return FinishReason.LENGTH if len(output) >= sp.max_tokens else None
 
 
 def _release(w: WorkerEntry, wid: str) -> None:
@@ -205,9 +232,12 @@ def _release(w: WorkerEntry, wid: str) -> None:
 
 
 class RemoteBackend:
-    def __init__(self, registry: Registry, *, max_recomputes: int = 2):
+    def __init__(self, registry: Registry, *, max_recomputes: int = 2, call_timeout_s: float = 300.0,
+                 per_token_timeout_s: float = 1.0):
         self.registry = registry
         self.max_recomputes = max_recomputes
+        self.call_timeout_s = call_timeout_s
+        self.per_token_timeout_s = per_token_timeout_s
 
     def submit(self, job: GenerateJob) -> _RemoteHandle:
         return _RemoteHandle(self, job)

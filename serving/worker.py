@@ -9,9 +9,11 @@ passes the router's own on to the workers it starts.)
 Start-up order: build the instance on a mesh of `tp * pp` local devices, each stage reading its
 weights straight onto its devices (same seed everywhere: identical dummy weights), start the
 engine thread, warm up (compile the common programs), serve, then register: the router routes
-only to warm workers. Heartbeats carry the instance's stats; if the router forgets the worker (it
-restarted) the worker registers again. With `exit_with_parent`, the worker exits when the process
-that started it is gone.
+only to warm workers. Heartbeats carry the instance's stats and how long the engine thread has
+been stuck (the router's watchdog); if the router forgets the worker (it restarted) the worker
+registers again, with the new router as with the old. A decode worker learns from the replies which
+prefill workers it may pull from. With `exit_with_parent`, the worker exits when the process that
+started it is gone.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
-from serving.channels import OPTIONS, SERVER_OPTIONS
+from serving.channels import OPTIONS, SERVER_OPTIONS, with_message_limit
 from serving.cluster_auth import cluster_guard, with_token
 from serving.fingerprint import weights_fingerprint
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.tls import ClusterTLS, bind, dial
+from serving.worker_checks import Peers
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class WorkerConfig:
     port: int = 0  # 0: any free port
     advertise_host: str = "127.0.0.1"  # how the router and other workers reach this one
     lease_s: float = 30.0
+    max_lease_s: float | None = None  # renewals keep a lease at most this long (default 20 x lease_s)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_staged_bytes: int = 512 << 20  # prefill: KV staged off the pool for pulls (serving/prefill_worker.py)
     warmup: bool = True
@@ -112,12 +116,13 @@ class WorkerProcess:
         self.cfg = cfg
         self.tls = ClusterTLS.load(cfg.tls_dir) if cfg.tls_dir else None
         inst = build_instance(cfg, runner)
+        self.peers = Peers()  # decode: the prefill workers the router lists; its `wanted` wakes the heartbeat
         if cfg.role == "prefill":
             self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes,
-                                        max_staged_bytes=cfg.max_staged_bytes)
+                                        max_staged_bytes=cfg.max_staged_bytes, max_lease_s=cfg.max_lease_s)
         else:
             self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes,
-                                       cluster_token=cfg.cluster_token, tls=self.tls)
+                                       cluster_token=cfg.cluster_token, tls=self.tls, peers=self.peers)
         self.engine.start()
         if cfg.warmup:
             t = time.perf_counter()
@@ -136,7 +141,9 @@ class WorkerProcess:
             self.step_log = StepLog(os.path.join(cfg.step_log_dir, f"{cfg.worker_id}.jsonl"),
                                     backend=inst.runner.attention_backend)
             self.engine.attach_step_log(self.step_log, [inst.runner])
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=SERVER_OPTIONS,
+        # Messages up to one KV chunk or one request of a whole context (serving/worker_checks.py).
+        options = with_message_limit(SERVER_OPTIONS, self.engine.limits.message_bytes())
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=options,
                                   interceptors=[cluster_guard(cfg.cluster_token)] if cfg.cluster_token else None)
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
@@ -173,18 +180,22 @@ class WorkerProcess:
                 break
             try:
                 if not registered:
-                    interval = registry.Register(self.info, timeout=5.0).heartbeat_seconds or interval
-                    registered = True
+                    reply = registry.Register(self.info, timeout=5.0)
+                    interval, registered = reply.heartbeat_seconds or interval, True
                     log.info("%s registered with the router at %s", self.cfg.worker_id, self.cfg.router)
                 else:
                     stats = self._stats(stats)
-                    registered = registry.Heartbeat(wpb.HeartbeatRequest(worker_id=self.cfg.worker_id, stats=stats), timeout=5.0).registered
+                    reply = registry.Heartbeat(wpb.HeartbeatRequest(worker_id=self.cfg.worker_id, stats=stats), timeout=5.0)
+                    registered = reply.registered
+                if registered:
+                    self.peers.update(reply.prefill_addresses)
             except grpc.RpcError as e:  # the router is down or restarting, or refuses us: keep trying
                 refused = e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED)
                 log.log(logging.ERROR if refused else logging.DEBUG, "%s: router at %s: %s %s", self.cfg.worker_id,
                         self.cfg.router, e.code().name, e.details() if refused else "(unreachable)")
                 registered = False
-            self._stop.wait(interval)
+            self.peers.wanted.wait(interval)  # the interval, or at once when a Decode names an unknown source
+            self.peers.wanted.clear()
         self.stop()
 
     def _stats(self, last: wpb.InstanceStats) -> wpb.InstanceStats:
@@ -193,12 +204,14 @@ class WorkerProcess:
         try:
             stats = self.engine.stats(timeout=0.25)
         except TimeoutError:
-            return last
+            stats = last
         stats.address = self.address
+        stats.stalled_seconds = self.engine.stalled_seconds()  # fresh even when the engine does not answer
         return stats
 
     def request_stop(self) -> None:
         self._stop.set()
+        self.peers.wanted.set()
 
     def stop(self) -> None:
         self._stop.set()

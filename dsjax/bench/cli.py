@@ -3,6 +3,7 @@
     python -m dsjax.bench --target localhost:50051 --workload sharegpt --rates 1,2,4 --ttft 0.3 --tpot 0.015 \\
         [--num-requests N] [--scale K] [--arrival poisson|gamma --cv C] [--seed S] [--out DIR]
     python -m dsjax.bench compare [--quick] [--workload sharegpt] [--model small-llama] [--out DIR]
+    python -m dsjax.bench compare --emulate PROFILE --model opt-66b --workload humaneval --devices 32 [--quick]
     python -m dsjax.bench report DIR          # re-draw a compare directory's plots and summary.md
     python -m dsjax.bench fidelity DIR [DIR ...] [--out F.md] [--plot F.png]   # simulator vs repeated runs
     python -m dsjax.bench engine [ARGS]       # engine steps: prefill, decode, KV migration (engine_bench.py)
@@ -143,10 +144,11 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup-shapes", action="store_true",
                    help="servers compile shapes on first use instead of at start-up (dsjax/runtime/warmup.py)")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for every server process")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="decode batch cap of every system")
-    p.add_argument("--max-prefill-tokens", type=int, default=256,
-                   help="prefill batch budget L_m (and chunked step budget) of every system; 256: on one CPU core a "
-                        "packed prefill stops gaining from batching beyond ~256 tokens (docs/results.md)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="decode batch cap of every system (default 32; "
+                   "--emulate: 256, vLLM's)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prefill batch budget L_m (and chunked step budget) of every system; default 256: on one CPU core "
+                        "a packed prefill stops gaining from batching beyond ~256 tokens (docs/results.md); --emulate: 1024")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up requests per system (at once, then at the top and bottom scan rates); default 16 (--quick: 8)")
     p.add_argument("--speed-probe", type=float, default=None, metavar="S",
@@ -154,7 +156,49 @@ def build_compare_parser() -> argparse.ArgumentParser:
                         "recalibrate the simulator (the fidelity table's 'probe' column); default 0: none")
     p.add_argument("--out", type=Path, default=Path("bench-results/compare"))
     p.add_argument("--docs-img", default=None, help="also copy the plots to docs/img/<PREFIX>-*.png")
+    e = p.add_argument_group("emulated devices (the paper's experiments: dsjax/bench/emucompare.py)")
+    e.add_argument("--emulate", type=Path, default=None, metavar="PROFILE",
+                   help="serve on emulated devices priced by this latency profile (e.g. DistServe's A100 one), with "
+                        "placements from the planner; --model is then opt-13b or opt-66b, lengths unscaled")
+    e.add_argument("--devices", type=int, default=None, help="emulated devices in the cluster (with --emulate; default 8)")
+    e.add_argument("--gpus-per-node", type=int, default=8)
+    e.add_argument("--affinity", choices=("low", "high"), default="low",
+                   help="disaggregated placement by Algorithm 2 (low node-affinity, the paper's testbed) or 1")
+    e.add_argument("--emulate-link-gbps", type=float, default=None, help="KV transfer bandwidth (default: free)")
+    e.add_argument("--colocated-profile", type=Path, default=None,
+                   help="profile of the colocated and chunked baselines (e.g. DistServe's vLLM one; default --emulate)")
+    e.add_argument("--emulate-workers", choices=("inprocess", "processes"), default="inprocess",
+                   help="the disaggregated server's workers: threads of one process (default), or worker processes")
+    e.add_argument("--stream-interval-ms", type=float, default=None,
+                   help="servers hold a stream's later tokens this long (serve --stream-interval-ms; TTFT and TPOT "
+                        "unchanged, several times fewer messages through the router and the client); default 200, "
+                        "0: every step's tokens at once")
     return p
+
+
+# The emulated compare's servers hold a stream's later tokens 200 ms: OPT-66B HumanEval on 24 emulated
+# devices at 45 req/s, the client saw its first tokens p90 21.6 ms after the router without it, 6.0 ms
+# with it (docs/results.md, "Paper-scale experiments").
+STREAM_INTERVAL_MS = 200.0
+
+
+def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
+    from dsjax.bench.emucompare import emulated_compare, run_emulated_compare
+    from dsjax.bench.emulated_setup import EmulatedCluster
+
+    cluster = EmulatedCluster(
+        profile_path=args.emulate, model=args.model, devices=args.devices or 8, gpus_per_node=args.gpus_per_node,
+        affinity=args.affinity, link_gbps=args.emulate_link_gbps, max_num_seqs=args.max_num_seqs or 256,
+        max_prefill_tokens=args.max_prefill_tokens or 1024, colocated_profile=args.colocated_profile,
+        workers=args.emulate_workers,
+        stream_interval_ms=STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms)
+    ec = emulated_compare(
+        quick=args.quick, cluster=cluster, out=args.out, workload=args.workload, seed=args.seed,
+        prompt_format=args.prompt_format, systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv,
+        target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, num_requests=args.num_requests,
+        scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
+        source_limit=args.source_limit, progress=not args.no_progress)
+    return run_emulated_compare(ec)
 
 
 def main_run(argv: list[str]) -> int:
@@ -202,14 +246,17 @@ def main_run(argv: list[str]) -> int:
 
 def main_compare(argv: list[str]) -> int:
     from dsjax.bench.experiment import CompareConfig, quick_config, run_compare
-    from dsjax.bench.report import copy_plots
     from dsjax.bench.servers import ServerOptions
 
     args = build_compare_parser().parse_args(argv)
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    server = ServerOptions(model=args.model, max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                           xla_flags=args.xla_flags, pin=not args.no_pin, cores=args.cores,
-                           warmup_shapes=not args.no_warmup_shapes)
+    if args.emulate is not None:
+        return _print_compare(_main_emulated(args, systems), args.model, args.out, args.docs_img)
+    if args.devices is not None:
+        raise ValueError("--devices needs --emulate (the CPU compare runs on two cores)")
+    server = ServerOptions(model=args.model, max_num_seqs=args.max_num_seqs or 32,
+                           max_prefill_tokens=args.max_prefill_tokens or 256, xla_flags=args.xla_flags,
+                           pin=not args.no_pin, cores=args.cores, warmup_shapes=not args.no_warmup_shapes)
     overrides = {k: v for k, v in dict(
         out=args.out, model=args.model, workload=args.workload, seed=args.seed, prompt_format=args.prompt_format,
         systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv, target=args.target_attainment,
@@ -219,16 +266,22 @@ def main_compare(argv: list[str]) -> int:
         warmup_requests=args.warmup, source_limit=args.source_limit, speed_probe_s=args.speed_probe,
     ).items() if v is not None}
     cfg = quick_config(**overrides) if args.quick else CompareConfig(**overrides)
-    summary = run_compare(cfg)
-    if args.docs_img:
-        copied = copy_plots(cfg.out, Path(__file__).resolve().parents[2] / "docs" / "img", args.docs_img)
+    return _print_compare(run_compare(cfg), cfg.model, cfg.out, args.docs_img)
+
+
+def _print_compare(summary: dict, model: str, out: Path, docs_img: str | None) -> int:
+    from dsjax.bench.report import copy_plots
+
+    if docs_img:
+        copied = copy_plots(out, Path(__file__).resolve().parents[2] / "docs" / "img", docs_img)
         print("plots copied to " + ", ".join(str(p) for p in copied))
     ratios = ", ".join(f"{k} {v:.2f}x" for k, v in summary["ratios"].items())
     print(f"per-device goodput: " + ", ".join(f"{s} {d['per_device_goodput']:.3g}" for s, d in summary["systems"].items())
-          + (f"; {ratios}" if ratios else "") + f"; results in {cfg.out}")
-    headline = {k: summary[k] for k in ("per_device_goodput", "regime", "slo") if k in summary}
+          + (f"; {ratios}" if ratios else "") + f"; results in {out}")
+    headline = {k: summary[k] for k in ("per_device_goodput", "regime", "slo", "max_attainment_gap_points",
+                                        "max_engine_side_gap_points", "devices") if k in summary}
     headline.update({k: v for k, v in summary.items() if k.endswith("_ratio")})
-    headline["model"], headline["wall_s"] = cfg.model, summary.get("wall_s")
+    headline["model"], headline["wall_s"] = model, summary.get("wall_s")
     print(json.dumps(headline, indent=1, default=str))
     return 0
 

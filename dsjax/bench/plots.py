@@ -113,3 +113,25 @@ def plot_latency_breakdown(bars: Mapping[str, Mapping[str, float]], path: str | 
     if title:
         ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def plot_measured_vs_simulated(rows: Sequence[Mapping[str, float]], path: str | Path, *, target: float = 0.9,
+                               title: str = "") -> Path:
+    """rows: the summary's fidelity entries (system, rate, real, simulated): per system the measured
+    joint attainment (solid) and the simulator's on the same trace (dashed) against the rate."""
+    fig = Figure(figsize=_FIGSIZE)
+    ax = fig.add_subplot()
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["rate"])
+        x = [r["rate"] for r in mine]
+        (line,) = ax.plot(x, [100 * r["real"] for r in mine], "o-", label=f"{system} measured")
+        ax.plot(x, [100 * r["simulated"] for r in mine], "x--", color=line.get_color(), label=f"{system} simulated")
+    ax.axhline(100 * target, color="grey", lw=0.8)
+    ax.set_xlabel("rate (req/s)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    if title:
+        ax.set_title(title, fontsize=8)
+    return _save(fig, path)

@@ -55,9 +55,11 @@ def rerender(out: str | Path) -> dict:
 def summary_markdown(summary: dict) -> str:
     """The headline table and the fidelity table as markdown."""
     slo = summary["slo"]
+    rule = (f"3.5 x {slo['prefill_512_ms']:.2f} ms" if "prefill_512_ms" in slo else slo.get("rule", "given"),
+            f"5 x {slo['decode_bs1_ctx512_ms']:.3f} ms" if "decode_bs1_ctx512_ms" in slo else slo.get("rule", "given"))
     lines = [
-        f"SLOs: TTFT {slo['ttft_s'] * 1e3:.1f} ms = 3.5 x {slo['prefill_512_ms']:.2f} ms, "
-        f"TPOT {slo['tpot_s'] * 1e3:.2f} ms = 5 x {slo['decode_bs1_ctx512_ms']:.3f} ms; attainment target {slo['target']:.0%}",
+        f"SLOs: TTFT {slo['ttft_s'] * 1e3:.1f} ms = {rule[0]}, TPOT {slo['tpot_s'] * 1e3:.2f} ms = {rule[1]}; "
+        f"attainment target {slo['target']:.0%}",
         "",
         "| system | devices | goodput (req/s) | per-device goodput | simulated per-device | tightest SLO scale @ "
         f"{summary['reference_rate']:g} req/s |",
@@ -71,6 +73,23 @@ def summary_markdown(summary: dict) -> str:
     for k, v in summary["ratios"].items():
         shown = f"**{v:.2f}x**" if v is not None and math.isfinite(v) else "n/a (the baseline has no goodput)"
         lines.append(f"\n{k.replace('_', ' ')}: {shown} per-device goodput")
+    emu = summary.get("emulation")
+    if emu:
+        lines += ["", f"Emulated cluster: {summary['devices']} devices ({emu['cluster']['profile_path']}); placements "
+                  "by the planner; largest |measured - simulated| attainment over every full run: "
+                  f"**{summary['max_attainment_gap_points']:.1f} points**", ""]
+        lines += [f"- {s}: {d['placement_text']}, gap {d['max_attainment_gap_points']:.1f} points over "
+                  f"{len(d['rates'])} rates; with TTFT taken at the engine (scheduler only, no router or client): "
+                  f"{_num(d.get('max_engine_side_gap_points'), 1):.1f} points"
+                  for s, d in emu["systems"].items() if d["max_attainment_gap_points"] is not None]
+        lines += ["", "| system | rate | real | simulated | engine-side | TTFT engine - sim p50/p90 (ms) | "
+                  "router - engine | client - router |", "|---|---|---|---|---|---|---|---|"]
+        for f in summary["fidelity"]:
+            ms = [("/".join(f"{x:.1f}" for x in f[k]) if f.get(k) else "") for k in
+                  ("ttft_engine_minus_sim_ms", "ttft_router_minus_engine_ms", "ttft_client_minus_router_ms")]
+            eng = f.get("engine_side_attainment")
+            lines.append(f"| {f['system']} | {f['rate']:g} | {f['real']:.1%} | {f['simulated']:.1%} | "
+                         f"{'' if eng is None else format(eng, '.1%')} | " + " | ".join(ms) + " |")
     served = any("served_simulated" in f for f in summary["fidelity"])
     if served:
         lines += ["", "Served calibration (simulator fitted on each system's warm-up steps; the measured runs are not used):", "",

@@ -73,14 +73,18 @@ class TraceSimulator:
     """One system's simulator, replaying benchmark schedules."""
 
     def __init__(self, *, system: str, profile: Profile, model: str, slos: SLOs, max_num_seqs: int, max_prefill_tokens: int,
-                 transfer_fixed_s: float = 0.0, link_bytes_per_s: float | None = None, decode_join_s: float = 0.0):
+                 transfer_fixed_s: float = 0.0, link_bytes_per_s: float | None = None, decode_join_s: float = 0.0,
+                 placement: Placement | None = None, config: SimConfig | None = None, memory: MemoryModel | None = None):
+        """`placement`, `config` and `memory` (the emulated compare's: any cluster, the engine's
+        limits, real device memory) default to the two-core CPU setting above."""
         spec = get_model(model)
         self.slos = slos
         self.sim = Simulator(
-            placement=placement_for(system), profile=profile, model=spec, memory=MemoryModel(model=spec, device=_HOST),
-            config=scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-                                    transfer_fixed_s=transfer_fixed_s, link_bytes_per_s=link_bytes_per_s,
-                                    decode_join_s=decode_join_s),
+            placement=placement or placement_for(system), profile=profile, model=spec,
+            memory=memory or MemoryModel(model=spec, device=_HOST),
+            config=config or scheduler_config(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
+                                              transfer_fixed_s=transfer_fixed_s, link_bytes_per_s=link_bytes_per_s,
+                                              decode_join_s=decode_join_s),
         )
 
     @classmethod
@@ -91,13 +95,17 @@ class TraceSimulator:
                    max_prefill_tokens=max_prefill_tokens, transfer_fixed_s=cal.transfer_fixed_s,
                    link_bytes_per_s=cal.link_bytes_per_s, decode_join_s=cal.decode_join_s)
 
-    def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
+    def result(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
+        """The simulator's `SimResult` (per-request TTFT and TPOT) of these requests sent at these offsets."""
         trace = Trace(
             arrival_s=np.asarray(offsets_s, dtype=np.float64),
             prompt_len=np.array([r.prompt_len for r in requests]),
             output_len=np.array([r.output_len for r in requests]),
         )
-        result = self.sim.run(trace, slo=SLO(ttft_s=self.slos.ttft_s, tpot_s=self.slos.tpot_s))
+        return self.sim.run(trace, slo=SLO(ttft_s=self.slos.ttft_s, tpot_s=self.slos.tpot_s))
+
+    def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
+        result = self.result(requests, offsets_s)
         s = result.summary()
         return SimulatedRun(attainment=result.attainment, ttft_attainment=result.ttft_attainment,
                             tpot_attainment=result.tpot_attainment, ttft_p90_s=s["ttft_p90_s"], tpot_p90_s=s["tpot_p90_s"])

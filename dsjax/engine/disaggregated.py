@@ -38,9 +38,15 @@ class PrefillInstance:
         self.waiting: deque[Request] = deque()
         self.ready: deque[Request] = deque()  # prefilled, KV held here until a decode instance pulls it
         self.staged: dict[str, object] = {}  # threaded mode: KV gathered out of the pool at prefill end
+        self.inflight_tokens = 0  # prompt tokens of launched batches not yet completed
 
     def queued_tokens(self) -> int:
         return sum(r.num_tokens for r in self.waiting)
+
+    def load(self) -> int:
+        """Prompt tokens queued or being prefilled: a busy instance with an empty queue is not idle
+        (the simulator's `SimPrefillInstance.load`)."""
+        return self.queued_tokens() + self.inflight_tokens
 
     def step(self) -> tuple[list[Request], list[Request]]:
         """Run up to pp prefill batches (one per pipeline stage in flight).
@@ -50,10 +56,10 @@ class PrefillInstance:
             return [], []
         return self.complete(pending, self.runner.collect(pending[1]))
 
-    def launch(self):
-        """Pick up to pp FCFS batches and dispatch them; None when there is nothing to run."""
+    def launch(self, max_batches: int | None = None):
+        """Pick up to pp (or `max_batches`) FCFS batches and dispatch them; None when there is nothing to run."""
         batches = []
-        for _ in range(self.runner.pp):
+        for _ in range(self.runner.pp if max_batches is None else max_batches):
             batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg)
             if not batch:
                 break
@@ -67,6 +73,7 @@ class PrefillInstance:
         launched = self.runner.launch_prefill(
             [([Chunk(r, 0, r.num_tokens) for r in b], [self.blocks.block_table(r.request_id) for r in b]) for b in batches]
         )
+        self.inflight_tokens += sum(r.num_tokens for b in batches for r in b)
         return batches, launched
 
     def complete(self, pending, outs, stage_kv: bool = False) -> tuple[list[Request], list[Request]]:
@@ -75,6 +82,7 @@ class PrefillInstance:
         that a concurrent decode thread can pull without waiting for later prefills."""
         batches, _ = pending
         now = time.perf_counter()
+        self.inflight_tokens -= sum(r.num_tokens for b in batches for r in b)  # as launched: no token appended since
         prefilled, finished = [], []
         for batch, tokens in zip(batches, outs):
             for r, tok in zip(batch, tokens):
@@ -112,7 +120,9 @@ class DecodeInstance:
         self.migrations = 0
 
     def load(self) -> int:
-        return sum(r.num_tokens for r in self.running)
+        """KV tokens reserved by its requests at their peak (prompt + max_tokens): the load the
+        simulator assigns prefilled requests by (`SimDecodeInstance.load`)."""
+        return sum(r.prompt_len + r.sampling.max_tokens for r in self.running)
 
     def can_pull(self, req: Request) -> bool:
         """DistServe's pull rule (`policies.decode_should_pull`, which the simulator calls too):
@@ -198,7 +208,7 @@ class DisaggEngine:
         if need > cap:
             raise ValueError(f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} needs {need} KV blocks, an instance has {cap}")
         self._where[req.request_id] = req
-        self.prefill[least_loaded([(i.queued_tokens(), len(i.waiting)) for i in self.prefill])].waiting.append(req)
+        self.prefill[least_loaded([(i.load(), len(i.waiting)) for i in self.prefill])].waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self._where)

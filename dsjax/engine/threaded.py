@@ -22,6 +22,7 @@ again for requests waiting to be pulled.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Callable
 
 from dsjax.engine.disaggregated import DecodeInstance, DisaggEngine, PrefillInstance
@@ -95,15 +96,42 @@ class ThreadedDisaggEngine:
                 self._cv.notify_all()
 
     def _prefill_loop(self, inst: PrefillInstance) -> None:
+        """Launch one batch at a time while the pipeline has room (a collector thread waits for
+        them in order), so with pp stages a new batch starts as soon as the first stage can take
+        it, not after the whole previous group left the pipeline (the simulator's
+        SimPrefillInstance). Room: fewer than pp batches in flight, or, on a runner that says
+        when its first stage frees (`stage_free_in`, the emulated one), that moment."""
+        inflight: deque = deque()
+        stage_free_in = getattr(inst.runner, "stage_free_in", None)
+        collector = threading.Thread(target=self._guard, args=(self._prefill_collect, (inst, inflight)),
+                                     name=f"{threading.current_thread().name}-collect", daemon=True)
+        collector.start()
         while True:
             with self._cv:
-                pending = None
-                while not self._stop and (pending := inst.launch()) is None:
+                while not self._stop:
+                    wait = stage_free_in() if stage_free_in is not None else 0.0
+                    room = wait <= 0.0 if stage_free_in is not None else len(inflight) < inst.runner.pp
+                    if room and (pending := inst.launch(max_batches=1)) is not None:
+                        inflight.append(pending)
+                        self._cv.notify_all()
+                        continue
+                    self._cv.wait(wait if wait > 0.0 else None)
+                if self._stop:
+                    collector.join(1.0)
+                    return
+
+    def _prefill_collect(self, arg) -> None:
+        inst, inflight = arg
+        while True:
+            with self._cv:
+                while not self._stop and not inflight:
                     self._cv.wait()
                 if self._stop:
                     return
+                pending = inflight[0]
             outs = inst.runner.collect(pending[1])
             with self._cv:
+                inflight.popleft()
                 prefilled, finished = inst.complete(pending, outs, stage_kv=True)
                 self.engine._done(finished)
                 for r in prefilled + finished:
@@ -115,7 +143,10 @@ class ThreadedDisaggEngine:
             with self._cv:
                 batch: list[Request] = []
                 while not self._stop:
+                    pulled = sum(d.migrations for d in self.engine.decode)
                     self.engine._pull()
+                    if sum(d.migrations for d in self.engine.decode) != pulled:
+                        self._cv.notify_all()  # a request pulled into an idle instance: wake its thread
                     batch, preempted, launched = inst.launch()
                     self.engine.requeue(preempted)
                     if preempted:

@@ -276,8 +276,10 @@ class SimColocatedInstance:
         chunked: bool = False,
         chunk_tokens: int = 512,
         fused_mixed_steps: bool = True,
+        prefill_max_batch_size: int | None = None,
     ) -> None:
         self.fused_mixed_steps = fused_mixed_steps
+        self.prefill_max_batch_size = prefill_max_batch_size  # prompts a prefill batch takes (None: no cap)
         self.loop, self.reqs, self.latency = loop, reqs, latency
         self.capacity = capacity_tokens
         self.max_batch_size = max_batch_size
@@ -364,7 +366,8 @@ class SimColocatedInstance:
         k = prefill_batch_count(
             (reqs.prompt[r] for r in waiting),
             token_budget=self.prefill_token_budget,
-            max_batch_size=self.max_batch_size - len(self.batch),
+            # the engine's pick_prefill_batch: min(max_prefill_seqs, room in the decode batch)
+            max_batch_size=min(self.max_batch_size - len(self.batch), self.prefill_max_batch_size or self.max_batch_size),
             free_kv_tokens=self.capacity - self.reserved,
             kv_tokens=(reqs.need[r] for r in waiting),
         )

@@ -206,6 +206,7 @@ class Simulator:
                 chunked=self.placement.mode == "chunked",
                 chunk_tokens=cfg.chunk_tokens,
                 fused_mixed_steps=cfg.chunked_fused_steps,
+                prefill_max_batch_size=cfg.prefill_max_batch_size,
             )
             for _ in range(self.prefill.replicas)
         ]

@@ -176,6 +176,13 @@ class EmulatedRunner:
             self.busy_s += seconds
             return end
 
+    def stage_free_in(self) -> float:
+        """Seconds until the first pipeline stage can start another prefill batch (0: now). An
+        engine that forms its next batch then batches what arrived meanwhile, as the simulator
+        does (dsjax/engine/threaded.py)."""
+        with self._lock:
+            return max(0.0, self._stage_free[0] - self._clock())
+
     def _wait_until(self, t: float) -> None:
         left = t - self._clock()
         if left > 0:

@@ -226,3 +226,12 @@ def test_simulator_validates_configs():
         _sim(Placement.colocated(tp=1)).run(_trace([(0.0, 1, 1)]), slo=SLO_, phase="prefill")
     with pytest.raises(ValueError, match="prefill_token_budget=0"):
         SimConfig(prefill_token_budget=0)
+
+
+def test_colocated_prefill_batches_take_at_most_prefill_max_batch_size_prompts():
+    """As the engine's pick_prefill_batch (max_prefill_seqs): 5 prompts at once; the first runs
+    alone (it arrives to an idle instance), the other 4 in batches of 2 (without the cap: one)."""
+    trace = _trace([(0.0, 10, 3)] * 5)
+    res = _sim(Placement.colocated(tp=1), prefill_max_batch_size=2, colocated_token_budget=4096).run(trace, slo=SLO_)
+    assert len(set(np.round(res.ttft_s, 9))) == 3
+    assert len(set(np.round(_sim(Placement.colocated(tp=1)).run(trace, slo=SLO_).ttft_s, 9))) == 2

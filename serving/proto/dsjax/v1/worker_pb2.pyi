@@ -168,7 +168,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "num_blocks", "free_blocks", "waiting", "running", "held", "pulling", "migrations", "kv_bytes", "leases_expired", "alive")
+    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "num_blocks", "free_blocks", "waiting", "running", "held", "pulling", "migrations", "kv_bytes", "leases_expired", "alive", "stalled_seconds", "hung")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +185,8 @@ class InstanceStats(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASES_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
+    STALLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HUNG_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -201,7 +203,9 @@ class InstanceStats(_message.Message):
     kv_bytes: int
     leases_expired: int
     alive: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ...) -> None: ...
+    stalled_seconds: float
+    hung: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ..., stalled_seconds: _Optional[float] = ..., hung: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "model", "block_size", "dtype", "weights_hash")
@@ -228,10 +232,12 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., model: _Optional[str] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., weights_hash: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_seconds",)
+    __slots__ = ("heartbeat_seconds", "prefill_addresses")
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     heartbeat_seconds: float
-    def __init__(self, heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    prefill_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, heartbeat_seconds: _Optional[float] = ..., prefill_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "stats")
@@ -242,10 +248,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[InstanceStats, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("registered",)
+    __slots__ = ("registered", "prefill_addresses")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     registered: bool
-    def __init__(self, registered: _Optional[bool] = ...) -> None: ...
+    prefill_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, registered: _Optional[bool] = ..., prefill_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InstancesRequest(_message.Message):
     __slots__ = ()

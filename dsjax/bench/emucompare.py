@@ -1,0 +1,226 @@
+"""The paper's experiments on emulated devices: `python -m dsjax.bench compare --emulate PROFILE`.
+
+    python -m dsjax.bench compare --emulate profiler-a100-80g.distserve.json --model opt-66b \\
+        --workload humaneval --devices 32 --ttft 0.125 --tpot 0.2 [--quick] [--out DIR]
+
+1. Placements for N emulated devices from the planner on the same profile (emulated_setup.py):
+   disaggregated by Algorithm 2 (or 1), colocated and chunked as the best single-instance TP/PP
+   replicated over the devices.
+2. One seeded sample of the real workload at full length (scale 1), sent identically to every
+   system; the SLOs given, or DistServe's Table 1 values for the (model, workload).
+3. Each system in turn: one `python -m dsjax.serve --emulate` server (the real router, scheduler,
+   block manager; every prefill and decode priced by the profile and slept), a rate scan (the same
+   rates for every system, around the simulator's goodputs; >= 5 of them, all run in full) and a
+   goodput bisection.
+4. The simulator replays every measured run (same requests, same send times, same placement and
+   scheduler limits). With emulated devices there is no step-time noise to explain: a gap is a
+   difference between the simulator's model of the scheduler and the real one.
+   `max_attainment_gap_points` is the largest |real - simulated| attainment over every full run.
+5. summary.json (per-device goodput, ratios, placements, simulated attainment per run, gaps),
+   results.json / .csv, plots (attainment vs rate per device, vs SLO scale, latency breakdown,
+   measured vs simulated attainment) and summary.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dsjax.bench.analysis import SLOs
+from dsjax.bench.emulated_setup import PAPER_SLOS, EmulatedCluster, describe_placement, launch_emulated, plan_systems
+from dsjax.bench.experiment import (
+    CompareConfig,
+    _machine_busy_s,
+    _machine_state,
+    _own_cpu_s,
+    _schedule,
+    _summarize,
+    _write_outputs,
+    auto_rates,
+)
+from dsjax.bench.prompts import load_bench_requests
+from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
+
+# Scan rates: from 0.5x the lowest to 1.5x the highest simulated goodput, geometrically spaced.
+EMULATED_RATE_FACTORS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5)
+QUICK_EMULATED_RATE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5)
+MIN_FIDELITY_RATES = 5
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmulatedCompare:
+    compare: CompareConfig  # workload, rates, SLOs, sweep settings, out (its server/profile fields are unused)
+    cluster: EmulatedCluster
+
+
+def emulated_compare(*, quick: bool, cluster: EmulatedCluster, **overrides: Any) -> EmulatedCompare:
+    """The settings of a full run (400 requests, 6 scan rates, 4 bisections) or `quick` (150
+    requests, 5 rates, 1 bisection); no warm-up (nothing compiles); any CompareConfig field overrides."""
+    base: dict[str, Any] = dict(scale=1.0, num_requests=400, rates_factors=EMULATED_RATE_FACTORS, max_bisections=4,
+                                rel_tol=0.05, warmup_requests=0, model=cluster.model)
+    if quick:
+        base.update(num_requests=150, rates_factors=QUICK_EMULATED_RATE_FACTORS, max_bisections=1, rel_tol=0.1)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster)
+
+
+def resolve_slos(cfg: CompareConfig) -> tuple[SLOs, dict[str, Any]]:
+    """The given SLOs, else DistServe's for (model, workload)."""
+    paper = PAPER_SLOS.get((cfg.model, cfg.workload))
+    if cfg.ttft_s is not None and cfg.tpot_s is not None:
+        return SLOs(ttft_s=cfg.ttft_s, tpot_s=cfg.tpot_s, target=cfg.target), {"rule": "given"}
+    if paper is None:
+        raise ValueError(f"no paper SLOs for {cfg.model} on {cfg.workload} (known: {sorted(PAPER_SLOS)}): pass --ttft and --tpot")
+    ttft, tpot = cfg.ttft_s or paper[0], cfg.tpot_s or paper[1]
+    return SLOs(ttft_s=ttft, tpot_s=tpot, target=cfg.target), {"rule": "DistServe OSDI Table 1", "paper": list(paper)}
+
+
+def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = print,
+                         launcher: Callable[..., Any] = launch_emulated) -> dict[str, Any]:
+    """Runs the whole experiment; returns (and writes to out/summary.json) the summary."""
+    from dsjax.bench.simcompare import TraceSimulator
+    from dsjax.planner.latency import load_profile
+
+    cfg, cluster = ec.compare, ec.cluster
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    started = _machine_state()
+    log(f"machine: load average {started['loadavg_1_5_15']} on {started['cpus']} CPUs at {started['time']}")
+    slos, slo_source = resolve_slos(cfg)
+    requests = load_bench_requests(cfg.workload, num_requests=cfg.num_requests, seed=cfg.seed, scale=cfg.scale,
+                                   prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
+    schedule = _schedule(cfg, len(requests))
+    log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {len(requests)} {cfg.workload} requests")
+
+    t0 = time.perf_counter()
+    lengths = _search_lengths(cfg)
+    plans = plan_systems(cluster, lengths, slos, cfg.systems, seed=cfg.seed, progress=False)
+    for s, plan in plans.items():
+        log(f"[{s}] planner: {describe_placement(plan.placement)}, simulated {plan.planner_goodput:.3g} req/s "
+            f"({plan.planner_goodput / plan.num_devices:.3g} per device) in {plan.details['search_s']:.1f} s")
+    search_s = time.perf_counter() - t0
+
+    sims = {s: TraceSimulator(system=s, profile=load_profile(cluster.profile_for(s)), model=cluster.model, slos=slos,
+                              max_num_seqs=cluster.max_num_seqs, max_prefill_tokens=cluster.max_prefill_tokens,
+                              placement=plans[s].placement, config=cluster.sim_config(), memory=cluster.memory())
+            for s in cfg.systems}
+    probe_rates = tuple(float(f"{0.25 * 2 ** (i / 2):.3g}") for i in range(26))  # 0.25 .. 1450 req/s
+    sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates) for s in cfg.systems}
+    rates = cfg.rates or auto_rates(sim_goodput, cfg.rates_factors)
+    log("simulated goodput on the sample (req/s): " + ", ".join(f"{s} {g:.3g}" for s, g in sim_goodput.items())
+        + f"; scan rates {list(rates)}")
+
+    sweep_cfg = SweepConfig(rates=rates, arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
+                            max_bisections=cfg.max_bisections, warmup_requests=cfg.warmup_requests or 0)
+    sweeps: dict[str, SweepResult] = {}
+    processes: dict[str, Any] = {}
+    for system in cfg.systems:
+        t0 = time.perf_counter()
+        with launcher(system, plans[system].placement, cluster, out / "logs") as launched:
+            ready_s = time.perf_counter() - t0
+            cpu0, w0, me0, busy0 = launched.cpu_seconds(), time.perf_counter(), _own_cpu_s(), _machine_busy_s()
+            log(f"[{system}] server ready in {ready_s:.1f} s ({describe_placement(plans[system].placement)})")
+            sweeps[system] = sweep_target(launched.targets[0], requests, sweep_cfg, slos, label=system,
+                                          labels={"devices": launched.num_devices}, out_dir=out, progress=cfg.progress,
+                                          log=log)
+            cpu1, w1, me1, busy1 = launched.cpu_seconds(), time.perf_counter(), _own_cpu_s(), _machine_busy_s()
+            used = {k: (cpu1[k] - cpu0[k]) / (w1 - w0) for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None}
+            used["benchmark client"] = (me1 - me0) / (w1 - w0)
+            used["other processes"] = max(0.0, (busy1 - busy0) / (w1 - w0) - sum(used.values()))
+            processes[system] = {"ready_s": ready_s, "processes": launched.describe(), "cpu_utilisation": used,
+                                 "num_devices": launched.num_devices, "sweep_wall_s": w1 - w0}
+        log(f"[{system}] goodput {sweeps[system].goodput:.3g} req/s ({sweeps[system].goodput / launched.num_devices:.3g} "
+            f"per device); CPU cores used: " + json.dumps({k: round(v, 2) for k, v in used.items()}))
+
+    summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source,
+                         cluster.profile_path, rates, started, probe_rates=probe_rates, regime=None)
+    for f in summary["fidelity"]:
+        run = sweeps[f["system"]].run_at(f["rate"])
+        f.update(ttft_decomposition(run, sims[f["system"]].result(requests, schedule(f["rate"])), slos))
+    summary.update(emulation_summary(summary, cluster, plans, search_s))
+    summary["wall_s"] = time.perf_counter() - t_start
+    _write_outputs(cfg, out, sweeps, summary, slos, log)
+    _plot_fidelity(summary, out / "fidelity.png")
+    return summary
+
+
+def _search_lengths(cfg: CompareConfig) -> list[tuple[int, int]]:
+    """The planner's workload: the same dataset, preparation, scale and seed as the sample sent."""
+    from dsjax.workloads.loader import load_workload
+
+    return [(p, o) for p, o in load_workload(cfg.workload, num_requests=5000, seed=cfg.seed, scale=cfg.scale,
+                                              source_limit=cfg.source_limit)]
+
+
+def ttft_decomposition(run, sim, slos: SLOs) -> dict[str, Any]:
+    """Where a run's TTFTs part from the simulator's (`sim`: its SimResult on the same trace), per
+    request, in ms (p50 / p90): the engine (the server's queue + prefill, from the router's submit
+    to the first token) minus the simulator; the router (its first-token time minus the engine's);
+    the client (its receive time minus the router's). And `engine_side_attainment`: the run's
+    attainment with each TTFT taken at the engine and TPOT as the client saw it, i.e. what the
+    scheduler delivered, beside the simulator's model of it (`engine_side_gap_points`)."""
+    import numpy as np
+
+    from dsjax.bench.metrics import tpot_s, ttft_s
+
+    parts: dict[str, list[float]] = {"engine_minus_sim": [], "router_minus_engine": [], "client_minus_router": []}
+    ok = []
+    for r in run.results:
+        bd, client_ttft = r.breakdown, ttft_s(r.record)
+        if bd is None or r.server_ttft_s is None or client_ttft is None:
+            ok.append(False)
+            continue
+        engine = bd.queue_s + bd.prefill_s
+        parts["engine_minus_sim"].append(engine - float(sim.ttft_s[r.index]))
+        parts["router_minus_engine"].append(r.server_ttft_s - engine)
+        parts["client_minus_router"].append(client_ttft - r.server_ttft_s)
+        tpot = tpot_s(r.record)
+        ok.append(engine <= slos.ttft_s and (tpot is None or tpot <= slos.tpot_s))
+    out: dict[str, Any] = {f"ttft_{k}_ms": [round(1e3 * float(np.percentile(v, q)), 2) for q in (50, 90)] if v else None
+                           for k, v in parts.items()}
+    out["engine_side_attainment"] = float(np.mean(ok)) if ok else None
+    if ok:
+        out["engine_side_gap_points"] = 100 * (out["engine_side_attainment"] - sim.attainment)
+    return out
+
+
+def emulation_summary(summary: dict[str, Any], cluster: EmulatedCluster, plans: dict, search_s: float) -> dict[str, Any]:
+    """The emulated run's own keys: the cluster, every system's placement, the simulator's
+    attainment beside each measured one, and the gaps."""
+    per_system: dict[str, Any] = {}
+    for s, plan in plans.items():
+        rows = [f for f in summary["fidelity"] if f["system"] == s]
+        per_system[s] = {
+            "placement": plan.placement.to_dict(), "placement_text": describe_placement(plan.placement),
+            "num_devices": plan.num_devices, "planner": plan.details, "planner_goodput": plan.planner_goodput,
+            "rates": [f["rate"] for f in rows],
+            "real_attainment": [f["real"] for f in rows], "simulated_attainment": [f["simulated"] for f in rows],
+            "max_attainment_gap_points": max((abs(f["diff_points"]) for f in rows), default=None),
+            "engine_side_attainment": [f.get("engine_side_attainment") for f in rows],
+            "max_engine_side_gap_points": max((abs(f["engine_side_gap_points"]) for f in rows
+                                               if f.get("engine_side_gap_points") is not None), default=None),
+        }
+        summary["systems"][s].update(placement=plan.placement.to_dict(),
+                                     max_attainment_gap_points=per_system[s]["max_attainment_gap_points"])
+    gaps = [v["max_attainment_gap_points"] for v in per_system.values() if v["max_attainment_gap_points"] is not None]
+    engine_gaps = [v["max_engine_side_gap_points"] for v in per_system.values() if v["max_engine_side_gap_points"] is not None]
+    return {
+        "emulation": {"cluster": cluster.describe(), "search_s": search_s, "systems": per_system,
+                      "fidelity_rates_per_system": {s: len(v["rates"]) for s, v in per_system.items()},
+                      "enough_fidelity_rates": all(len(v["rates"]) >= MIN_FIDELITY_RATES for v in per_system.values())},
+        "max_attainment_gap_points": max(gaps) if gaps else None,
+        "max_engine_side_gap_points": max(engine_gaps) if engine_gaps else None,
+        "devices": cluster.devices,
+    }
+
+
+def _plot_fidelity(summary: dict[str, Any], path: Path) -> None:
+    from dsjax.bench.plots import plot_measured_vs_simulated
+
+    plot_measured_vs_simulated(summary["fidelity"], path, target=summary["slo"]["target"],
+                               title=f"{summary['config']['model']} {summary['config']['workload']}, "
+                                     f"{summary['devices']} emulated devices: measured (solid) vs simulated (dashed)")

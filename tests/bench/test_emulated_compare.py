@@ -1,0 +1,89 @@
+"""`python -m dsjax.bench compare --emulate` (dsjax/bench/emucompare.py, emulated_setup.py): the
+planner's placements for N emulated devices, and a small end-to-end run through real servers."""
+
+import json
+
+import pytest
+
+from dsjax.bench.analysis import SLOs
+from dsjax.bench.cli import main
+from dsjax.bench.emucompare import emulated_compare, resolve_slos
+from dsjax.bench.emulated_setup import EmulatedCluster, plan_systems, server_argv
+from dsjax.engine.placement import Placement
+from dsjax.serve import parse_args, placement_from_args
+
+# OPT-13B shaped like DistServe's A100 fit, 10x faster: a test run's requests take milliseconds.
+FAST = {"prefill": [1.8, 0.0102, 7.1e-7], "decoding_smallbs": [2.0, 6.3e-5, 0.0039],
+        "decoding_largebs": [0.72, 5.8e-5, 0.0158], "decoding_large_small_bs_threshold": 95}
+HUMANEVAL_LENGTHS = [(150, 80), (120, 60), (300, 150), (90, 40)] * 50
+
+
+def write_profile(path, tps=(1, 2)):
+    path.write_text(json.dumps({"facebook/opt-13b": {str(tp): FAST for tp in tps}}))
+    return path
+
+
+def test_placements_fill_the_cluster_from_the_planner(tmp_path):
+    cluster = EmulatedCluster(profile_path=write_profile(tmp_path / "p.json"), model="opt-13b", devices=4)
+    assert (cluster.cluster.num_nodes, cluster.cluster.gpus_per_node) == (1, 4)
+    plans = plan_systems(cluster, HUMANEVAL_LENGTHS, SLOs(ttft_s=0.05, tpot_s=0.02), ("disaggregated", "colocated", "chunked"))
+    d = plans["disaggregated"].placement
+    assert d.mode == "disaggregated" and 2 <= d.num_devices <= 4 and plans["disaggregated"].planner_goodput > 0
+    for mode in ("colocated", "chunked"):
+        p = plans[mode].placement
+        assert p.mode == mode and p.prefill.replicas * p.prefill.tp * p.prefill.pp == 4
+        assert plans[mode].details["table"]  # every (tp, pp) the planner tried
+    # the server is handed exactly that placement (its --plan file), on the whole emulated cluster
+    plan_path = tmp_path / "plan.json"
+    from dsjax.engine.placement import save_plan
+
+    save_plan(plan_path, d)
+    args = parse_args(server_argv("disaggregated", d, cluster, plan_path, port=1234))
+    got = placement_from_args(args)
+    assert (got.prefill.tp, got.prefill.pp, got.prefill.replicas, got.decode.tp, got.decode.replicas) == \
+        (d.prefill.tp, d.prefill.pp, d.prefill.replicas, d.decode.tp, d.decode.replicas)
+    assert args.emulate_devices == 4 and args.workers == "inprocess" and args.max_num_seqs == 256
+
+
+def test_cluster_and_slo_validation(tmp_path):
+    with pytest.raises(ValueError, match="multiple of gpus_per_node"):
+        EmulatedCluster(profile_path=tmp_path / "p.json", model="opt-13b", devices=12)
+    assert EmulatedCluster(profile_path=tmp_path / "p.json", model="opt-66b", devices=32).cluster.num_nodes == 4
+    cluster = EmulatedCluster(profile_path=tmp_path / "p.json", model="opt-66b", devices=8)
+    slos, how = resolve_slos(emulated_compare(quick=True, cluster=cluster, out=tmp_path, workload="humaneval").compare)
+    assert (slos.ttft_s, slos.tpot_s, how["rule"]) == (0.125, 0.2, "DistServe OSDI Table 1")
+    with pytest.raises(ValueError, match="pass --ttft and --tpot"):
+        resolve_slos(emulated_compare(quick=True, cluster=cluster, out=tmp_path, workload="longbench", model="opt-13b").compare)
+    sim = cluster.sim_config()
+    assert (sim.prefill_max_batch_size, sim.decode_max_batch_size, sim.chunked_fused_steps) == (16, 256, True)
+
+
+def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
+    """Two real emulated servers (python -m dsjax.serve --emulate), five rates each, the
+    simulator beside every run, the summary's keys and the plots."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--emulate", str(write_profile(tmp_path / "p.json")), "--model", "opt-13b",
+               "--workload", "humaneval", "--devices", "2", "--num-requests", "6", "--source-limit", "20",
+               "--systems", "disaggregated,chunked",
+               "--rates", "20,40,60,80,100", "--max-bisections", "0", "--ttft", "0.1", "--tpot", "0.02",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["per_device_goodput"]) == {"disaggregated", "chunked"}
+    assert summary["devices"] == 2 and summary["emulation"]["enough_fidelity_rates"]
+    assert summary["emulation"]["fidelity_rates_per_system"] == {"disaggregated": 5, "chunked": 5}
+    assert 0 <= summary["max_attainment_gap_points"] <= 100
+    assert "disaggregated_over_chunked_ratio" in summary and "disaggregated_over_chunked" in summary["ratios"]
+    for system, d in summary["systems"].items():
+        assert Placement.from_dict(d["placement"]).num_devices == d["num_devices"] <= 2
+        assert d["max_attainment_gap_points"] is not None
+    assert all("simulated" in f and "real" in f for f in summary["fidelity"])
+    for png in ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "fidelity.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "largest |measured - simulated|" in (out / "summary.md").read_text()
+    assert '"max_attainment_gap_points"' in capsys.readouterr().out
+
+
+def test_devices_without_emulate_is_refused(tmp_path, capsys):
+    assert main(["compare", "--devices", "4", "--out", str(tmp_path)]) == 2
+    assert "--devices needs --emulate" in capsys.readouterr().err
