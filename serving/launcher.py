@@ -168,6 +168,11 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     step_log = _attach_step_log(args, backend, engine)
     log.info("%s %s ready in %.1fs (%s, attention backend %s)", args.model, placement.mode, time.perf_counter() - t0,
              placement.to_dict(), model.backend)
+    return _serve_until_signal(fronts, backend, step_log)
+
+
+def _serve_until_signal(fronts, backend, step_log) -> int:
+    """Serve until SIGINT/SIGTERM, then close the fronts first (no new requests), then the engine."""
     _wait_for_signal()
     fronts.close()
     backend.close()
@@ -201,12 +206,7 @@ def run_emulated(args: argparse.Namespace, placement, emulation) -> int:
     backend.warm = True
     step_log = _attach_step_log(args, backend, engine)
     log.info("%s ready in %.1fs: %s", placement.mode, time.perf_counter() - t0, emulation.describe(placement, args.block_size, args.num_blocks))
-    _wait_for_signal()
-    fronts.close()
-    backend.close()
-    if step_log is not None:
-        step_log.close()
-    return 0
+    return _serve_until_signal(fronts, backend, step_log)
 
 
 def _fit_devices(args: argparse.Namespace, placement, devices: list):
