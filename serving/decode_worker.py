@@ -119,7 +119,7 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
             problem = (grpc.StatusCode.FAILED_PRECONDITION, f"KV from {source.worker_id} is (layers, kv_heads, head_dim, dtype)="
                        f"{(d.num_layers, d.num_kv_heads, d.head_dim, d.dtype)}, {self.worker_id} runs {self._expect}")
         else:
-            need = blocks_for(req.prompt_len + req.sampling.max_tokens, self.inst.blocks.block_size)
+            need = blocks_for(req.peak_tokens, self.inst.blocks.block_size)
             if need > self.inst.blocks.capacity_blocks:
                 problem = (grpc.StatusCode.INVALID_ARGUMENT, f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} "
                            f"needs {need} KV blocks, decode worker {self.worker_id} has {self.inst.blocks.capacity_blocks}")

@@ -22,10 +22,6 @@ from serving.inprocess import InProcessBackend
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 
 
-def _need(req: Request) -> int:
-    return req.prompt_len + req.sampling.max_tokens
-
-
 class _Replica(InProcessBackend):
     """One replica's engine thread; tells the parent when a request leaves it."""
 
@@ -70,7 +66,7 @@ class ReplicatedBackend:
 
     def _left(self, index: int, req: Request) -> None:
         with self._lock:
-            self._load[index] -= _need(req)
+            self._load[index] -= req.peak_tokens
 
     def ready(self) -> bool:
         return all(r.ready() for r in self.replicas)

@@ -57,7 +57,7 @@ class ColocatedEngine:
         if req.request_id in self._by_id:
             raise ValueError(f"request_id={req.request_id!r} is already in the engine")
         capacity = self.blocks.capacity_blocks * self.blocks.block_size
-        if req.prompt_len + req.sampling.max_tokens > capacity:
+        if req.peak_tokens > capacity:
             raise ValueError(
                 f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} exceeds the KV pool "
                 f"({capacity} tokens)"

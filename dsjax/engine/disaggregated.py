@@ -122,7 +122,7 @@ class DecodeInstance:
     def load(self) -> int:
         """KV tokens reserved by its requests at their peak (prompt + max_tokens): the load the
         simulator assigns prefilled requests by (`SimDecodeInstance.load`)."""
-        return sum(r.prompt_len + r.sampling.max_tokens for r in self.running)
+        return sum(r.peak_tokens for r in self.running)
 
     def can_pull(self, req: Request) -> bool:
         """DistServe's pull rule (`policies.decode_should_pull`, which the simulator calls too):
@@ -204,7 +204,7 @@ class DisaggEngine:
         if req.request_id in self._where:
             raise ValueError(f"request_id={req.request_id!r} is already in the engine")
         cap = min(min(i.blocks.capacity_blocks for i in self.prefill), min(i.blocks.capacity_blocks for i in self.decode))
-        need = blocks_for(req.prompt_len + req.sampling.max_tokens, self.prefill[0].blocks.block_size)
+        need = blocks_for(req.peak_tokens, self.prefill[0].blocks.block_size)
         if need > cap:
             raise ValueError(f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} needs {need} KV blocks, an instance has {cap}")
         self._where[req.request_id] = req

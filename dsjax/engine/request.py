@@ -83,6 +83,12 @@ class Request:
         return len(self.prompt_token_ids)
 
     @property
+    def peak_tokens(self) -> int:
+        """KV tokens the request holds at its longest (prompt + max_tokens): what admission checks
+        and what replica and decode-instance balancing reserve for it."""
+        return self.prompt_len + self.sampling.max_tokens
+
+    @property
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
