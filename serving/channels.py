@@ -18,7 +18,7 @@ from concurrent import futures
 
 import grpc
 
-from serving.cluster_auth import cluster_guard, with_token
+from serving.cluster_auth import cluster_guard, server_interceptors, with_token
 from serving.tls import ClusterTLS, bind, dial
 
 MAX_INTERNAL_MESSAGE = 8 << 20  # the default: 1 MiB KV chunks, requests of up to ~800k tokens
@@ -117,7 +117,8 @@ class InternalServer:
 
     def __init__(self, servicers, *, host: str, port: int, tls: ClusterTLS | None, token: str | None, max_workers: int = 64):
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cluster"),
-                                  options=SERVER_OPTIONS, interceptors=[cluster_guard(token)] if token else None)
+                                  options=SERVER_OPTIONS,
+                                  interceptors=server_interceptors(cluster_guard(token) if token else None))
         for add, servicer in servicers:
             add(servicer, self.server)
         self.port = bind(self.server, f"{host}:{port}", tls)

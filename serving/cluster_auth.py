@@ -75,6 +75,37 @@ class MetadataGuard(grpc.ServerInterceptor):
         return _deny_like(handler, f"{handler_call_details.method}: {self._refusal}")
 
 
+class ParseGuard(grpc.ServerInterceptor):
+    """Parses each unary request inside its handler, so that bytes which are not a valid message of
+    the method's type (a string field that is not UTF-8, a truncated or garbage message) end
+    INVALID_ARGUMENT naming the method and the type, not gRPC's own INTERNAL "Exception
+    deserializing request!" (and an error logged with its traceback) for a client's mistake. Put it
+    after the MetadataGuards: a caller without the credential still gets UNAUTHENTICATED."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, handler_call_details.method
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        def parsed(raw: bytes, context):
+            try:
+                request = parse(raw)
+            except Exception as e:  # protobuf's DecodeError names the message type
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid message of its "
+                                                                f"type (strings must be UTF-8): {e}")
+            return behavior(request, context)
+
+        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        return make(parsed, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
+def server_interceptors(*guards: MetadataGuard | None) -> list[grpc.ServerInterceptor]:
+    """A dsjax server's interceptors: the credential checks given (None: not set), then `ParseGuard`."""
+    return [*(g for g in guards if g is not None), ParseGuard()]
+
+
 def cluster_guard(token: str) -> MetadataGuard:
     """Internal services answer only calls carrying the cluster token."""
     return MetadataGuard(key=METADATA_KEY, secret=token, guards=lambda service: service not in PUBLIC_SERVICES,

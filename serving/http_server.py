@@ -32,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import openai_protocol as oai
 from serving.generation import GenerateError, Generation, GenerateStream, Output
@@ -175,6 +176,18 @@ class OpenAIApp:
                                    f"{first.get('loc', ('', '?'))[-1]})")
             field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
             return _error(400, f"{field}: {first.get('msg', 'invalid request body')}", param=field)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def refused(request: Request, exc: StarletteHTTPException):
+            """Starlette's own refusals in OpenAI's error body too: a body that is not UTF-8 (FastAPI's
+            "There was an error parsing the body"), an unknown path or method."""
+            message = str(exc.detail)
+            if exc.status_code == 400 and exc.__cause__ is not None:
+                message = f"the request body is not valid JSON ({exc.__cause__})"
+            kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+            response = _error(exc.status_code, message, kind=kind)
+            response.headers.update(exc.headers or {})
+            return response
 
         @app.get("/health")
         async def health():

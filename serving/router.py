@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from models.config import ModelConfig
 from serving.backend import Backend
-from serving.cluster_auth import api_key_guard, cluster_guard
+from serving.cluster_auth import api_key_guard, cluster_guard, server_interceptors
 from serving.generation import GenerateError, Generation
 from serving.messages import FINISH_TO_PROTO
 from serving.prometheus import ServingMetrics
@@ -97,8 +97,8 @@ class RouterServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_pending + 32, thread_name_prefix="router"),
             # Generate needs the API key (when set); Registry and Admin the cluster token (when set).
-            interceptors=[g for g in (api_key_guard(api_key) if api_key else None,
-                                      cluster_guard(cluster_token) if cluster_token else None) if g] or None,
+            interceptors=server_interceptors(api_key_guard(api_key) if api_key else None,
+                                             cluster_guard(cluster_token) if cluster_token else None),
             # Workers ping the router (registry heartbeats over kept-alive channels): without these
             # permits the server answers GOAWAY "too_many_pings" and healthy workers get dropped.
             options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),

@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
 from serving.channels import OPTIONS, SERVER_OPTIONS, with_message_limit
-from serving.cluster_auth import cluster_guard, with_token
+from serving.cluster_auth import cluster_guard, server_interceptors, with_token
 from serving.fingerprint import weights_fingerprint
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
@@ -143,8 +143,9 @@ class WorkerProcess:
             self.engine.attach_step_log(self.step_log, [inst.runner])
         # Messages up to one KV chunk or one request of a whole context (serving/worker_checks.py).
         options = with_message_limit(SERVER_OPTIONS, self.engine.limits.message_bytes())
+        guard = cluster_guard(cfg.cluster_token) if cfg.cluster_token else None
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=options,
-                                  interceptors=[cluster_guard(cfg.cluster_token)] if cfg.cluster_token else None)
+                                  interceptors=server_interceptors(guard))
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
         else:
