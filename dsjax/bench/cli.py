@@ -52,6 +52,8 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "re-draw a compare directory's plots and summary.md",
     "fidelity": "the planner's simulator against repeated compare runs",
     "regimes": "profiles side by side: prefill vs decode cost and how decode grows with the batch",
+    "capacity": "router capacity on emulated devices: the rate its CPU sustains, added latency, CPU per process",
+    "paper-table": "the paper-scale table: compare --emulate outputs beside the planner's predictions and the paper",
     **{name: line for name, (_, _, _, line) in FORWARDED.items()},
 }
 
@@ -133,7 +135,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="model preset served with dummy weights (default opt-125m: decode bound by memory bandwidth)")
     _add_workload(p, num_requests=None)
     p.add_argument("--rates", type=_floats, default=None, help="scan rates, req/s (default: around the simulated goodputs)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
+    p.add_argument("--systems", default=None,
+                   help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: all; --emulate with --baseline-profile "
+                        "adds 'vllm', colocated priced by that profile)")
     p.add_argument("--ttft", type=float, default=None, help="override the derived TTFT SLO, seconds")
     p.add_argument("--tpot", type=float, default=None, help="override the derived TPOT SLO, seconds")
     p.add_argument("--profile", type=Path, default=None, help="latency profile to use (default: cached, else measured)")
@@ -165,8 +169,11 @@ def build_compare_parser() -> argparse.ArgumentParser:
     e.add_argument("--affinity", choices=("low", "high"), default="low",
                    help="disaggregated placement by Algorithm 2 (low node-affinity, the paper's testbed) or 1")
     e.add_argument("--emulate-link-gbps", type=float, default=None, help="KV transfer bandwidth (default: free)")
-    e.add_argument("--colocated-profile", type=Path, default=None,
-                   help="profile of the colocated and chunked baselines (e.g. DistServe's vLLM one; default --emulate)")
+    e.add_argument("--baseline-profile", "--colocated-profile", dest="baseline_profile", type=Path, default=None,
+                   help="adds the system 'vllm': colocated replicas priced by this profile (DistServe's vLLM one, the "
+                        "paper's baseline); reported as disaggregated_over_vllm_ratio beside the same-profile ratios")
+    e.add_argument("--run-seconds", type=float, default=None,
+                   help="every run lasts this long at any rate (rate x this many requests, >= 100); default 60, --quick 30")
     e.add_argument("--emulate-workers", choices=("inprocess", "processes"), default="inprocess",
                    help="the disaggregated server's workers: threads of one process (default), or worker processes")
     e.add_argument("--stream-interval-ms", type=float, default=None,
@@ -189,7 +196,7 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
     cluster = EmulatedCluster(
         profile_path=args.emulate, model=args.model, devices=args.devices or 8, gpus_per_node=args.gpus_per_node,
         affinity=args.affinity, link_gbps=args.emulate_link_gbps, max_num_seqs=args.max_num_seqs or 256,
-        max_prefill_tokens=args.max_prefill_tokens or 1024, colocated_profile=args.colocated_profile,
+        max_prefill_tokens=args.max_prefill_tokens or 1024, baseline_profile=args.baseline_profile,
         workers=args.emulate_workers,
         stream_interval_ms=STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms)
     ec = emulated_compare(
@@ -197,7 +204,7 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         prompt_format=args.prompt_format, systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv,
         target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, num_requests=args.num_requests,
         scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
-        source_limit=args.source_limit, progress=not args.no_progress)
+        source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds)
     return run_emulated_compare(ec)
 
 
@@ -245,12 +252,16 @@ def main_run(argv: list[str]) -> int:
 
 
 def main_compare(argv: list[str]) -> int:
+    from dsjax.bench.emulated_setup import BASELINE_SYSTEM
     from dsjax.bench.experiment import CompareConfig, quick_config, run_compare
-    from dsjax.bench.servers import ServerOptions
+    from dsjax.bench.servers import SYSTEMS, ServerOptions
 
     args = build_compare_parser().parse_args(argv)
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip()) if args.systems else SYSTEMS
     if args.emulate is not None:
+        if args.systems is None:  # --quick measures three systems: the paper's baseline, else chunked prefill
+            systems = ("disaggregated", "colocated") if args.quick else SYSTEMS
+            systems += (BASELINE_SYSTEM,) if args.baseline_profile is not None else ("chunked",) if args.quick else ()
         return _print_compare(_main_emulated(args, systems), args.model, args.out, args.docs_img)
     if args.devices is not None:
         raise ValueError("--devices needs --emulate (the CPU compare runs on two cores)")
@@ -379,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             return main_fidelity(argv[1:])
         if argv[:1] == ["regimes"]:
             return main_regimes(argv[1:])
+        if argv[:1] == ["capacity"]:  # dsjax/bench/capacity.py parses its own flags
+            return importlib.import_module("dsjax.bench.capacity").main(argv[1:])
+        if argv[:1] == ["paper-table"]:
+            return importlib.import_module("dsjax.bench.papertable").main(argv[1:])
         return main_run(argv)
     except (ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,35 +36,49 @@ from dsjax.bench.experiment import (
     _machine_busy_s,
     _machine_state,
     _own_cpu_s,
-    _schedule,
     _summarize,
     _write_outputs,
-    auto_rates,
 )
 from dsjax.bench.prompts import load_bench_requests
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
 
-# Scan rates: from 0.5x the lowest to 1.5x the highest simulated goodput, geometrically spaced.
-EMULATED_RATE_FACTORS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.5)
-QUICK_EMULATED_RATE_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5)
+# Each system's scan rates: these factors x the planner's goodput of its placement (its own
+# 60-s traces), so every system is scanned around its own knee.
+EMULATED_RATE_FACTORS = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
+QUICK_EMULATED_RATE_FACTORS = (0.8, 1.0, 1.25)
 MIN_FIDELITY_RATES = 5
+# A run lasts this long at any rate (sweep.requests_at): several request lifetimes (a ShareGPT
+# request decodes for 10-30 s), as the planner's traces do (60 s a rate).
+RUN_SECONDS, QUICK_RUN_SECONDS = 60.0, 30.0
+MIN_RUN_REQUESTS = 100
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EmulatedCompare:
-    compare: CompareConfig  # workload, rates, SLOs, sweep settings, out (its server/profile fields are unused)
+    compare: CompareConfig  # workload, SLOs, sweep settings, out (its server/profile fields are unused)
     cluster: EmulatedCluster
+    run_seconds: float = RUN_SECONDS  # every run at every rate lasts this long (>= MIN_RUN_REQUESTS requests)
 
 
-def emulated_compare(*, quick: bool, cluster: EmulatedCluster, **overrides: Any) -> EmulatedCompare:
-    """The settings of a full run (400 requests, 6 scan rates, 4 bisections) or `quick` (150
-    requests, 5 rates, 1 bisection); no warm-up (nothing compiles); any CompareConfig field overrides."""
-    base: dict[str, Any] = dict(scale=1.0, num_requests=400, rates_factors=EMULATED_RATE_FACTORS, max_bisections=4,
+def emulated_compare(*, quick: bool, cluster: EmulatedCluster, run_seconds: float | None = None,
+                     **overrides: Any) -> EmulatedCompare:
+    """The settings of a full run (7 scan rates per system, 60 s each, 3 bisections) or `quick` (3
+    rates, 30 s each, 1 bisection); no warm-up (nothing compiles); any CompareConfig field overrides
+    (`num_requests` then caps the requests of one run)."""
+    base: dict[str, Any] = dict(scale=1.0, num_requests=0, rates_factors=EMULATED_RATE_FACTORS, max_bisections=3,
                                 rel_tol=0.05, warmup_requests=0, model=cluster.model)
     if quick:
-        base.update(num_requests=150, rates_factors=QUICK_EMULATED_RATE_FACTORS, max_bisections=1, rel_tol=0.1)
+        base.update(rates_factors=QUICK_EMULATED_RATE_FACTORS, max_bisections=1, rel_tol=0.1)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster)
+    seconds = run_seconds or (QUICK_RUN_SECONDS if quick else RUN_SECONDS)
+    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster, run_seconds=seconds)
+
+
+def scan_rates(planner_goodput: float, factors) -> tuple[float, ...]:
+    """`factors` x the planner's goodput, 2 significant figures."""
+    if planner_goodput <= 0:
+        raise ValueError(f"the planner finds no positive goodput ({planner_goodput}); pass --rates")
+    return tuple(sorted({float(f"{f * planner_goodput:.2g}") for f in factors}))
 
 
 def resolve_slos(cfg: CompareConfig) -> tuple[SLOs, dict[str, Any]]:
@@ -91,31 +105,38 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     started = _machine_state()
     log(f"machine: load average {started['loadavg_1_5_15']} on {started['cpus']} CPUs at {started['time']}")
     slos, slo_source = resolve_slos(cfg)
-    requests = load_bench_requests(cfg.workload, num_requests=cfg.num_requests, seed=cfg.seed, scale=cfg.scale,
-                                   prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
-    schedule = _schedule(cfg, len(requests))
-    log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {len(requests)} {cfg.workload} requests")
-
     t0 = time.perf_counter()
-    lengths = _search_lengths(cfg)
-    plans = plan_systems(cluster, lengths, slos, cfg.systems, seed=cfg.seed, progress=False)
+    plans = plan_systems(cluster, _search_lengths(cfg), slos, cfg.systems, seed=cfg.seed, progress=False)
     for s, plan in plans.items():
         log(f"[{s}] planner: {describe_placement(plan.placement)}, simulated {plan.planner_goodput:.3g} req/s "
             f"({plan.planner_goodput / plan.num_devices:.3g} per device) in {plan.details['search_s']:.1f} s")
     search_s = time.perf_counter() - t0
 
+    rates = {s: tuple(cfg.rates) if cfg.rates else scan_rates(plans[s].planner_goodput, cfg.rates_factors)
+             for s in cfg.systems}
+    sweep_cfgs = {s: SweepConfig(rates=rates[s], arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
+                                 max_bisections=cfg.max_bisections, warmup_requests=0, duration_s=ec.run_seconds,
+                                 min_requests=MIN_RUN_REQUESTS) for s in cfg.systems}
+    # One sample, long enough for the highest rate's run (bisections stay below it); every system
+    # and rate sends its first rate x run_seconds requests.
+    needed = max(sc.requests_at(max(sc.rates), 1 << 30) for sc in sweep_cfgs.values())
+    requests = load_bench_requests(cfg.workload, num_requests=min(needed, cfg.num_requests or needed), seed=cfg.seed,
+                                   scale=cfg.scale, prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
+    schedule = _sized_schedule(cfg, sweep_cfgs[cfg.systems[0]], len(requests))
+    log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {cfg.workload} runs of "
+        f"{ec.run_seconds:g} s (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})")
+
     sims = {s: TraceSimulator(system=s, profile=load_profile(cluster.profile_for(s)), model=cluster.model, slos=slos,
                               max_num_seqs=cluster.max_num_seqs, max_prefill_tokens=cluster.max_prefill_tokens,
                               placement=plans[s].placement, config=cluster.sim_config(), memory=cluster.memory())
             for s in cfg.systems}
-    probe_rates = tuple(float(f"{0.25 * 2 ** (i / 2):.3g}") for i in range(26))  # 0.25 .. 1450 req/s
-    sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates) for s in cfg.systems}
-    rates = cfg.rates or auto_rates(sim_goodput, cfg.rates_factors)
-    log("simulated goodput on the sample (req/s): " + ", ".join(f"{s} {g:.3g}" for s, g in sim_goodput.items())
-        + f"; scan rates {list(rates)}")
+    # The simulator's goodput on the very traces a run sends, bisected around the planner's.
+    probe_rates = {s: scan_rates(plans[s].planner_goodput, tuple(2 ** (i / 4) for i in range(-8, 9)))
+                   for s in cfg.systems}
+    sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates[s]) for s in cfg.systems}
+    log("simulated goodput on the runs' traces (req/s): " + ", ".join(f"{s} {g:.3g}" for s, g in sim_goodput.items())
+        + "; scan rates " + "; ".join(f"{s} {list(r)}" for s, r in rates.items()))
 
-    sweep_cfg = SweepConfig(rates=rates, arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
-                            max_bisections=cfg.max_bisections, warmup_requests=cfg.warmup_requests or 0)
     sweeps: dict[str, SweepResult] = {}
     processes: dict[str, Any] = {}
     for system in cfg.systems:
@@ -124,7 +145,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
             ready_s = time.perf_counter() - t0
             cpu0, w0, me0, busy0 = launched.cpu_seconds(), time.perf_counter(), _own_cpu_s(), _machine_busy_s()
             log(f"[{system}] server ready in {ready_s:.1f} s ({describe_placement(plans[system].placement)})")
-            sweeps[system] = sweep_target(launched.targets[0], requests, sweep_cfg, slos, label=system,
+            sweeps[system] = sweep_target(launched.targets[0], requests, sweep_cfgs[system], slos, label=system,
                                           labels={"devices": launched.num_devices}, out_dir=out, progress=cfg.progress,
                                           log=log)
             cpu1, w1, me1, busy1 = launched.cpu_seconds(), time.perf_counter(), _own_cpu_s(), _machine_busy_s()
@@ -137,7 +158,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
             f"per device); CPU cores used: " + json.dumps({k: round(v, 2) for k, v in used.items()}))
 
     summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source,
-                         cluster.profile_path, rates, started, probe_rates=probe_rates, regime=None)
+                         cluster.profile_path, sorted({r for rs in rates.values() for r in rs}), started, regime=None)
     for f in summary["fidelity"]:
         run = sweeps[f["system"]].run_at(f["rate"])
         f.update(ttft_decomposition(run, sims[f["system"]].result(requests, schedule(f["rate"])), slos))
@@ -146,6 +167,14 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     _plot_fidelity(summary, out / "fidelity.png")
     return summary
+
+
+def _sized_schedule(cfg: CompareConfig, sweep_cfg: SweepConfig, available: int) -> Callable[[float], list[float]]:
+    """Send offsets of the run at a rate, as sweep_target makes them (sweep.requests_at of the sample)."""
+    from dsjax.bench.loadgen import send_schedule
+
+    return lambda rate: send_schedule(sweep_cfg.requests_at(rate, available), rate=rate, arrival=cfg.arrival,
+                                      cv=cfg.cv, seed=cfg.seed)
 
 
 def _search_lengths(cfg: CompareConfig) -> list[tuple[int, int]]:

@@ -41,6 +41,9 @@ from dsjax.workloads.trace_gen import TraceConfig, make_trace, resample
 
 GIB = 1 << 30
 AFFINITIES = ("low", "high")
+# Colocated replicas priced by the cluster's baseline_profile: the paper's vLLM baseline.
+BASELINE_SYSTEM = "vllm"
+SYSTEM_MODE = {"disaggregated": "disaggregated", "colocated": "colocated", "chunked": "chunked", BASELINE_SYSTEM: "colocated"}
 WORKERS = ("inprocess", "processes")
 # Requests a router admits at once: every request of an overloaded run may be in flight (the
 # default 256 refused some at 35 req/s of OPT-66B HumanEval on 24 devices).
@@ -70,7 +73,9 @@ class EmulatedCluster:
     max_num_seqs: int = 256
     max_prefill_tokens: int = 1024
     block_size: int = 16
-    colocated_profile: Path | None = None  # the baselines' profile (e.g. DistServe's vLLM one); default profile_path
+    # The "vllm" system's profile: colocated like "colocated", but priced by this profile (DistServe's
+    # vLLM one: the paper's baseline, slower kernels than its own engine's); None: no such system.
+    baseline_profile: Path | None = None
     workers: str = "inprocess"  # the disaggregated server's workers (baselines always run in process)
     # The router holds a stream's later tokens this long (serve --stream-interval-ms): fewer messages
     # through the router and client on a small host; TTFT and TPOT as measured do not change.
@@ -93,7 +98,11 @@ class EmulatedCluster:
         return ClusterSpec(num_nodes=math.ceil(self.devices / per_node), gpus_per_node=per_node)
 
     def profile_for(self, system: str) -> Path:
-        return Path(self.colocated_profile) if system != "disaggregated" and self.colocated_profile else Path(self.profile_path)
+        if system == BASELINE_SYSTEM:
+            if self.baseline_profile is None:
+                raise ValueError(f"system {BASELINE_SYSTEM!r} needs a baseline profile (--baseline-profile)")
+            return Path(self.baseline_profile)
+        return Path(self.profile_path)
 
     def memory(self) -> MemoryModel:
         """What an emulated instance's KV pool holds (dsjax/runtime/emulated.py sizes it the same way)."""
@@ -160,13 +169,14 @@ def plan_systems(cluster: EmulatedCluster, lengths: Sequence[tuple[int, int]], s
             details = {"algorithm": plan.algorithm, "unit": plan.details.get("unit"), "copies": plan.details.get("copies"),
                        "per_device_goodput": plan.per_device_goodput}
         else:
-            best = best_colocated(ctx, cluster.cluster, mode=system, profile=load_profile(cluster.profile_for(system)),
+            mode = SYSTEM_MODE[system]
+            best = best_colocated(ctx, cluster.cluster, mode=mode, profile=load_profile(cluster.profile_for(system)),
                                   progress=progress)
             tp, pp = best.placement.prefill.tp, best.placement.prefill.pp
             replicas = cluster.devices // (tp * pp)
-            placement = Placement.colocated(tp=tp, pp=pp, replicas=replicas, mode=system)
+            placement = Placement.colocated(tp=tp, pp=pp, replicas=replicas, mode=mode)
             goodput = best.goodput * replicas
-            details = {"algorithm": system, "instance_goodput": best.goodput, "per_device_goodput": best.per_device_goodput,
+            details = {"algorithm": mode, "profile": str(cluster.profile_for(system)), "instance_goodput": best.goodput, "per_device_goodput": best.per_device_goodput,
                        "table": best.details.get("table")}
         details["search_s"] = time.perf_counter() - t0
         plans[system] = SystemPlan(system=system, placement=placement, planner_goodput=goodput, details=details)

@@ -80,9 +80,10 @@ class CompareConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.systems if s not in SYSTEMS]
+        known = SYSTEMS + ("vllm",)  # vllm: the emulated compare's baseline (colocated, --baseline-profile)
+        bad = [s for s in self.systems if s not in known]
         if bad or not self.systems:
-            raise ValueError(f"systems={self.systems} must be a non-empty subset of {SYSTEMS}")
+            raise ValueError(f"systems={self.systems} must be a non-empty subset of {known}")
 
 
 def quick_config(**overrides: Any) -> CompareConfig:
@@ -188,6 +189,9 @@ def run_compare(cfg: CompareConfig, *, log: Callable[[str], None] = print,
                 launcher: Callable[[str, ServerOptions, Path], LaunchedSystem] = launch_system) -> dict[str, Any]:
     """Runs the whole experiment; returns (and writes to cfg.out/summary.json) the summary."""
     from dsjax.bench.simcompare import TraceSimulator  # planner imports, kept off the client path
+
+    if "vllm" in cfg.systems:
+        raise ValueError("system 'vllm' (colocated priced by another profile) needs --emulate and --baseline-profile")
     from dsjax.planner.latency import load_profile
 
     out = Path(cfg.out)
@@ -382,11 +386,11 @@ def _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, sl
     ratios = {}
     if "disaggregated" in systems:
         d = systems["disaggregated"]["per_device_goodput"]
-        for base in ("colocated", "chunked"):
+        for base in ("colocated", "chunked", "vllm"):
             if base in systems:
                 b = systems[base]["per_device_goodput"]
                 ratios[f"disaggregated_over_{base}"] = d / b if b > 0 else float("inf")
-    for base in ("colocated", "chunked"):
+    for base in ("colocated", "chunked", "vllm"):
         if "disaggregated" in systems and base in systems:
             sd, sb = systems["disaggregated"]["simulated_per_device_goodput"], systems[base]["simulated_per_device_goodput"]
             ratios[f"simulated_disaggregated_over_{base}"] = sd / sb if sb > 0 else float("inf")

@@ -96,7 +96,11 @@ class TraceSimulator:
                    link_bytes_per_s=cal.link_bytes_per_s, decode_join_s=cal.decode_join_s)
 
     def result(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
-        """The simulator's `SimResult` (per-request TTFT and TPOT) of these requests sent at these offsets."""
+        """The simulator's `SimResult` (per-request TTFT and TPOT) of these requests sent at these
+        offsets (the first len(offsets_s) requests: a run of sweep.requests_at sends a prefix)."""
+        if len(offsets_s) > len(requests):
+            raise ValueError(f"{len(offsets_s)} send offsets for {len(requests)} requests")
+        requests = requests[:len(offsets_s)]
         trace = Trace(
             arrival_s=np.asarray(offsets_s, dtype=np.float64),
             prompt_len=np.array([r.prompt_len for r in requests]),

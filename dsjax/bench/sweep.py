@@ -44,6 +44,11 @@ class SweepConfig:
     # rate (the first requests, another arrival seed): its step logs tell the simulator how fast
     # the machine is right then, under that load (simcompare.speed_scaled). 0: no probes.
     probe_s: float = 0.0
+    # A run lasts this long whatever its rate: rate x duration_s requests (the first of the sample;
+    # at least min_requests), so a high rate is sustained load, not a burst the queues absorb. 0: every
+    # run sends the whole sample.
+    duration_s: float = 0.0
+    min_requests: int = 1
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
@@ -58,6 +63,20 @@ class SweepConfig:
             raise ValueError(f"warmup_requests={self.warmup_requests} must be >= 0")
         if self.probe_s < 0:
             raise ValueError(f"probe_s={self.probe_s} must be >= 0")
+        if self.duration_s < 0 or self.min_requests < 1:
+            raise ValueError(f"duration_s={self.duration_s} must be >= 0 and min_requests={self.min_requests} >= 1")
+
+    def requests_at(self, rate: float, available: int) -> int:
+        """How many of `available` requests a run at `rate` sends."""
+        return requests_at(rate, available, duration_s=self.duration_s, min_requests=self.min_requests)
+
+
+def requests_at(rate: float, available: int, *, duration_s: float, min_requests: int = 1) -> int:
+    """A run of `duration_s` seconds at `rate` (at least `min_requests`, at most `available`;
+    duration_s 0: all of them)."""
+    if duration_s <= 0:
+        return available
+    return min(available, max(min_requests, math.ceil(rate * duration_s)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,8 +140,9 @@ def sweep_target(
                      timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
                      tag=f"{label}-probe")
             probe_windows[rate] = (start, time.time())
-        offsets = send_schedule(n, rate=rate, arrival=config.arrival, cv=config.cv, seed=config.seed)
-        return run_load(target, requests, offsets, rate=rate, stop_rule=stop_rule if early_stop and config.early_stop else None,
+        m = config.requests_at(rate, n)
+        offsets = send_schedule(m, rate=rate, arrival=config.arrival, cv=config.cv, seed=config.seed)
+        return run_load(target, requests[:m], offsets, rate=rate, stop_rule=stop_rule if early_stop and config.early_stop else None,
                         timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
                         tag=f"{label}-{rate:.4g}")
 

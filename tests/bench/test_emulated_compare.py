@@ -18,8 +18,9 @@ FAST = {"prefill": [1.8, 0.0102, 7.1e-7], "decoding_smallbs": [2.0, 6.3e-5, 0.00
 HUMANEVAL_LENGTHS = [(150, 80), (120, 60), (300, 150), (90, 40)] * 50
 
 
-def write_profile(path, tps=(1, 2)):
-    path.write_text(json.dumps({"facebook/opt-13b": {str(tp): FAST for tp in tps}}))
+def write_profile(path, tps=(1, 2), slower=1.0):
+    coeffs = {k: [slower * c for c in v] if isinstance(v, list) else v for k, v in FAST.items()}
+    path.write_text(json.dumps({"facebook/opt-13b": {str(tp): coeffs for tp in tps}}))
     return path
 
 
@@ -64,16 +65,20 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--emulate", str(write_profile(tmp_path / "p.json")), "--model", "opt-13b",
                "--workload", "humaneval", "--devices", "2", "--num-requests", "6", "--source-limit", "20",
-               "--systems", "disaggregated,chunked",
+               "--baseline-profile", str(write_profile(tmp_path / "vllm.json", slower=1.5)),
+               "--systems", "disaggregated,vllm",
                "--rates", "20,40,60,80,100", "--max-bisections", "0", "--ttft", "0.1", "--tpot", "0.02",
                "--no-progress", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["per_device_goodput"]) == {"disaggregated", "chunked"}
+    assert set(summary["per_device_goodput"]) == {"disaggregated", "vllm"}
     assert summary["devices"] == 2 and summary["emulation"]["enough_fidelity_rates"]
-    assert summary["emulation"]["fidelity_rates_per_system"] == {"disaggregated": 5, "chunked": 5}
+    assert summary["emulation"]["fidelity_rates_per_system"] == {"disaggregated": 5, "vllm": 5}
     assert 0 <= summary["max_attainment_gap_points"] <= 100
-    assert "disaggregated_over_chunked_ratio" in summary and "disaggregated_over_chunked" in summary["ratios"]
+    assert "disaggregated_over_vllm_ratio" in summary and "disaggregated_over_vllm" in summary["ratios"]
+    # the baseline is colocated replicas priced by the other profile
+    vllm = summary["emulation"]["systems"]["vllm"]
+    assert vllm["planner"]["profile"].endswith("vllm.json") and Placement.from_dict(vllm["placement"]).mode == "colocated"
     for system, d in summary["systems"].items():
         assert Placement.from_dict(d["placement"]).num_devices == d["num_devices"] <= 2
         assert d["max_attainment_gap_points"] is not None
@@ -87,3 +92,36 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
 def test_devices_without_emulate_is_refused(tmp_path, capsys):
     assert main(["compare", "--devices", "4", "--out", str(tmp_path)]) == 2
     assert "--devices needs --emulate" in capsys.readouterr().err
+
+
+def test_runs_last_the_same_time_at_every_rate(tmp_path):
+    """A run at rate r sends r x run_seconds requests (>= min_requests, <= the sample), so a high
+    rate is sustained load rather than a burst; the simulator replays exactly that prefix."""
+    from dsjax.bench.emucompare import scan_rates
+    from dsjax.bench.sweep import SweepConfig, requests_at
+
+    assert requests_at(50.0, 10_000, duration_s=30.0, min_requests=100) == 1500
+    assert requests_at(1.0, 10_000, duration_s=30.0, min_requests=100) == 100
+    assert requests_at(50.0, 600, duration_s=30.0, min_requests=100) == 600
+    assert requests_at(50.0, 600, duration_s=0.0) == 600
+    assert SweepConfig(rates=(1.0,), duration_s=60.0, min_requests=5).requests_at(2.5, 1000) == 150
+    with pytest.raises(ValueError, match="duration_s"):
+        SweepConfig(rates=(1.0,), duration_s=-1.0)
+    assert scan_rates(40.0, (0.8, 1.0, 1.25)) == (32.0, 40.0, 50.0)
+    with pytest.raises(ValueError, match="no positive goodput"):
+        scan_rates(0.0, (1.0,))
+    ec = emulated_compare(quick=True, cluster=EmulatedCluster(profile_path=tmp_path / "p.json", model="opt-13b",
+                                                              devices=8), out=tmp_path)
+    assert ec.run_seconds == 30.0 and len(ec.compare.rates_factors) == 3
+    assert emulated_compare(quick=False, cluster=ec.cluster, out=tmp_path).run_seconds == 60.0
+
+
+def test_vllm_system_needs_a_baseline_profile(tmp_path):
+    cluster = EmulatedCluster(profile_path=write_profile(tmp_path / "p.json"), model="opt-13b", devices=4)
+    with pytest.raises(ValueError, match="baseline profile"):
+        cluster.profile_for("vllm")
+    slower = EmulatedCluster(profile_path=cluster.profile_path, model="opt-13b", devices=4,
+                             baseline_profile=write_profile(tmp_path / "v.json", slower=2.0))
+    plans = plan_systems(slower, HUMANEVAL_LENGTHS, SLOs(ttft_s=0.05, tpot_s=0.02), ("colocated", "vllm"))
+    assert plans["vllm"].placement.mode == "colocated"
+    assert plans["vllm"].planner_goodput < plans["colocated"].planner_goodput  # slower kernels serve less
