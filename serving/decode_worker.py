@@ -36,7 +36,7 @@ from dsjax.engine.request import FinishReason, Request, Status
 from dsjax.engine.sampling_params import SamplingParams
 from serving.channels import Channels
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
-from serving.kv_transfer import DEFAULT_CHUNK_BYTES, KVAssembler, descriptor_from_proto
+from serving.kv_transfer import DEFAULT_CHUNK_BYTES, ChecksumMismatch, KVAssembler, descriptor_from_proto
 from serving.messages import FINISH_TO_PROTO
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
@@ -81,6 +81,7 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[str] = deque()
         self._last_renew = time.monotonic()
+        self.checksum_failures = 0  # pulls refused for a chunk failing its checksum (engine thread)
         d = instance.runner.kv_descriptor(0)  # what the runner's KV looks like on the wire
         self._expect = (d.num_layers, d.num_kv_heads, d.head_dim, d.dtype)
 
@@ -162,9 +163,9 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
         except grpc.RpcError as err:
             why = f"{err.code().name}: {err.details()}"
             self._post_quietly(lambda: self._pull_failed(e, why))
-        except ValueError as err:  # malformed or incomplete chunks
-            why = f"bad KV stream: {err}"
-            self._post_quietly(lambda: self._pull_failed(e, why))
+        except ValueError as err:  # malformed, incomplete or corrupted chunks
+            why, corrupted = f"bad KV stream: {err}", isinstance(err, ChecksumMismatch)
+            self._post_quietly(lambda: self._pull_failed(e, why, corrupted))
 
     def _land(self, e: _Entry, k, v, wire_bytes: int, chunks: int, pulled: float) -> None:
         rid = e.request.request_id
@@ -184,8 +185,9 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
                                   pull_seconds=pulled - e.pull_start, insert_seconds=now - pulled)
         e.outbox.put(TokenEvent((), migration=migration))
 
-    def _pull_failed(self, e: _Entry, why: str) -> None:
+    def _pull_failed(self, e: _Entry, why: str, corrupted: bool = False) -> None:
         rid = e.request.request_id
+        self.checksum_failures += corrupted
         if self._entries.get(rid) is not e:
             return
         self._drop(e)
@@ -283,6 +285,7 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
                 num_blocks=b.capacity_blocks, free_blocks=b.num_free_blocks, waiting=len(self._queue),
                 running=len(self.inst.running), pulling=sum(e.state == "pulling" for e in self._entries.values()),
                 migrations=self.inst.migrations, kv_bytes=self.inst.bytes_pulled, alive=True,
+                kv_checksum_failures=self.checksum_failures,
             )
 
         return self.call(collect, timeout=timeout)

@@ -82,6 +82,10 @@ def checksum(k: bytes, v: bytes) -> int:
     return h.intdigest()
 
 
+class ChecksumMismatch(ValueError):
+    """A chunk whose bytes do not hash to its checksum: corrupted in transit."""
+
+
 class KVAssembler:
     """Collects one request's chunks into preallocated host arrays; `arrays()` when complete."""
 
@@ -108,7 +112,7 @@ class KVAssembler:
         if len(chunk.k) != want or len(chunk.v) != want:
             raise ValueError(f"chunk {chunk.index} holds {len(chunk.k)} + {len(chunk.v)} bytes, expected {want} each for {shape}")
         if checksum(chunk.k, chunk.v) != chunk.checksum:
-            raise ValueError(f"chunk {chunk.index} fails its checksum: the KV was corrupted in transit")
+            raise ChecksumMismatch(f"chunk {chunk.index} fails its checksum: the KV was corrupted in transit")
         self.k[l : l + nl, b : b + nb] = np.frombuffer(chunk.k, self.k.dtype).reshape(shape)
         self.v[l : l + nl, b : b + nb] = np.frombuffer(chunk.v, self.v.dtype).reshape(shape)
         self.bytes += 2 * want

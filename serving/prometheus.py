@@ -45,6 +45,7 @@ class _InstanceCollector:
             "free_blocks": "Free KV blocks", "num_blocks": "Usable KV blocks", "waiting": "Requests queued (prefill, or room to pull)",
             "running": "Requests decoding", "held": "Prefilled requests whose KV is held under a lease",
             "pulling": "KV transfers in flight into the instance",
+            "kv_checksum_failures": "KV pulls refused for a chunk failing its checksum (recomputed), since the worker started",
         }
         families = {f: GaugeMetricFamily(f"dsjax_instance_{f}", doc, labels=["instance", "role"]) for f, doc in fields.items()}
         usage = GaugeMetricFamily("dsjax_instance_kv_usage", "Share of KV blocks in use", labels=["instance", "role"])

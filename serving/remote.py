@@ -13,10 +13,10 @@ worker answers ABORTED; or the decode worker itself died or was quarantined by t
 request is prefilled again from prompt + tokens streamed so far, as one new prompt, on the
 workers left, up to `max_recomputes` times. The client's stream just continues: every token it
 got is in that prompt, and the next one comes from the new prefill. Only when no worker of a
-phase is left does the request end with UNAVAILABLE. Every call to a worker has a deadline
-(`call_timeout_s`, plus `per_token_timeout_s` per token for a Decode stream). Cancelling a
-request cancels the call in flight and releases the KV on the prefill worker (idempotent; the
-lease is the backstop).
+phase is left (and none registers within `worker_wait_s`) does the request end with UNAVAILABLE.
+Every call to a worker has a deadline (`call_timeout_s`, plus `per_token_timeout_s` per token
+for a Decode stream). Cancelling a request cancels the call in flight and releases the KV on the
+prefill worker (idempotent; the lease is the backstop).
 """
 
 from __future__ import annotations
@@ -164,6 +164,16 @@ class _RemoteHandle:
         if self._cancelled.is_set():
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
         w = self.registry.acquire(role)
+        # None registered: wait a little for one (a restarted router hears from its workers within
+        # a heartbeat, and requests that reach it first should not fail for that), then give up.
+        end = time.monotonic() + self.backend.worker_wait_s
+        while w is None and time.monotonic() < end and not self._cancelled.is_set():
+            if self.registry.wait_for(role, 1, min(0.1, end - time.monotonic())):
+                w = self.registry.acquire(role)
+        if self._cancelled.is_set():
+            if w is not None:
+                self.registry.release(w)
+            raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
         if w is None:
             with self._lock:
                 held, self._held = self._held, None
@@ -233,8 +243,12 @@ def _release(w: WorkerEntry, wid: str) -> None:
 
 class RemoteBackend:
     def __init__(self, registry: Registry, *, max_recomputes: int = 2, call_timeout_s: float = 300.0,
-                 per_token_timeout_s: float = 1.0):
+                 per_token_timeout_s: float = 1.0, worker_wait_s: float = 2.0):
+        """`worker_wait_s`: how long a request waits for a worker of a phase none of which is
+        registered (a router just restarted: its workers register within a heartbeat) before it
+        ends with UNAVAILABLE."""
         self.registry = registry
+        self.worker_wait_s = worker_wait_s
         self.max_recomputes = max_recomputes
         self.call_timeout_s = call_timeout_s
         self.per_token_timeout_s = per_token_timeout_s

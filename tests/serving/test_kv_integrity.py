@@ -95,6 +95,7 @@ def test_corrupted_kv_is_refused_and_nothing_leaks(workers):
     with pytest.raises(grpc.RpcError) as e:
         _generate(workers, "bad#0")
     assert e.value.code() == grpc.StatusCode.ABORTED and "checksum" in e.value.details()
+    assert decode_worker.stats().kv_checksum_failures == 1  # counted (Admin/Instances, /metrics)
     blocks = decode_worker.inst.blocks
     assert decode_worker.call(lambda: blocks.num_free_blocks == blocks.capacity_blocks)
     held = prefill_worker.inst.blocks  # the decode worker released the source copy (asynchronously)

@@ -168,7 +168,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "num_blocks", "free_blocks", "waiting", "running", "held", "pulling", "migrations", "kv_bytes", "leases_expired", "alive", "stalled_seconds", "hung")
+    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "num_blocks", "free_blocks", "waiting", "running", "held", "pulling", "migrations", "kv_bytes", "leases_expired", "alive", "stalled_seconds", "hung", "kv_checksum_failures")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,7 @@ class InstanceStats(_message.Message):
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     STALLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HUNG_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -205,7 +206,8 @@ class InstanceStats(_message.Message):
     alive: bool
     stalled_seconds: float
     hung: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ..., stalled_seconds: _Optional[float] = ..., hung: _Optional[bool] = ...) -> None: ...
+    kv_checksum_failures: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ..., stalled_seconds: _Optional[float] = ..., hung: _Optional[bool] = ..., kv_checksum_failures: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "model", "block_size", "dtype", "weights_hash")
