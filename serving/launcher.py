@@ -124,8 +124,9 @@ class _Fronts:
                      "S" if api_tls else "", args.host, self.http.port)
         self.metrics = None
         if args.metrics_port >= 0:
-            self.metrics = MetricsServer(self.router.metrics, backend.instances, args.metrics_port, host=args.host)
-            log.info("metrics on :%d (/metrics, /debug/instances)", self.metrics.port)
+            self.metrics = MetricsServer(self.router.metrics, backend.instances, args.metrics_port, host=args.host,
+                                         cluster_token=cluster_token)
+            log.info("metrics on :%d (/metrics; /debug/instances with the cluster token)", self.metrics.port)
 
     def close(self) -> None:
         self.router.stop()

@@ -11,6 +11,7 @@ backend, so they are never stale. Each server owns its registry (tests start sev
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -99,12 +100,22 @@ class ServingMetrics:
 class MetricsServer:
     """A small threaded HTTP server on `port` (0 picks one: see `.port`)."""
 
-    def __init__(self, metrics: ServingMetrics, instances: InstancesFn, port: int, host: str = "127.0.0.1"):
+    def __init__(self, metrics: ServingMetrics, instances: InstancesFn, port: int, host: str = "127.0.0.1",
+                 cluster_token: str | None = None):
+        """`/debug/instances` tells what Admin tells (workers' addresses and pids): with a cluster
+        token it answers only `Authorization: Bearer TOKEN`, like the cluster's own services.
+        `/metrics` stays open to the scraper (counts and latencies, no addresses)."""
+        expected = f"Bearer {cluster_token}".encode() if cluster_token else None
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 if self.path.startswith("/metrics"):
                     body, ctype = metrics.text(), "text/plain; version=0.0.4"
                 elif self.path.startswith("/debug/instances"):
+                    given = (self.headers.get("Authorization") or "").encode()
+                    if expected is not None and not hmac.compare_digest(given, expected):
+                        self.send_error(401, "internal to the cluster: send Authorization: Bearer $DSJAX_CLUSTER_TOKEN")
+                        return
                     stats = [json_format.MessageToDict(s, always_print_fields_with_no_presence=True,
                                                     preserving_proto_field_name=True) for s in instances()]
                     body, ctype = json.dumps({"instances": stats}, indent=1).encode(), "application/json"

@@ -8,14 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import grpc
 
 from serving.proto.dsjax.v1 import dsjax_pb2 as pb
 from serving.proto.dsjax.v1 import dsjax_pb2_grpc
 from serving.step_log import read_step_log
-from tests.support.serving import REPO, free_port, launch_server, stop_server, wait_serving
+from tests.support.serving import REPO, debug_instances, free_port, launch_server, stop_server, wait_serving
 
 CACHE_DIR = os.path.expanduser("~/.cache/dsjax/jax-tests")
 
@@ -49,7 +48,7 @@ def generate(port: int, max_tokens: int) -> list[int]:
 
 
 def roles(metrics_port: int) -> dict[str, str]:
-    doc = json.loads(urllib.request.urlopen(f"http://localhost:{metrics_port}/debug/instances", timeout=5).read())
+    doc = debug_instances(metrics_port)
     return {i["worker_id"]: i["role"] for i in doc["instances"]}
 
 

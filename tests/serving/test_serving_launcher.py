@@ -5,12 +5,13 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
 import pytest
 
-from tests.support.serving import REPO, free_port, launch_server, stop_server, wait_serving
+from tests.support.serving import REPO, debug_instances, free_port, launch_server, stop_server, wait_serving
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,12 @@ def test_default_server_streams_to_the_client(default_server):
     again = client("--target", f"localhost:{port}", "--token-ids", ",".join(map(str, prompt_ids)),
                    "--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--show-tokens")
     assert again.returncode == 0 and json.loads(again.stderr.split("token_ids: ")[1].splitlines()[0]) == ids
-    doc = json.loads(urllib.request.urlopen(f"http://localhost:{metrics_port}/debug/instances", timeout=5).read())
+    doc = debug_instances(metrics_port)
     roles = {i["worker_id"]: i["role"] for i in doc["instances"]}
     assert roles == {"prefill-0": "PREFILL", "decode-0": "DECODE"}
+    for stranger in (None, "not-the-token"):  # workers' addresses and pids: the cluster's only
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            debug_instances(metrics_port, token=stranger)
     assert all(i["free_blocks"] == i["num_blocks"] for i in doc["instances"])
     metrics = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=5).read().decode()
     assert 'dsjax_requests_total{finish_reason="length"} 2.0' in metrics

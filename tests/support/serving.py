@@ -25,6 +25,18 @@ from serving.tls import ClusterTLS, dial
 REPO = Path(__file__).resolve().parents[2]
 
 
+def debug_instances(metrics_port: int, *, token: str | None = "env") -> dict:
+    """The metrics port's /debug/instances, sent with the cluster token ($DSJAX_CLUSTER_TOKEN by
+    default; None: without one)."""
+    import json
+    import urllib.request
+
+    token = os.environ.get(TOKEN_ENV) if token == "env" else token
+    req = urllib.request.Request(f"http://localhost:{metrics_port}/debug/instances",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    return json.loads(urllib.request.urlopen(req, timeout=5).read())
+
+
 def internal_channel(target: str) -> grpc.Channel:
     """A channel to a dsjax server's internal services: its calls carry the cluster token."""
     return with_token(grpc.insecure_channel(target), os.environ.get(TOKEN_ENV))
