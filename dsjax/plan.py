@@ -4,7 +4,7 @@ generate a trace.
     python -m dsjax.plan profile --model small-llama --tp 1,2 --out profile.json [--quick]
     python -m dsjax.plan simulate --profile P.json --model opt-13b --mode disaggregated \\
         --prefill tp=2,pp=1,n=1 --decode tp=1,pp=1,m=1 --workload TRACE.jsonl --rate 4 \\
-        --ttft 0.2 --tpot 0.1 --json
+        --ttft 0.2 --tpot 0.1 --json [--semantics distserve] [--goodput]
     python -m dsjax.plan search --profile P.json --model opt-13b --nodes 1 --gpus-per-node 4 \\
         --workload sharegpt --ttft 0.2 --tpot 0.1 --out plan.json
     python -m dsjax.plan trace --lengths sharegpt --num-requests 2000 --rate 1 --out t.jsonl
@@ -33,9 +33,10 @@ from typing import Any
 
 from dsjax.engine.placement import PhaseParallel, Placement, save_plan
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated, ratio
+from dsjax.planner.distserve_sim import CRITERIA, SEMANTICS, DistServeSimulator, placement_goodput, search_context, search_pairs
 from dsjax.planner.latency import Profile, load_profile, save_profile
 from dsjax.planner.model_spec import MemoryModel, get_device, get_model, read_max_num_tokens
-from dsjax.planner.search import GoodputConfig, SearchContext
+from dsjax.planner.search import GoodputConfig
 from dsjax.planner.simulator import SimConfig, Simulator
 from dsjax.planner.slo import SLO
 from dsjax.runtime.host_devices import ensure_host_devices
@@ -149,6 +150,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-buckets", action="store_true",
                    help="ignore the profile's shape buckets (cost batches unpadded, as DistServe's profiles)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--semantics", choices=SEMANTICS, default="dsjax",
+                   help="distserve: DistServe's public simulator (planner/distserve_sim.py); the scheduler knobs above do not apply")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help="goodput rule: joint (attainment, default with dsjax) or p90 (P90 TTFT and TPOT apart, default with distserve)")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -161,7 +166,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     trace = _load_workload(args.workload, num_requests=args.num_requests, seed=args.seed, arrival=args.arrival, cv=args.cv)
     if args.rate is not None:
         trace = rescale_rate(trace, args.rate)
-    sim = Simulator(placement=placement, profile=profile, model=model, memory=_memory(args, args.model), config=_scheduler(args))
+    memory = _memory(args, args.model)
+    if args.goodput:  # the trace's own requests and arrival shape, rescaled per rate
+        gcfg = GoodputConfig(attainment_target=args.target, rel_tol=args.rel_tol, min_requests=len(trace), max_requests=len(trace))
+        ctx = search_context(semantics=args.semantics, criterion=args.criterion, profile=profile, model=model, memory=memory,
+                             slo=SLO(ttft_s=args.ttft, tpot_s=args.tpot), workload=resample(trace, num_requests=len(trace)),
+                             scheduler=_scheduler(args), goodput_config=gcfg)
+        out = placement_goodput(ctx, placement) | {"placement": placement.to_dict(), "num_requests": len(trace)}
+        print(json.dumps(out) if args.json else f"{placement.mode}: {out['per_device_goodput']:.3f} req/s/GPU ({out['goodput']:.3g} req/s; "
+              f"DistServe's 0.25 grid: {out['per_device_goodput_grid']:.4g}), {args.semantics} semantics, {out['criterion']} rule")
+        return 0
+    if args.semantics == "distserve":
+        sim = DistServeSimulator(placement=placement, profile=profile, model=model, memory=memory)
+    else:
+        sim = Simulator(placement=placement, profile=profile, model=model, memory=memory, config=_scheduler(args))
     t0 = time.perf_counter()
     result = sim.run(trace, slo=SLO(ttft_s=args.ttft, tpot_s=args.tpot))
     out = result.summary() | {
@@ -187,7 +205,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model = get_model(args.model)
     gcfg = GoodputConfig(attainment_target=args.target, rel_tol=args.rel_tol, horizon_s=args.horizon)
     base = _load_workload(args.workload, num_requests=gcfg.max_requests, seed=args.seed, arrival=args.arrival, cv=args.cv)
-    ctx = SearchContext(
+    ctx = search_context(
+        semantics=args.semantics, criterion=args.criterion,
         profile=profile,
         model=model,
         memory=_memory(args, args.model),
@@ -198,7 +217,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     )
     cluster = ClusterSpec(num_nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     progress = not args.no_progress
-    if args.affinity == "high":
+    if args.semantics == "distserve":  # the public code's search: every 1:1 pair simulated whole
+        plan = search_pairs(ctx, cluster, affinity=args.affinity, progress=progress)
+    elif args.affinity == "high":
         plan = algorithm1(ctx, cluster, rate=args.rate, unit=args.unit, progress=progress)
     else:
         plan = algorithm2(ctx, cluster, rate=args.rate, unit=args.unit, progress=progress)
@@ -212,6 +233,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         "per_device_goodput": plan.per_device_goodput,
         "num_devices": plan.placement.num_devices,
         "algorithm": plan.algorithm,
+        "semantics": args.semantics, "criterion": getattr(ctx, "criterion", "joint"),
         "slo": {"ttft_s": args.ttft, "tpot_s": args.tpot, "attainment_target": args.target},
         "model": model.hf_name,
         "profile": str(args.profile),
@@ -342,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--replicas", type=int, default=1, help="colocated/chunked: instances")
     sim.add_argument("--rate", type=float, default=None, help="rescale arrivals to this mean rate (req/s)")
     sim.add_argument("--num-requests", type=int, default=1000, help="requests of a generated workload")
+    sim.add_argument("--goodput", action="store_true", help="print the highest rate meeting --target instead (--rate ignored)")
+    sim.add_argument("--target", type=float, default=0.9, help="--goodput: attainment target")
+    sim.add_argument("--rel-tol", type=float, default=0.02, help="--goodput: bisection tolerance")
     sim.set_defaults(fn=_cmd_simulate)
 
     se = sub.add_parser("search", help="search the best placement (Algorithm 1 or 2)")
