@@ -33,6 +33,7 @@ from typing import Any
 
 from dsjax.engine.placement import PhaseParallel, Placement, save_plan
 from dsjax.planner.algorithms import ClusterSpec, algorithm1, algorithm2, best_colocated, ratio
+from dsjax.planner.architecture import fleet_placement, search_architectures
 from dsjax.planner.distserve_sim import CRITERIA, SEMANTICS, DistServeSimulator, placement_goodput, search_context, search_pairs
 from dsjax.planner.latency import Profile, load_profile, save_profile
 from dsjax.planner.model_spec import MemoryModel, get_device, get_model, read_max_num_tokens
@@ -253,16 +254,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     }
     if "pair_per_device_goodput" in plan.details:
         meta["pair_per_device_goodput"] = plan.details["pair_per_device_goodput"]
+    chosen = plan.placement
+    if args.semantics != "distserve":  # the best architecture for this engine: same profile for all
+        arch = search_architectures(ctx, cluster, plan, rate=args.rate, progress=progress)
+        meta["architecture"], chosen = arch.to_dict(), fleet_placement(arch.chosen, plan)
+        print(arch.describe(), file=sys.stderr)
     if args.out:
-        save_plan(args.out, plan.placement, **meta)
+        save_plan(args.out, chosen, **meta)
     if args.json:
-        print(json.dumps({"placement": plan.placement.to_dict()} | meta | {"details": plan.details}))
+        print(json.dumps({"placement": plan.placement.to_dict(), "chosen_placement": chosen.to_dict()} | meta
+                         | {"details": plan.details}))
     else:
         print(
             f"best: {plan.describe()} | {plan.goodput:.3g} req/s on {plan.placement.num_devices} GPUs = "
             f"{plan.per_device_goodput:.3f} req/s/GPU | {args.baseline} best: {colo.describe()} = "
             f"{colo.per_device_goodput:.3f} req/s/GPU | ratio {gain:.2f}x | {elapsed:.1f} s"
-            + (f" | plan written to {args.out}" if args.out else "")
+            + (f" | {chosen.mode} plan written to {args.out}" if args.out else "")
         )
     return 0
 

@@ -194,3 +194,28 @@ def choose_architecture(disaggregated, baselines: Mapping[str, Any], *, num_devi
         key = lambda f: (f.num_devices, -f.goodput, ARCHITECTURES.index(f.architecture))
     ranked = sorted(fleets, key=key)
     return ArchitectureChoice(chosen=ranked[0], fleets=tuple(ranked), rate=rate, num_devices=num_devices)
+
+
+def search_architectures(ctx, cluster, disaggregated, *, rate: float | None = None,
+                         progress: bool = False) -> ArchitectureChoice:
+    """`choose_architecture` with the best colocated and chunked instances searched on the same
+    context (same profile: the same engine) as the disaggregated plan."""
+    from dsjax.planner.algorithms import best_colocated
+
+    baselines = {mode: best_colocated(ctx, cluster, mode=mode, progress=progress) for mode in ("colocated", "chunked")}
+    return choose_architecture(disaggregated, baselines, num_devices=cluster.num_gpus, rate=rate)
+
+
+def fleet_placement(fleet: Fleet, disaggregated_plan=None) -> Placement:
+    """What one server runs for a single-architecture fleet (a mixed fleet: its disaggregated part;
+    the colocated replicas beside it are a second server). A disaggregated fleet keeps the plan's
+    own node layout when it has as many copies."""
+    unit, copies = fleet.parts[0]
+    if unit.architecture == "disaggregated":
+        if disaggregated_plan is not None and disaggregated_plan.placement.num_devices == unit.num_devices * copies:
+            return disaggregated_plan.placement
+        p = unit.placement
+        return Placement(mode="disaggregated", prefill=dataclasses.replace(p.prefill, replicas=p.prefill.replicas * copies),
+                         decode=dataclasses.replace(p.decode, replicas=p.decode.replicas * copies))
+    p = unit.placement
+    return Placement.colocated(tp=p.prefill.tp, pp=p.prefill.pp, replicas=copies, mode=p.mode)

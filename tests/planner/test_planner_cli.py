@@ -30,12 +30,21 @@ def test_search_writes_a_plan(tmp_path, capsys):
             "--gpus-per-node", "4", "--workload", "sharegpt-like", "--ttft", "0.2", "--tpot", "0.1",
             "--rel-tol", "0.05", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
-    line = capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    line = captured.out.strip()
     assert line.startswith("best: prefill tp=2") and "colocated best" in line and "ratio" in line
     placement, meta = load_plan(out)
-    assert placement.mode == "disaggregated" and placement.num_devices <= 4
-    for key in ("goodput", "per_device_goodput", "slo", "model", "profile", "colocated", "ratio_vs_colocated"):
+    for key in ("goodput", "per_device_goodput", "slo", "model", "profile", "colocated", "ratio_vs_colocated", "architecture"):
         assert key in meta
+    # the plan written is the best architecture's (same profile), never one that serves less
+    arch = meta["architecture"]
+    chosen = arch["chosen"]
+    assert f"chose {chosen}" in captured.err and {f["architecture"] for f in arch["fleets"]} >= {"disaggregated", "colocated",
+                                                                                              "chunked"}
+    best = max(f["goodput"] for f in arch["fleets"])
+    assert arch["fleets"][0]["architecture"] == chosen and arch["fleets"][0]["goodput"] == pytest.approx(best)
+    assert placement.mode == ("disaggregated" if chosen == "mixed" else chosen) and placement.num_devices <= 4
+    assert all(g is None or g >= 1.0 - 1e-9 for g in arch["gain_over"].values())
     assert meta["model"] == "facebook/opt-13b" and meta["slo"]["ttft_s"] == 0.2
 
 
