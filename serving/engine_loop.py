@@ -64,6 +64,11 @@ class Outbox:
         self._closed = False
         self._lock = threading.Lock()
         self._waker: Callable[[], None] | None = None
+        # Set by a finish or an error: ends a reader's hold at once. Token events do not set it, so
+        # a holding reader sleeps through the steps of its interval instead of waking at each one
+        # (hundreds of held streams woke tens of times a second each, and their threads crowded
+        # the engine's own thread out of the interpreter lock).
+        self._final = threading.Event()
 
     def put(self, event: Event) -> None:
         with self._lock:
@@ -72,6 +77,8 @@ class Outbox:
             if not isinstance(event, TokenEvent):
                 self._closed = True
         self._q.put(event)
+        if not isinstance(event, TokenEvent):
+            self._final.set()
         waker = self._waker
         if waker is not None:
             waker()
@@ -114,15 +121,13 @@ class Outbox:
         and held up to `stream_interval_s` after the previous token message."""
         sent = None  # when the last token message left
         while True:
-            events = self.drain(self._q.get())
-            while sent is not None and all(isinstance(e, TokenEvent) for e in events):
+            if sent is not None:  # hold: sleep out the interval unless a finish or error arrives
                 left = sent + self.stream_interval_s - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    events = self.drain(self._q.get(timeout=left), events)
-                except queue.Empty:
-                    break
+                if left > 0:
+                    self._final.wait(left)
+            # Whatever is queued now (a finish put after the wait ended is in the queue: not lost),
+            # else block for the next event.
+            events = self.drain() or self.drain(self._q.get())
             for event in events:
                 yield event
                 if not isinstance(event, TokenEvent):

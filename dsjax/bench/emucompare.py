@@ -45,7 +45,7 @@ from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
 # Each system's scan rates: these factors x the planner's goodput of its placement (its own
 # 60-s traces), so every system is scanned around its own knee.
 EMULATED_RATE_FACTORS = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
-QUICK_EMULATED_RATE_FACTORS = (0.8, 1.0, 1.25)
+QUICK_EMULATED_RATE_FACTORS = (0.7, 0.9, 1.15)
 MIN_FIDELITY_RATES = 5
 # A run lasts this long at any rate (sweep.requests_at): several request lifetimes (a ShareGPT
 # request decodes for 10-30 s), as the planner's traces do (60 s a rate).
