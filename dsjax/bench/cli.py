@@ -173,7 +173,10 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="adds the system 'vllm': colocated replicas priced by this profile (DistServe's vLLM one, the "
                         "paper's baseline); reported as disaggregated_over_vllm_ratio beside the same-profile ratios")
     e.add_argument("--run-seconds", type=float, default=None,
-                   help="every run lasts this long at any rate (rate x this many requests, >= 100); default 60, --quick 30")
+                   help="every run lasts this long at any rate (rate x this many requests, >= 100); default: from the "
+                        "workload's request lifetime (dsjax/bench/emucompare.py)")
+    e.add_argument("--settle-seconds", type=float, default=None,
+                   help="the first seconds of every run load the server unmeasured; default: from the lifetime")
     e.add_argument("--emulate-workers", choices=("inprocess", "processes"), default="inprocess",
                    help="the disaggregated server's workers: threads of one process (default), or worker processes")
     e.add_argument("--stream-interval-ms", type=float, default=None,
@@ -204,7 +207,8 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         prompt_format=args.prompt_format, systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv,
         target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, num_requests=args.num_requests,
         scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
-        source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds)
+        source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds,
+        settle_s=args.settle_seconds)
     return run_emulated_compare(ec)
 
 

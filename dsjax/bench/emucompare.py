@@ -47,9 +47,13 @@ from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
 EMULATED_RATE_FACTORS = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 QUICK_EMULATED_RATE_FACTORS = (0.7, 0.9, 1.15)
 MIN_FIDELITY_RATES = 5
-# A run lasts this long at any rate (sweep.requests_at): several request lifetimes (a ShareGPT
-# request decodes for 10-30 s), as the planner's traces do (60 s a rate).
-RUN_SECONDS, QUICK_RUN_SECONDS = 60.0, 30.0
+# How long a run lasts, at any rate (sweep.requests_at), from the workload's request lifetime
+# L = mean output length x TPOT SLO / 2 (a request decoding at half its SLO): the first `settle`
+# seconds load the server without being measured (its queues fill), then `measure` seconds are
+# measured. Near its capacity a server's queues grow slowly, so short runs flatter every system
+# (docs/results.md, "Run length"); the full run is the longer of the two.
+QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S = 1.5, 2.0, 20.0
+FULL_SETTLE_LIFETIMES, FULL_MEASURE_LIFETIMES, FULL_MIN_MEASURE_S = 2.0, 4.0, 60.0
 MIN_RUN_REQUESTS = 100
 
 
@@ -57,21 +61,35 @@ MIN_RUN_REQUESTS = 100
 class EmulatedCompare:
     compare: CompareConfig  # workload, SLOs, sweep settings, out (its server/profile fields are unused)
     cluster: EmulatedCluster
-    run_seconds: float = RUN_SECONDS  # every run at every rate lasts this long (>= MIN_RUN_REQUESTS requests)
+    quick: bool = False
+    run_seconds: float | None = None  # every run lasts this long (None: from the lifetime, above)
+    settle_s: float | None = None  # of which this long is not measured (None: from the lifetime)
+
+    def run_length(self, mean_output_len: float, tpot_slo_s: float) -> tuple[float, float]:
+        """(settle_s, run_seconds) of every run."""
+        lifetime = mean_output_len * tpot_slo_s / 2
+        settle_k, measure_k, min_measure = ((QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S)
+                                            if self.quick else
+                                            (FULL_SETTLE_LIFETIMES, FULL_MEASURE_LIFETIMES, FULL_MIN_MEASURE_S))
+        settle = settle_k * lifetime if self.settle_s is None else self.settle_s
+        total = settle + max(min_measure, measure_k * lifetime) if self.run_seconds is None else self.run_seconds
+        if not 0 <= settle < total:
+            raise ValueError(f"settle_s={settle:g} must be >= 0 and below run_seconds={total:g}")
+        return round(settle, 1), round(total, 1)
 
 
 def emulated_compare(*, quick: bool, cluster: EmulatedCluster, run_seconds: float | None = None,
-                     **overrides: Any) -> EmulatedCompare:
-    """The settings of a full run (7 scan rates per system, 60 s each, 3 bisections) or `quick` (3
-    rates, 30 s each, 1 bisection); no warm-up (nothing compiles); any CompareConfig field overrides
-    (`num_requests` then caps the requests of one run)."""
+                     settle_s: float | None = None, **overrides: Any) -> EmulatedCompare:
+    """The settings of a full run (7 scan rates per system, 3 bisections) or `quick` (3 rates, 1
+    bisection), runs as long as `EmulatedCompare.run_length`; no warm-up (nothing compiles); any
+    CompareConfig field overrides (`num_requests` then caps the requests of one run)."""
     base: dict[str, Any] = dict(scale=1.0, num_requests=0, rates_factors=EMULATED_RATE_FACTORS, max_bisections=3,
                                 rel_tol=0.05, warmup_requests=0, model=cluster.model)
     if quick:
         base.update(rates_factors=QUICK_EMULATED_RATE_FACTORS, max_bisections=1, rel_tol=0.1)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    seconds = run_seconds or (QUICK_RUN_SECONDS if quick else RUN_SECONDS)
-    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster, run_seconds=seconds)
+    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster, quick=quick, run_seconds=run_seconds,
+                           settle_s=settle_s)
 
 
 def scan_rates(planner_goodput: float, factors) -> tuple[float, ...]:
@@ -106,7 +124,8 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     log(f"machine: load average {started['loadavg_1_5_15']} on {started['cpus']} CPUs at {started['time']}")
     slos, slo_source = resolve_slos(cfg)
     t0 = time.perf_counter()
-    plans = plan_systems(cluster, _search_lengths(cfg), slos, cfg.systems, seed=cfg.seed, progress=False)
+    lengths = _search_lengths(cfg)
+    plans = plan_systems(cluster, lengths, slos, cfg.systems, seed=cfg.seed, progress=False)
     for s, plan in plans.items():
         log(f"[{s}] planner: {describe_placement(plan.placement)}, simulated {plan.planner_goodput:.3g} req/s "
             f"({plan.planner_goodput / plan.num_devices:.3g} per device) in {plan.details['search_s']:.1f} s")
@@ -114,9 +133,10 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
 
     rates = {s: tuple(cfg.rates) if cfg.rates else scan_rates(plans[s].planner_goodput, cfg.rates_factors)
              for s in cfg.systems}
+    settle_s, run_s = ec.run_length(sum(o for _, o in lengths) / len(lengths), slos.tpot_s)
     sweep_cfgs = {s: SweepConfig(rates=rates[s], arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
-                                 max_bisections=cfg.max_bisections, warmup_requests=0, duration_s=ec.run_seconds,
-                                 min_requests=MIN_RUN_REQUESTS) for s in cfg.systems}
+                                 max_bisections=cfg.max_bisections, warmup_requests=0, duration_s=run_s,
+                                 settle_s=settle_s, min_requests=MIN_RUN_REQUESTS) for s in cfg.systems}
     # One sample, long enough for the highest rate's run (bisections stay below it); every system
     # and rate sends its first rate x run_seconds requests.
     needed = max(sc.requests_at(max(sc.rates), 1 << 30) for sc in sweep_cfgs.values())
@@ -124,12 +144,14 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
                                    scale=cfg.scale, prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
     schedule = _sized_schedule(cfg, sweep_cfgs[cfg.systems[0]], len(requests))
     log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {cfg.workload} runs of "
-        f"{ec.run_seconds:g} s (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})")
+        f"{run_s:g} s, the first {settle_s:g} s not measured (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})")
 
     sims = {s: TraceSimulator(system=s, profile=load_profile(cluster.profile_for(s)), model=cluster.model, slos=slos,
                               max_num_seqs=cluster.max_num_seqs, max_prefill_tokens=cluster.max_prefill_tokens,
                               placement=plans[s].placement, config=cluster.sim_config(), memory=cluster.memory())
             for s in cfg.systems}
+    for sim in sims.values():
+        sim.settle_s = settle_s
     # The simulator's goodput on the very traces a run sends, bisected around the planner's.
     probe_rates = {s: scan_rates(plans[s].planner_goodput, tuple(2 ** (i / 4) for i in range(-8, 9)))
                    for s in cfg.systems}
@@ -161,8 +183,11 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
                          cluster.profile_path, sorted({r for rs in rates.values() for r in rs}), started, regime=None)
     for f in summary["fidelity"]:
         run = sweeps[f["system"]].run_at(f["rate"])
-        f.update(ttft_decomposition(run, sims[f["system"]].result(requests, schedule(f["rate"])), slos))
+        sim = sims[f["system"]]
+        f.update(ttft_decomposition(run, sim.result_all(requests, schedule(f["rate"])), slos,
+                                    sim.result(requests, schedule(f["rate"])).attainment))
     summary.update(emulation_summary(summary, cluster, plans, search_s))
+    summary["emulation"].update(run_seconds=run_s, settle_s=settle_s)
     summary["wall_s"] = time.perf_counter() - t_start
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     _plot_fidelity(summary, out / "fidelity.png")
@@ -185,7 +210,7 @@ def _search_lengths(cfg: CompareConfig) -> list[tuple[int, int]]:
                                               source_limit=cfg.source_limit)]
 
 
-def ttft_decomposition(run, sim, slos: SLOs) -> dict[str, Any]:
+def ttft_decomposition(run, sim, slos: SLOs, sim_attainment: float | None = None) -> dict[str, Any]:
     """Where a run's TTFTs part from the simulator's (`sim`: its SimResult on the same trace), per
     request, in ms (p50 / p90): the engine (the server's queue + prefill, from the router's submit
     to the first token) minus the simulator; the router (its first-token time minus the engine's);
@@ -198,7 +223,7 @@ def ttft_decomposition(run, sim, slos: SLOs) -> dict[str, Any]:
 
     parts: dict[str, list[float]] = {"engine_minus_sim": [], "router_minus_engine": [], "client_minus_router": []}
     ok = []
-    for r in run.results:
+    for r in run.measured:
         bd, client_ttft = r.breakdown, ttft_s(r.record)
         if bd is None or r.server_ttft_s is None or client_ttft is None:
             ok.append(False)
@@ -213,7 +238,8 @@ def ttft_decomposition(run, sim, slos: SLOs) -> dict[str, Any]:
                            for k, v in parts.items()}
     out["engine_side_attainment"] = float(np.mean(ok)) if ok else None
     if ok:
-        out["engine_side_gap_points"] = 100 * (out["engine_side_attainment"] - sim.attainment)
+        out["engine_side_gap_points"] = 100 * (out["engine_side_attainment"]
+                                               - (sim.attainment if sim_attainment is None else sim_attainment))
     return out
 
 

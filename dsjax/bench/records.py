@@ -82,7 +82,15 @@ class LoadRun:
     send_lag_p99_s: float  # how late requests were sent against the schedule (client health)
     send_lag_max_s: float
     started_at: float = math.nan  # wall clock (time.time()) when the schedule's time 0 was
+    # Requests before this index (those scheduled in the run's settling time, while the queues of
+    # an empty server fill) are load, not measured: attainment counts results[measured_from:].
+    measured_from: int = 0
+
+    @property
+    def measured(self) -> tuple[RequestResult, ...]:
+        return self.results[self.measured_from:]
 
     @property
     def records(self) -> list[RequestRecord]:
-        return [r.record for r in self.results]
+        """The measured requests' records (every attainment and latency figure is of these)."""
+        return [r.record for r in self.measured]

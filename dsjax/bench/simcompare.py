@@ -79,6 +79,7 @@ class TraceSimulator:
         limits, real device memory) default to the two-core CPU setting above."""
         spec = get_model(model)
         self.slos = slos
+        self.settle_s = 0.0  # requests scheduled before this are not measured (sweep.SweepConfig.settle_s)
         self.sim = Simulator(
             placement=placement or placement_for(system), profile=profile, model=spec,
             memory=memory or MemoryModel(model=spec, device=_HOST),
@@ -101,6 +102,16 @@ class TraceSimulator:
         if len(offsets_s) > len(requests):
             raise ValueError(f"{len(offsets_s)} send offsets for {len(requests)} requests")
         requests = requests[:len(offsets_s)]
+        if self.settle_s > 0:  # the measured part only, as the benchmark's LoadRun.records
+            from dsjax.bench.sweep import settled_index
+
+            k0 = settled_index(offsets_s, self.settle_s)
+            full = self.result_all(requests, offsets_s)
+            return dataclasses.replace(full, ttft_s=full.ttft_s[k0:], tpot_s=full.tpot_s[k0:])
+        return self.result_all(requests, offsets_s)
+
+    def result_all(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
+        """`result` of every request, the settling ones included."""
         trace = Trace(
             arrival_s=np.asarray(offsets_s, dtype=np.float64),
             prompt_len=np.array([r.prompt_len for r in requests]),

@@ -9,6 +9,7 @@ pattern is one seeded sequence of unit-rate gaps divided by the rate (`loadgen.s
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import time
@@ -49,6 +50,10 @@ class SweepConfig:
     # run sends the whole sample.
     duration_s: float = 0.0
     min_requests: int = 1
+    # The first settle_s seconds of each run's schedule load the server but are not measured
+    # (LoadRun.measured_from): attainment is that of a server in its steady state, not of one
+    # whose queues are still filling. Bisection probes then run in full (no early stop).
+    settle_s: float = 0.0
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
@@ -65,10 +70,17 @@ class SweepConfig:
             raise ValueError(f"probe_s={self.probe_s} must be >= 0")
         if self.duration_s < 0 or self.min_requests < 1:
             raise ValueError(f"duration_s={self.duration_s} must be >= 0 and min_requests={self.min_requests} >= 1")
+        if self.settle_s < 0 or (self.settle_s and self.settle_s >= self.duration_s):
+            raise ValueError(f"settle_s={self.settle_s} must be >= 0 and below duration_s={self.duration_s}")
 
     def requests_at(self, rate: float, available: int) -> int:
         """How many of `available` requests a run at `rate` sends."""
         return requests_at(rate, available, duration_s=self.duration_s, min_requests=self.min_requests)
+
+
+def settled_index(offsets_s: Sequence[float], settle_s: float) -> int:
+    """The first request scheduled at or after `settle_s` (offsets ascending): the first measured."""
+    return bisect.bisect_left(list(offsets_s), settle_s)
 
 
 def requests_at(rate: float, available: int, *, duration_s: float, min_requests: int = 1) -> int:
@@ -142,6 +154,10 @@ def sweep_target(
             probe_windows[rate] = (start, time.time())
         m = config.requests_at(rate, n)
         offsets = send_schedule(m, rate=rate, arrival=config.arrival, cv=config.cv, seed=config.seed)
+        if config.settle_s > 0:
+            run = run_load(target, requests[:m], offsets, rate=rate, stop_rule=None, timeout_s=config.timeout_s,
+                           connect_timeout_s=config.connect_timeout_s, progress=progress, tag=f"{label}-{rate:.4g}")
+            return dataclasses.replace(run, measured_from=settled_index(offsets, config.settle_s))
         return run_load(target, requests[:m], offsets, rate=rate, stop_rule=stop_rule if early_stop and config.early_stop else None,
                         timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
                         tag=f"{label}-{rate:.4g}")

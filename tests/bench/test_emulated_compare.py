@@ -10,6 +10,7 @@ from dsjax.bench.cli import main
 from dsjax.bench.emucompare import emulated_compare, resolve_slos
 from dsjax.bench.emulated_setup import EmulatedCluster, plan_systems, server_argv
 from dsjax.engine.placement import Placement
+from dsjax.planner.latency import load_profile
 from dsjax.serve import parse_args, placement_from_args
 
 # OPT-13B shaped like DistServe's A100 fit, 10x faster: a test run's requests take milliseconds.
@@ -67,7 +68,7 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
                "--workload", "humaneval", "--devices", "2", "--num-requests", "6", "--source-limit", "20",
                "--baseline-profile", str(write_profile(tmp_path / "vllm.json", slower=1.5)),
                "--systems", "disaggregated,vllm",
-               "--rates", "20,40,60,80,100", "--max-bisections", "0", "--ttft", "0.1", "--tpot", "0.02",
+               "--rates", "20,40,60,80,100", "--max-bisections", "0", "--settle-seconds", "0", "--ttft", "0.1", "--tpot", "0.02",
                "--no-progress", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -112,8 +113,13 @@ def test_runs_last_the_same_time_at_every_rate(tmp_path):
         scan_rates(0.0, (1.0,))
     ec = emulated_compare(quick=True, cluster=EmulatedCluster(profile_path=tmp_path / "p.json", model="opt-13b",
                                                               devices=8), out=tmp_path)
-    assert ec.run_seconds == 30.0 and len(ec.compare.rates_factors) == 3
-    assert emulated_compare(quick=False, cluster=ec.cluster, out=tmp_path).run_seconds == 60.0
+    # HumanEval on OPT-66B: ~97 output tokens at a 0.2 s TPOT SLO, a lifetime of ~9.7 s
+    assert ec.run_length(97.0, 0.2) == pytest.approx((14.55, 34.55), abs=0.06) and len(ec.compare.rates_factors) == 3
+    assert emulated_compare(quick=False, cluster=ec.cluster, out=tmp_path).run_length(97.0, 0.2) == pytest.approx((19.4, 79.4), abs=0.06)
+    assert emulated_compare(quick=True, cluster=ec.cluster, out=tmp_path, run_seconds=50.0,
+                            settle_s=10.0).run_length(97.0, 0.2) == (10.0, 50.0)
+    with pytest.raises(ValueError, match="below run_seconds"):
+        emulated_compare(quick=True, cluster=ec.cluster, out=tmp_path, run_seconds=5.0, settle_s=10.0).run_length(97.0, 0.2)
 
 
 def test_vllm_system_needs_a_baseline_profile(tmp_path):
@@ -125,3 +131,38 @@ def test_vllm_system_needs_a_baseline_profile(tmp_path):
     plans = plan_systems(slower, HUMANEVAL_LENGTHS, SLOs(ttft_s=0.05, tpot_s=0.02), ("colocated", "vllm"))
     assert plans["vllm"].placement.mode == "colocated"
     assert plans["vllm"].planner_goodput < plans["colocated"].planner_goodput  # slower kernels serve less
+
+
+def test_settling_requests_are_load_not_measured(tmp_path):
+    """The first settle_s seconds of a run are not measured, by the benchmark (LoadRun.records)
+    and by the simulator replaying it (TraceSimulator.settle_s) alike."""
+    from dsjax.bench.loadgen import send_schedule
+    from dsjax.bench.records import BenchRequest, LoadRun, RequestResult
+    from dsjax.bench.metrics import RequestRecord
+    from dsjax.bench.simcompare import TraceSimulator
+    from dsjax.bench.sweep import SweepConfig, settled_index
+
+    assert settled_index([0.0, 0.5, 1.0, 1.5], 1.0) == 2 and settled_index([0.0, 0.5], 9.0) == 2
+    with pytest.raises(ValueError, match="settle_s"):
+        SweepConfig(rates=(1.0,), duration_s=10.0, settle_s=10.0)
+    results = tuple(RequestResult(index=i, request_id=str(i), scheduled_s=float(i), breakdown=None, server_ttft_s=None,
+                                  finish_reason="length",
+                                  record=RequestRecord(send_s=float(i), token_times_s=(i + 0.1,), prompt_len=4, output_len=1))
+                    for i in range(5))
+    run = LoadRun(rate=1.0, results=results, wall_s=5.0, stopped_early=False, send_lag_p99_s=0.0, send_lag_max_s=0.0,
+                  measured_from=2)
+    assert [r.send_s for r in run.records] == [2.0, 3.0, 4.0] and len(run.results) == 5
+    cluster = EmulatedCluster(profile_path=write_profile(tmp_path / "p.json"), model="opt-13b", devices=2)
+    plan = plan_systems(cluster, HUMANEVAL_LENGTHS, SLOs(ttft_s=0.05, tpot_s=0.02), ("colocated",))["colocated"]
+    sim = TraceSimulator(system="colocated", profile=load_profile(cluster.profile_path), model="opt-13b",
+                         slos=SLOs(ttft_s=0.05, tpot_s=0.02), max_num_seqs=256, max_prefill_tokens=1024,
+                         placement=plan.placement, config=cluster.sim_config(), memory=cluster.memory())
+    reqs = [BenchRequest(index=i, prompt_len=p, output_len=o, prompt_text="x" * p) for i, (p, o) in
+            enumerate(HUMANEVAL_LENGTHS[:60])]
+    offsets = send_schedule(60, rate=30.0, seed=0)
+    whole = sim.result(reqs, offsets)
+    sim.settle_s = 1.0
+    part = sim.result(reqs, offsets)
+    k0 = settled_index(offsets, 1.0)
+    assert 0 < k0 < 60 and part.num_requests == 60 - k0
+    assert list(part.ttft_s) == list(whole.ttft_s[k0:]) and sim.result_all(reqs, offsets).num_requests == 60
