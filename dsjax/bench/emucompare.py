@@ -52,7 +52,7 @@ MIN_FIDELITY_RATES = 5
 # seconds load the server without being measured (its queues fill), then `measure` seconds are
 # measured. Near its capacity a server's queues grow slowly, so short runs flatter every system
 # (docs/results.md, "Run length"); the full run is the longer of the two.
-QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S = 1.5, 2.0, 20.0
+QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S = 1.0, 2.0, 20.0
 FULL_SETTLE_LIFETIMES, FULL_MEASURE_LIFETIMES, FULL_MIN_MEASURE_S = 2.0, 4.0, 60.0
 MIN_RUN_REQUESTS = 100
 

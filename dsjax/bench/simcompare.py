@@ -99,9 +99,6 @@ class TraceSimulator:
     def result(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
         """The simulator's `SimResult` (per-request TTFT and TPOT) of these requests sent at these
         offsets (the first len(offsets_s) requests: a run of sweep.requests_at sends a prefix)."""
-        if len(offsets_s) > len(requests):
-            raise ValueError(f"{len(offsets_s)} send offsets for {len(requests)} requests")
-        requests = requests[:len(offsets_s)]
         if self.settle_s > 0:  # the measured part only, as the benchmark's LoadRun.records
             from dsjax.bench.sweep import settled_index
 
@@ -112,6 +109,9 @@ class TraceSimulator:
 
     def result_all(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
         """`result` of every request, the settling ones included."""
+        if len(offsets_s) > len(requests):
+            raise ValueError(f"{len(offsets_s)} send offsets for {len(requests)} requests")
+        requests = requests[:len(offsets_s)]
         trace = Trace(
             arrival_s=np.asarray(offsets_s, dtype=np.float64),
             prompt_len=np.array([r.prompt_len for r in requests]),
