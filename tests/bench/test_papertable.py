@@ -41,3 +41,14 @@ def test_a_cpu_compare_output_is_refused(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"config": {}}))
     assert main(["paper-table", str(tmp_path)]) == 2
     assert "not a `compare --emulate` output" in capsys.readouterr().err
+
+
+def test_a_baseline_that_passed_every_rate_is_a_bound(tmp_path, capsys):
+    d = _summary(tmp_path / "lb", disagg=0.34, colo=0.28, vllm=0.2, planner={"disaggregated": 0.33, "colocated": 0.24,
+                                                                             "vllm": 0.17})
+    doc = json.loads((d / "summary.json").read_text())
+    doc["systems"]["colocated"]["saturated"] = True
+    (d / "summary.json").write_text(json.dumps(doc))
+    assert main(["paper-table", str(d)]) == 0
+    text = capsys.readouterr().out
+    assert "≥0.28 (0.24)" in text and "≤1.21×" in text and "| 1.70×" in text
