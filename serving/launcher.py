@@ -296,6 +296,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv += ["--step-log", args.step_log]
     if args.warmup_shapes:
         argv.append("--warmup-shapes")
+    if getattr(args, "stream_interval_ms", 0) > 0:  # decode workers batch their streams' later tokens
+        argv += ["--stream-interval-ms", repr(args.stream_interval_ms)]
     if args.tls_dir:
         argv += ["--tls-dir", os.path.abspath(args.tls_dir)]
     return argv
