@@ -14,14 +14,15 @@ CPU can break the SLOs:
    (x`--rate-step` from `--start-rate`, or `--rates`), each for `--duration` seconds, until the
    joint SLO attainment drops below the target; then `--bisections` probes between the last
    passing and the first failing rate. No stream interval (every token is a message) unless
-   `--stream-interval-ms`.
+   `--stream-interval-ms` (with worker processes the decode workers hold the tokens).
 3. Each rate: attainment, throughput, the simulator's attainment on the same trace (the devices
    alone), the added latency (dsjax/bench/capacity_stats.py: client TTFT / TPOT minus the
-   simulator's, p50 / p90 / p99, TTFT split engine / router / client), and the CPU cores used by
-   every process (router, each worker, the client, the rest of the machine).
+   simulator's, p50 / p90 / p99, TTFT split engine / router / client), the CPU cores used by
+   every process (router, each worker, the client, the rest of the machine; in process the
+   "router" is the whole server) and CPU microseconds per output token.
 4. The capacity: the highest rate whose attainment reached the target. At that rate, one more run
-   of `--profile-seconds` with py-spy sampling the router (where its time goes), and the CPU of
-   each of its threads.
+   of `--profile-seconds` with py-spy sampling the router (where its time goes), the CPU of each
+   of its threads, its user / system split and its context switches.
 5. out/: summary.json (config, machine, rows, capacity, profile), summary.md, capacity.png,
    requests-<rate>.jsonl, logs/ (the server's log and plan).
 

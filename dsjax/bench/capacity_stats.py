@@ -286,27 +286,31 @@ def markdown(s: dict[str, Any]) -> str:
              f"Limit: {s['limit']}", "",
              "| req/s | attain. | devices alone | tok/s | added TTFT p50/p99 ms | added TPOT p50/p99 ms | router | "
              "prefill w. | decode w. | client | other | machine | router, workers µs/token |", "|" + "---|" * 13]
+    groups = ("router", "prefill workers", "decode workers", "client", "other processes")
     for r in s["rows"]:
         g, o = r["cpu"]["groups"], r["overhead"]
-        lines.append(f"| {r['rate']:g} | {100 * r['attainment_joint']:.1f} | {100 * o['sim_attainment']:.1f} | "
-                     f"{r['output_token_rate']:.0f} | {fmt_pcts(o['ttft_overhead_ms'])} | {fmt_pcts(o['tpot_overhead_ms'])} | "
-                     + " | ".join(f"{g.get(k, 0):.2f}" for k in ("router", "prefill workers", "decode workers", "client",
-                                                               "other processes")) + f" | {r['cpu']['machine_busy']:.2f} | {_per_token(r)} |")
+        cells = [f"{r['rate']:g}", f"{100 * r['attainment_joint']:.1f}", f"{100 * o['sim_attainment']:.1f}",
+                 f"{r['output_token_rate']:.0f}", fmt_pcts(o["ttft_overhead_ms"]), fmt_pcts(o["tpot_overhead_ms"]),
+                 *(f"{g.get(k, 0):.2f}" for k in groups), f"{r['cpu']['machine_busy']:.2f}", _per_token(r)]
+        lines.append("| " + " | ".join(cells) + " |")
     prof = s.get("router_profile") or {}
     spy = prof.get("pyspy")
+
+    def listed(title: str, pairs: list) -> list[str]:
+        return ["", title, ""] + [f"- {k}: {100 * v:.1f}%" for k, v in pairs]
+
     if isinstance(spy, dict) and spy["samples"]:
-        lines += ["", f"Router at {prof['rate']:g} req/s, py-spy --gil ({spy['samples']} samples; the GIL held "
-                      f"{100 * (spy['gil_held_fraction'] or 0):.0f}% of the time; py-spy itself used "
-                      f"{prof.get('pyspy_cores', 0):.2f} cores, that run's attainment "
-                      f"{100 * prof['row']['attainment_joint']:.1f}%), self time by file:", ""]
-        lines += [f"- {k}: {100 * v:.1f}%" for k, v in spy["self_by_file"][:10]]
-        lines += ["", "Inclusive time by function:", ""] + [f"- {k}: {100 * v:.1f}%" for k, v in spy["inclusive_by_function"][:12]]
-        lines += ["", "Inclusive time in the project's code:", ""] + [f"- {k}: {100 * v:.1f}%" for k, v in spy["inclusive_project"][:10]]
+        lines += listed(f"Router at {prof['rate']:g} req/s, py-spy --gil ({spy['samples']} samples; the GIL held "
+                        f"{100 * (spy['gil_held_fraction'] or 0):.0f}% of the time; py-spy itself used "
+                        f"{prof.get('pyspy_cores', 0):.2f} cores, that run's attainment "
+                        f"{100 * prof['row']['attainment_joint']:.1f}%), self time by file:", spy["self_by_file"][:10])
+        lines += listed("Inclusive time by function:", spy["inclusive_by_function"][:12])
+        lines += listed("Inclusive time in the project's code:", spy["inclusive_project"][:10])
     if prof.get("thread_cores"):
-        lines += ["", "Router threads (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in list(prof["thread_cores"].items())[:8])
-                  + f"; user {prof['router_user_cores']:.2f} + system {prof['router_system_cores']:.2f} cores; "
-                  f"{prof['router_context_switches_per_s']} context switches/s "
-                  f"({prof['router_context_switches_per_token']} per output token)"]
+        threads = ", ".join(f"{k} {v:.2f}" for k, v in list(prof["thread_cores"].items())[:8])
+        lines += ["", f"Router threads (cores): {threads}; user {prof['router_user_cores']:.2f} + system "
+                      f"{prof['router_system_cores']:.2f} cores; {prof['router_context_switches_per_s']} context "
+                      f"switches/s ({prof['router_context_switches_per_token']} per output token)"]
     return "\n".join(lines) + "\n"
 
 
