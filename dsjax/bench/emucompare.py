@@ -9,9 +9,9 @@
 2. One seeded sample of the real workload at full length (scale 1), sent identically to every
    system; the SLOs given, or DistServe's Table 1 values for the (model, workload).
 3. Each system in turn: one `python -m dsjax.serve --emulate` server (the real router, scheduler,
-   block manager; every prefill and decode priced by the profile and slept), a rate scan (the same
-   rates for every system, around the simulator's goodputs; >= 5 of them, all run in full) and a
-   goodput bisection.
+   block manager; every prefill and decode priced by the profile and slept), a rate scan around
+   that system's planner goodput (all run in full) and a goodput bisection. Every run lasts the
+   same time at any rate, its first part settling the server unmeasured (`run_length`).
 4. The simulator replays every measured run (same requests, same send times, same placement and
    scheduler limits). With emulated devices there is no step-time noise to explain: a gap is a
    difference between the simulator's model of the scheduler and the real one.
@@ -183,9 +183,9 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
                          cluster.profile_path, sorted({r for rs in rates.values() for r in rs}), started, regime=None)
     for f in summary["fidelity"]:
         run = sweeps[f["system"]].run_at(f["rate"])
-        sim = sims[f["system"]]
-        f.update(ttft_decomposition(run, sim.result_all(requests, schedule(f["rate"])), slos,
-                                    sim.result(requests, schedule(f["rate"])).attainment))
+        sim, offsets = sims[f["system"]], schedule(f["rate"])
+        full = sim.result_all(requests, offsets)  # one replay serves both the split and the attainment
+        f.update(ttft_decomposition(run, full, slos, sim.measured_part(full, offsets).attainment))
     summary.update(emulation_summary(summary, cluster, plans, search_s))
     summary["emulation"].update(run_seconds=run_s, settle_s=settle_s)
     summary["wall_s"] = time.perf_counter() - t_start
@@ -211,7 +211,8 @@ def _search_lengths(cfg: CompareConfig) -> list[tuple[int, int]]:
 
 
 def ttft_decomposition(run, sim, slos: SLOs, sim_attainment: float | None = None) -> dict[str, Any]:
-    """Where a run's TTFTs part from the simulator's (`sim`: its SimResult on the same trace), per
+    """Where a run's TTFTs part from the simulator's (`sim`: its SimResult of every request of the
+    same trace, settling ones included; `sim_attainment`: the measured part's), per
     request, in ms (p50 / p90): the engine (the server's queue + prefill, from the router's submit
     to the first token) minus the simulator; the router (its first-token time minus the engine's);
     the client (its receive time minus the router's). And `engine_side_attainment`: the run's

@@ -99,13 +99,17 @@ class TraceSimulator:
     def result(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
         """The simulator's `SimResult` (per-request TTFT and TPOT) of these requests sent at these
         offsets (the first len(offsets_s) requests: a run of sweep.requests_at sends a prefix)."""
-        if self.settle_s > 0:  # the measured part only, as the benchmark's LoadRun.records
-            from dsjax.bench.sweep import settled_index
+        return self.measured_part(self.result_all(requests, offsets_s), offsets_s)
 
-            k0 = settled_index(offsets_s, self.settle_s)
-            full = self.result_all(requests, offsets_s)
-            return dataclasses.replace(full, ttft_s=full.ttft_s[k0:], tpot_s=full.tpot_s[k0:])
-        return self.result_all(requests, offsets_s)
+    def measured_part(self, full, offsets_s: Sequence[float]):
+        """Of `result_all`'s SimResult, the requests the benchmark measures (LoadRun.records):
+        those scheduled from `settle_s` on."""
+        if self.settle_s <= 0:
+            return full
+        from dsjax.bench.sweep import settled_index
+
+        k0 = settled_index(offsets_s, self.settle_s)
+        return dataclasses.replace(full, ttft_s=full.ttft_s[k0:], tpot_s=full.tpot_s[k0:])
 
     def result_all(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
         """`result` of every request, the settling ones included."""
