@@ -16,11 +16,13 @@ untrusted networks need.
 from __future__ import annotations
 
 import hmac
+import inspect
 import os
 import secrets
 from typing import Callable
 
 import grpc
+import grpc.aio
 
 from serving.proto import GENERATION_SERVICE
 
@@ -46,8 +48,18 @@ def cluster_token(*, create: bool = False) -> str:
 def _deny_like(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that refuses the call."""
 
-    def deny(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    behavior = next(b for b in (handler.unary_unary, handler.unary_stream, handler.stream_unary, handler.stream_stream)
+                    if b is not None)
+    if inspect.isasyncgenfunction(behavior):  # on an aio server the refusal keeps the handler's kind
+        async def deny(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # never reached: makes this an async generator
+    elif inspect.iscoroutinefunction(behavior):
+        async def deny(request_or_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    else:
+        def deny(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
@@ -89,21 +101,58 @@ class ParseGuard(grpc.ServerInterceptor):
         parse, method = handler.request_deserializer, handler_call_details.method
         behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
 
-        def parsed(raw: bytes, context):
+        def request_of(raw: bytes):  # (request, None) or (None, the refusal's message)
             try:
-                request = parse(raw)
+                return parse(raw), None
             except Exception as e:  # protobuf's DecodeError names the message type
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid message of its "
-                                                                f"type (strings must be UTF-8): {e}")
-            return behavior(request, context)
+                return None, f"{method}: the request is not a valid message of its type (strings must be UTF-8): {e}"
+
+        # The wrapper keeps the behaviour's kind: an aio server runs async generators and coroutines
+        # on its loop, plain functions in its thread pool.
+        if inspect.isasyncgenfunction(behavior):
+            async def parsed(raw: bytes, context):
+                request, refusal = request_of(raw)
+                if refusal is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+                async for response in behavior(request, context):
+                    yield response
+        elif inspect.iscoroutinefunction(behavior):
+            async def parsed(raw: bytes, context):
+                request, refusal = request_of(raw)
+                if refusal is not None:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+                return await behavior(request, context)
+        else:
+            def parsed(raw: bytes, context):
+                request, refusal = request_of(raw)
+                if refusal is not None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+                return behavior(request, context)
 
         make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
         return make(parsed, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
+class AioInterceptor(grpc.aio.ServerInterceptor):
+    """One of the interceptors above on an asyncio server (the router's public server): they only
+    look at the call's details and the handler, so the sync logic serves both kinds of server."""
+
+    def __init__(self, inner: grpc.ServerInterceptor):
+        self._inner = inner
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        return self._inner.intercept_service(lambda _details: handler, handler_call_details)
+
+
 def server_interceptors(*guards: MetadataGuard | None) -> list[grpc.ServerInterceptor]:
     """A dsjax server's interceptors: the credential checks given (None: not set), then `ParseGuard`."""
     return [*(g for g in guards if g is not None), ParseGuard()]
+
+
+def aio_server_interceptors(*guards: MetadataGuard | None) -> list[grpc.aio.ServerInterceptor]:
+    """`server_interceptors` for an asyncio server."""
+    return [AioInterceptor(i) for i in server_interceptors(*guards)]
 
 
 def cluster_guard(token: str) -> MetadataGuard:

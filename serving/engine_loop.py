@@ -83,7 +83,7 @@ class Outbox:
         if waker is not None:
             waker()
 
-    def set_waker(self, waker: Callable[[], None]) -> None:
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
         """Call `waker()` after every later put, on the writer's thread: for a reader that waits in
         an event loop (`drain` then sleeps until woken) instead of blocking a thread in `__iter__`."""
         self._waker = waker
@@ -110,6 +110,11 @@ class Outbox:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def final_put(self) -> bool:
+        """A finish or an error has been put (set before the waker runs)."""
+        return self._final.is_set()
 
     # Seconds a reader holds later tokens after sending some (--stream-interval-ms; 0: none, each
     # step's tokens leave at once). The first token and the finish are never held, so TTFT and

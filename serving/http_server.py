@@ -10,9 +10,9 @@ admission queue and backend as gRPC `Generate`. Its statuses map to HTTP: INVALI
 RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, others 500, with OpenAI's error body; an unknown model is
 404, a missing or wrong `--api-key` 401.
 
-Threads: uvicorn serves the app from one thread. An in-process backend's outbox wakes that
-thread's event loop directly; a remote backend's blocking stream is pumped by a thread per request
-into an asyncio queue. When a streaming client disconnects, the response is closed (or its
+Threads: uvicorn serves the app from one thread; streams are read on its event loop
+(serving/stream_reader.py: an in-process backend's outbox wakes the loop directly, a remote
+backend's blocking stream is pumped by a thread per request). When a streaming client disconnects, the response is closed (or its
 watcher notices) and cancels the request on the backend, which frees its KV.
 """
 
@@ -35,13 +35,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import openai_protocol as oai
+from serving import stream_reader
 from serving.generation import GenerateError, Generation, GenerateStream, Output
 
 log = logging.getLogger(__name__)
 
 HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.ALREADY_EXISTS: 409,
                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503}
-_DONE = object()  # end of a pumped stream
 _NAMED_FIELD = re.compile(r"^(\w+)=")
 DISCONNECT_POLL_S = 0.5  # while no token comes, how often a waiting response checks for its client
 
@@ -59,88 +59,17 @@ def _from_generate_error(e: GenerateError) -> JSONResponse:
     return _error(status, e.message, kind=kind, code=e.code.name.lower())
 
 
-def _pump(stream: GenerateStream, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-    """Thread body for a backend without an outbox (the remote one): every output, or the
-    GenerateError that ended the stream, onto `queue`, then _DONE."""
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shut down): stop generating
-            stream.cancel()
-
-    try:
-        for out in stream:
-            put(out)
-    except GenerateError as e:
-        put(e)
-    except Exception as e:  # never leave the response waiting
-        log.exception("stream %s failed", stream.request_id)
-        put(GenerateError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
-    finally:
-        put(_DONE)
-
-
 async def _outputs(stream: GenerateStream, request: Request) -> AsyncIterator[Output]:
-    """The stream's outputs on the event loop; raises its GenerateError. Leaving early (closed by
-    the caller, or the client found gone) cancels the request everywhere.
-
-    With an in-process backend the outbox wakes the loop directly (its writer, the engine
-    thread, sets an asyncio event) and the events are turned into outputs here; otherwise a
-    thread per request pumps the blocking stream into a queue."""
-    outbox = getattr(stream.handle, "outbox", None)
-    wake = asyncio.Event()
-    watcher = asyncio.create_task(_cancel_when_gone(request, stream, wake))
+    """The stream's outputs on the event loop (serving/stream_reader.py); raises its GenerateError.
+    Leaving early (closed by the caller, or the client found gone) cancels the request everywhere."""
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_cancel_when_gone(request, stream, gone))
     try:
-        if outbox is None:
-            async for out in _pumped(stream, wake):
+        async with contextlib.aclosing(stream_reader.outputs(stream, gone)) as outs:
+            async for out in outs:
                 yield out
-            return
-        loop = asyncio.get_running_loop()
-
-        def waker() -> None:
-            try:
-                loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # the loop is gone (server shutting down)
-                pass
-
-        outbox.set_waker(waker)
-        while not stream.finished:
-            for event in outbox.drain():
-                if (out := stream.on_event(event)) is not None:
-                    yield out
-                if stream.finished:
-                    return
-            if watcher.done():  # the client left
-                return
-            await wake.wait()
-            wake.clear()
     finally:
         watcher.cancel()
-        stream.close()  # cancels what still runs, gives the admission slot back
-
-
-async def _pumped(stream: GenerateStream, wake: asyncio.Event) -> AsyncIterator[Output]:
-    """The outputs of a stream without an outbox, pumped by a thread; ends when `wake` is set."""
-    queue: asyncio.Queue = asyncio.Queue()
-    threading.Thread(target=_pump, args=(stream, asyncio.get_running_loop(), queue),
-                     name=f"http-{stream.request_id}", daemon=True).start()
-    gone = asyncio.ensure_future(wake.wait())
-    try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait([getter, gone], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the client left
-                getter.cancel()
-                return
-            item = getter.result()
-            if item is _DONE:
-                return
-            if isinstance(item, GenerateError):
-                raise item
-            yield item
-    finally:
-        gone.cancel()
 
 
 async def _cancel_when_gone(request: Request, stream: GenerateStream, wake: asyncio.Event) -> None:

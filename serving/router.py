@@ -8,23 +8,28 @@ A request's path through the router:
     stream   token events -> GenerateResponse, detokenized incrementally; stop strings cut here
     finish   last message carries finish_reason and the latency breakdown
 
-The client's cancellation or deadline fires the RPC's termination callback, which cancels the
-backend handle: the request is aborted on every instance that holds it.
+The server is asyncio (grpc.aio): an open stream is a coroutine on the router's loop, not a
+thread. The client's cancellation or deadline cancels that coroutine, which cancels the backend
+handle: the request is aborted on every instance that holds it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from concurrent import futures
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from models.config import ModelConfig
 from serving.backend import Backend
-from serving.cluster_auth import api_key_guard, cluster_guard, server_interceptors
+from serving import stream_reader
+from serving.cluster_auth import aio_server_interceptors, api_key_guard, cluster_guard
 from serving.generation import GenerateError, Generation
 from serving.messages import FINISH_TO_PROTO
 from serving.prometheus import ServingMetrics
@@ -39,30 +44,34 @@ log = logging.getLogger(__name__)
 
 
 class GenerationServicer(dsjax_pb2_grpc.GenerationServicer):
-    """`Generate` over gRPC: the shared `Generation` path, its outputs as `GenerateResponse`s."""
+    """`Generate` over gRPC: the shared `Generation` path, its outputs as `GenerateResponse`s. An
+    async generator on the router's event loop (serving/stream_reader.py): an open stream costs a
+    coroutine, not a thread."""
 
     def __init__(self, generation: Generation):
         self.generation = generation
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):  # noqa: N802 (gRPC naming)
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802 (gRPC naming)
         try:
             stream = self.generation.start(request)
         except GenerateError as e:
-            context.abort(e.code, e.message)
-        context.add_callback(stream.cancel)  # client cancel or deadline: abort everywhere
+            await context.abort(e.code, e.message)
         timing = pb.Timing(arrival_time=stream.arrival)
-        try:
-            for out in stream:
-                timing.first_token_time, timing.time = out.first_token_time, out.time
-                msg = pb.GenerateResponse(request_id=stream.request_id, token_ids=out.token_ids, text=out.text,
-                                          timing=timing)
-                if out.finish_reason is not None:
-                    msg.finish_reason = FINISH_TO_PROTO[out.finish_reason]
-                    if out.breakdown is not None:
-                        msg.breakdown.CopyFrom(_breakdown_proto(out.breakdown))
-                yield msg
-        except GenerateError as e:
-            context.abort(e.code, e.message)
+        # The client's cancel or deadline cancels this coroutine; leaving the reader then aborts the
+        # request on every instance (stream.close()).
+        async with contextlib.aclosing(stream_reader.outputs(stream)) as outputs:
+            try:
+                async for out in outputs:
+                    timing.first_token_time, timing.time = out.first_token_time, out.time
+                    msg = pb.GenerateResponse(request_id=stream.request_id, token_ids=out.token_ids, text=out.text,
+                                              timing=timing)
+                    if out.finish_reason is not None:
+                        msg.finish_reason = FINISH_TO_PROTO[out.finish_reason]
+                        if out.breakdown is not None:
+                            msg.breakdown.CopyFrom(_breakdown_proto(out.breakdown))
+                    yield msg
+            except GenerateError as e:
+                await context.abort(e.code, e.message)
 
 
 def _breakdown_proto(bd: dict) -> pb.LatencyBreakdown:
@@ -84,7 +93,10 @@ class RouterServer:
     """The router's gRPC server: Generation, Admin, health (NOT_SERVING until the backend is
     ready) and reflection; `extra_servicers` adds more (the worker registry in processes mode).
     With `credentials` the port is TLS (the public API's certificate); `admin=False` leaves Admin
-    to the cluster's own listener (serving/channels.py InternalServer)."""
+    to the cluster's own listener (serving/channels.py InternalServer).
+
+    It is a grpc.aio server on an event loop of its own thread: `Generate` streams are coroutines
+    there; the plain servicers (Admin, the registry, health) run in its thread pool."""
 
     def __init__(self, backend: Backend, tokenizer, config: ModelConfig, *, port: int, host: str = "127.0.0.1",
                  limits: Limits = Limits(), max_pending: int = 256, metrics: ServingMetrics | None = None,
@@ -93,12 +105,26 @@ class RouterServer:
         self.backend = backend
         self.metrics = metrics or ServingMetrics(backend.instances)
         self.generation = Generation(backend, tokenizer, config, limits=limits, max_pending=max_pending, metrics=self.metrics)
-        max_message = max(64 << 20, 4 * limits.max_request_bytes)  # over it gRPC itself answers RESOURCE_EXHAUSTED
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_pending + 32, thread_name_prefix="router"),
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="router-loop", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._build(
+                host, port, credentials, max_message=max(64 << 20, 4 * limits.max_request_bytes),
+                interceptors=aio_server_interceptors(api_key_guard(api_key) if api_key else None,
+                                                     cluster_guard(cluster_token) if cluster_token else None),
+                extra_servicers=extra_servicers, admin=admin))
+        except BaseException:
+            self._close_loop()
+            raise
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._watch_health, name="router-health", daemon=True)
+
+    async def _build(self, host, port, credentials, *, max_message, interceptors, extra_servicers, admin) -> int:
+        self.server = grpc.aio.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="router"),
             # Generate needs the API key (when set); Registry and Admin the cluster token (when set).
-            interceptors=server_interceptors(api_key_guard(api_key) if api_key else None,
-                                             cluster_guard(cluster_token) if cluster_token else None),
+            interceptors=interceptors,
             # Workers ping the router (registry heartbeats over kept-alive channels): without these
             # permits the server answers GOAWAY "too_many_pings" and healthy workers get dropped.
             options=[("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
@@ -107,7 +133,7 @@ class RouterServer:
         )
         dsjax_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.generation), self.server)
         if admin:
-            worker_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), self.server)
+            worker_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.backend), self.server)
         for add, servicer in extra_servicers:
             add(servicer, self.server)
         self.health = health.HealthServicer()
@@ -116,15 +142,24 @@ class RouterServer:
         reflection.enable_server_reflection([GENERATION_SERVICE, *admin_name, health.SERVICE_NAME, reflection.SERVICE_NAME],
                                             self.server)
         address = f"{host}:{port}"
-        self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
-        if self.port == 0:
+        try:
+            bound = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
             raise RuntimeError(f"could not bind the router to {host}:{port}")
-        self._stop = threading.Event()
-        self._watch = threading.Thread(target=self._watch_health, name="router-health", daemon=True)
+        return bound
+
+    def _on_loop(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5.0)
 
     def start(self) -> "RouterServer":
         self._set_health(bool(self.backend.ready()))
-        self.server.start()
+        self._on_loop(self.server.start())
         self._watch.start()
         return self
 
@@ -143,9 +178,14 @@ class RouterServer:
                 last = ok
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self._on_loop(self.server.wait_for_termination())
 
     def stop(self, grace: float = 2.0) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        try:
+            self._on_loop(self.server.stop(grace), timeout=grace + 10.0)
+        finally:
+            self._close_loop()

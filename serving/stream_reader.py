@@ -1,0 +1,142 @@
+"""Reading a `GenerateStream` on an asyncio event loop: the one way both fronts (gRPC `Generate`
+on the router's aio server, the OpenAI HTTP API under uvicorn) turn a request's backend events into
+outputs without a thread per open stream.
+
+    async with contextlib.aclosing(outputs(stream, gone)) as outs:
+        async for out in outs:          # Output pieces; raises the stream's GenerateError
+            ...
+
+Two kinds of handle:
+- one with an `outbox` (the in-process backends): its writer, an engine thread, wakes the loop
+  through a waker; the events are turned into outputs here, on the loop. With a stream interval
+  (`Outbox.stream_interval_s`, `--stream-interval-ms`) the reader holds later tokens after sending
+  some: during the hold the waker is muted for token events (a finish or an error still wakes it),
+  so hundreds of open streams do not wake the loop at every engine step.
+- one without (the remote backend, whose `events()` blocks on worker calls): a thread per request
+  pumps it into an asyncio queue.
+
+`gone` (optional) is set by the caller when the client left: the reader stops. Leaving the reader,
+for whatever reason, closes the stream: it cancels what still runs on the backend (freeing its KV)
+and gives the admission slot back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from serving.engine_loop import Outbox, TokenEvent
+from serving.generation import GenerateError, GenerateStream, Output
+
+log = logging.getLogger(__name__)
+
+_DONE = object()  # end of a pumped stream
+
+
+async def outputs(stream: GenerateStream, gone: asyncio.Event | None = None) -> AsyncIterator[Output]:
+    """The stream's outputs on the running loop (see the module docstring); closes it when left."""
+    gone = gone if gone is not None else asyncio.Event()
+    try:
+        outbox = getattr(stream.handle, "outbox", None)
+        reader = _pumped(stream, gone) if outbox is None else _from_outbox(stream, outbox, gone)
+        async for out in reader:
+            yield out
+    finally:
+        stream.close()
+
+
+async def _from_outbox(stream: GenerateStream, outbox: Outbox, gone: asyncio.Event) -> AsyncIterator[Output]:
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    holding = False  # read by the writer's thread: a bool swap is atomic under the GIL
+
+    def waker() -> None:  # on the engine thread, after every put
+        if holding and not outbox.final_put:
+            return  # a token during a hold: it waits in the outbox until the hold ends
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            pass
+
+    gone_task = asyncio.ensure_future(gone.wait())
+    gone_task.add_done_callback(lambda _: wake.set())
+    outbox.set_waker(waker)
+    interval = outbox.stream_interval_s
+    try:
+        while not gone.is_set():
+            wake.clear()
+            events = outbox.drain()
+            if not events:
+                await wake.wait()
+                continue
+            sent_tokens = False
+            for event in events:
+                if (out := stream.on_event(event)) is not None:
+                    yield out
+                    sent_tokens = sent_tokens or isinstance(event, TokenEvent)
+                if stream.finished:
+                    return
+            if interval > 0 and sent_tokens and not gone.is_set():
+                # Hold: sleep out the interval unless a finish, an error or the client's leaving wakes us.
+                holding = True
+                wake.clear()
+                deadline = time.monotonic() + interval
+                try:
+                    if not outbox.final_put:
+                        await asyncio.wait_for(wake.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    holding = False
+    finally:
+        outbox.set_waker(None)
+        gone_task.cancel()
+
+
+def _pump(stream: GenerateStream, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    """Thread body for a handle without an outbox: every output, or the GenerateError that ended
+    the stream, onto `queue`, then _DONE."""
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shut down): stop generating
+            stream.cancel()
+
+    try:
+        for out in stream:
+            put(out)
+    except GenerateError as e:
+        put(e)
+    except Exception as e:  # never leave the reader waiting
+        log.exception("stream %s failed", stream.request_id)
+        put(GenerateError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
+    finally:
+        put(_DONE)
+
+
+async def _pumped(stream: GenerateStream, gone: asyncio.Event) -> AsyncIterator[Output]:
+    queue: asyncio.Queue = asyncio.Queue()
+    threading.Thread(target=_pump, args=(stream, asyncio.get_running_loop(), queue),
+                     name=f"stream-{stream.request_id}", daemon=True).start()
+    gone_task = asyncio.ensure_future(gone.wait())
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait([getter, gone_task], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():  # the client left
+                getter.cancel()
+                return
+            item = getter.result()
+            if item is _DONE:
+                return
+            if isinstance(item, GenerateError):
+                raise item
+            yield item
+    finally:
+        gone_task.cancel()
