@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-request-bytes", type=int, default=1 << 20)
     s.add_argument("--stream-interval-ms", type=float, default=0.0,
                    help="hold a stream's later tokens up to this long after its previous message (in-process "
-                        "backends; vLLM's stream interval): fewer messages, the same TTFT and TPOT (the first token and "
+                        "backends, and decode workers' streams; vLLM's stream interval): fewer messages, the same TTFT and TPOT (the first token and "
                         "the finish are never held); 0: every step's tokens at once")
     s.add_argument("--max-tokens-limit", type=int, default=None, help="cap on max_tokens (default: the context length)")
     s.add_argument("--lease-seconds", type=float, default=30.0, help="KV held for transfer is freed if not pulled in time")

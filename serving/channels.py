@@ -12,13 +12,15 @@ servers the cluster CA signed. Channels to workers that left are closed after a 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent import futures
 
 import grpc
+import grpc.aio
 
-from serving.cluster_auth import cluster_guard, server_interceptors, with_token
+from serving.cluster_auth import METADATA_KEY, cluster_guard, server_interceptors, with_token
 from serving.tls import ClusterTLS, bind, dial
 
 MAX_INTERNAL_MESSAGE = 8 << 20  # the default: 1 MiB KV chunks, requests of up to ~800k tokens
@@ -50,7 +52,9 @@ def with_message_limit(options: list, size: int) -> list:
 
 class Channels:
     """A thread-safe cache of channels by address; with `token`, every call on them carries the
-    cluster token (serving/cluster_auth.py); with `tls`, they are mutual TLS, else plaintext."""
+    cluster token (serving/cluster_auth.py); with `tls`, they are mutual TLS, else plaintext.
+    `aio(address, loop)` gives the asyncio channel of one event loop (the remote backend's): its
+    calls carry the token only when they pass `metadata`."""
 
     def __init__(self, token: str | None = None, tls: ClusterTLS | None = None, max_message: int | None = None):
         self._token, self._tls = token, tls
@@ -58,7 +62,9 @@ class Channels:
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._raw: dict[str, grpc.Channel] = {}
-        self._retired: list[tuple[float, grpc.Channel]] = []  # (close at, channel)
+        self._aio: dict[tuple[str, asyncio.AbstractEventLoop], grpc.aio.Channel] = {}
+        self._retired: list[tuple[float, object]] = []  # (close at, channel or (aio channel, its loop))
+        self.metadata = ((METADATA_KEY, token),) if token else ()  # for calls on the aio channels
 
     def get(self, address: str) -> grpc.Channel:
         self.close_retired()
@@ -69,12 +75,32 @@ class Channels:
                 ch = self._channels[address] = with_token(raw, self._token)
             return ch
 
+    def aio(self, address: str, loop: asyncio.AbstractEventLoop) -> grpc.aio.Channel:
+        """The asyncio channel to `address` on `loop` (call it on that loop's thread)."""
+        self.close_retired()
+        with self._lock:
+            ch = self._aio.get((address, loop))
+            if ch is None:
+                if self._tls is None:
+                    ch = grpc.aio.insecure_channel(address, options=self._options)
+                else:
+                    ch = grpc.aio.secure_channel(address, self._tls.channel_credentials(), options=self._options)
+                self._aio[(address, loop)] = ch
+            return ch
+
+    def _pop_aio(self, address: str) -> list:
+        keys = [k for k in self._aio if k[0] == address]
+        return [(self._aio.pop(k), k[1]) for k in keys]
+
     def drop(self, address: str) -> None:
         with self._lock:
             self._channels.pop(address, None)
             ch = self._raw.pop(address, None)
+            aio = self._pop_aio(address)
         if ch is not None:
             ch.close()
+        for pair in aio:
+            _close(pair)
 
     def retire(self, address: str, grace_s: float = 60.0) -> None:
         """Forget `address` (its worker left) and close its channel after `grace_s`, when no call
@@ -85,6 +111,7 @@ class Channels:
             ch = self._raw.pop(address, None)
             if ch is not None:
                 self._retired.append((time.monotonic() + grace_s, ch))
+            self._retired += [(time.monotonic() + grace_s, pair) for pair in self._pop_aio(address)]
         self.close_retired()
 
     def __len__(self) -> int:
@@ -99,15 +126,28 @@ class Channels:
             due = [ch for t, ch in self._retired if t <= now]
             self._retired = [(t, ch) for t, ch in self._retired if t > now]
         for ch in due:
-            ch.close()
+            _close(ch)
 
     def close(self) -> None:
         with self._lock:
             chans, self._channels, self._raw = list(self._raw.values()), {}, {}
-            chans += [ch for _, ch in self._retired]
-            self._retired = []
+            chans += [ch for _, ch in self._retired] + [(ch, loop) for (_, loop), ch in self._aio.items()]
+            self._retired, self._aio = [], {}
         for ch in chans:
-            ch.close()
+            _close(ch)
+
+
+def _close(ch) -> None:
+    """Close a channel, or an (aio channel, loop) pair on its loop (unless that loop is gone)."""
+    if not isinstance(ch, tuple):
+        ch.close()
+        return
+    ch, loop = ch
+    if not loop.is_closed():
+        try:
+            asyncio.run_coroutine_threadsafe(ch.close(), loop)
+        except RuntimeError:  # the loop stopped meanwhile
+            pass
 
 
 class InternalServer:

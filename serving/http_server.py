@@ -11,8 +11,8 @@ RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, others 500, with OpenAI's error body; a
 404, a missing or wrong `--api-key` 401.
 
 Threads: uvicorn serves the app from one thread; streams are read on its event loop
-(serving/stream_reader.py: an in-process backend's outbox wakes the loop directly, a remote
-backend's blocking stream is pumped by a thread per request). When a streaming client disconnects, the response is closed (or its
+(serving/stream_reader.py: a request's outbox wakes the loop directly, whichever backend
+fills it). When a streaming client disconnects, the response is closed (or its
 watcher notices) and cancels the request on the backend, which frees its KV.
 """
 

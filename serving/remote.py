@@ -1,7 +1,8 @@
 """The router's side of disaggregated serving across processes: prefill and decode workers
 reached over gRPC (serving/prefill_worker.py, serving/decode_worker.py).
 
-One request, as seen from the router (each step on the handler thread of its Generate call):
+One request, as seen from the router (a task on the backend's event loop; its events go to the
+request's outbox, which the front reads):
 
     prefill worker := least loaded;  Prefill(prompt + tokens so far)  -> next token, KV lease
     decode worker  := least loaded;  Decode(request, KV source)       -> token stream
@@ -21,6 +22,7 @@ prefill worker (idempotent; the lease is the backstop).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -29,9 +31,10 @@ import grpc
 
 from dsjax.engine.request import FinishReason
 from serving.backend import GenerateJob
-from serving.engine_loop import ErrorEvent, Event, FinishEvent, TokenEvent
+from serving.engine_loop import ErrorEvent, Event, FinishEvent, Outbox, TokenEvent
 from serving.messages import FINISH_FROM_PROTO, worker_request
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
+from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.registry import Registry, WorkerEntry
 
 log = logging.getLogger(__name__)
@@ -50,28 +53,47 @@ class _Stop(Exception):
 
 
 class _RemoteHandle:
+    """One request's calls to the workers, run as a task on the backend's event loop; its events go
+    to `outbox`, as an in-process engine's do, so the fronts read both kinds of handle alike."""
+
     def __init__(self, backend: "RemoteBackend", job: GenerateJob):
         self.backend = backend
         self.registry = backend.registry
         self.job = job
+        self.outbox = Outbox()
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
-        self._call = None
+        self._call = None  # the aio call in flight (cancelled on the loop's thread)
         self._held: tuple[WorkerEntry, str] | None = None  # (prefill worker, worker request id): KV under lease
         self.breakdown: dict = {"recomputes": 0}
 
     # ---- any thread ----------------------------------------------------------------------
+    def events(self):
+        """Blocking: the events in order (the fronts read `outbox` on their event loops instead)."""
+        return iter(self.outbox)
+
     def cancel(self) -> None:
         self._cancelled.set()
         with self._lock:
             call, held, self._held = self._call, self._held, None
         if call is not None:
-            call.cancel()
+            self.backend.on_loop(call.cancel)
         if held is not None:
             _release(*held)
 
-    # ---- the Generate handler's thread ---------------------------------------------------
-    def events(self):
+    # ---- the backend's event loop ----------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            async for event in self._events():
+                self.outbox.put(event)
+        except asyncio.CancelledError:  # the backend is closing
+            self.outbox.put(ErrorEvent(grpc.StatusCode.UNAVAILABLE, "the router is shutting down"))
+            raise
+        except Exception as e:  # never leave a reader waiting
+            log.exception("request %s failed", self.job.request_id)
+            self.outbox.put(ErrorEvent(grpc.StatusCode.INTERNAL, f"internal error: {e!r}"))
+
+    async def _events(self):
         job, output = self.job, []
         for attempt in range(self.backend.max_recomputes + 1):
             wid = f"{job.request_id}#{attempt}"
@@ -80,16 +102,18 @@ class _RemoteHandle:
                 yield FinishEvent(done, self.breakdown)
                 return
             try:
-                pw, resp = self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids))
+                pw, resp = await self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed,
+                                                              job.eos_token_ids))
                 output.append(resp.token_id)
                 yield TokenEvent((resp.token_id,))
                 if resp.finish_reason:
                     yield FinishEvent(FINISH_FROM_PROTO[resp.finish_reason], self.breakdown)
                     return
                 req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
-                for ids in self._decode(req, pw, resp):
-                    output.extend(ids)
-                    yield TokenEvent(ids)
+                async for event in self._decode(req, pw, resp):
+                    if isinstance(event, TokenEvent):
+                        output.extend(event.token_ids)
+                    yield event
                 return
             except _Retry as e:
                 self.breakdown["recomputes"] += 1
@@ -101,11 +125,19 @@ class _RemoteHandle:
         yield ErrorEvent(grpc.StatusCode.UNAVAILABLE, f"the KV of {job.request_id} was lost {self.breakdown['recomputes']} "
                                                       f"times (--max-recomputes {self.backend.max_recomputes}); last: {lost}")
 
-    def _prefill(self, req: wpb.WorkerRequest) -> tuple[WorkerEntry, wpb.PrefillResponse]:
-        pw = self._acquire(wpb.PREFILL)
+    async def _prefill(self, req: wpb.WorkerRequest) -> tuple[WorkerEntry, wpb.PrefillResponse]:
+        pw = await self._acquire(wpb.PREFILL)
         try:
-            resp = self._result(pw, pw.prefill.Prefill.future(wpb.PrefillRequest(request=req),
-                                                              timeout=self.backend.call_timeout_s))
+            stub = worker_pb2_grpc.PrefillWorkerStub(self.backend.channel(pw))
+            call = stub.Prefill(wpb.PrefillRequest(request=req), timeout=self.backend.call_timeout_s,
+                                metadata=self.registry.channels.metadata)
+            self._track(pw, call)
+            try:
+                resp = await call
+            except (grpc.RpcError, asyncio.CancelledError) as err:
+                raise self._failed(pw, err) from None
+            finally:
+                self._untrack(pw, call)
         except _Stop:
             # Cancelled (or failed) with the worker alive: the prefill may have completed just as
             # the call ended, leaving KV under a lease that nobody would pull. Release it now.
@@ -124,15 +156,18 @@ class _RemoteHandle:
                 raise _Stop(FinishEvent(FinishReason.CANCELLED, bd))
         return pw, resp
 
-    def _decode(self, req: wpb.WorkerRequest, pw: WorkerEntry, resp: wpb.PrefillResponse):
-        """Yields token id tuples; returns after the FinishEvent's data is recorded."""
-        dw = self._acquire(wpb.DECODE)
+    async def _decode(self, req: wpb.WorkerRequest, pw: WorkerEntry, resp: wpb.PrefillResponse):
+        """Yields TokenEvents; ends by raising _Stop with the finish (or _Retry)."""
+        dw = await self._acquire(wpb.DECODE)
         source = wpb.KVSource(worker_id=pw.id, address=pw.address, kv=resp.kv, lease_ms=resp.lease_ms)
         timeout = self.backend.call_timeout_s + self.backend.per_token_timeout_s * self.job.sampling.max_tokens
-        call = self._track(dw, dw.decode.Decode(wpb.DecodeRequest(request=req, source=source), timeout=timeout))
+        stub = worker_pb2_grpc.DecodeWorkerStub(self.backend.channel(dw))
+        call = stub.Decode(wpb.DecodeRequest(request=req, source=source), timeout=timeout,
+                           metadata=self.registry.channels.metadata)
+        self._track(dw, call)
         bd, landed = self.breakdown, None
         try:
-            for msg in call:
+            async for msg in call:
                 if msg.HasField("migration"):
                     m = msg.migration
                     bd["kv_bytes"] = bd.get("kv_bytes", 0) + m.bytes
@@ -141,26 +176,26 @@ class _RemoteHandle:
                     with self._lock:
                         self._held = None  # landed: the decode worker released the prefill copy
                 if msg.token_ids:
-                    yield tuple(msg.token_ids)
+                    yield TokenEvent(tuple(msg.token_ids))
                 if msg.finish_reason:
                     if landed is not None:
                         bd["decode_s"] = bd.get("decode_s", 0.0) + time.perf_counter() - landed
                     raise _Stop(FinishEvent(FINISH_FROM_PROTO[msg.finish_reason], bd))
             raise _Stop(ErrorEvent(grpc.StatusCode.INTERNAL, f"decode worker {dw.id} ended the stream without a finish"))
-        except grpc.RpcError as err:
+        except (grpc.RpcError, asyncio.CancelledError) as err:
             with self._lock:
                 held, self._held = self._held, None
             if held is not None:
                 _release(*held)
-            if err.code() == grpc.StatusCode.ABORTED and not self._cancelled.is_set():
+            if isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.ABORTED and not self._cancelled.is_set():
                 raise _Retry(err.details()) from None
-            raise self._classify(dw, err.code(), err.details(), retry=True) from None
+            raise self._failed(dw, err) from None
         finally:
             self._untrack(dw, call)
             self.registry.release(dw)
 
     # ---- helpers -------------------------------------------------------------------------
-    def _acquire(self, role: int) -> WorkerEntry:
+    async def _acquire(self, role: int) -> WorkerEntry:
         if self._cancelled.is_set():
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
         w = self.registry.acquire(role)
@@ -168,8 +203,8 @@ class _RemoteHandle:
         # a heartbeat, and requests that reach it first should not fail for that), then give up.
         end = time.monotonic() + self.backend.worker_wait_s
         while w is None and time.monotonic() < end and not self._cancelled.is_set():
-            if self.registry.wait_for(role, 1, min(0.1, end - time.monotonic())):
-                w = self.registry.acquire(role)
+            await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
+            w = self.registry.acquire(role)
         if self._cancelled.is_set():
             if w is not None:
                 self.registry.release(w)
@@ -182,29 +217,28 @@ class _RemoteHandle:
             raise _Stop(ErrorEvent(grpc.StatusCode.UNAVAILABLE, f"no {wpb.Role.Name(role).lower()} worker is available"))
         return w
 
-    def _track(self, w: WorkerEntry, call):
-        """Remember `call` so a client cancel, or the registry dropping `w`, cancels it."""
+    def _track(self, w: WorkerEntry, call) -> None:
+        """Remember `call` so a client cancel, or the registry dropping `w` (from its own threads),
+        cancels it."""
+        tracked = _OnLoop(self.backend, call)
         with self._lock:
             self._call = call
-        if self._cancelled.is_set() or not self.registry.track(w, call):
+        self._tracked = tracked
+        if self._cancelled.is_set() or not self.registry.track(w, tracked):
             call.cancel()
-        return call
 
     def _untrack(self, w: WorkerEntry, call) -> None:
-        self.registry.untrack(w, call)
+        self.registry.untrack(w, self._tracked)
         with self._lock:
             self._call = None
 
-    def _result(self, w: WorkerEntry, fut):
-        self._track(w, fut)
-        try:
-            return fut.result()
-        except grpc.RpcError as err:
-            raise self._classify(w, err.code(), err.details(), retry=True) from None
-        except grpc.FutureCancelledError:
-            raise self._classify(w, grpc.StatusCode.CANCELLED, "cancelled", retry=True) from None
-        finally:
-            self._untrack(w, fut)
+    def _failed(self, w: WorkerEntry, err: BaseException) -> Exception:
+        if isinstance(err, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise err  # the task itself is cancelled (the backend is closing), not the call
+            return self._classify(w, grpc.StatusCode.CANCELLED, "cancelled", retry=True)
+        return self._classify(w, err.code(), err.details(), retry=True)
 
     def _classify(self, w: WorkerEntry, code: grpc.StatusCode, details: str, retry: bool) -> Exception:
         """A failed call: the client cancelled; or the worker is gone (died: UNAVAILABLE; hung
@@ -221,6 +255,16 @@ class _RemoteHandle:
             why = f"{wpb.Role.Name(w.info.role).lower()} worker {w.id} at {w.address} failed: {code.name}: {details}"
             return _Retry(why) if retry else _Stop(ErrorEvent(grpc.StatusCode.UNAVAILABLE, why))
         return _Stop(ErrorEvent(code, details))
+
+
+class _OnLoop:
+    """An aio call as the registry tracks it: `cancel()` from any thread runs on the call's loop."""
+
+    def __init__(self, backend: "RemoteBackend", call):
+        self._backend, self._call = backend, call
+
+    def cancel(self) -> None:
+        self._backend.on_loop(self._call.cancel)
 
 
 def _finished(job: GenerateJob, output: list[int]) -> FinishReason | None:
@@ -242,6 +286,9 @@ def _release(w: WorkerEntry, wid: str) -> None:
 
 
 class RemoteBackend:
+    """Requests on the workers: each a task on one event loop of the backend's own thread (one
+    hand-off per message to a front's loop, no thread per open stream)."""
+
     def __init__(self, registry: Registry, *, max_recomputes: int = 2, call_timeout_s: float = 300.0,
                  per_token_timeout_s: float = 1.0, worker_wait_s: float = 2.0):
         """`worker_wait_s`: how long a request waits for a worker of a phase none of which is
@@ -252,9 +299,28 @@ class RemoteBackend:
         self.max_recomputes = max_recomputes
         self.call_timeout_s = call_timeout_s
         self.per_token_timeout_s = per_token_timeout_s
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="remote-backend", daemon=True)
+        self._thread.start()
+
+    def channel(self, w: WorkerEntry):
+        """The aio channel to `w` on this backend's loop (on the loop's thread)."""
+        return self.registry.channels.aio(w.address, self.loop)
+
+    def on_loop(self, fn) -> None:
+        """Run `fn()` on the loop's thread (now, when called there)."""
+        if threading.current_thread() is self._thread:
+            fn()
+        elif not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # closed meanwhile
+                pass
 
     def submit(self, job: GenerateJob) -> _RemoteHandle:
-        return _RemoteHandle(self, job)
+        handle = _RemoteHandle(self, job)
+        asyncio.run_coroutine_threadsafe(handle.run(), self.loop)
+        return handle
 
     def ready(self) -> bool:
         return self.registry.has(wpb.PREFILL) and self.registry.has(wpb.DECODE)
@@ -264,3 +330,17 @@ class RemoteBackend:
 
     def close(self) -> None:
         self.registry.close()
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_all(), self.loop).result(5.0)
+            except Exception:  # a task that would not end: the daemon thread goes with the process
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5.0)

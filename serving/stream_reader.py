@@ -7,13 +7,14 @@ outputs without a thread per open stream.
             ...
 
 Two kinds of handle:
-- one with an `outbox` (the in-process backends): its writer, an engine thread, wakes the loop
-  through a waker; the events are turned into outputs here, on the loop. With a stream interval
+- one with an `outbox` (every backend: the in-process ones, whose writer is an engine thread, and
+  the remote one, whose writer is the request's task on the backend's own event loop): the writer
+  wakes the front's loop through a waker; the events are turned into outputs here, on the loop. With a stream interval
   (`Outbox.stream_interval_s`, `--stream-interval-ms`) the reader holds later tokens after sending
   some: during the hold the waker is muted for token events (a finish or an error still wakes it),
   so hundreds of open streams do not wake the loop at every engine step.
-- one without (the remote backend, whose `events()` blocks on worker calls): a thread per request
-  pumps it into an asyncio queue.
+- one without (a handle with only a blocking `events()`, as test fakes may have): a thread per
+  request pumps it into an asyncio queue.
 
 `gone` (optional) is set by the caller when the client left: the reader stops. Leaving the reader,
 for whatever reason, closes the stream: it cancels what still runs on the backend (freeing its KV)

@@ -3,6 +3,7 @@ stream are held and sent together; the first token and the finish never wait."""
 
 import threading
 import time
+import types
 
 from serving.engine_loop import FinishEvent, Outbox, TokenEvent
 
@@ -32,3 +33,67 @@ def test_tokens_are_held_but_first_and_finish_are_not(monkeypatch):
     assert held[0][0] < 0.01  # the first token at once
     assert 3 <= len(tokens) <= 5  # ~120 ms of steps in 50 ms holds, not 12 messages
     assert isinstance(held[-1][1], FinishEvent) and held[-1][0] - held[-2][0] < 0.02  # the last token with the finish
+
+
+# The asyncio reader both fronts use (serving/stream_reader.py): the same holds on an event loop.
+
+def _generation(step_s):
+    from models.config import PRESETS
+    from models.tokenizer import ByteTokenizer
+    from serving.generation import Generation
+    from tests.support.serving import FakeBackend
+
+    config = PRESETS["tiny-llama"]
+    backend = FakeBackend(step_s=step_s)
+    return backend, Generation(backend, ByteTokenizer(config.vocab_size), config)
+
+
+def _request(max_tokens):
+    from serving.proto.dsjax.v1 import dsjax_pb2 as pb
+
+    return pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=max_tokens))
+
+
+def _read_async(generation, request, *, stop_after=None, pumped=False):
+    import asyncio
+    import contextlib
+
+    from serving import stream_reader
+
+    async def run():
+        stream = generation.start(request)
+        if pumped:  # a handle without an outbox: read by a pump thread
+            stream.handle = types.SimpleNamespace(events=stream.handle.events, cancel=stream.handle.cancel)
+        t0, got = time.monotonic(), []
+        async with contextlib.aclosing(stream_reader.outputs(stream)) as outs:
+            async for out in outs:
+                got.append((time.monotonic() - t0, out))
+                if stop_after is not None and len(got) >= stop_after:
+                    break
+        return stream, got
+
+    return asyncio.run(run())
+
+
+def test_async_reader_holds_tokens_but_not_the_first_or_the_finish(monkeypatch):
+    backend, generation = _generation(step_s=0.01)
+    monkeypatch.setattr(Outbox, "stream_interval_s", 0.0)
+    _, plain = _read_async(generation, _request(12))
+    assert [len(o.token_ids) for _, o in plain[:-1]] == [1] * 12 and plain[-1][1].finish_reason is not None
+    monkeypatch.setattr(Outbox, "stream_interval_s", 0.05)
+    _, held = _read_async(generation, _request(12))
+    tokens = [o.token_ids for _, o in held if o.token_ids]
+    assert sum(tokens, []) == sum((o.token_ids for _, o in plain), [])  # the same tokens, fewer messages
+    assert tokens[0] == plain[0][1].token_ids and held[0][0] < 0.05
+    assert 3 <= len(tokens) <= 5
+    assert held[-1][1].finish_reason is not None and held[-1][0] - held[-2][0] < 0.03  # the finish is not held
+    assert not generation._active  # admission slots given back
+
+
+def test_async_reader_left_early_cancels_and_frees_the_slot(monkeypatch):
+    monkeypatch.setattr(Outbox, "stream_interval_s", 0.0)
+    for pumped in (False, True):
+        backend, generation = _generation(step_s=0.02)
+        stream, got = _read_async(generation, _request(50), stop_after=2, pumped=pumped)
+        assert len(got) == 2 and stream.request_id in backend.cancelled
+        assert not generation._active
