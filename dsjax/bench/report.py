@@ -82,11 +82,18 @@ def summary_markdown(summary: dict) -> str:
                   f"{len(d['rates'])} rates; with TTFT taken at the engine (scheduler only, no router or client): "
                   f"{_num(d.get('max_engine_side_gap_points'), 1):.1f} points"
                   for s, d in emu["systems"].items() if d["max_attainment_gap_points"] is not None]
-        lines += ["", "| system | rate | real | simulated | engine-side | TTFT engine - sim p50/p90 (ms) | "
-                  "router - engine | client - router |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "TTFT parts, ms, request against request (p50/p90), except: *quantiles* = engine p50/p90 minus "
+                  "the simulator's p50/p90; *sim noise* = the simulator against itself with arrivals moved <= 1 ms "
+                  "(the paired columns' floor)", "",
+                  "| system | rate | real | simulated | engine-side | engine - sim | engine - sim mean | quantiles | "
+                  "sim noise | router - engine | client - router |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for f in summary["fidelity"]:
-            ms = [("/".join(f"{x:.1f}" for x in f[k]) if f.get(k) else "") for k in
-                  ("ttft_engine_minus_sim_ms", "ttft_router_minus_engine_ms", "ttft_client_minus_router_ms")]
+            mean = f.get("ttft_engine_minus_sim_mean_ms")
+            ms = [("/".join(f"{x:.1f}" for x in f[k]) if f.get(k) else "") for k in ("ttft_engine_minus_sim_ms",)]
+            ms += ["" if mean is None else f"{mean:.1f}"]
+            ms += [("/".join(f"{x:.1f}" for x in f[k]) if f.get(k) else "") for k in
+                   ("ttft_engine_vs_sim_quantiles_ms", "ttft_sim_noise_ms", "ttft_router_minus_engine_ms",
+                    "ttft_client_minus_router_ms")]
             eng = f.get("engine_side_attainment")
             lines.append(f"| {f['system']} | {f['rate']:g} | {f['real']:.1%} | {f['simulated']:.1%} | "
                          f"{'' if eng is None else format(eng, '.1%')} | " + " | ".join(ms) + " |")

@@ -167,3 +167,36 @@ def test_settling_requests_are_load_not_measured(tmp_path):
     assert 0 < k0 < 60 and part.num_requests == 60 - k0
     assert list(part.ttft_s) == list(whole.ttft_s[k0:]) and sim.result_all(reqs, offsets).num_requests == 60
     assert sim.result_all(reqs, offsets[:40]).num_requests == 40  # a run sends a prefix of the sample
+
+
+def test_ttft_decomposition_separates_bias_from_pairing_noise():
+    """Paired engine - simulator percentiles, the unpaired (quantile) difference, the paired mean,
+    and the simulator's own noise floor from a jittered replay."""
+    import types
+
+    import numpy as np
+
+    from dsjax.bench.emucompare import jitter_offsets, ttft_decomposition
+    from dsjax.bench.sweep import SLOs
+
+    rng = np.random.default_rng(0)
+    n = 200
+    sim_ttft = rng.uniform(0.02, 0.08, n)
+    engine_ttft = np.roll(sim_ttft, 1) + 0.003  # the same distribution shifted 3 ms, paired with others
+    measured = []
+    for i in range(n):
+        record = types.SimpleNamespace(ok=True, send_s=0.0, token_times_s=[engine_ttft[i] + 0.001, engine_ttft[i] + 0.05],
+                                       num_tokens=2)
+        measured.append(types.SimpleNamespace(index=i, record=record, server_ttft_s=engine_ttft[i] + 0.0005,
+                                              breakdown=types.SimpleNamespace(queue_s=0.0, prefill_s=engine_ttft[i])))
+    sim = types.SimpleNamespace(ttft_s=sim_ttft, attainment=1.0)
+    jittered = types.SimpleNamespace(ttft_s=sim_ttft + rng.uniform(-0.01, 0.01, n))
+    out = ttft_decomposition(types.SimpleNamespace(measured=measured), sim, SLOs(ttft_s=0.1, tpot_s=0.1), 1.0, jittered)
+    assert abs(out["ttft_engine_minus_sim_mean_ms"] - 3.0) < 0.5
+    assert all(abs(q - 3.0) < 4.0 for q in out["ttft_engine_vs_sim_quantiles_ms"])
+    assert out["ttft_engine_minus_sim_ms"][1] > 15  # pairing other requests: a wide paired p90
+    assert 5 < out["ttft_sim_noise_ms"][1] < 10
+    assert out["ttft_router_minus_engine_ms"] == [0.5, 0.5] and out["ttft_client_minus_router_ms"] == [0.5, 0.5]
+    assert out["engine_side_attainment"] == 1.0
+    moved = jitter_offsets([0.0, 0.5, 1.0], seed=1)
+    assert moved == sorted(moved) and all(abs(a - b) <= 1e-3 for a, b in zip(moved, [0.0, 0.5, 1.0])) and moved[0] >= 0
