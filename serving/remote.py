@@ -64,6 +64,7 @@ class _RemoteHandle:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._call = None  # the aio call in flight (cancelled on the loop's thread)
+        self._tracked: _OnLoop | None = None  # that call as the registry tracks it
         self._held: tuple[WorkerEntry, str] | None = None  # (prefill worker, worker request id): KV under lease
         self.breakdown: dict = {"recomputes": 0}
 
