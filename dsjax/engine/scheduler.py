@@ -65,9 +65,10 @@ def pick_decode_batch(running: list[Request], blocks: BlockManager, cfg: Schedul
     writes this step. When blocks run out, the newest running request is preempted (its blocks
     freed, to be recomputed) until the rest fit. Returns (batch, preempted); `running` is updated."""
     preempted: list[Request] = []
+    gone: set[int] = set()  # id() of the preempted: set lookups keep a step O(batch), not O(batch^2)
     batch: list[Request] = []
-    for req in list(running[: cfg.max_num_seqs]):
-        if req not in running:  # preempted while making room for an older request
+    for req in running[: cfg.max_num_seqs]:  # a copy: preemption pops from `running`
+        if id(req) in gone:  # preempted while making room for an older request
             continue
         need = blocks.blocks_needed_to_grow(req.request_id, req.num_tokens)
         while need > blocks.num_free_blocks and running:
@@ -76,11 +77,12 @@ def pick_decode_batch(running: list[Request], blocks: BlockManager, cfg: Schedul
             victim.status = Status.WAITING
             victim.lifecycle.num_preemptions += 1
             preempted.append(victim)
+            gone.add(id(victim))
             if victim is req:
                 break
-        if req in preempted:
+        if id(req) in gone:
             continue
         blocks.grow(req.request_id, req.num_tokens)
         batch.append(req)
-    batch = [r for r in batch if r not in preempted]
+    batch = [r for r in batch if id(r) not in gone]
     return batch, preempted
