@@ -12,7 +12,7 @@ import dataclasses
 from typing import Iterator, Protocol
 
 from dsjax.engine.sampling_params import SamplingParams
-from serving.engine_loop import Event
+from serving.engine_loop import Event, Outbox
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 
 
@@ -28,8 +28,10 @@ class GenerateJob:
 
 
 class Handle(Protocol):
-    """A submitted request. A handle whose events come through an `Outbox` (the in-process
-    backends) also exposes it as `outbox`, so an asyncio reader can wait without a thread."""
+    """A submitted request. Its events come through `outbox` (every backend's do), which the fronts
+    read on their event loops (serving/stream_reader.py); `events()` iterates it blocking."""
+
+    outbox: Outbox
 
     def events(self) -> Iterator[Event]:
         """Blocking: token events, then exactly one FinishEvent or ErrorEvent."""

@@ -112,8 +112,7 @@ class _RemoteHandle:
                     return
                 req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
                 async for event in self._decode(req, pw, resp):
-                    if isinstance(event, TokenEvent):
-                        output.extend(event.token_ids)
+                    output.extend(event.token_ids)
                     yield event
                 return
             except _Retry as e:
@@ -138,7 +137,7 @@ class _RemoteHandle:
             except (grpc.RpcError, asyncio.CancelledError) as err:
                 raise self._failed(pw, err) from None
             finally:
-                self._untrack(pw, call)
+                self._untrack(pw)
         except _Stop:
             # Cancelled (or failed) with the worker alive: the prefill may have completed just as
             # the call ended, leaving KV under a lease that nobody would pull. Release it now.
@@ -192,7 +191,7 @@ class _RemoteHandle:
                 raise _Retry(err.details()) from None
             raise self._failed(dw, err) from None
         finally:
-            self._untrack(dw, call)
+            self._untrack(dw)
             self.registry.release(dw)
 
     # ---- helpers -------------------------------------------------------------------------
@@ -228,7 +227,7 @@ class _RemoteHandle:
         if self._cancelled.is_set() or not self.registry.track(w, tracked):
             call.cancel()
 
-    def _untrack(self, w: WorkerEntry, call) -> None:
+    def _untrack(self, w: WorkerEntry) -> None:
         self.registry.untrack(w, self._tracked)
         with self._lock:
             self._call = None

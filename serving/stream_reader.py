@@ -6,15 +6,12 @@ outputs without a thread per open stream.
         async for out in outs:          # Output pieces; raises the stream's GenerateError
             ...
 
-Two kinds of handle:
-- one with an `outbox` (every backend: the in-process ones, whose writer is an engine thread, and
-  the remote one, whose writer is the request's task on the backend's own event loop): the writer
-  wakes the front's loop through a waker; the events are turned into outputs here, on the loop. With a stream interval
-  (`Outbox.stream_interval_s`, `--stream-interval-ms`) the reader holds later tokens after sending
-  some: during the hold the waker is muted for token events (a finish or an error still wakes it),
-  so hundreds of open streams do not wake the loop at every engine step.
-- one without (a handle with only a blocking `events()`, as test fakes may have): a thread per
-  request pumps it into an asyncio queue.
+Every backend's handle has an `outbox` (serving/backend.py `Handle`): the in-process ones' writer
+is an engine thread, the remote one's the request's task on the backend's own event loop. The
+writer wakes the front's loop through a waker; the events are turned into outputs here, on the
+loop. With a stream interval (`Outbox.stream_interval_s`, `--stream-interval-ms`) the reader holds
+later tokens after sending some: during the hold the waker is muted for token events (a finish or
+an error still wakes it), so hundreds of open streams do not wake the loop at every engine step.
 
 `gone` (optional) is set by the caller when the client left: the reader stops. Leaving the reader,
 for whatever reason, closes the stream: it cancels what still runs on the backend (freeing its KV)
@@ -24,28 +21,18 @@ and gives the admission slot back.
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 import time
 from typing import AsyncIterator
 
-import grpc
-
 from serving.engine_loop import Outbox, TokenEvent
-from serving.generation import GenerateError, GenerateStream, Output
-
-log = logging.getLogger(__name__)
-
-_DONE = object()  # end of a pumped stream
+from serving.generation import GenerateStream, Output
 
 
 async def outputs(stream: GenerateStream, gone: asyncio.Event | None = None) -> AsyncIterator[Output]:
     """The stream's outputs on the running loop (see the module docstring); closes it when left."""
     gone = gone if gone is not None else asyncio.Event()
     try:
-        outbox = getattr(stream.handle, "outbox", None)
-        reader = _pumped(stream, gone) if outbox is None else _from_outbox(stream, outbox, gone)
-        async for out in reader:
+        async for out in _from_outbox(stream, stream.handle.outbox, gone):
             yield out
     finally:
         stream.close()
@@ -96,48 +83,4 @@ async def _from_outbox(stream: GenerateStream, outbox: Outbox, gone: asyncio.Eve
                     holding = False
     finally:
         outbox.set_waker(None)
-        gone_task.cancel()
-
-
-def _pump(stream: GenerateStream, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-    """Thread body for a handle without an outbox: every output, or the GenerateError that ended
-    the stream, onto `queue`, then _DONE."""
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shut down): stop generating
-            stream.cancel()
-
-    try:
-        for out in stream:
-            put(out)
-    except GenerateError as e:
-        put(e)
-    except Exception as e:  # never leave the reader waiting
-        log.exception("stream %s failed", stream.request_id)
-        put(GenerateError(grpc.StatusCode.INTERNAL, f"internal error: {e}"))
-    finally:
-        put(_DONE)
-
-
-async def _pumped(stream: GenerateStream, gone: asyncio.Event) -> AsyncIterator[Output]:
-    queue: asyncio.Queue = asyncio.Queue()
-    threading.Thread(target=_pump, args=(stream, asyncio.get_running_loop(), queue),
-                     name=f"stream-{stream.request_id}", daemon=True).start()
-    gone_task = asyncio.ensure_future(gone.wait())
-    try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait([getter, gone_task], return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the client left
-                getter.cancel()
-                return
-            item = getter.result()
-            if item is _DONE:
-                return
-            if isinstance(item, GenerateError):
-                raise item
-            yield item
-    finally:
         gone_task.cancel()

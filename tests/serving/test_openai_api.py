@@ -5,7 +5,6 @@ stream shape, overload, disconnects and the API key. test_openai_server.py runs 
 import json
 import threading
 import time
-import types
 import urllib.error
 import urllib.request
 
@@ -27,23 +26,12 @@ MODEL = "tiny-llama"
 CONFIG = PRESETS[MODEL]
 
 
-class _ThreadReadBackend(FakeBackend):
-    """Handles without an outbox (like the remote backend's): the HTTP front must pump them."""
-
-    def submit(self, job):
-        handle = super().submit(job)
-        return types.SimpleNamespace(events=handle.events, cancel=handle.cancel)
-
-
-@pytest.fixture(params=["outbox", "pumped"])
-def front(request):
-    """(the fake backend, an OpenAI client of a fresh server, its base URL); max_pending 4. Run
-    with an outbox-reading backend (in process) and with a pumped one (remote)."""
+@pytest.fixture
+def front():
+    """(the fake backend, an OpenAI client of a fresh server, its base URL); max_pending 4."""
     servers = []
-    backend_class = FakeBackend if request.param == "outbox" else _ThreadReadBackend
-
     def start(*, step_s=0.001, max_pending=4, api_key=None):
-        backend = backend_class(step_s=step_s)
+        backend = FakeBackend(step_s=step_s)
         metrics = ServingMetrics(backend.instances)
         generation = Generation(backend, ByteTokenizer(CONFIG.vocab_size), CONFIG, max_pending=max_pending, metrics=metrics)
         api = OpenAIApp(generation, model_names=[MODEL], ready=backend.ready, metrics_text=metrics.text, api_key=api_key)

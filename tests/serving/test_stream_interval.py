@@ -3,7 +3,6 @@ stream are held and sent together; the first token and the finish never wait."""
 
 import threading
 import time
-import types
 
 from serving.engine_loop import FinishEvent, Outbox, TokenEvent
 
@@ -54,7 +53,7 @@ def _request(max_tokens):
     return pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=max_tokens))
 
 
-def _read_async(generation, request, *, stop_after=None, pumped=False):
+def _read_async(generation, request, *, stop_after=None):
     import asyncio
     import contextlib
 
@@ -62,8 +61,6 @@ def _read_async(generation, request, *, stop_after=None, pumped=False):
 
     async def run():
         stream = generation.start(request)
-        if pumped:  # a handle without an outbox: read by a pump thread
-            stream.handle = types.SimpleNamespace(events=stream.handle.events, cancel=stream.handle.cancel)
         t0, got = time.monotonic(), []
         async with contextlib.aclosing(stream_reader.outputs(stream)) as outs:
             async for out in outs:
@@ -92,8 +89,7 @@ def test_async_reader_holds_tokens_but_not_the_first_or_the_finish(monkeypatch):
 
 def test_async_reader_left_early_cancels_and_frees_the_slot(monkeypatch):
     monkeypatch.setattr(Outbox, "stream_interval_s", 0.0)
-    for pumped in (False, True):
-        backend, generation = _generation(step_s=0.02)
-        stream, got = _read_async(generation, _request(50), stop_after=2, pumped=pumped)
-        assert len(got) == 2 and stream.request_id in backend.cancelled
-        assert not generation._active
+    backend, generation = _generation(step_s=0.02)
+    stream, got = _read_async(generation, _request(50), stop_after=2)
+    assert len(got) == 2 and stream.request_id in backend.cancelled
+    assert not generation._active
