@@ -10,9 +10,10 @@ Summary of DistServe's online policy (paper section 4.3) as implemented here:
   (`least_loaded`); a prefilled request goes to the least loaded decode instance.
 - prefill batching: FCFS; add requests while the batch's total prompt tokens stay within the
   budget L_m; the head request always runs, alone if it is longer than L_m (`prefill_batch_count`).
-- decode pull: a decode instance pulls the next request's KV only if it has room for the request's
-  whole KV (prompt + output tokens, reserved up front, so no preemption is ever needed) and the
-  requests it pulled but could not yet batch hold < 5% of its capacity (`decode_should_pull`).
+- decode pull: a decode instance pulls the next request's KV only if its context plus one block of
+  growth per request it runs fits in its free memory and the requests it pulled but could not yet
+  batch hold < 5% of its capacity (`decode_should_pull`). Final KV is not reserved, so a decode step
+  that does not fit preempts the newest request, to be prefilled again (recompute).
 - colocated (vLLM-like): prefill first: if the head of the waiting queue fits, run a prefill batch
   and let decodes stall for that step (`colocated_runs_prefill`).
 - chunked (Sarathi-like): every step has a token budget; all running decodes take one token each,

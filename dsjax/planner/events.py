@@ -41,13 +41,18 @@ class EventLoop:
 class RequestTable:
     """Lengths and outcome times of every request, as plain lists (fast scalar access)."""
 
-    __slots__ = ("arrival", "prompt", "output", "need", "first", "finish")
+    __slots__ = ("arrival", "prompt", "output", "need", "done", "plen", "first", "finish")
 
     def __init__(self, trace: Trace) -> None:
         self.arrival: list[float] = trace.arrival_s.tolist()
         self.prompt: list[int] = trace.prompt_len.tolist()
         self.output: list[int] = trace.output_len.tolist()
         self.need: list[int] = [p + o for p, o in zip(self.prompt, self.output)]  # peak KV tokens
+        # A request preempted for lack of KV memory is prefilled again over everything it holds
+        # (the engine's recompute): `done` = output tokens it had, `plen` = prompt + done, the
+        # length its next prefill runs over (the prompt until then).
+        self.done: list[int] = [0] * len(self.prompt)
+        self.plen: list[int] = list(self.prompt)
         n = len(self.arrival)
         self.first: list[float] = [math.inf] * n
         self.finish: list[float] = [math.inf] * n

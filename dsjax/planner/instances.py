@@ -1,13 +1,18 @@
-"""Simulated serving instances: prefill, decode, and colocated (vLLM-like or chunked prefill).
+"""Simulated disaggregated instances: prefill and decode (colocated ones: colocated_instance.py).
 
 Each instance reacts to events on a shared `EventLoop` and writes first-token and finish times into
 a shared `RequestTable`. Scheduling decisions are delegated to `dsjax.engine.policies`; this file
 only does the timing and the bookkeeping of queues and KV tokens.
 
-KV accounting (tokens): a prefill instance holds a request's prompt KV from the start of its batch
-until a decode instance has pulled it (and the transfer, if modelled, has finished). A decode or
-colocated instance reserves prompt + output tokens when it admits a request and frees them when the
-request finishes, so memory can never run out mid-decode and nothing is ever preempted.
+KV accounting (tokens), as the engine's block managers do it (dsjax/engine/disaggregated.py):
+- a prefill instance holds a request's prefilled KV from the start of its batch until a decode
+  instance has pulled it (and the transfer, if modelled, has finished);
+- a decode instance holds what a request has written so far: its context when pulled, one more
+  token every step. It pulls while the request's context plus one block of growth per request it
+  runs fits in its free memory (`policies.decode_should_pull`), so its requests' final KV may
+  exceed its pool; when a step would not fit, the newest request is preempted and goes back to
+  the front of a prefill queue to be prefilled again over everything it holds (the engine's
+  recompute; `RequestTable.plen`). Block rounding is not modelled (tokens, not blocks).
 """
 
 from __future__ import annotations
@@ -15,12 +20,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from dsjax.engine.policies import (
-    chunked_prefill_plan,
-    colocated_runs_prefill,
-    decode_should_pull,
-    prefill_batch_count,
-)
+from dsjax.engine.policies import decode_should_pull, prefill_batch_count
 from dsjax.planner.events import EventLoop, RequestTable
 from dsjax.planner.latency import LatencyModel
 from dsjax.planner.running_batch import RunningBatch
@@ -61,11 +61,16 @@ class SimPrefillInstance:
         """Prompt tokens queued or being prefilled (the "queue length" used for dispatch)."""
         return self.queued_tokens + self.inflight_tokens
 
-    def submit(self, t: float, rid: int) -> None:
-        p = self.reqs.prompt[rid]
+    def submit(self, t: float, rid: int, front: bool = False) -> None:
+        """Queue a request (`front`: a preempted one, recomputed before the queue, as the engine's
+        `DisaggEngine.requeue` does)."""
+        p = self.reqs.plen[rid]
         if p > self.capacity:
             return  # can never be prefilled here: stays unserved
-        self.queue.append(rid)
+        if front:
+            self.queue.appendleft(rid)
+        else:
+            self.queue.append(rid)
         self.queued_tokens += p
         if not self.stage0_busy:
             self._try_start(t)
@@ -77,7 +82,7 @@ class SimPrefillInstance:
             self._try_start(t)
 
     def _try_start(self, t: float) -> None:
-        prompt = self.reqs.prompt
+        prompt = self.reqs.plen
         queue = self.queue
         k = prefill_batch_count(
             (prompt[r] for r in queue),
@@ -121,8 +126,9 @@ class SimPrefillInstance:
     def _on_done(self, t: float, batch: list[int]) -> None:
         reqs = self.reqs
         for rid in batch:
-            self.inflight_tokens -= reqs.prompt[rid]
-            reqs.first[rid] = t
+            self.inflight_tokens -= reqs.plen[rid]
+            if not reqs.done[rid]:  # a recompute's first token was sent long ago
+                reqs.first[rid] = t
             self.on_prefilled(t, rid, self)
 
     def _on_done_single(self, t: float, batch: list[int]) -> None:
@@ -133,7 +139,8 @@ class SimPrefillInstance:
 
 
 class SimDecodeInstance:
-    """Continuous batching of pulled requests; jumps from one membership change to the next."""
+    """Continuous batching of pulled requests; jumps from one membership change to the next (a
+    finish, a join, or the step whose KV would not fit: module docstring)."""
 
     def __init__(
         self,
@@ -147,6 +154,8 @@ class SimDecodeInstance:
         transfer_s_per_token: float = 0.0,
         transfer_fixed_s: float = 0.0,
         join_s: float = 0.0,
+        block_size: int = 16,
+        on_preempted: Callable[[float, int], None] | None = None,
     ) -> None:
         self.loop, self.reqs = loop, reqs
         self.capacity = capacity_tokens
@@ -155,15 +164,19 @@ class SimDecodeInstance:
         self.max_batch_size = max_batch_size
         self.waiting_fraction = waiting_fraction
         self.transfer_s_per_token = transfer_s_per_token
+        self.block_size = block_size
+        self.on_preempted = on_preempted
         self.assigned: deque[tuple[int, SimPrefillInstance | None]] = deque()  # KV still on the prefill side
-        self.pending_tokens = 0  # need of assigned, not yet pulled
-        self.reserved = 0  # need of pulled requests (transferring, ready, running)
-        self.waiting_tokens = 0  # need of pulled requests not yet running
+        self.pending_tokens = 0  # peak KV of assigned, not yet pulled (dispatch load)
+        self.reserved = 0  # peak KV of pulled requests (dispatch load: the engine's DecodeInstance.load)
+        self.joining: dict[int, int] = {}  # pulled, not yet running (transferring or ready): rid -> KV tokens
+        self.held = 0  # sum(joining.values())
         self.ready: deque[int] = deque()  # transferred, waiting to join at a step boundary
         self.batch = RunningBatch(latency)
         self.active = False
         self.planned = 0  # steps until the scheduled boundary
         self.version = 0  # invalidates superseded boundary events
+        self.preemptions = 0
 
     def load(self) -> int:
         return self.reserved + self.pending_tokens
@@ -173,49 +186,90 @@ class SimDecodeInstance:
         need = self.reqs.need[rid]
         if need > self.capacity:
             if src is not None:
-                src.release(t, self.reqs.prompt[rid])
+                src.release(t, self.reqs.plen[rid])
             return  # can never be decoded here: finish stays inf
         self.assigned.append((rid, src))
         self.pending_tokens += need
         if self._pull(t):
             self._wake(t)
 
+    # ---- KV memory ---------------------------------------------------------------------------
+    def _running_kv(self, t: float) -> int:
+        """KV the running batch holds at time t, the in-flight step's token included (the engine
+        grows a request's blocks when it launches the step)."""
+        batch = self.batch
+        if not self.active:  # at a step boundary: what the requests have written
+            return batch.kv_tokens
+        return batch.sum_ctx + len(batch) * (batch.steps_until(t) - 1)
+
+    def _steps_that_fit(self) -> int:
+        """Steps of the current segment whose KV fits beside what is joining."""
+        n = len(self.batch)
+        room = self.capacity - self.held - self.batch.sum_ctx
+        return room // n + 1 if n else 1 << 30
+
     def _pull(self, t: float) -> bool:
         """Pull while the policy allows; True if some request became ready right away."""
         reqs = self.reqs
         got = False
+        bs = self.block_size
         while self.assigned:
             rid, src = self.assigned[0]
-            need = reqs.need[rid]
+            kv = reqs.plen[rid]
+            pending = len(self.batch) + len(self.joining)
+            excess = pending - self.max_batch_size
             if not decode_should_pull(
-                need_tokens=need,
-                free_tokens=self.capacity - self.reserved,
-                waiting_tokens=self.waiting_tokens,
+                need_tokens=kv + min(pending, self.max_batch_size) * bs,
+                free_tokens=self.capacity - self._running_kv(t) - self.held,
+                waiting_tokens=sum(v for _, v in zip(range(excess), reversed(self.joining.values()))) if excess > 0 else 0,
                 capacity_tokens=self.capacity,
                 waiting_fraction=self.waiting_fraction,
             ):
                 break
             self.assigned.popleft()
-            self.pending_tokens -= need
-            self.reserved += need
-            self.waiting_tokens += need
-            dt = self.transfer_fixed_s + self.transfer_s_per_token * reqs.prompt[rid]
+            self.pending_tokens -= reqs.need[rid]
+            self.reserved += reqs.need[rid]
+            self.joining[rid] = kv
+            self.held += kv
+            dt = self.transfer_fixed_s + self.transfer_s_per_token * reqs.plen[rid]
             if dt > 0.0:
                 self.loop.at(t + dt, self._on_transferred, (rid, src))
             else:
                 if src is not None:
-                    src.release(t, reqs.prompt[rid])
+                    src.release(t, kv)
                 self.ready.append(rid)
                 got = True
+        if self.active and len(self.batch):  # what joins must fit beside the running batch's growth
+            fit = self._steps_that_fit()
+            if fit < self.planned:
+                self._schedule(max(fit, self.batch.steps_until(t)))
         return got
 
     def _on_transferred(self, t: float, arg: tuple[int, SimPrefillInstance | None]) -> None:
         rid, src = arg
         if src is not None:
-            src.release(t, self.reqs.prompt[rid])
+            src.release(t, self.reqs.plen[rid])
         self.ready.append(rid)
         self._wake(t)
 
+    def _preempt_newest(self, t: float) -> None:
+        """Free the newest request's KV and send it back to be prefilled again (the engine's
+        `pick_decode_batch`: pulled-but-idle requests are the newest, then the running ones)."""
+        reqs = self.reqs
+        if self.ready:  # (a request whose KV is still in flight is left to land)
+            rid = self.ready.pop()
+            self.held -= self.joining.pop(rid)
+        else:
+            rid = self.batch.newest()
+            ctx = self.batch.remove(rid)
+            reqs.done[rid] = ctx - reqs.prompt[rid] + 1  # the last sampled token has no KV yet
+            reqs.plen[rid] = ctx + 1
+        self.reserved -= reqs.need[rid]
+        self.preemptions += 1
+        if self.on_preempted is not None:
+            self.on_preempted(t, rid)
+
+    # ---- steps -------------------------------------------------------------------------------
     def _wake(self, t: float) -> None:
         """A request is ready: join now if idle, else at the first step boundary at or after t."""
         if not self.active:
@@ -243,203 +297,21 @@ class SimDecodeInstance:
 
     def _boundary(self, t: float) -> None:
         reqs, batch, ready = self.reqs, self.batch, self.ready
+        self.active = False  # between steps: the batch's KV is batch.sum_ctx, not a segment's
         joined = 0
         while True:
             while ready and len(batch) < self.max_batch_size:
                 rid = ready.popleft()
-                self.waiting_tokens -= reqs.need[rid]
-                batch.join(rid, context_len=reqs.prompt[rid], steps=reqs.output[rid] - 1)
+                self.held -= self.joining.pop(rid)
+                batch.join(rid, context_len=reqs.plen[rid], steps=reqs.output[rid] - reqs.done[rid] - 1)
                 joined += 1
             if not self._pull(t) or len(batch) >= self.max_batch_size:
                 break
+        while len(batch) and batch.sum_ctx + self.held > self.capacity:  # the next step's KV must fit
+            self._preempt_newest(t)
         if not len(batch):
-            self.active = False
             return
         self.active = True
         # The joiners are landed before the next step: every request in the batch waits for it.
         batch.start_segment(t + joined * self.join_s)
-        self._schedule(batch.steps_to_next_boundary())
-
-
-class SimColocatedInstance:
-    """One instance runs both phases: vLLM-like prefill priority, or chunked prefill (Sarathi)."""
-
-    def __init__(
-        self,
-        loop: EventLoop,
-        reqs: RequestTable,
-        latency: LatencyModel,
-        *,
-        capacity_tokens: int,
-        max_batch_size: int,
-        prefill_token_budget: int,
-        chunked: bool = False,
-        chunk_tokens: int = 512,
-        fused_mixed_steps: bool = True,
-        prefill_max_batch_size: int | None = None,
-    ) -> None:
-        self.fused_mixed_steps = fused_mixed_steps
-        self.prefill_max_batch_size = prefill_max_batch_size  # prompts a prefill batch takes (None: no cap)
-        self.loop, self.reqs, self.latency = loop, reqs, latency
-        self.capacity = capacity_tokens
-        self.max_batch_size = max_batch_size
-        self.prefill_token_budget = prefill_token_budget
-        self.chunked = chunked
-        self.chunk_tokens = chunk_tokens
-        self.waiting: deque[int] = deque()  # not fully prefilled, FCFS
-        self.waiting_need = 0
-        self.prefilled: dict[int, int] = {}  # chunked: prompt tokens done, for admitted requests
-        self.reserved = 0
-        self.batch = RunningBatch(latency)
-        self.state = "idle"  # idle | decode (a segment of decode steps) | step (prefill/mixed step)
-        self.planned = 0
-        self.version = 0
-
-    def load(self) -> int:
-        return self.reserved + self.waiting_need
-
-    def submit(self, t: float, rid: int) -> None:
-        need = self.reqs.need[rid]
-        if need > self.capacity:
-            return
-        self.waiting.append(rid)
-        self.waiting_need += need
-        self._wake(t)
-
-    def _head_fits(self) -> bool:
-        if not self.waiting or len(self.batch) >= self.max_batch_size:
-            return False
-        head = self.waiting[0]
-        if head in self.prefilled:
-            return True
-        return colocated_runs_prefill(
-            num_waiting=len(self.waiting), head_need_tokens=self.reqs.need[head], free_tokens=self.capacity - self.reserved
-        )
-
-    def _wake(self, t: float) -> None:
-        if self.state == "idle":
-            self._step(t)
-        elif self.state == "decode" and self._head_fits():
-            k = self.batch.steps_until(t)
-            if k < self.planned:
-                self._schedule(k)
-
-    def _schedule(self, k: int) -> None:
-        self.planned = k
-        self.version += 1
-        self.loop.at(self.batch.time_after(k), self._on_boundary, self.version)
-
-    def _finish(self, t: float, finished: list[int]) -> None:
-        reqs = self.reqs
-        for rid in finished:
-            reqs.finish[rid] = t
-            self.reserved -= reqs.need[rid]
-
-    def _on_boundary(self, t: float, version: int) -> None:
-        if version != self.version:
-            return
-        self._finish(t, self.batch.advance(self.planned))
-        self._step(t)
-
-    def _step(self, t: float) -> None:
-        """At a step boundary: choose the next step."""
-        if self._head_fits():
-            if self.chunked:
-                self._start_mixed(t)
-            else:
-                self._start_prefill(t)
-            return
-        if len(self.batch):
-            self.state = "decode"
-            self.batch.start_segment(t)
-            self._schedule(self.batch.steps_to_next_boundary())
-            return
-        self.state = "idle"
-
-    def _admit(self, rid: int) -> None:
-        need = self.reqs.need[rid]
-        self.reserved += need
-        self.waiting_need -= need
-
-    def _start_prefill(self, t: float) -> None:
-        reqs, waiting = self.reqs, self.waiting
-        k = prefill_batch_count(
-            (reqs.prompt[r] for r in waiting),
-            token_budget=self.prefill_token_budget,
-            # the engine's pick_prefill_batch: min(max_prefill_seqs, room in the decode batch)
-            max_batch_size=min(self.max_batch_size - len(self.batch), self.prefill_max_batch_size or self.max_batch_size),
-            free_kv_tokens=self.capacity - self.reserved,
-            kv_tokens=(reqs.need[r] for r in waiting),
-        )
-        new = [waiting.popleft() for _ in range(k)]
-        total = 0
-        sq = 0
-        longest = 0
-        for rid in new:
-            self._admit(rid)
-            p = reqs.prompt[rid]
-            total += p
-            sq += p * p
-            longest = p if p > longest else longest
-        self.state = "step"
-        self.loop.at(t + self.latency.prefill_s(total, sq, k, longest), self._on_prefill_done, new)
-
-    def _on_prefill_done(self, t: float, new: list[int]) -> None:
-        for rid in new:
-            self._first_token(t, rid)
-        self._step(t)
-
-    def _first_token(self, t: float, rid: int) -> None:
-        reqs = self.reqs
-        reqs.first[rid] = t
-        if reqs.output[rid] == 1:
-            self._finish(t, [rid])
-        else:
-            self.batch.join(rid, context_len=reqs.prompt[rid], steps=reqs.output[rid] - 1)
-
-    def _start_mixed(self, t: float) -> None:
-        reqs, waiting, done = self.reqs, self.waiting, self.prefilled
-        num_decodes = len(self.batch)
-        plan = chunked_prefill_plan(
-            num_decodes=num_decodes,
-            remaining_prompt=(reqs.prompt[r] - done.get(r, 0) for r in waiting),
-            token_budget=self.chunk_tokens,
-        )
-        chunks: list[tuple[int, int]] = []
-        total = 0
-        quad = 0
-        chunk_keys = 0
-        slots = self.max_batch_size - num_decodes
-        for rid, c in zip(waiting, plan):
-            if rid not in done:
-                if slots <= 0 or reqs.need[rid] > self.capacity - self.reserved:
-                    break  # strict FCFS: later requests do not overtake
-                self._admit(rid)
-                done[rid] = 0
-            slots -= 1
-            chunks.append((rid, c))
-            total += c
-            quad += c * (2 * done[rid] + c)
-            chunk_keys = max(chunk_keys, done[rid] + c)
-        if not chunks:  # decodes fill the budget: plain decode step(s)
-            self.state = "decode"
-            self.batch.start_segment(t)
-            self._schedule(1)
-            return
-        self.state = "step"
-        dt = self.latency.mixed_step_s(total, quad, num_decodes, self.batch.sum_ctx, num_chunks=len(chunks),
-                                       chunk_max_keys=chunk_keys, decode_max_keys=self.batch.longest,
-                                       fused=self.fused_mixed_steps)
-        self.loop.at(t + dt, self._on_mixed_done, chunks)
-
-    def _on_mixed_done(self, t: float, chunks: list[tuple[int, int]]) -> None:
-        if len(self.batch):
-            self._finish(t, self.batch.advance(1))
-        done, reqs = self.prefilled, self.reqs
-        for rid, c in chunks:
-            done[rid] += c
-            if done[rid] == reqs.prompt[rid]:
-                self.waiting.popleft()  # completed chunks are always at the head
-                del done[rid]
-                self._first_token(t, rid)
-        self._step(t)
+        self._schedule(min(batch.steps_to_next_boundary(), self._steps_that_fit()))

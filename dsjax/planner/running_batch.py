@@ -104,6 +104,25 @@ class RunningBatch:
             k += 1
         return k
 
+    @property
+    def kv_tokens(self) -> int:
+        """KV tokens the running requests hold before the next step writes one more each."""
+        return self.sum_ctx - len(self.heap)
+
+    def newest(self) -> int:
+        """The request that joined last (the engine preempts from that end)."""
+        return next(reversed(self.base))
+
+    def remove(self, rid: int) -> int:
+        """Take a request out between steps (preempted); returns the KV tokens it held."""
+        ctx_plus_1 = self.base.pop(rid) + self.steps_done
+        self.heap = [e for e in self.heap if e[1] != rid]
+        heapq.heapify(self.heap)
+        self.sum_ctx -= ctx_plus_1
+        if self.track_max:
+            self.max_base = max(self.base.values(), default=0)
+        return ctx_plus_1 - 1
+
     def advance(self, k: int) -> list[int]:
         """Run k steps; return the ids of requests that produced their last token."""
         self.steps_done += k

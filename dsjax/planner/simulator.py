@@ -28,7 +28,8 @@ from typing import Literal
 from dsjax.engine.placement import Placement
 from dsjax.engine.policies import least_loaded
 from dsjax.planner.events import EventLoop, RequestTable
-from dsjax.planner.instances import SimColocatedInstance, SimDecodeInstance, SimPrefillInstance
+from dsjax.planner.colocated_instance import SimColocatedInstance
+from dsjax.planner.instances import SimDecodeInstance, SimPrefillInstance
 from dsjax.planner.latency import LatencyModel, Profile
 from dsjax.planner.model_spec import MemoryModel, ModelSpec, parallel_config_error
 from dsjax.planner.slo import SLO, SimResult
@@ -60,6 +61,9 @@ class SimConfig:
     # on step logs by planner/served.py). 0: joining is free (DistServe's simulator).
     decode_join_s: float = 0.0
     pp_overhead_ms: float = 1.0
+    # KV blocks (tokens): a decode instance pulls a request only with one block of growth to spare
+    # per request it runs (the engine's DecodeInstance.can_pull, --block-size)
+    kv_block_size: int = 16
     # False: KV capacity never limits batching (DistServe's public simulator does not model it);
     # whether the weights fit is still checked.
     kv_capacity_limit: bool = True
@@ -70,7 +74,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.prefill_token_budget is not None and self.prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={self.prefill_token_budget} must be >= 1")
-        for name in ("prefill_max_batch_size", "decode_max_batch_size", "colocated_token_budget", "chunk_tokens"):
+        for name in ("prefill_max_batch_size", "decode_max_batch_size", "colocated_token_budget", "chunk_tokens",
+                     "kv_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.pull_waiting_fraction <= 1:
@@ -160,26 +165,41 @@ class Simulator:
                 transfer_s_per_token=per_token,
                 transfer_fixed_s=cfg.transfer_fixed_s,
                 join_s=cfg.decode_join_s,
+                block_size=cfg.kv_block_size,
+                on_preempted=lambda t, rid: recompute(t, rid),
             )
             for _ in range(self.decode.replicas)
         ]
+
+        def to_decode(t: float, rid: int, src: SimPrefillInstance | None) -> None:
+            target = decodes[least_loaded([d.load() for d in decodes])] if len(decodes) > 1 else decodes[0]
+            target.assign(t, rid, src)
+
         if phase == "decode":
             def submit_decode(t: float, rid: int) -> None:
                 reqs.first[rid] = t
                 if reqs.output[rid] == 1:
                     reqs.finish[rid] = t
                     return
-                target = decodes[least_loaded([d.load() for d in decodes])] if len(decodes) > 1 else decodes[0]
-                target.assign(t, rid, None)
+                to_decode(t, rid, None)
+
+            def recompute(t: float, rid: int) -> None:
+                # No prefill instances here: a preempted request's recompute costs nothing, and it
+                # is pulled again after the requests already waiting (the next event, not now).
+                reqs.done[rid] += 1
+                reqs.plen[rid] += 1
+                if reqs.done[rid] + 1 >= reqs.output[rid]:
+                    reqs.finish[rid] = t
+                else:
+                    loop.at(t, lambda t2, r: to_decode(t2, r, None), rid)
             return submit_decode
 
         def prefilled(t: float, rid: int, src: SimPrefillInstance) -> None:
-            if phase == "prefill" or reqs.output[rid] == 1:
+            if phase == "prefill" or reqs.done[rid] + 1 >= reqs.output[rid]:
                 reqs.finish[rid] = t
-                src.release(t, reqs.prompt[rid])
+                src.release(t, reqs.plen[rid])
                 return
-            target = decodes[least_loaded([d.load() for d in decodes])] if len(decodes) > 1 else decodes[0]
-            target.assign(t, rid, src)
+            to_decode(t, rid, src)
 
         prefills = [
             SimPrefillInstance(
@@ -191,6 +211,11 @@ class Simulator:
             )
             for _ in range(self.prefill.replicas)
         ]
+
+        def recompute(t: float, rid: int) -> None:
+            # the engine's DisaggEngine.requeue: the front of the queue with the fewest prompt tokens
+            prefills[least_loaded([p.queued_tokens for p in prefills]) if len(prefills) > 1 else 0].submit(t, rid, front=True)
+
         if len(prefills) == 1:
             return lambda t, rid: prefills[0].submit(t, rid)
         return lambda t, rid: prefills[least_loaded([p.load() for p in prefills])].submit(t, rid)

@@ -134,15 +134,48 @@ def test_prefill_batches_short_prompts():
     np.testing.assert_allclose(r.ttft_s[1:], first + batch - 0.001)
 
 
-def test_kv_capacity_limits_and_unserved():
+def test_kv_capacity_limits_preempts_and_recomputes():
+    """A 1,000-token decode pool takes both 400-token requests (the second's context and a growth
+    block fit beside the first, as the engine's can_pull asks; it joins one step later), runs out
+    of KV after 100 steps (the step would need 1,001 + 2 tokens), preempts the newer one, which is
+    prefilled again over its 500 tokens and pulled once the older one has finished; the
+    2,000-token prompt never fits and stays unserved."""
     small = MemoryModel(model=MODEL, table={"facebook/opt-13b": {(1, 1): 1000}})
-    trace = _trace([(0.0, 400, 200), (0.0, 400, 200), (0.0, 2000, 10)])  # decode fits one at a time
-    r = _sim(_disagg(), memory=small).run(trace, slo=SLO_)
-    assert np.isinf(r.ttft_s[2]) and r.summary()["num_unserved"] == 1
-    # The second request waits (KV stays on the prefill side) until the first one finishes.
-    assert r.tpot_s[1] > 1.5 * r.tpot_s[0]
+    # a one-token request first keeps the prefill instance busy while the two queue up as one batch
+    trace = _trace([(0.0, 100, 1), (0.0, 400, 200), (0.0, 400, 200), (0.0, 2000, 10)])
+    r = _sim(_disagg(), memory=small, prefill_token_budget=1024).run(trace, slo=SLO_)
+    assert np.isinf(r.ttft_s[3]) and r.summary()["num_unserved"] == 1
+    ms = 1e-3
+    prefill = (COEFFS.prefill_ms(100, 100**2) + COEFFS.prefill_ms(800, 2 * 400**2)) * ms
+    t1 = prefill + (COEFFS.decode_ms(1, 401) + sum(COEFFS.decode_ms(2, 803 + 2 * j) for j in range(99))) * ms  # preemption
+    t2 = t1 + sum(COEFFS.decode_ms(1, 501 + i) for i in range(99)) * ms  # the older one finishes
+    finish_1 = t2 + sum(COEFFS.decode_ms(1, 501 + i) for i in range(99)) * ms  # 99 tokens after the recompute's
+    assert r.ttft_s[1:] == pytest.approx([prefill, prefill, math.inf])
+    assert r.tpot_s[1] == pytest.approx((t2 - prefill) / 199)
+    assert r.tpot_s[2] == pytest.approx((finish_1 - prefill) / 199)
     unlimited = _sim(_disagg(), memory=small, kv_capacity_limit=False).run(trace, slo=SLO_)
     assert np.isfinite(unlimited.ttft_s).all()
+
+
+def test_colocated_kv_limit_preempts_the_newest_and_recomputes_it():
+    """The engine's colocated rule: both prompts are admitted (their prompts fit), decoding runs out
+    of KV after 100 steps, the newer request goes back to the queue's front and is prefilled again
+    over its 501 tokens once the older one has finished and freed its KV."""
+    small = MemoryModel(model=MODEL, table={"facebook/opt-13b": {(1, 1): 1000}})
+    # a one-token request first keeps the instance busy while the two queue up as one batch
+    trace = _trace([(0.0, 100, 1), (0.0, 400, 200), (0.0, 400, 200)])
+    chunked = _sim(Placement.colocated(tp=1, mode="chunked"), memory=small, chunk_tokens=1024).run(trace, slo=SLO_)
+    assert np.isfinite(chunked.tpot_s[1:]).all() and chunked.tpot_s[2] > 1.3 * chunked.tpot_s[1]
+    r = _sim(Placement.colocated(tp=1), memory=small).run(trace, slo=SLO_)
+    ms = 1e-3
+    prefill = (COEFFS.prefill_ms(100, 100**2) + COEFFS.prefill_ms(800, 2 * 400**2)) * ms
+    t1 = prefill + sum(COEFFS.decode_ms(2, 802 + 2 * j) for j in range(100)) * ms  # the preemption
+    t2 = t1 + sum(COEFFS.decode_ms(1, 501 + i) for i in range(99)) * ms  # the older one finishes
+    recompute = COEFFS.prefill_ms(501, 501**2) * ms
+    finish_1 = t2 + recompute + sum(COEFFS.decode_ms(1, 502 + i) for i in range(98)) * ms
+    assert r.ttft_s[1:] == pytest.approx([prefill, prefill])
+    assert r.tpot_s[1] == pytest.approx((t2 - prefill) / 199)
+    assert r.tpot_s[2] == pytest.approx((finish_1 - prefill) / 199)
 
 
 def test_kv_transfer_time():
