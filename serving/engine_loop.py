@@ -254,9 +254,11 @@ class EngineLoop:
         """The loop died: end every request (subclasses override)."""
 
     # ---- the loop ------------------------------------------------------------------------
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float | None = None) -> None:
+        """Run the posted commands; with `block`, first wait up to `timeout` (default
+        `idle_wait_s`) for one."""
         try:
-            fn = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+            fn = self._commands.get(timeout=timeout or self.idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
             return
         while True:

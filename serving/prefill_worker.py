@@ -31,13 +31,14 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 
 import grpc
 
 from dsjax.engine.block_manager import blocks_for
 from dsjax.engine.disaggregated import PrefillInstance
-from dsjax.engine.request import Request
+from dsjax.engine.request import Request, Status
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.runtime.kv_descriptor import KVDescriptor
 from serving.engine_loop import EngineDead, EngineLoop
@@ -80,6 +81,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         self.leases: LeaseTable[Request] = LeaseTable(lease_s, max_hold_s=max_lease_s)
         self.limits = WorkerLimits.of(instance, chunk_bytes)  # what its handlers accept (serving/worker_checks.py)
         self._pending: dict[str, _Pending] = {}
+        self._inflight: deque = deque()  # launched prefill batches, oldest first (the pipeline)
         self.migrations = 0
         self.kv_bytes = 0  # the runner's bytes (an emulated device's: the real model's, not the placeholder's)
 
@@ -158,6 +160,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         """The Prefill call ended: if it ended before the prefill ran (cancelled), drop it."""
         p = self._pending.pop(rid, None)
         if p is not None:
+            p.request.status = Status.FINISHED  # if its batch is in flight, its result is dropped
             self.inst.release(p.request)
             p.future.set_exception(_Rejected(grpc.StatusCode.CANCELLED, "cancelled"))
 
@@ -210,10 +213,36 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         return self.inst.runner.kv_descriptor(req.num_tokens - 1)  # the last token's KV is decode's to write
 
     def busy(self) -> bool:
-        return bool(self.inst.waiting)
+        return bool(self.inst.waiting or self._inflight)
 
     def step(self) -> bool:
-        prefilled, finished = self.inst.step()
+        """Keep the pipeline full (the simulator's SimPrefillInstance; the in-process engine's
+        dsjax/engine/threaded.py): launch one batch whenever the first stage can take it (fewer
+        than pp batches in flight, or, on a runner that says when its first stage frees, that
+        moment), else finish the oldest batch in flight. A batch is formed only when it can start,
+        so it takes what arrived meanwhile; commands (new prompts, releases) run between steps."""
+        inst, inflight = self.inst, self._inflight
+        runner = inst.runner
+        stage_free_in = getattr(runner, "stage_free_in", None)
+        if inst.waiting:
+            wait = stage_free_in() if stage_free_in is not None else (0.0 if len(inflight) < runner.pp else None)
+            if wait is not None and wait <= 0.0:
+                pending = inst.launch(max_batches=1)
+                if pending is not None:
+                    inflight.append(pending)
+                    return True
+            elif wait is not None and (not inflight or wait < runner.ready_in(inflight[0][1])):
+                time.sleep(wait)  # the first stage frees before the oldest batch is done
+                return True
+        if not inflight:
+            return False
+        if not inst.waiting and stage_free_in is not None and (left := runner.ready_in(inflight[0][1])) > 0:
+            self._drain(block=True, timeout=left)  # a prompt arriving meanwhile may enter the first stage first
+            return True
+        pending = inflight.popleft()
+        return self._respond(*inst.complete(pending, runner.collect(pending[1])))
+
+    def _respond(self, prefilled: list[Request], finished: list[Request]) -> bool:
         for req in prefilled + finished:
             p = self._pending.pop(req.request_id)
             lc = req.lifecycle

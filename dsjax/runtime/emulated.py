@@ -183,6 +183,10 @@ class EmulatedRunner:
         with self._lock:
             return max(0.0, self._stage_free[0] - self._clock())
 
+    def ready_in(self, launched: list[_Launched]) -> float:
+        """Seconds until every launched batch's result exists (0: already)."""
+        return max(0.0, max((x.ready_at for x in launched), default=0.0) - self._clock())
+
     def _wait_until(self, t: float) -> None:
         left = t - self._clock()
         if left > 0:
