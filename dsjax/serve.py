@@ -13,6 +13,7 @@ serves colocated instead. Attention runs the Pallas kernels on GPU and the XLA p
     python -m dsjax.serve --workers processes --prefill-tp 2 --decode-replicas 2
     python -m dsjax.serve --plan plan.json --model /ckpt/opt-13b
     python -m dsjax.serve --mode chunked --prefill-tp 2     # a colocated baseline
+    python -m dsjax.serve --mode colocated --workers processes --prefill-replicas 2   # replicas in processes
     python -m dsjax.serve --emulate A100_PROFILE.json --model opt-13b --prefill-tp 2   # emulated devices (dsjax/emulate.py)
     python -m dsjax.serve certs ./tls && python -m dsjax.serve --workers processes --tls-dir ./tls   # mutual TLS
     # one role per host, all with the same DSJAX_CLUSTER_TOKEN (serving/cluster_auth.py):
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: the plan's, else disaggregated, or colocated where the in-process server sees one device")
     s.add_argument("--plan", help="a placement written by the planner (dsjax.engine.placement.save_plan)")
     s.add_argument("--workers", choices=("inprocess", "processes"), default="inprocess")
-    s.add_argument("--role", choices=("router", "prefill", "decode"), default=None,
+    s.add_argument("--role", choices=("router", "prefill", "decode", "replica"), default=None,
                    help="run one role only (one per host); without it, everything")
     s.add_argument("--router", help="router address HOST:PORT (worker roles)")
     s.add_argument("--advertise-host", default="127.0.0.1", help="host others use to reach this worker")
@@ -154,6 +155,9 @@ def placement_from_args(args: argparse.Namespace):
     return Placement(prefill=prefill, decode=decode, mode=mode)
 
 
+WORKER_ROLES = ("prefill", "decode", "replica")  # a replica: a colocated or chunked instance (--mode)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["certs"]:  # `python -m dsjax.serve certs DIR`: the cluster's CA and node certificate
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return certs_main(argv[1:])
     args = parse_args(argv)
     if args.port is None:
-        args.port = 0 if args.role in ("prefill", "decode") else 50051
+        args.port = 0 if args.role in WORKER_ROLES else 50051
     placement = placement_from_args(args)
     if args.emulate:  # emulated devices (dsjax/emulate.py): no jax, no XLA devices to make
         from dsjax.emulate import Emulation
@@ -175,13 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = emulation.dtype
         return launcher.run(args, placement, emulation=emulation)
     # Devices exist once jax starts: on a CPU host, give this process as many as it will use.
-    if args.role in ("prefill", "decode"):
-        phase = placement.prefill if args.role == "prefill" else placement.decode
+    if args.role in WORKER_ROLES:
+        phase = placement.decode if args.role == "decode" else placement.prefill
         need = phase.tp * phase.pp
     else:
         need = placement.num_devices if args.workers == "inprocess" and args.role is None else 1
     flags = os.environ.get("XLA_FLAGS", "")
-    if "--xla_force_host_platform_device_count" not in flags or args.role in ("prefill", "decode"):
+    if "--xla_force_host_platform_device_count" not in flags or args.role in WORKER_ROLES:
         from serving.supervisor import xla_flags_with_devices
 
         os.environ["XLA_FLAGS"] = xla_flags_with_devices(flags, need)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class TokenEvent:
     token_ids: tuple[int, ...]
     migration: object | None = None  # worker_pb2.Migration once the KV has landed (decode)
+    timing: dict | None = None  # a replica's first token: {"queue_seconds", "prefill_seconds"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,8 @@ class Outbox:
                 last = out[-1] if out else None
                 if (isinstance(event, TokenEvent) and isinstance(last, TokenEvent)
                         and not (last.migration is not None and event.migration is not None)):
-                    out[-1] = TokenEvent(last.token_ids + event.token_ids, last.migration or event.migration)
+                    out[-1] = TokenEvent(last.token_ids + event.token_ids, last.migration or event.migration,
+                                         last.timing or event.timing)
                 else:
                     out.append(event)
             try:

@@ -1,9 +1,10 @@
 """What `python -m dsjax.serve` runs, by role (dsjax/serve.py parses the flags):
 
     no --role, --workers inprocess   router + one engine from build_engine in this process
-    no --role, --workers processes   router here + prefill/decode worker processes (supervised)
+    no --role, --workers processes   router here + prefill/decode worker processes (supervised), or
+                                     with --mode colocated / chunked one replica worker process each
     --role router                    router only; workers register from other hosts
-    --role prefill | decode          one worker (serving/worker.py)
+    --role prefill | decode | replica  one worker (serving/worker.py)
     --emulate PROFILE (any of them)  the same on emulated devices (dsjax/emulate.py): no jax, no weights
 """
 
@@ -303,10 +304,11 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
     return argv
 
 
-def cluster_registry(args: argparse.Namespace, token: str | None):
+def cluster_registry(args: argparse.Namespace, token: str | None, replicas: bool = False):
     """The router's worker Registry: the cluster's fingerprint (model, block size, dtype, weights
     hash: serving/fingerprint.py) and its calls to the workers (the token, mutual TLS with --tls-dir)."""
     from serving.fingerprint import weights_fingerprint
+    from serving.proto.dsjax.v1 import worker_pb2 as wpb
     from serving.registry import Registry
     from serving.tls import cluster_tls
 
@@ -321,7 +323,8 @@ def cluster_registry(args: argparse.Namespace, token: str | None):
     largest = WorkerLimits(vocab_size=config.vocab_size, context=config.max_position, max_chunk_bytes=0).request_bytes()
     return Registry(cluster_token=token, model=args.model, block_size=args.block_size, dtype=args.dtype,
                     weights_hash=weights_hash, pin=("weights_hash",), tls=cluster_tls(args.tls_dir),
-                    hung_s=args.hung_worker_seconds or None, max_message=max(largest, 4 << 20))
+                    hung_s=args.hung_worker_seconds or None, max_message=max(largest, 4 << 20),
+                    roles=(wpb.COLOCATED,) if replicas else (wpb.PREFILL, wpb.DECODE))
 
 
 def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
@@ -330,26 +333,27 @@ def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
     from serving.supervisor import Supervisor, WorkerSpec, assign_gpus
     from serving.validation import model_config
 
-    if placement.mode != "disaggregated":
-        raise SystemExit(f"--workers processes / --role router serve mode=disaggregated, not {placement.mode!r}: "
-                         "run colocated and chunked baselines with --workers inprocess")
     if emulation is not None:
         emulation.check(placement)
         log.info("%s", emulation.describe(placement, args.block_size, args.num_blocks))
     config = model_config(args.model)
     token = _cluster_token(create=args.role is None)  # the workers started here inherit it
-    registry = cluster_registry(args, token)
-    backend = RemoteBackend(registry, max_recomputes=args.max_recomputes)
+    replicas = placement.mode != "disaggregated"
+    registry = cluster_registry(args, token, replicas)
+    backend = RemoteBackend(registry, max_recomputes=args.max_recomputes, replicas=replicas)
     fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)],
                      cluster_token=token)
     supervisor = None
     if args.role is None:  # start the workers here
         address = f"127.0.0.1:{fronts.cluster_port}"
         specs = []
-        for role, phase in (("prefill", placement.prefill), ("decode", placement.decode)):
+        roles = [("replica", "prefill", placement.prefill)] if replicas else \
+            [("prefill", "prefill", placement.prefill), ("decode", "decode", placement.decode)]
+        for role, flag, phase in roles:
             for i in range(phase.replicas):
                 wid = f"{role}-{i}"
-                argv = _worker_argv(args, role, wid, address) + [f"--{role}-tp", str(phase.tp), f"--{role}-pp", str(phase.pp)]
+                argv = _worker_argv(args, role, wid, address) + [f"--{flag}-tp", str(phase.tp), f"--{flag}-pp", str(phase.pp)]
+                argv += ["--mode", placement.mode]
                 argv += emulation.worker_argv() if emulation is not None else []
                 specs.append(WorkerSpec(wid, argv, phase.tp * phase.pp))
         if args.gpus:
@@ -372,7 +376,7 @@ def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
     if not args.router:
         raise SystemExit(f"--role {args.role} needs --router HOST:PORT")
     cluster_tls(args.tls_dir)  # a missing or unreadable --tls-dir exits here, before the weights load
-    phase = placement.prefill if args.role == "prefill" else placement.decode
+    phase = placement.decode if args.role == "decode" else placement.prefill
     config = model_config(args.model)
     runner = None
     if emulation is None:
@@ -397,6 +401,7 @@ def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
         lease_s=args.lease_seconds, max_lease_s=args.max_lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
         max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
+        mode=placement.mode if args.role == "replica" else "colocated",
     )
     worker = WorkerProcess(cfg, runner=runner)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -411,7 +416,7 @@ def run(args: argparse.Namespace, placement, emulation=None) -> int:
     from serving.engine_loop import Outbox
 
     Outbox.stream_interval_s = max(0.0, getattr(args, "stream_interval_ms", 0.0)) / 1e3
-    if args.role in ("prefill", "decode"):
+    if args.role in ("prefill", "decode", "replica"):
         return run_worker(args, placement, emulation)
     if args.role == "router" or args.workers == "processes":
         return run_router(args, placement, emulation)

@@ -42,6 +42,7 @@ class WorkerEntry:
     last_seen: float
     stats: wpb.InstanceStats | None = None
     inflight: int = 0  # requests the router has on it now
+    load: int = 0  # their KV tokens (a prefill's prompt, a decode's peak): what requests are balanced by
     calls: set = dataclasses.field(default_factory=set)
     hung: bool = False  # quarantined by the watchdog: routed nothing
 
@@ -70,7 +71,8 @@ class Registry(worker_pb2_grpc.RegistryServicer):
     def __init__(self, *, heartbeat_s: float = 0.5, timeout_s: float = 5.0, cluster_token: str | None = None,
                  model: str | None = None, block_size: int | None = None, dtype: str | None = None,
                  weights_hash: str | None = None, pin: tuple[str, ...] = (), tls: ClusterTLS | None = None,
-                 hung_s: float | None = 60.0, max_message: int | None = None):
+                 hung_s: float | None = 60.0, max_message: int | None = None,
+                 roles: tuple[int, ...] = (wpb.PREFILL, wpb.DECODE)):
         """The cluster's fingerprint: `model`, `block_size`, `dtype` and `weights_hash`
         (serving/fingerprint.py), when given, are what every registering worker must serve with (a
         worker with other weights, another dtype or another KV page size would corrupt the requests
@@ -81,6 +83,7 @@ class Registry(worker_pb2_grpc.RegistryServicer):
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
         self.hung_s = hung_s
+        self.roles = roles  # the roles this cluster serves with: disaggregated, or replicas (COLOCATED)
         self._hung: dict[str, int] = {}  # worker_id -> pid of a quarantined process
         self.expect = {"model": model, "block_size": block_size, "dtype": dtype, "weights_hash": weights_hash}
         self._pin = tuple(f for f in pin if self.expect[f] is None)
@@ -99,8 +102,12 @@ class Registry(worker_pb2_grpc.RegistryServicer):
             check_id(request.address, "address")
         except Invalid as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if request.role not in (wpb.PREFILL, wpb.DECODE):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role={request.role} must be PREFILL or DECODE")
+        if request.role not in (wpb.PREFILL, wpb.DECODE, wpb.COLOCATED):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role={request.role} must be PREFILL, DECODE or COLOCATED")
+        if request.role not in self.roles:  # a replica in a disaggregated cluster, or the other way round
+            names = " or ".join(wpb.Role.Name(r) for r in self.roles)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"role={wpb.Role.Name(request.role)} does not serve in this cluster: it takes {names}")
         with self._lock:  # checked and pinned at once: two first workers cannot pin different values
             problem = self.mismatch(request)
             if problem is None:
@@ -228,20 +235,25 @@ class Registry(worker_pb2_grpc.RegistryServicer):
                 self._changed.wait(left)
         return True
 
-    def acquire(self, role: int) -> WorkerEntry | None:
-        """The least-loaded live worker of `role` (router in-flight count, then its reported
-        queue), or None; counted in flight until `release`."""
+    def acquire(self, role: int, tokens: int = 0) -> WorkerEntry | None:
+        """The least-loaded live worker of `role`, or None; the request counts on it (`tokens`
+        of KV load, one in flight) until `release`. Load is what the in-process engines and the
+        simulator balance by (`policies.least_loaded`): a prefill worker's prompt tokens queued or
+        being prefilled, a decode worker's peak KV tokens (prompt + max_tokens) of the requests
+        assigned to it; then requests in flight, its reported queue, its id."""
         with self._lock:
             live = [w for w in self._workers.values() if w.info.role == role and not w.hung]
             if not live:
                 return None
-            w = min(live, key=lambda w: (w.inflight, w.stats.waiting if w.stats else 0, w.id))
+            w = min(live, key=lambda w: (w.load, w.inflight, w.stats.waiting if w.stats else 0, w.id))
             w.inflight += 1
+            w.load += tokens
             return w
 
-    def release(self, w: WorkerEntry) -> None:
+    def release(self, w: WorkerEntry, tokens: int = 0) -> None:
         with self._lock:
             w.inflight -= 1
+            w.load -= tokens
 
     def track(self, w: WorkerEntry, call) -> bool:
         """Remember a call to `w` so it is cancelled if `w` is dropped; False if already dropped."""

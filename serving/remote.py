@@ -1,5 +1,6 @@
-"""The router's side of disaggregated serving across processes: prefill and decode workers
-reached over gRPC (serving/prefill_worker.py, serving/decode_worker.py).
+"""The router's side of serving across processes: prefill and decode workers reached over gRPC
+(serving/prefill_worker.py, serving/decode_worker.py), or colocated / chunked replica workers
+(serving/replica_worker.py: `Generate` on the replica with the least KV load, tokens streamed).
 
 One request, as seen from the router (a task on the backend's event loop; its events go to the
 request's outbox, which the front reads):
@@ -103,6 +104,12 @@ class _RemoteHandle:
                 yield FinishEvent(done, self.breakdown)
                 return
             try:
+                if self.backend.replicas:
+                    req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
+                    async for event in self._replica(req):
+                        output.extend(event.token_ids)
+                        yield event
+                    return
                 pw, resp = await self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed,
                                                               job.eos_token_ids))
                 output.append(resp.token_id)
@@ -126,7 +133,8 @@ class _RemoteHandle:
                                                       f"times (--max-recomputes {self.backend.max_recomputes}); last: {lost}")
 
     async def _prefill(self, req: wpb.WorkerRequest) -> tuple[WorkerEntry, wpb.PrefillResponse]:
-        pw = await self._acquire(wpb.PREFILL)
+        tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+        pw = await self._acquire(wpb.PREFILL, tokens)
         try:
             stub = worker_pb2_grpc.PrefillWorkerStub(self.backend.channel(pw))
             call = stub.Prefill(wpb.PrefillRequest(request=req), timeout=self.backend.call_timeout_s,
@@ -144,7 +152,7 @@ class _RemoteHandle:
             _release(pw, req.request_id)
             raise
         finally:
-            self.registry.release(pw)
+            self.registry.release(pw, tokens)
         bd = self.breakdown
         bd["queue_s"] = bd.get("queue_s", 0.0) + resp.queue_seconds
         bd["prefill_s"] = bd.get("prefill_s", 0.0) + resp.prefill_seconds
@@ -158,7 +166,8 @@ class _RemoteHandle:
 
     async def _decode(self, req: wpb.WorkerRequest, pw: WorkerEntry, resp: wpb.PrefillResponse):
         """Yields TokenEvents; ends by raising _Stop with the finish (or _Retry)."""
-        dw = await self._acquire(wpb.DECODE)
+        peak = len(req.prompt_token_ids) + self.job.sampling.max_tokens
+        dw = await self._acquire(wpb.DECODE, peak)
         source = wpb.KVSource(worker_id=pw.id, address=pw.address, kv=resp.kv, lease_ms=resp.lease_ms)
         timeout = self.backend.call_timeout_s + self.backend.per_token_timeout_s * self.job.sampling.max_tokens
         stub = worker_pb2_grpc.DecodeWorkerStub(self.backend.channel(dw))
@@ -192,22 +201,52 @@ class _RemoteHandle:
             raise self._failed(dw, err) from None
         finally:
             self._untrack(dw)
-            self.registry.release(dw)
+            self.registry.release(dw, peak)
+
+    async def _replica(self, req: wpb.WorkerRequest):
+        """Both phases on one replica worker. Yields TokenEvents; ends by raising _Stop with the
+        finish, or _Retry when the replica is gone (the next attempt goes to another)."""
+        peak = len(req.prompt_token_ids) + self.job.sampling.max_tokens
+        w = await self._acquire(wpb.COLOCATED, peak)
+        timeout = self.backend.call_timeout_s + self.backend.per_token_timeout_s * self.job.sampling.max_tokens
+        call = worker_pb2_grpc.ReplicaWorkerStub(self.backend.channel(w)).Generate(
+            wpb.ReplicaRequest(request=req), timeout=timeout, metadata=self.registry.channels.metadata)
+        self._track(w, call)
+        bd, first = self.breakdown, None
+        try:
+            async for msg in call:
+                if msg.token_ids:
+                    if first is None:
+                        first = time.perf_counter()
+                        bd["queue_s"] = bd.get("queue_s", 0.0) + msg.queue_seconds
+                        bd["prefill_s"] = bd.get("prefill_s", 0.0) + msg.prefill_seconds
+                    yield TokenEvent(tuple(msg.token_ids))
+                if msg.finish_reason:
+                    bd["recomputes"] += msg.recomputes
+                    if first is not None:
+                        bd["decode_s"] = bd.get("decode_s", 0.0) + time.perf_counter() - first
+                    raise _Stop(FinishEvent(FINISH_FROM_PROTO[msg.finish_reason], bd))
+            raise _Stop(ErrorEvent(grpc.StatusCode.INTERNAL, f"replica worker {w.id} ended the stream without a finish"))
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            raise self._failed(w, err) from None
+        finally:
+            self._untrack(w)
+            self.registry.release(w, peak)
 
     # ---- helpers -------------------------------------------------------------------------
-    async def _acquire(self, role: int) -> WorkerEntry:
+    async def _acquire(self, role: int, tokens: int) -> WorkerEntry:
         if self._cancelled.is_set():
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
-        w = self.registry.acquire(role)
+        w = self.registry.acquire(role, tokens)
         # None registered: wait a little for one (a restarted router hears from its workers within
         # a heartbeat, and requests that reach it first should not fail for that), then give up.
         end = time.monotonic() + self.backend.worker_wait_s
         while w is None and time.monotonic() < end and not self._cancelled.is_set():
             await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
-            w = self.registry.acquire(role)
+            w = self.registry.acquire(role, tokens)
         if self._cancelled.is_set():
             if w is not None:
-                self.registry.release(w)
+                self.registry.release(w, tokens)
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
         if w is None:
             with self._lock:
@@ -290,11 +329,13 @@ class RemoteBackend:
     hand-off per message to a front's loop, no thread per open stream)."""
 
     def __init__(self, registry: Registry, *, max_recomputes: int = 2, call_timeout_s: float = 300.0,
-                 per_token_timeout_s: float = 1.0, worker_wait_s: float = 2.0):
+                 per_token_timeout_s: float = 1.0, worker_wait_s: float = 2.0, replicas: bool = False):
         """`worker_wait_s`: how long a request waits for a worker of a phase none of which is
         registered (a router just restarted: its workers register within a heartbeat) before it
-        ends with UNAVAILABLE."""
+        ends with UNAVAILABLE. `replicas`: serve on colocated / chunked replica workers instead of
+        prefill and decode workers."""
         self.registry = registry
+        self.replicas = replicas
         self.worker_wait_s = worker_wait_s
         self.max_recomputes = max_recomputes
         self.call_timeout_s = call_timeout_s
@@ -323,6 +364,8 @@ class RemoteBackend:
         return handle
 
     def ready(self) -> bool:
+        if self.replicas:
+            return self.registry.has(wpb.COLOCATED)
         return self.registry.has(wpb.PREFILL) and self.registry.has(wpb.DECODE)
 
     def instances(self) -> list[wpb.InstanceStats]:

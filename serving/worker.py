@@ -1,5 +1,5 @@
-"""One worker process: a prefill or decode instance on this host's devices, served over gRPC,
-registered with the router and kept alive by heartbeats.
+"""One worker process: a prefill or decode instance, or a colocated / chunked replica, on this
+host's devices, served over gRPC, registered with the router and kept alive by heartbeats.
 
     python -m dsjax.serve --role decode --router HOST:PORT --decode-tp 1 --model tiny-llama --dummy-weights
 
@@ -42,9 +42,13 @@ from serving.worker_checks import Peers
 log = logging.getLogger(__name__)
 
 
+ROLES = ("prefill", "decode", "replica")
+PROTO_ROLE = {"prefill": wpb.PREFILL, "decode": wpb.DECODE, "replica": wpb.COLOCATED}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
-    role: str  # "prefill" | "decode"
+    role: str  # "prefill" | "decode" | "replica" (both phases on one instance, `mode`)
     worker_id: str
     router: str  # HOST:PORT of the router's Registry
     model: str
@@ -69,10 +73,13 @@ class WorkerConfig:
     warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/runtime/warmup.py)
     cluster_token: str | None = None  # required on this worker's services and sent on its calls (serving/cluster_auth.py)
     tls_dir: str | None = None  # mutual TLS on this worker's services and on its calls (serving/tls.py)
+    mode: str = "colocated"  # a replica's: "colocated" (prefill first) or "chunked"
 
     def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode"):
-            raise ValueError(f"role={self.role!r} must be 'prefill' or 'decode'")
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r} must be one of {ROLES}")
+        if self.mode not in ("colocated", "chunked"):
+            raise ValueError(f"mode={self.mode!r} must be 'colocated' or 'chunked'")
 
 
 class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -92,8 +99,10 @@ def model_backend(flag: str) -> str | None:
 
 
 def build_instance(cfg: WorkerConfig, runner=None):
-    """The role's PrefillInstance or DecodeInstance on the first tp * pp local devices, or on
-    `runner` when given (an emulated one, dsjax/runtime/emulated.py: then no jax is loaded)."""
+    """The role's PrefillInstance, DecodeInstance or ColocatedEngine on the first tp * pp local
+    devices, or on `runner` when given (an emulated one, dsjax/runtime/emulated.py: then no jax
+    is loaded)."""
+    from dsjax.engine.colocated import ColocatedEngine
     from dsjax.engine.disaggregated import DecodeInstance, PrefillInstance
 
     if runner is None:
@@ -105,6 +114,8 @@ def build_instance(cfg: WorkerConfig, runner=None):
                                         backend=model_backend(cfg.attention_backend))
         runner = build_runner(model, weights, cfg.cache, phase=PhaseParallel(tp=cfg.tp, pp=cfg.pp))
     log.info("%s: attention backend %s on %s", cfg.worker_id, runner.attention_backend, runner.devices()[0].platform)
+    if cfg.role == "replica":
+        return ColocatedEngine(runner, cfg.scheduler, chunked=cfg.mode == "chunked")
     return (PrefillInstance if cfg.role == "prefill" else DecodeInstance)(runner, cfg.scheduler)
 
 
@@ -112,6 +123,7 @@ class WorkerProcess:
     def __init__(self, cfg: WorkerConfig, runner=None):
         from serving.decode_worker import DecodeWorker
         from serving.prefill_worker import PrefillWorker
+        from serving.replica_worker import ReplicaWorker
 
         self.cfg = cfg
         self.tls = ClusterTLS.load(cfg.tls_dir) if cfg.tls_dir else None
@@ -120,6 +132,8 @@ class WorkerProcess:
         if cfg.role == "prefill":
             self.engine = PrefillWorker(inst, worker_id=cfg.worker_id, lease_s=cfg.lease_s, chunk_bytes=cfg.chunk_bytes,
                                         max_staged_bytes=cfg.max_staged_bytes, max_lease_s=cfg.max_lease_s)
+        elif cfg.role == "replica":
+            self.engine = ReplicaWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes)
         else:
             self.engine = DecodeWorker(inst, worker_id=cfg.worker_id, chunk_bytes=cfg.chunk_bytes,
                                        cluster_token=cfg.cluster_token, tls=self.tls, peers=self.peers)
@@ -131,8 +145,9 @@ class WorkerProcess:
         if cfg.warmup_shapes:
             from dsjax.runtime.warmup import warm_runner
 
-            prefill = cfg.role == "prefill"
-            self.engine.call(lambda: warm_runner(inst.runner, cfg.scheduler, prefill=prefill, decode=not prefill,
+            prefill, decode = cfg.role != "decode", cfg.role != "prefill"
+            self.engine.call(lambda: warm_runner(inst.runner, cfg.scheduler, prefill=prefill, decode=decode,
+                                                 prefix=cfg.role == "replica" and cfg.mode == "chunked",
                                                  log=lambda m: log.info("%s: %s", cfg.worker_id, m)), timeout=None)
         self.step_log = None
         if cfg.step_log_dir:
@@ -148,6 +163,8 @@ class WorkerProcess:
                                   interceptors=server_interceptors(guard))
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)
+        elif cfg.role == "replica":
+            worker_pb2_grpc.add_ReplicaWorkerServicer_to_server(self.engine, self.server)
         else:
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server(self.engine, self.server)
         self.health = health.HealthServicer()
@@ -158,7 +175,7 @@ class WorkerProcess:
         self.address = f"{cfg.advertise_host}:{port}"
         worker_pb2_grpc.add_WorkerServicer_to_server(_WorkerServicer(self.engine, self.address), self.server)
         self.info = wpb.WorkerInfo(
-            worker_id=cfg.worker_id, role=wpb.PREFILL if cfg.role == "prefill" else wpb.DECODE, address=self.address,
+            worker_id=cfg.worker_id, role=PROTO_ROLE[cfg.role], address=self.address,
             pid=os.getpid(), tp=cfg.tp, pp=cfg.pp, model=cfg.model, block_size=cfg.cache.block_size, dtype=cfg.dtype,
             weights_hash=weights_fingerprint(cfg.model, dummy_weights=cfg.dummy_weights, seed=cfg.seed) or "",
         )

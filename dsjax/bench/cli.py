@@ -178,7 +178,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     e.add_argument("--settle-seconds", type=float, default=None,
                    help="the first seconds of every run load the server unmeasured; default: from the lifetime")
     e.add_argument("--emulate-workers", choices=("inprocess", "processes"), default="inprocess",
-                   help="the disaggregated server's workers: threads of one process (default), or worker processes")
+                   help="every system's instances: threads of one server process (default), or worker processes "
+                        "(prefill and decode workers; colocated and chunked replica workers)")
     e.add_argument("--stream-interval-ms", type=float, default=None,
                    help="servers hold a stream's later tokens this long (serve --stream-interval-ms; TTFT and TPOT "
                         "unchanged, several times fewer messages through the router and the client); default 200, "

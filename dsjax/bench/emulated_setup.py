@@ -17,8 +17,9 @@ limits the servers run with):
 
 Servers: one `python -m dsjax.serve --emulate PROFILE --plan PLAN --emulate-devices N` per system,
 every instance on emulated devices (dsjax/emulate.py): no jax, no weights. In process by default
-(`--workers inprocess`: the router and one thread per instance; on the 2-core development host it
-used a third of the CPU of `--workers processes` for the same run, docs/results.md).
+(`--workers inprocess`: the router and one thread per instance, which share one interpreter), or
+every instance a worker process of its own (`--workers processes`: prefill and decode workers, or
+colocated / chunked replica workers), as on a real cluster.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class EmulatedCluster:
     # The "vllm" system's profile: colocated like "colocated", but priced by this profile (DistServe's
     # vLLM one: the paper's baseline, slower kernels than its own engine's); None: no such system.
     baseline_profile: Path | None = None
-    workers: str = "inprocess"  # the disaggregated server's workers (baselines always run in process)
+    workers: str = "inprocess"  # every system's instances: threads of the server, or worker processes
     # The router holds a stream's later tokens this long (serve --stream-interval-ms): fewer messages
     # through the router and client on a small host; TTFT and TPOT as measured do not change.
     stream_interval_ms: float = 0.0
@@ -192,7 +193,7 @@ def describe_placement(p: Placement) -> str:
 
 def server_argv(system: str, placement: Placement, cluster: EmulatedCluster, plan_path: Path, port: int) -> list[str]:
     """`python -m dsjax.serve` flags of one system on the emulated cluster."""
-    workers = cluster.workers if system == "disaggregated" else "inprocess"
+    workers = cluster.workers
     argv = ["--emulate", str(cluster.profile_for(system)), "--model", cluster.model, "--plan", str(plan_path),
             "--mode", placement.mode, "--workers", workers, "--emulate-devices", str(cluster.devices),
             "--emulate-memory-gib", repr(cluster.memory_gib), "--emulate-utilization", repr(cluster.utilization),

@@ -116,3 +116,23 @@ def test_registering_again_keeps_calls_a_new_process_cancels_them():
         assert call.cancelled and registry.workers()[0].info.pid == 11
     finally:
         registry.close()
+
+
+def test_requests_go_to_the_worker_with_the_least_kv_load():
+    """The router balances as the in-process engines and the simulator do: by the tokens it has
+    on each worker (not by how many requests), ties by requests in flight, then by id."""
+    registry = Registry()
+    try:
+        for i in range(2):
+            registry.add(_info(worker_id=f"decode-{i}", address=f"127.0.0.1:{i + 1}"))
+        a = registry.acquire(wpb.DECODE, 2000)  # one long request on decode-0
+        assert a.id == "decode-0"
+        picks = [registry.acquire(wpb.DECODE, 300).id for _ in range(6)]  # short ones fill decode-1 up to it
+        assert picks == ["decode-1"] * 6 and a.load == 2000
+        assert registry.acquire(wpb.DECODE, 300).id == "decode-1"  # 1800 < 2000
+        assert registry.acquire(wpb.DECODE, 300).id == "decode-0"  # 2100 > 2000
+        registry.release(a, 2000)
+        assert a.load == 300 and a.inflight == 1
+        assert registry.acquire(wpb.PREFILL, 10) is None
+    finally:
+        registry.close()

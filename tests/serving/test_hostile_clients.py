@@ -400,7 +400,10 @@ INTERNAL_CASES = {
                                           INVALID, "context"),
     "Register: empty worker id": ("cluster", _register(worker_id=""), INVALID, "worker_id"),
     "Register: address of 300 characters": ("cluster", _register(address="h" * 300), INVALID, "address"),
-    "Register: role COLOCATED": ("cluster", _register(role=wpb.COLOCATED), INVALID, "role"),
+    "Register: no role": ("cluster", _register(role=wpb.ROLE_UNSPECIFIED), INVALID, "role"),
+    "Register: role 9": ("cluster", _register(role=9), INVALID, "role=9"),
+    "Register: a replica in a disaggregated cluster": ("cluster", _register(role=wpb.COLOCATED),
+                                                      grpc.StatusCode.FAILED_PRECONDITION, "role=COLOCATED"),
     "Register: garbage bytes": ("cluster", _raw("/dsjax.v1.Registry/Register", b"\xff" * 8), INVALID, "WorkerInfo"),
 }
 

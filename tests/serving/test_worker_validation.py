@@ -163,6 +163,8 @@ def test_registration_refuses_malformed_workers(cluster):
     stub = worker_pb2_grpc.RegistryStub(cluster.registry.channels.get(cluster.cluster_target))
     for info, field in ((wpb.WorkerInfo(worker_id="", role=wpb.DECODE, address="127.0.0.1:5"), "worker_id"),
                         (wpb.WorkerInfo(worker_id="d9", role=wpb.DECODE, address=""), "address"),
-                        (wpb.WorkerInfo(worker_id="d9", role=wpb.COLOCATED, address="127.0.0.1:5"), "role")):
+                        (wpb.WorkerInfo(worker_id="d9", role=wpb.ROLE_UNSPECIFIED, address="127.0.0.1:5"), "role")):
         _bad(lambda: stub.Register(info, timeout=10), field)
+    replica = wpb.WorkerInfo(worker_id="d9", role=wpb.COLOCATED, address="127.0.0.1:5")  # not in a disaggregated cluster
+    _bad(lambda: stub.Register(replica, timeout=10), "role=COLOCATED", grpc.StatusCode.FAILED_PRECONDITION)
     assert sorted(w.id for w in cluster.registry.workers()) == ["decode-0", "prefill-0"]

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from serving.proto.dsjax.v1 import dsjax_pb2 as serving_dot_proto_dot_dsjax_dot_v1_dot_dsjax__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#serving/proto/dsjax/v1/worker.proto\x12\x08\x64sjax.v1\x1a\"serving/proto/dsjax/v1/dsjax.proto\"\xae\x01\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.dsjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05J\x04\x08\x06\x10\x07\"\x81\x01\n\x0cKVDescriptor\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xd5\x01\n\x07KVChunk\x12\"\n\x02kv\x18\x01 \x01(\x0b\x32\x16.dsjax.v1.KVDescriptor\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\t\n\x01k\x18\x07 \x01(\x0c\x12\t\n\x01v\x18\x08 \x01(\x0c\x12\r\n\x05index\x18\t \x01(\x05\x12\r\n\x05\x63ount\x18\n \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\x06\":\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.dsjax.v1.WorkerRequest\"\xb8\x01\n\x0fPrefillResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.dsjax.v1.FinishReason\x12\"\n\x02kv\x18\x03 \x01(\x0b\x32\x16.dsjax.v1.KVDescriptor\x12\x10\n\x08lease_ms\x18\x04 \x01(\x03\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\"<\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"#\n\x0cLeaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rLeaseResponse\x12\x13\n\x0bunknown_ids\x18\x01 \x03(\t\"d\n\x08KVSource\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x02kv\x18\x03 \x01(\x0b\x32\x16.dsjax.v1.KVDescriptor\x12\x10\n\x08lease_ms\x18\x04 \x01(\x03\"]\n\rDecodeRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.dsjax.v1.WorkerRequest\x12\"\n\x06source\x18\x02 \x01(\x0b\x32\x12.dsjax.v1.KVSource\"n\n\tMigration\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cpull_seconds\x18\x04 \x01(\x01\x12\x16\n\x0einsert_seconds\x18\x05 \x01(\x01\"z\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.dsjax.v1.FinishReason\x12&\n\tmigration\x18\x03 \x01(\x0b\x32\x13.dsjax.v1.Migration\"\x0e\n\x0cStatsRequest\"\xf2\x02\n\rInstanceStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.dsjax.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\n\n\x02tp\x18\x05 \x01(\x05\x12\n\n\x02pp\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\x05\x12\x0f\n\x07waiting\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x0c\n\x04held\x18\x0b \x01(\x05\x12\x0f\n\x07pulling\x18\x0c \x01(\x05\x12\x12\n\nmigrations\x18\r \x01(\x03\x12\x10\n\x08kv_bytes\x18\x0e \x01(\x03\x12\x16\n\x0eleases_expired\x18\x0f \x01(\x03\x12\r\n\x05\x61live\x18\x10 \x01(\x08\x12\x17\n\x0fstalled_seconds\x18\x11 \x01(\x01\x12\x0c\n\x04hung\x18\x12 \x01(\x08\x12\x1c\n\x14kv_checksum_failures\x18\x13 \x01(\x03\"\xbb\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.dsjax.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\n\n\x02tp\x18\x05 \x01(\x05\x12\n\n\x02pp\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x14\n\x0cweights_hash\x18\n \x01(\t\"H\n\x10RegisterResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x01\x12\x19\n\x11prefill_addresses\x18\x02 \x03(\t\"M\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.dsjax.v1.InstanceStats\"B\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x19\n\x11prefill_addresses\x18\x02 \x03(\t\"\x12\n\x10InstancesRequest\"?\n\x11InstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.dsjax.v1.InstanceStats*D\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\r\n\tCOLOCATED\x10\x03\x32\x84\x02\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.dsjax.v1.PrefillRequest\x1a\x19.dsjax.v1.PrefillResponse\x12\x36\n\x06PullKV\x12\x17.dsjax.v1.PullKVRequest\x1a\x11.dsjax.v1.KVChunk0\x01\x12=\n\nRenewLease\x12\x16.dsjax.v1.LeaseRequest\x1a\x17.dsjax.v1.LeaseResponse\x12<\n\tReleaseKV\x12\x16.dsjax.v1.LeaseRequest\x1a\x17.dsjax.v1.LeaseResponse2M\n\x0c\x44\x65\x63odeWorker\x12=\n\x06\x44\x65\x63ode\x12\x17.dsjax.v1.DecodeRequest\x1a\x18.dsjax.v1.DecodeResponse0\x01\x32\x42\n\x06Worker\x12\x38\n\x05Stats\x12\x16.dsjax.v1.StatsRequest\x1a\x17.dsjax.v1.InstanceStats2\x8e\x01\n\x08Registry\x12<\n\x08Register\x12\x14.dsjax.v1.WorkerInfo\x1a\x1a.dsjax.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.dsjax.v1.HeartbeatRequest\x1a\x1b.dsjax.v1.HeartbeatResponse2M\n\x05\x41\x64min\x12\x44\n\tInstances\x12\x1a.dsjax.v1.InstancesRequest\x1a\x1b.dsjax.v1.InstancesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#serving/proto/dsjax/v1/worker.proto\x12\x08\x64sjax.v1\x1a\"serving/proto/dsjax/v1/dsjax.proto\"\xae\x01\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.dsjax.v1.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05J\x04\x08\x06\x10\x07\"\x81\x01\n\x0cKVDescriptor\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xd5\x01\n\x07KVChunk\x12\"\n\x02kv\x18\x01 \x01(\x0b\x32\x16.dsjax.v1.KVDescriptor\x12\x0e\n\x06layout\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\t\n\x01k\x18\x07 \x01(\x0c\x12\t\n\x01v\x18\x08 \x01(\x0c\x12\r\n\x05index\x18\t \x01(\x05\x12\r\n\x05\x63ount\x18\n \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x0b \x01(\x06\":\n\x0ePrefillRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.dsjax.v1.WorkerRequest\"\xb8\x01\n\x0fPrefillResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.dsjax.v1.FinishReason\x12\"\n\x02kv\x18\x03 \x01(\x0b\x32\x16.dsjax.v1.KVDescriptor\x12\x10\n\x08lease_ms\x18\x04 \x01(\x03\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\"<\n\rPullKVRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"#\n\x0cLeaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rLeaseResponse\x12\x13\n\x0bunknown_ids\x18\x01 \x03(\t\"d\n\x08KVSource\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x02kv\x18\x03 \x01(\x0b\x32\x16.dsjax.v1.KVDescriptor\x12\x10\n\x08lease_ms\x18\x04 \x01(\x03\"]\n\rDecodeRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.dsjax.v1.WorkerRequest\x12\"\n\x06source\x18\x02 \x01(\x0b\x32\x12.dsjax.v1.KVSource\"n\n\tMigration\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cpull_seconds\x18\x04 \x01(\x01\x12\x16\n\x0einsert_seconds\x18\x05 \x01(\x01\"z\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.dsjax.v1.FinishReason\x12&\n\tmigration\x18\x03 \x01(\x0b\x32\x13.dsjax.v1.Migration\":\n\x0eReplicaRequest\x12(\n\x07request\x18\x01 \x01(\x0b\x32\x17.dsjax.v1.WorkerRequest\"\x97\x01\n\x0fReplicaResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12-\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x16.dsjax.v1.FinishReason\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x12\n\nrecomputes\x18\x05 \x01(\x05\"\x0e\n\x0cStatsRequest\"\xf2\x02\n\rInstanceStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.dsjax.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\n\n\x02tp\x18\x05 \x01(\x05\x12\n\n\x02pp\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x08 \x01(\x05\x12\x0f\n\x07waiting\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x0c\n\x04held\x18\x0b \x01(\x05\x12\x0f\n\x07pulling\x18\x0c \x01(\x05\x12\x12\n\nmigrations\x18\r \x01(\x03\x12\x10\n\x08kv_bytes\x18\x0e \x01(\x03\x12\x16\n\x0eleases_expired\x18\x0f \x01(\x03\x12\r\n\x05\x61live\x18\x10 \x01(\x08\x12\x17\n\x0fstalled_seconds\x18\x11 \x01(\x01\x12\x0c\n\x04hung\x18\x12 \x01(\x08\x12\x1c\n\x14kv_checksum_failures\x18\x13 \x01(\x03\"\xbb\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.dsjax.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\n\n\x02tp\x18\x05 \x01(\x05\x12\n\n\x02pp\x18\x06 \x01(\x05\x12\r\n\x05model\x18\x07 \x01(\t\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x14\n\x0cweights_hash\x18\n \x01(\t\"H\n\x10RegisterResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x01\x12\x19\n\x11prefill_addresses\x18\x02 \x03(\t\"M\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12&\n\x05stats\x18\x02 \x01(\x0b\x32\x17.dsjax.v1.InstanceStats\"B\n\x11HeartbeatResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x19\n\x11prefill_addresses\x18\x02 \x03(\t\"\x12\n\x10InstancesRequest\"?\n\x11InstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.dsjax.v1.InstanceStats*D\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x12\r\n\tCOLOCATED\x10\x03\x32\x84\x02\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.dsjax.v1.PrefillRequest\x1a\x19.dsjax.v1.PrefillResponse\x12\x36\n\x06PullKV\x12\x17.dsjax.v1.PullKVRequest\x1a\x11.dsjax.v1.KVChunk0\x01\x12=\n\nRenewLease\x12\x16.dsjax.v1.LeaseRequest\x1a\x17.dsjax.v1.LeaseResponse\x12<\n\tReleaseKV\x12\x16.dsjax.v1.LeaseRequest\x1a\x17.dsjax.v1.LeaseResponse2M\n\x0c\x44\x65\x63odeWorker\x12=\n\x06\x44\x65\x63ode\x12\x17.dsjax.v1.DecodeRequest\x1a\x18.dsjax.v1.DecodeResponse0\x01\x32R\n\rReplicaWorker\x12\x41\n\x08Generate\x12\x18.dsjax.v1.ReplicaRequest\x1a\x19.dsjax.v1.ReplicaResponse0\x01\x32\x42\n\x06Worker\x12\x38\n\x05Stats\x12\x16.dsjax.v1.StatsRequest\x1a\x17.dsjax.v1.InstanceStats2\x8e\x01\n\x08Registry\x12<\n\x08Register\x12\x14.dsjax.v1.WorkerInfo\x1a\x1a.dsjax.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.dsjax.v1.HeartbeatRequest\x1a\x1b.dsjax.v1.HeartbeatResponse2M\n\x05\x41\x64min\x12\x44\n\tInstances\x12\x1a.dsjax.v1.InstancesRequest\x1a\x1b.dsjax.v1.InstancesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'serving.proto.dsjax.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2312
-  _globals['_ROLE']._serialized_end=2380
+  _globals['_ROLE']._serialized_start=2526
+  _globals['_ROLE']._serialized_end=2594
   _globals['_WORKERREQUEST']._serialized_start=86
   _globals['_WORKERREQUEST']._serialized_end=260
   _globals['_KVDESCRIPTOR']._serialized_start=263
@@ -58,30 +58,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MIGRATION']._serialized_end=1301
   _globals['_DECODERESPONSE']._serialized_start=1303
   _globals['_DECODERESPONSE']._serialized_end=1425
-  _globals['_STATSREQUEST']._serialized_start=1427
-  _globals['_STATSREQUEST']._serialized_end=1441
-  _globals['_INSTANCESTATS']._serialized_start=1444
-  _globals['_INSTANCESTATS']._serialized_end=1814
-  _globals['_WORKERINFO']._serialized_start=1817
-  _globals['_WORKERINFO']._serialized_end=2004
-  _globals['_REGISTERRESPONSE']._serialized_start=2006
-  _globals['_REGISTERRESPONSE']._serialized_end=2078
-  _globals['_HEARTBEATREQUEST']._serialized_start=2080
-  _globals['_HEARTBEATREQUEST']._serialized_end=2157
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2159
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2225
-  _globals['_INSTANCESREQUEST']._serialized_start=2227
-  _globals['_INSTANCESREQUEST']._serialized_end=2245
-  _globals['_INSTANCESRESPONSE']._serialized_start=2247
-  _globals['_INSTANCESRESPONSE']._serialized_end=2310
-  _globals['_PREFILLWORKER']._serialized_start=2383
-  _globals['_PREFILLWORKER']._serialized_end=2643
-  _globals['_DECODEWORKER']._serialized_start=2645
-  _globals['_DECODEWORKER']._serialized_end=2722
-  _globals['_WORKER']._serialized_start=2724
-  _globals['_WORKER']._serialized_end=2790
-  _globals['_REGISTRY']._serialized_start=2793
-  _globals['_REGISTRY']._serialized_end=2935
-  _globals['_ADMIN']._serialized_start=2937
-  _globals['_ADMIN']._serialized_end=3014
+  _globals['_REPLICAREQUEST']._serialized_start=1427
+  _globals['_REPLICAREQUEST']._serialized_end=1485
+  _globals['_REPLICARESPONSE']._serialized_start=1488
+  _globals['_REPLICARESPONSE']._serialized_end=1639
+  _globals['_STATSREQUEST']._serialized_start=1641
+  _globals['_STATSREQUEST']._serialized_end=1655
+  _globals['_INSTANCESTATS']._serialized_start=1658
+  _globals['_INSTANCESTATS']._serialized_end=2028
+  _globals['_WORKERINFO']._serialized_start=2031
+  _globals['_WORKERINFO']._serialized_end=2218
+  _globals['_REGISTERRESPONSE']._serialized_start=2220
+  _globals['_REGISTERRESPONSE']._serialized_end=2292
+  _globals['_HEARTBEATREQUEST']._serialized_start=2294
+  _globals['_HEARTBEATREQUEST']._serialized_end=2371
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2373
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2439
+  _globals['_INSTANCESREQUEST']._serialized_start=2441
+  _globals['_INSTANCESREQUEST']._serialized_end=2459
+  _globals['_INSTANCESRESPONSE']._serialized_start=2461
+  _globals['_INSTANCESRESPONSE']._serialized_end=2524
+  _globals['_PREFILLWORKER']._serialized_start=2597
+  _globals['_PREFILLWORKER']._serialized_end=2857
+  _globals['_DECODEWORKER']._serialized_start=2859
+  _globals['_DECODEWORKER']._serialized_end=2936
+  _globals['_REPLICAWORKER']._serialized_start=2938
+  _globals['_REPLICAWORKER']._serialized_end=3020
+  _globals['_WORKER']._serialized_start=3022
+  _globals['_WORKER']._serialized_end=3088
+  _globals['_REGISTRY']._serialized_start=3091
+  _globals['_REGISTRY']._serialized_end=3233
+  _globals['_ADMIN']._serialized_start=3235
+  _globals['_ADMIN']._serialized_end=3312
 # @@protoc_insertion_point(module_scope)

@@ -163,6 +163,26 @@ class DecodeResponse(_message.Message):
     migration: Migration
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_dsjax_pb2.FinishReason, str]] = ..., migration: _Optional[_Union[Migration, _Mapping]] = ...) -> None: ...
 
+class ReplicaRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: WorkerRequest
+    def __init__(self, request: _Optional[_Union[WorkerRequest, _Mapping]] = ...) -> None: ...
+
+class ReplicaResponse(_message.Message):
+    __slots__ = ("token_ids", "finish_reason", "queue_seconds", "prefill_seconds", "recomputes")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTES_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: _dsjax_pb2.FinishReason
+    queue_seconds: float
+    prefill_seconds: float
+    recomputes: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_dsjax_pb2.FinishReason, str]] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., recomputes: _Optional[int] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

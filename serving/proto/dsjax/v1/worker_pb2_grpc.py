@@ -311,8 +311,85 @@ class DecodeWorker:
             _registered_method=True)
 
 
+class ReplicaWorkerStub:
+    """---- replica worker (colocated or chunked) ------------------------------------------------
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/dsjax.v1.ReplicaWorker/Generate',
+                request_serializer=serving_dot_proto_dot_dsjax_dot_v1_dot_worker__pb2.ReplicaRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_dsjax_dot_v1_dot_worker__pb2.ReplicaResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicaWorkerServicer:
+    """---- replica worker (colocated or chunked) ------------------------------------------------
+    """
+
+    def Generate(self, request, context):
+        """Prefills and decodes the request on this replica, streaming its tokens until it finishes.
+        The router owns the tokens: if the replica dies, it sends prompt + tokens so far to another.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicaWorkerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=serving_dot_proto_dot_dsjax_dot_v1_dot_worker__pb2.ReplicaRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_dsjax_dot_v1_dot_worker__pb2.ReplicaResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'dsjax.v1.ReplicaWorker', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('dsjax.v1.ReplicaWorker', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ReplicaWorker:
+    """---- replica worker (colocated or chunked) ------------------------------------------------
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dsjax.v1.ReplicaWorker/Generate',
+            serving_dot_proto_dot_dsjax_dot_v1_dot_worker__pb2.ReplicaRequest.SerializeToString,
+            serving_dot_proto_dot_dsjax_dot_v1_dot_worker__pb2.ReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerStub:
-    """---- both worker roles ----------------------------------------------------------------------
+    """---- every worker role ----------------------------------------------------------------------
     """
 
     def __init__(self, channel):
@@ -329,7 +406,7 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """---- both worker roles ----------------------------------------------------------------------
+    """---- every worker role ----------------------------------------------------------------------
     """
 
     def Stats(self, request, context):
@@ -355,7 +432,7 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """---- both worker roles ----------------------------------------------------------------------
+    """---- every worker role ----------------------------------------------------------------------
     """
 
     @staticmethod
