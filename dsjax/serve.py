@@ -21,6 +21,8 @@ serves colocated instead. Attention runs the Pallas kernels on GPU and the XLA p
     python -m dsjax.serve --role router --host 0.0.0.0 --port 50051
     python -m dsjax.serve --role prefill --router ROUTER:50051 --host 0.0.0.0 --advertise-host THIS_HOST --prefill-tp 2
     python -m dsjax.serve --role decode  --router ROUTER:50051 --host 0.0.0.0 --advertise-host THIS_HOST
+    # colocated replicas instead: the router with --mode colocated, then on each host
+    python -m dsjax.serve --role replica --mode colocated --router ROUTER:50051 --host 0.0.0.0 --advertise-host THIS_HOST
 
 docs/serving.md describes the processes, the wire format and the failure handling.
 """

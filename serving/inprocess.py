@@ -165,7 +165,7 @@ class ThreadedBackend:
         self.engine = engine
         self.threaded = ThreadedDisaggEngine(engine, on_update=self._on_update)
         self.warm = False
-        self._lock = threading.Lock()  # taken inside the engine's lock (on_update), never around it
+        self._lock = threading.Lock()  # on_update (outside the engine lock), submit, abort: never around the engine lock
         self._active: dict[str, _Active] = {}
         self._closed = threading.Event()
 

@@ -10,7 +10,7 @@
    system; the SLOs given, or DistServe's Table 1 values for the (model, workload).
 3. Each system in turn: one `python -m dsjax.serve --emulate` server (the real router, scheduler,
    block manager; every prefill and decode priced by the profile and slept), a rate scan around
-   that system's planner goodput (all run in full) and a goodput bisection. Every run lasts the
+   that system's simulated goodput on the runs' traces (all run in full) and a goodput bisection. Every run lasts the
    same time at any rate, its first part settling the server unmeasured (`run_length`).
 4. The simulator replays every measured run (same requests, same send times, same placement and
    scheduler limits). With emulated devices there is no step-time noise to explain: a gap is a
@@ -42,8 +42,9 @@ from dsjax.bench.experiment import (
 from dsjax.bench.prompts import load_bench_requests
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
 
-# Each system's scan rates: these factors x the planner's goodput of its placement (its own
-# 60-s traces), so every system is scanned around its own knee.
+# Each system's scan rates: these factors x the simulator's goodput of its placement on the very
+# traces the runs send (the planner's, on its own 60-s traces, when that finds none), so every
+# system is scanned around its own knee.
 EMULATED_RATE_FACTORS = (0.6, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 QUICK_EMULATED_RATE_FACTORS = (0.7, 0.9, 1.15)
 MIN_FIDELITY_RATES = 5
@@ -131,18 +132,22 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
             f"({plan.planner_goodput / plan.num_devices:.3g} per device) in {plan.details['search_s']:.1f} s")
     search_s = time.perf_counter() - t0
 
-    rates = {s: tuple(cfg.rates) if cfg.rates else scan_rates(plans[s].planner_goodput, cfg.rates_factors)
-             for s in cfg.systems}
     settle_s, run_s = ec.run_length(sum(o for _, o in lengths) / len(lengths), slos.tpot_s)
-    sweep_cfgs = {s: SweepConfig(rates=rates[s], arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
-                                 max_bisections=cfg.max_bisections, warmup_requests=0, duration_s=run_s,
-                                 settle_s=settle_s, min_requests=MIN_RUN_REQUESTS) for s in cfg.systems}
-    # One sample, long enough for the highest rate's run (bisections stay below it); every system
+
+    def sweep_config(rates: tuple[float, ...]) -> SweepConfig:
+        return SweepConfig(rates=rates, arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
+                           max_bisections=cfg.max_bisections, warmup_requests=0, duration_s=run_s, settle_s=settle_s,
+                           min_requests=MIN_RUN_REQUESTS)
+
+    # One sample, long enough for a run at twice the highest rate the planner's goodput suggests
+    # (the scan is placed after the simulator has priced these very traces, below); every system
     # and rate sends its first rate x run_seconds requests.
-    needed = max(sc.requests_at(max(sc.rates), 1 << 30) for sc in sweep_cfgs.values())
+    planned = {s: scan_rates(plans[s].planner_goodput, cfg.rates_factors) for s in cfg.systems}
+    top = max(cfg.rates) if cfg.rates else 2 * max(max(r) for r in planned.values())
+    needed = sweep_config((top,)).requests_at(top, 1 << 30)
     requests = load_bench_requests(cfg.workload, num_requests=min(needed, cfg.num_requests or needed), seed=cfg.seed,
                                    scale=cfg.scale, prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
-    schedule = _sized_schedule(cfg, sweep_cfgs[cfg.systems[0]], len(requests))
+    schedule = _sized_schedule(cfg, sweep_config((top,)), len(requests))
     log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {cfg.workload} runs of "
         f"{run_s:g} s, the first {settle_s:g} s not measured (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})")
 
@@ -156,6 +161,11 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     probe_rates = {s: scan_rates(plans[s].planner_goodput, tuple(2 ** (i / 4) for i in range(-8, 9)))
                    for s in cfg.systems}
     sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates[s]) for s in cfg.systems}
+    # Each system is scanned around its knee on these traces (the simulator's goodput on them; the
+    # planner's, on its own shorter traces, left the baselines' scans below their knees).
+    rates = {s: tuple(cfg.rates) if cfg.rates else scan_rates(sim_goodput[s] or plans[s].planner_goodput, cfg.rates_factors)
+             for s in cfg.systems}
+    sweep_cfgs = {s: sweep_config(rates[s]) for s in cfg.systems}
     log("simulated goodput on the runs' traces (req/s): " + ", ".join(f"{s} {g:.3g}" for s, g in sim_goodput.items())
         + "; scan rates " + "; ".join(f"{s} {list(r)}" for s, r in rates.items()))
 

@@ -31,7 +31,10 @@ from dsjax.engine.request import Request
 
 class ThreadedDisaggEngine:
     def __init__(self, engine: DisaggEngine, on_update: Callable[[Request], None] | None = None):
-        """`on_update(req)` runs (under the engine lock) whenever a request got tokens or finished."""
+        """`on_update(req)` runs whenever a request got tokens or finished, on the instance thread
+        that recorded them, outside the engine lock (so another instance's launch does not wait
+        for a batch's updates): it must be thread-safe and read what it needs from `req` (a
+        request's tokens only grow, and a later update covers an earlier one)."""
         self.engine = engine
         self.on_update = on_update or (lambda req: None)
         self._cv = threading.Condition()
@@ -134,9 +137,9 @@ class ThreadedDisaggEngine:
                 inflight.popleft()
                 prefilled, finished = inst.complete(pending, outs, stage_kv=True)
                 self.engine._done(finished)
-                for r in prefilled + finished:
-                    self.on_update(r)
                 self._cv.notify_all()
+            for r in prefilled + finished:
+                self.on_update(r)
 
     def _decode_loop(self, inst: DecodeInstance) -> None:
         while True:
@@ -158,8 +161,7 @@ class ThreadedDisaggEngine:
                     return
             outs = inst.runner.collect(launched)
             with self._cv:
-                finished = inst.complete(batch, outs)
-                self.engine._done(finished)
-                for r in batch:
-                    self.on_update(r)
+                self.engine._done(inst.complete(batch, outs))
                 self._cv.notify_all()
+            for r in batch:
+                self.on_update(r)

@@ -157,6 +157,17 @@ def test_kv_capacity_limits_preempts_and_recomputes():
     assert np.isfinite(unlimited.ttft_s).all()
 
 
+def test_decode_only_runs_preempt_and_finish_every_request():
+    """Algorithm 1's decode-only simulation: a preempted request is pulled again (its recompute is
+    free there) and still produces all its tokens; with room for both nothing is preempted."""
+    small = MemoryModel(model=MODEL, table={"facebook/opt-13b": {(1, 1): 1000}})
+    trace = _trace([(0.0, 400, 200), (0.001, 400, 200)])
+    tight = _sim(_disagg(), memory=small).run(trace, slo=SLO_, phase="decode")
+    roomy = _sim(_disagg()).run(trace, slo=SLO_, phase="decode")
+    assert np.isfinite(tight.tpot_s).all() and tight.summary()["num_unserved"] == 0
+    assert tight.tpot_s[1] > 1.3 * roomy.tpot_s[1]  # it waited for the first to finish
+
+
 def test_colocated_kv_limit_preempts_the_newest_and_recomputes_it():
     """The engine's colocated rule: both prompts are admitted (their prompts fit), decoding runs out
     of KV after 100 steps, the newer request goes back to the queue's front and is prefilled again
