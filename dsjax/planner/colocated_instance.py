@@ -70,7 +70,7 @@ class SimColocatedInstance:
         token included; else at the boundary) and the admitted prompts'."""
         batch = self.batch
         if t is not None and self.state == "decode" and len(batch):
-            return batch.sum_ctx + len(batch) * (batch.steps_until(t) - 1) + self.prefill_kv
+            return batch.kv_at(t) + self.prefill_kv
         return batch.kv_tokens + self.prefill_kv
 
     def _head_fits(self, t: float | None = None) -> bool:
@@ -102,15 +102,12 @@ class SimColocatedInstance:
         batch, reqs = self.batch, self.reqs
         while len(batch) and batch.sum_ctx + self.prefill_kv > self.capacity:
             rid = batch.newest()
-            ctx = batch.remove(rid)
-            reqs.done[rid] = ctx - reqs.prompt[rid] + 1  # the last sampled token has no KV yet
-            reqs.plen[rid] = ctx + 1
+            reqs.preempted(rid, batch.remove(rid))
             self.reserved -= reqs.need[rid]
             self.waiting_need += reqs.need[rid]
             self.waiting.appendleft(rid)
             self.preemptions += 1
-        n = len(batch)
-        return (self.capacity - self.prefill_kv - batch.sum_ctx) // n + 1 if n else 0
+        return batch.steps_that_fit(self.capacity - self.prefill_kv) if len(batch) else 0
 
     def _finish(self, t: float, finished: list[int]) -> None:
         reqs = self.reqs

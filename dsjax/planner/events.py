@@ -60,6 +60,12 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self.arrival)
 
+    def preempted(self, rid: int, context: int) -> None:
+        """A running request holding `context` KV tokens lost them: its next prefill runs over all
+        of them and the last sampled token, whose KV was not written yet."""
+        self.done[rid] = context - self.prompt[rid] + 1
+        self.plen[rid] = context + 1
+
     def arrays(self) -> dict[str, np.ndarray]:
         return {
             "arrival_s": np.array(self.arrival),

@@ -195,18 +195,13 @@ class SimDecodeInstance:
 
     # ---- KV memory ---------------------------------------------------------------------------
     def _running_kv(self, t: float) -> int:
-        """KV the running batch holds at time t, the in-flight step's token included (the engine
-        grows a request's blocks when it launches the step)."""
-        batch = self.batch
-        if not self.active:  # at a step boundary: what the requests have written
-            return batch.kv_tokens
-        return batch.sum_ctx + len(batch) * (batch.steps_until(t) - 1)
+        """KV the running batch holds at time t: within a segment, the in-flight step's token
+        included; between steps (not active), what the requests have written."""
+        return self.batch.kv_at(t) if self.active else self.batch.kv_tokens
 
     def _steps_that_fit(self) -> int:
         """Steps of the current segment whose KV fits beside what is joining."""
-        n = len(self.batch)
-        room = self.capacity - self.held - self.batch.sum_ctx
-        return room // n + 1 if n else 1 << 30
+        return self.batch.steps_that_fit(self.capacity - self.held)
 
     def _pull(self, t: float) -> bool:
         """Pull while the policy allows; True if some request became ready right away."""
@@ -261,9 +256,7 @@ class SimDecodeInstance:
             self.held -= self.joining.pop(rid)
         else:
             rid = self.batch.newest()
-            ctx = self.batch.remove(rid)
-            reqs.done[rid] = ctx - reqs.prompt[rid] + 1  # the last sampled token has no KV yet
-            reqs.plen[rid] = ctx + 1
+            reqs.preempted(rid, self.batch.remove(rid))
         self.reserved -= reqs.need[rid]
         self.preemptions += 1
         if self.on_preempted is not None:

@@ -109,6 +109,17 @@ class RunningBatch:
         """KV tokens the running requests hold before the next step writes one more each."""
         return self.sum_ctx - len(self.heap)
 
+    def kv_at(self, t: float) -> int:
+        """KV tokens held at time t within the current segment, the in-flight step's included (an
+        engine grows a request's blocks when it launches the step)."""
+        return self.sum_ctx + len(self.heap) * (self.steps_until(t) - 1)
+
+    def steps_that_fit(self, room_tokens: int) -> int:
+        """Steps of the current segment whose KV fits in `room_tokens` (those the running requests
+        hold included): step j needs sum_ctx + B j."""
+        n = len(self.heap)
+        return (room_tokens - self.sum_ctx) // n + 1 if n else 1 << 30
+
     def newest(self) -> int:
         """The request that joined last (the engine preempts from that end)."""
         return next(reversed(self.base))

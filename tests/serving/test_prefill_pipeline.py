@@ -61,6 +61,6 @@ def test_a_second_prompt_enters_the_first_stage_as_soon_as_it_frees(stub):
         t_first = time.perf_counter() - t0
         second.result()
         t_second = time.perf_counter() - t0
-    assert t_first == pytest.approx(2 * stage_s, abs=0.05)
-    # pipelined: the second batch runs stages [s, 2s) and [2s, 3s); one batch at a time would end at 4s
-    assert t_second == pytest.approx(3 * stage_s, abs=0.05)
+    assert 2 * stage_s - 0.01 <= t_first < 2.5 * stage_s
+    # pipelined: the second batch runs stages [s, 2s) and [2s, 3s); one batch at a time ends at 4s
+    assert 3 * stage_s - 0.01 <= t_second < 3.5 * stage_s
