@@ -104,21 +104,19 @@ class _RemoteHandle:
                 yield FinishEvent(done, self.breakdown)
                 return
             try:
-                if self.backend.replicas:
-                    req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
-                    async for event in self._replica(req):
-                        output.extend(event.token_ids)
-                        yield event
-                    return
-                pw, resp = await self._prefill(worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed,
-                                                              job.eos_token_ids))
-                output.append(resp.token_id)
-                yield TokenEvent((resp.token_id,))
-                if resp.finish_reason:
-                    yield FinishEvent(FINISH_FROM_PROTO[resp.finish_reason], self.breakdown)
-                    return
                 req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
-                async for event in self._decode(req, pw, resp):
+                if self.backend.replicas:
+                    stream = self._replica(req)
+                else:
+                    pw, resp = await self._prefill(req)
+                    output.append(resp.token_id)
+                    yield TokenEvent((resp.token_id,))
+                    if resp.finish_reason:
+                        yield FinishEvent(FINISH_FROM_PROTO[resp.finish_reason], self.breakdown)
+                        return
+                    req = worker_request(wid, job.prompt_token_ids, output, job.sampling, job.seed, job.eos_token_ids)
+                    stream = self._decode(req, pw, resp)
+                async for event in stream:
                     output.extend(event.token_ids)
                     yield event
                 return
