@@ -282,5 +282,7 @@ class Registry(worker_pb2_grpc.RegistryServicer):
                     s.CopyFrom(w.stats)
                 s.worker_id, s.role, s.alive = w.id, w.info.role, False
             s.address, s.hung = w.address, w.hung
+            with self._lock:
+                s.routed, s.routed_tokens = w.inflight, w.load
             out.append(s)
         return sorted(out, key=lambda s: (s.role, s.worker_id))

@@ -88,12 +88,15 @@ def test_cancel_mid_stream_frees_every_block(cluster):
 def test_killing_a_replica_recomputes_its_requests_on_the_other(cluster, llm):
     target, channel = cluster
     stub = dsjax_pb2_grpc.GenerationStub(channel)
+    wait_idle(target)  # the router counts nothing left from the cancels: the six spread 3 + 3
     victim = [s for s in instances(target) if s.worker_id == "replica-1"][0]
     prompts = [[256, i + 1] for i in range(6)]
     expect = [o.token_ids for o in llm.generate(prompt_token_ids=prompts,
-                                                sampling=SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))]
-    calls = [stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=greedy(200)), timeout=60) for p in prompts]
+                                                sampling=SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))]
+    calls = [stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=greedy(300)), timeout=60) for p in prompts]
     firsts = [next(c) for c in calls] + [next(c) for c in calls]  # every request is decoding
+    on_victim = [s for s in instances(target) if s.worker_id == "replica-1"][0]
+    assert on_victim.routed == 3 and on_victim.running > 0, on_victim  # still decoding when it dies
     os.kill(victim.pid, 9)
     outs, recomputes = [], 0
     for i, c in enumerate(calls):

@@ -55,11 +55,13 @@ def instances_over(target: str, tls: ClusterTLS) -> list[wpb.InstanceStats]:
 
 def wait_idle(target: str, timeout: float = 15.0) -> list[wpb.InstanceStats]:
     """Wait until every live instance has all its blocks free and nothing queued, held or in
-    flight; returns the stats (AssertionError with the last stats otherwise)."""
+    flight, and the router counts no request on it; returns the stats (AssertionError with the
+    last stats otherwise)."""
     deadline = time.monotonic() + timeout
     while True:
         stats = instances(target)
-        busy = [s for s in stats if s.alive and (s.free_blocks != s.num_blocks or s.held or s.pulling or s.running or s.waiting)]
+        busy = [s for s in stats if s.alive and (s.free_blocks != s.num_blocks or s.held or s.pulling or s.running or s.waiting
+                                               or s.routed or s.routed_tokens)]
         if not busy:
             return stats
         if time.monotonic() > deadline:
