@@ -37,7 +37,7 @@ from dsjax.engine.sampling_params import SamplingParams
 from serving.channels import Channels
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, ChecksumMismatch, KVAssembler, descriptor_from_proto
-from serving.messages import FINISH_TO_PROTO
+from serving.messages import FINISH_TO_PROTO, host_time_fields
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.tls import ClusterTLS
@@ -285,7 +285,7 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
                 num_blocks=b.capacity_blocks, free_blocks=b.num_free_blocks, waiting=len(self._queue),
                 running=len(self.inst.running), pulling=sum(e.state == "pulling" for e in self._entries.values()),
                 migrations=self.inst.migrations, kv_bytes=self.inst.bytes_pulled, alive=True,
-                kv_checksum_failures=self.checksum_failures,
+                kv_checksum_failures=self.checksum_failures, **host_time_fields(r),
             )
 
         return self.call(collect, timeout=timeout)

@@ -26,6 +26,7 @@ from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.threaded import ThreadedDisaggEngine
 from serving.backend import GenerateJob
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
+from serving.messages import host_time_fields
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 
 
@@ -147,7 +148,8 @@ def _instance_stats(e, alive: bool) -> list[wpb.InstanceStats]:
     def stats(name, role, inst, **kw):
         b, r = inst.blocks, inst.runner
         return wpb.InstanceStats(worker_id=name, role=role, address="inprocess", pid=pid, num_blocks=b.capacity_blocks,
-                                 free_blocks=b.num_free_blocks, alive=alive, pp=r.pp, tp=len(r.devices()) // r.pp, **kw)
+                                 free_blocks=b.num_free_blocks, alive=alive, pp=r.pp, tp=len(r.devices()) // r.pp,
+                                 **host_time_fields(r), **kw)
 
     if isinstance(e, DisaggEngine):
         return [stats(f"prefill-{i}", wpb.PREFILL, p, waiting=len(p.waiting), held=len(p.ready)) for i, p in enumerate(e.prefill)] + [

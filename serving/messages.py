@@ -46,3 +46,10 @@ def request_from_proto(msg: wpb.WorkerRequest) -> Request:
         sampling=sampling_from_worker_proto(msg.sampling), seed=msg.seed,
         eos_token_ids=tuple(msg.eos_token_ids),
     )
+
+
+def host_time_fields(runner) -> dict:
+    """InstanceStats' host-time counters of an emulated runner (dsjax/runtime/emulated.py): decode
+    steps that continued ready requests and the device time lost before them. Real runners keep
+    no device timeline: zeros."""
+    return {"continued_steps": getattr(runner, "continued_steps", 0), "host_gap_seconds": getattr(runner, "host_gap_s", 0.0)}

@@ -26,7 +26,7 @@ from dsjax.engine.colocated import ColocatedEngine
 from dsjax.engine.request import FinishReason, Request
 from dsjax.engine.sampling_params import SamplingParams
 from serving.engine_loop import EngineDead, EngineLoop, ErrorEvent, FinishEvent, Outbox, TokenEvent
-from serving.messages import FINISH_TO_PROTO
+from serving.messages import FINISH_TO_PROTO, host_time_fields
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.worker_checks import Invalid, WorkerLimits, worker_request
@@ -126,7 +126,7 @@ class ReplicaWorker(EngineLoop, worker_pb2_grpc.ReplicaWorkerServicer):
             return wpb.InstanceStats(
                 worker_id=self.worker_id, role=wpb.COLOCATED, pid=os.getpid(), tp=len(r.devices()) // r.pp, pp=r.pp,
                 num_blocks=b.capacity_blocks, free_blocks=b.num_free_blocks, waiting=len(e.waiting),
-                running=len(e.running), alive=True,
+                running=len(e.running), alive=True, **host_time_fields(r),
             )
 
         return self.call(collect, timeout=timeout)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dsjax.bench.analysis import SLOs
+from dsjax.bench.emufidelity import extras_summary, fidelity_extras, host_counters
 from dsjax.bench.emulated_setup import PAPER_SLOS, EmulatedCluster, describe_placement, launch_emulated, plan_systems
 from dsjax.bench.experiment import (
     CompareConfig,
@@ -179,7 +180,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
             log(f"[{system}] server ready in {ready_s:.1f} s ({describe_placement(plans[system].placement)})")
             sweeps[system] = sweep_target(launched.targets[0], requests, sweep_cfgs[system], slos, label=system,
                                           labels={"devices": launched.num_devices}, out_dir=out, progress=cfg.progress,
-                                          log=log)
+                                          log=log, counters=host_counters(launched.targets[0], launched.cluster_token))
             cpu1, w1, me1, busy1 = launched.cpu_seconds(), time.perf_counter(), _own_cpu_s(), _machine_busy_s()
             used = {k: (cpu1[k] - cpu0[k]) / (w1 - w0) for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None}
             used["benchmark client"] = (me1 - me0) / (w1 - w0)
@@ -197,12 +198,20 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
         full = sim.result_all(requests, offsets)  # one replay serves both the split and the attainment
         jittered = sim.result_all(requests, jitter_offsets(offsets, cfg.seed))
         f.update(ttft_decomposition(run, full, slos, sim.measured_part(full, offsets).attainment, jittered))
+        f.update(fidelity_extras(f, run, sim, requests, offsets, seed=cfg.seed, jitter=jitter_offsets))
     summary.update(emulation_summary(summary, cluster, plans, search_s))
     summary["emulation"].update(run_seconds=run_s, settle_s=settle_s)
+    log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
+        f"host time charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
+        f"band: {_pts(summary['max_gap_beyond_jitter_points'])}")
     summary["wall_s"] = time.perf_counter() - t_start
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     _plot_fidelity(summary, out / "fidelity.png")
     return summary
+
+
+def _pts(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} points"
 
 
 def _sized_schedule(cfg: CompareConfig, sweep_cfg: SweepConfig, available: int) -> Callable[[float], list[float]]:
@@ -301,6 +310,8 @@ def emulation_summary(summary: dict[str, Any], cluster: EmulatedCluster, plans: 
             "engine_side_attainment": [f.get("engine_side_attainment") for f in rows],
             "max_engine_side_gap_points": max((abs(f["engine_side_gap_points"]) for f in rows
                                                if f.get("engine_side_gap_points") is not None), default=None),
+            "decode_host_ms": [f.get("decode_host_ms") for f in rows],
+            **extras_summary(rows),
         }
         summary["systems"][s].update(placement=plan.placement.to_dict(),
                                      max_attainment_gap_points=per_system[s]["max_attainment_gap_points"])
@@ -312,6 +323,7 @@ def emulation_summary(summary: dict[str, Any], cluster: EmulatedCluster, plans: 
                       "enough_fidelity_rates": all(len(v["rates"]) >= MIN_FIDELITY_RATES for v in per_system.values())},
         "max_attainment_gap_points": max(gaps) if gaps else None,
         "max_engine_side_gap_points": max(engine_gaps) if engine_gaps else None,
+        **extras_summary(summary["fidelity"]),
         "devices": cluster.devices,
     }
 

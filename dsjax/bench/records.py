@@ -85,6 +85,9 @@ class LoadRun:
     # Requests before this index (those scheduled in the run's settling time, while the queues of
     # an empty server fill) are load, not measured: attainment counts results[measured_from:].
     measured_from: int = 0
+    # What the server counted over the run (sweep_target's `counters`: e.g. an emulated cluster's
+    # host time per decode step), after minus before; None when not asked.
+    server_counters: dict[str, float] | None = None
 
     @property
     def measured(self) -> tuple[RequestResult, ...]:

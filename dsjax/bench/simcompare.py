@@ -15,6 +15,7 @@ reported separately from the servers' latency breakdown).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 
@@ -95,6 +96,13 @@ class TraceSimulator:
         return cls(system=system, profile=cal.profile, model=model, slos=slos, max_num_seqs=max_num_seqs,
                    max_prefill_tokens=max_prefill_tokens, transfer_fixed_s=cal.transfer_fixed_s,
                    link_bytes_per_s=cal.link_bytes_per_s, decode_join_s=cal.decode_join_s)
+
+    def with_host_time(self, host_s: float) -> "TraceSimulator":
+        """This simulator charging `host_s` of host time per decode step (SimConfig.decode_host_s)."""
+        other = copy.copy(self)
+        other.sim = copy.copy(self.sim)
+        other.sim.config = dataclasses.replace(self.sim.config, decode_host_s=host_s)
+        return other
 
     def result(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):
         """The simulator's `SimResult` (per-request TTFT and TPOT) of these requests sent at these

@@ -123,10 +123,12 @@ def sweep_target(
     out_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    counters: Callable[[], dict[str, float]] | None = None,
 ) -> SweepResult:
     """Scan `config.rates` (and bisect, unless `config.bisect` is False) against `target`.
 
-    With `out_dir`, every run's requests go to `requests-<label>-<rate>.jsonl` there.
+    With `out_dir`, every run's requests go to `requests-<label>-<rate>.jsonl` there. With
+    `counters`, each run records what they counted over it (`LoadRun.server_counters`).
     """
     labels = {"system": label, **(labels or {})}
     n = len(requests)
@@ -143,6 +145,14 @@ def sweep_target(
     probe_windows: dict[float, tuple[float, float]] = {}
 
     def run_at(rate: float, early_stop: bool) -> LoadRun:
+        if counters is None:
+            return _run_at(rate, early_stop)
+        before = counters()
+        run = _run_at(rate, early_stop)
+        after = counters()
+        return dataclasses.replace(run, server_counters={k: after[k] - before.get(k, 0) for k in after})
+
+    def _run_at(rate: float, early_stop: bool) -> LoadRun:
         if config.pause_s:
             time.sleep(config.pause_s)
         if config.probe_s > 0:

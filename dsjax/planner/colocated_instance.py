@@ -34,6 +34,7 @@ class SimColocatedInstance:
         chunk_tokens: int = 512,
         fused_mixed_steps: bool = True,
         prefill_max_batch_size: int | None = None,
+        host_s: float = 0.0,
     ) -> None:
         self.fused_mixed_steps = fused_mixed_steps
         self.prefill_max_batch_size = prefill_max_batch_size  # prompts a prefill batch takes (None: no cap)
@@ -49,7 +50,8 @@ class SimColocatedInstance:
         self.reserved = 0  # peak KV (prompt + output) of admitted requests: the dispatch load
         self.prefill_kv = 0  # KV of admitted requests not running yet (being prefilled)
         self.preemptions = 0
-        self.batch = RunningBatch(latency)
+        self.host_s = host_s  # host time before a step that continues running requests
+        self.batch = RunningBatch(latency, host_s)
         self.state = "idle"  # idle | decode (a segment of decode steps) | step (prefill/mixed step)
         self.planned = 0
         self.version = 0
@@ -216,6 +218,8 @@ class SimColocatedInstance:
         dt = self.latency.mixed_step_s(total, quad, num_decodes, self.batch.sum_ctx, num_chunks=len(chunks),
                                        chunk_max_keys=chunk_keys, decode_max_keys=self.batch.longest,
                                        fused=self.fused_mixed_steps)
+        if num_decodes:
+            dt += self.host_s
         self.loop.at(t + dt, self._on_mixed_done, chunks)
 
     def _on_mixed_done(self, t: float, chunks: list[tuple[int, int]]) -> None:

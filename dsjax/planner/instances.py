@@ -154,6 +154,7 @@ class SimDecodeInstance:
         transfer_s_per_token: float = 0.0,
         transfer_fixed_s: float = 0.0,
         join_s: float = 0.0,
+        host_s: float = 0.0,
         block_size: int = 16,
         on_preempted: Callable[[float, int], None] | None = None,
     ) -> None:
@@ -172,7 +173,7 @@ class SimDecodeInstance:
         self.joining: dict[int, int] = {}  # pulled, not yet running (transferring or ready): rid -> KV tokens
         self.held = 0  # sum(joining.values())
         self.ready: deque[int] = deque()  # transferred, waiting to join at a step boundary
-        self.batch = RunningBatch(latency)
+        self.batch = RunningBatch(latency, host_s)
         self.active = False
         self.planned = 0  # steps until the scheduled boundary
         self.version = 0  # invalidates superseded boundary events

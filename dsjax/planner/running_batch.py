@@ -33,10 +33,11 @@ _MIN_STEP_S = 1e-6
 class RunningBatch:
     """Running decode requests of one instance (request ids are ints)."""
 
-    __slots__ = ("latency", "heap", "base", "steps_done", "sum_ctx", "t0", "alpha", "beta", "track_max", "max_base", "reshape_in")
+    __slots__ = ("latency", "step_overhead_s", "heap", "base", "steps_done", "sum_ctx", "t0", "alpha", "beta", "track_max", "max_base", "reshape_in")
 
-    def __init__(self, latency: LatencyModel) -> None:
+    def __init__(self, latency: LatencyModel, step_overhead_s: float = 0.0) -> None:
         self.latency = latency
+        self.step_overhead_s = step_overhead_s  # host time added to every step (SimConfig.decode_host_s)
         self.heap: list[tuple[int, int]] = []  # (step count at which it finishes, request id)
         self.base: dict[int, int] = {}  # rid -> ctx+1 at step j is base + j
         self.steps_done = 0  # decode steps completed by this instance so far
@@ -73,6 +74,7 @@ class RunningBatch:
         self.t0 = t
         longest = self.max_base + self.steps_done if self.track_max else None
         alpha, beta = self.latency.decode_linear_s(len(self.heap), self.sum_ctx, longest)
+        alpha += self.step_overhead_s
         self.alpha = alpha if alpha > _MIN_STEP_S else _MIN_STEP_S
         self.beta = beta if beta > 0.0 else 0.0
         self.reshape_in = self.latency.decode_steps_to_reshape(longest) if self.track_max else None

@@ -60,6 +60,10 @@ class SimConfig:
     # worker lands pulled KV into its pool between steps, ~5 ms a request on one CPU core; fitted
     # on step logs by planner/served.py). 0: joining is free (DistServe's simulator).
     decode_join_s: float = 0.0
+    # Host time before every decode step that continues running requests (and every mixed step
+    # with decodes): the engine's, which an emulated run measures (InstanceStats.host_gap_seconds
+    # / continued_steps, dsjax/runtime/emulated.py). 0: the device never waits for its host.
+    decode_host_s: float = 0.0
     pp_overhead_ms: float = 1.0
     # KV blocks (tokens): a decode instance pulls a request only with one block of growth to spare
     # per request it runs (the engine's DecodeInstance.can_pull, --block-size)
@@ -80,8 +84,9 @@ class SimConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.pull_waiting_fraction <= 1:
             raise ValueError(f"pull_waiting_fraction={self.pull_waiting_fraction} must be in (0, 1]")
-        if self.transfer_fixed_s < 0 or self.decode_join_s < 0:
-            raise ValueError(f"transfer_fixed_s={self.transfer_fixed_s} and decode_join_s={self.decode_join_s} must be >= 0")
+        if self.transfer_fixed_s < 0 or self.decode_join_s < 0 or self.decode_host_s < 0:
+            raise ValueError(f"transfer_fixed_s={self.transfer_fixed_s}, decode_join_s={self.decode_join_s} and "
+                             f"decode_host_s={self.decode_host_s} must be >= 0")
         if self.link_bytes_per_s is not None and self.link_bytes_per_s <= 0:
             raise ValueError(f"link_bytes_per_s={self.link_bytes_per_s} must be > 0 (or None for free transfers)")
 
@@ -165,6 +170,7 @@ class Simulator:
                 transfer_s_per_token=per_token,
                 transfer_fixed_s=cfg.transfer_fixed_s,
                 join_s=cfg.decode_join_s,
+                host_s=cfg.decode_host_s,
                 block_size=cfg.kv_block_size,
                 on_preempted=lambda t, rid: recompute(t, rid),
             )
@@ -232,6 +238,7 @@ class Simulator:
                 chunk_tokens=cfg.chunk_tokens,
                 fused_mixed_steps=cfg.chunked_fused_steps,
                 prefill_max_batch_size=cfg.prefill_max_batch_size,
+                host_s=cfg.decode_host_s,
             )
             for _ in range(self.prefill.replicas)
         ]

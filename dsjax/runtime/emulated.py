@@ -135,6 +135,12 @@ class EmulatedRunner:
         self.fresh_prefill = True  # set by builders; changes nothing here
         self.busy_s = 0.0  # modelled device time so far (prefill stage-seconds count once per stage)
         self.bytes_moved = 0  # real-model KV bytes this runner sent or received
+        # Host time that held the device: a decode step that continues a request of the previous
+        # one could have started when the device went free; the time from then to its launch is
+        # the engine's (and its process's) host time per step, which the simulator can charge.
+        self.continued_steps = 0
+        self.host_gap_s = 0.0
+        self._last_decode: set[int] = set()
 
     # ---- what the engines read -----------------------------------------------------------------
     @property
@@ -168,10 +174,15 @@ class EmulatedRunner:
             self.busy_s += stage_s * self.pp
             return t
 
-    def _whole_instance(self, seconds: float) -> float:
-        """Queue work that holds every stage at once (a decode or mixed step, a KV insert)."""
+    def _whole_instance(self, seconds: float, continued: bool = False) -> float:
+        """Queue work that holds every stage at once (a decode or mixed step, a KV insert);
+        `continued`: a decode step whose requests were ready when the device went free."""
         with self._lock:
-            end = max(self._clock(), *self._stage_free) + seconds
+            now, free = self._clock(), max(self._stage_free)
+            if continued:
+                self.continued_steps += 1
+                self.host_gap_s += max(0.0, now - free)
+            end = max(now, free) + seconds
             self._stage_free = [end] * self.pp
             self.busy_s += seconds
             return end
@@ -211,7 +222,10 @@ class EmulatedRunner:
             if not decodes:
                 ready = self._through_stages(self.prefill_stage_s(prompts))
             else:
-                ready = self._whole_instance(self.mixed_step_s(decodes, prompts))
+                ids = {id(c.request) for c in decodes}
+                continued = not ids.isdisjoint(self._last_decode)
+                self._last_decode = ids
+                ready = self._whole_instance(self.mixed_step_s(decodes, prompts), continued)
             out.append(_Launched(ready, tokens))
         return out
 
@@ -223,7 +237,10 @@ class EmulatedRunner:
         if not reqs:
             return [_Launched(self._clock(), np.zeros(0, np.int64))]
         tokens = np.array([self.token(r, r.num_tokens) for r in reqs], np.int64)
-        return [_Launched(self._whole_instance(self.decode_step_s(reqs)), tokens)]
+        ids = {id(r) for r in reqs}
+        continued = not ids.isdisjoint(self._last_decode)
+        self._last_decode = ids
+        return [_Launched(self._whole_instance(self.decode_step_s(reqs), continued), tokens)]
 
     def collect(self, launched: list[_Launched]) -> list[np.ndarray]:
         """Sleep until the launched work is done; the tokens of each launch."""

@@ -84,6 +84,11 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
         assert Placement.from_dict(d["placement"]).num_devices == d["num_devices"] <= 2
         assert d["max_attainment_gap_points"] is not None
     assert all("simulated" in f and "real" in f for f in summary["fidelity"])
+    for f in summary["fidelity"]:  # every run decoded: the emulated devices counted their host time
+        assert f["continued_steps"] > 0 and f["decode_host_ms"] >= 0 and 0 <= f["simulated_with_host"] <= 1
+        lo, hi = f["sim_jitter_band"]
+        assert lo <= f["simulated"] <= hi and f["gap_beyond_jitter_points"] <= abs(f["diff_points"]) + 1e-9
+    assert summary["max_gap_with_host_points"] is not None and summary["max_gap_beyond_jitter_points"] is not None
     for png in ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "fidelity.png"):
         assert (out / png).stat().st_size > 1000
     assert "largest |measured - simulated|" in (out / "summary.md").read_text()

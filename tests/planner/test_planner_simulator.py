@@ -218,6 +218,25 @@ def test_decode_join_cost_delays_the_whole_batch():
         SimConfig(decode_join_s=-1.0)
 
 
+@pytest.mark.parametrize("placement", [_disagg(), Placement.colocated(tp=1), Placement.colocated(tp=1, mode="chunked")],
+                         ids=["disaggregated", "colocated", "chunked"])
+def test_decode_host_time_adds_to_every_decode_step(placement):
+    """`decode_host_s`: the engine's host time before each decode step (and each mixed step that
+    carries decodes), as an emulated run measures it: 10 steps of one request cost 10 of it more."""
+    alone = _trace([(0.0, 512, 11)])
+    free = _sim(placement, chunk_tokens=4096).run(alone, slo=SLO_)
+    host = _sim(placement, chunk_tokens=4096, decode_host_s=0.004).run(alone, slo=SLO_)
+    assert host.ttft_s[0] == free.ttft_s[0]
+    assert host.tpot_s[0] - free.tpot_s[0] == pytest.approx(0.004, rel=1e-6)
+    # a prompt arriving mid-decode: with chunked prefill it shares a mixed step, which pays it too
+    two = _trace([(0.0, 512, 11), (0.1, 64, 2)])
+    free2 = _sim(placement, chunk_tokens=4096).run(two, slo=SLO_)
+    host2 = _sim(placement, chunk_tokens=4096, decode_host_s=0.004).run(two, slo=SLO_)
+    assert host2.tpot_s[0] - free2.tpot_s[0] == pytest.approx(0.004, rel=1e-3)
+    with pytest.raises(ValueError, match="decode_host_s"):
+        SimConfig(decode_host_s=-0.001)
+
+
 def test_dispatch_spreads_over_instances():
     trace = generate_trace(num_requests=400, rate=30.0, lengths=FixedLengths(prompt_len=600, output_len=20), seed=0)
     one = _sim(_disagg()).run(trace, slo=SLO(ttft_s=0.3, tpot_s=0.1))

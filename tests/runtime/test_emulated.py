@@ -79,13 +79,26 @@ def test_pipeline_stages_overlap_prefills_and_decode_waits_for_them():
     assert clock() - t0 == pytest.approx(4 * stage + lat.decode_step_s(1, 11))
 
 
-def test_host_time_between_steps_leaves_the_device_idle():
+def test_host_time_between_steps_leaves_the_device_idle_and_is_counted():
     r, lat, clock = runner()
-    r.decode([req("a", 10, out=1)], [[1]])
+    a, b = req("a", 10, out=1), req("b", 20, out=1)
+    r.decode([a], [[1]])
+    assert (r.continued_steps, r.host_gap_s) == (0, 0.0)  # nothing was waiting to continue
     clock.advance(1.0)  # the engine was late: the next step starts now, not when the last ended
     t0 = clock()
-    r.decode([req("a", 10, out=2)], [[1]])
-    assert clock() - t0 == pytest.approx(lat.decode_step_s(1, 12))
+    r.decode([a, b], [[1], [2]])
+    assert clock() - t0 == pytest.approx(lat.decode_step_s(2, 11 + 21, 21))
+    assert r.continued_steps == 1 and r.host_gap_s == pytest.approx(1.0)  # `a` was ready a second ago
+    r.decode([b], [[2]])  # launched the moment the device went free: no gap
+    clock.advance(0.25)
+    r.decode([req("c", 5, out=1)], [[3]])  # a new batch: the gap before it is idle time, not host time
+    assert r.continued_steps == 2 and r.host_gap_s == pytest.approx(1.0)
+    clock.advance(0.5)
+    r.prefill([Chunk(b, 21, 22), Chunk(req("p", 8), 0, 8)], [[2], [4]], num_decodes=1)
+    assert r.continued_steps == 2 and r.host_gap_s == pytest.approx(1.0)  # `c`, not `b`, was in the last step
+    clock.advance(0.5)
+    r.prefill([Chunk(b, 22, 23)], [[2]], num_decodes=1)  # a mixed step that continues `b`
+    assert r.continued_steps == 3 and r.host_gap_s == pytest.approx(1.5)
 
 
 def test_real_sleep_matches_the_model():

@@ -1,0 +1,82 @@
+"""Two readings of an emulated run's gap to the simulator (dsjax/bench/emucompare.py).
+
+An emulated device removes step-time noise, but two things still separate a run from the
+simulator's replay of its trace:
+
+- **Host time.** The engine's own Python time between a decode step's end and the launch of the
+  next one (scheduling, sampling bookkeeping, streaming tokens, the GIL shared with the router and
+  every other instance of its process) leaves the emulated device idle, as a late host leaves a
+  GPU idle. The emulated runner measures it (`continued_steps`, `host_gap_seconds`,
+  dsjax/runtime/emulated.py); `with_host` replays the run with the measured mean charged before
+  every decode step (SimConfig.decode_host_s). What that closes of the gap is host time; what it
+  leaves is a difference between the simulator's model of the scheduler and the real one.
+- **Chaos at a knee.** Near its capacity a server's attainment depends on the exact order of
+  events: the simulator itself, replaying the same trace with every send time moved by up to 1 ms
+  (a host's timer jitter), moves by several points there. `jitter_band` gives the range of the
+  simulator's attainment over `JITTER_SEEDS` such replays; a gap inside that band is below what
+  any implementation could be held to at that rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+JITTER_SEEDS = 6
+HOST_COUNTERS = ("continued_steps", "host_gap_seconds")
+
+
+def host_counters(target: str, token: str) -> Callable[[], dict[str, float]]:
+    """A function summing every live instance's host-time counters (Admin/Instances, with the
+    cluster's token): `sweep_target(counters=...)`."""
+    import grpc
+
+    from serving.cluster_auth import METADATA_KEY
+    from serving.proto.dsjax.v1 import worker_pb2 as wpb
+    from serving.proto.dsjax.v1 import worker_pb2_grpc
+
+    def read() -> dict[str, float]:
+        with grpc.insecure_channel(target) as ch:
+            resp = worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), metadata=[(METADATA_KEY, token)],
+                                                           timeout=10)
+        live = [i for i in resp.instances if i.alive]
+        return {"continued_steps": float(sum(i.continued_steps for i in live)),
+                "host_gap_seconds": float(sum(i.host_gap_seconds for i in live))}
+
+    return read
+
+
+def mean_host_s(counters: dict[str, float] | None) -> float | None:
+    """Mean host time per continued decode step over a run (None when nothing was counted)."""
+    if not counters or counters.get("continued_steps", 0) <= 0:
+        return None
+    return max(0.0, counters["host_gap_seconds"]) / counters["continued_steps"]
+
+
+def attainment(sim, requests, offsets) -> float:
+    return sim.measured_part(sim.result_all(requests, offsets), offsets).attainment
+
+
+def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: int,
+                    jitter: Callable[[list[float], int], list[float]]) -> dict[str, Any]:
+    """The row's host-time replay and the simulator's jitter band (keys added to a fidelity row)."""
+    out: dict[str, Any] = {}
+    host_s = mean_host_s(run.server_counters)
+    if host_s is not None:
+        with_host = attainment(sim.with_host_time(host_s), requests, offsets)
+        out.update(decode_host_ms=round(1e3 * host_s, 3), continued_steps=int(run.server_counters["continued_steps"]),
+                   simulated_with_host=with_host, diff_with_host_points=100 * (row["real"] - with_host))
+    band = [attainment(sim, requests, jitter(offsets, seed + k)) for k in range(JITTER_SEEDS)] + [row["simulated"]]
+    lo, hi = min(band), max(band)
+    out["sim_jitter_band"] = [lo, hi]
+    out["gap_beyond_jitter_points"] = 100 * max(0.0, lo - row["real"], row["real"] - hi)
+    return out
+
+
+def extras_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The largest gaps of these rows under each reading (None where no row has it)."""
+    def worst(key):
+        vals = [abs(r[key]) for r in rows if r.get(key) is not None]
+        return max(vals) if vals else None
+
+    return {"max_gap_with_host_points": worst("diff_with_host_points"),
+            "max_gap_beyond_jitter_points": worst("gap_beyond_jitter_points")}
