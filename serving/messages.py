@@ -50,6 +50,8 @@ def request_from_proto(msg: wpb.WorkerRequest) -> Request:
 
 def host_time_fields(runner) -> dict:
     """InstanceStats' host-time counters of an emulated runner (dsjax/runtime/emulated.py): decode
-    steps that continued ready requests and the device time lost before them. Real runners keep
-    no device timeline: zeros."""
-    return {"continued_steps": getattr(runner, "continued_steps", 0), "host_gap_seconds": getattr(runner, "host_gap_s", 0.0)}
+    steps that continued ready requests, prompt batches, and the device time lost before each.
+    Real runners keep no device timeline: zeros."""
+    return {"continued_steps": getattr(runner, "continued_steps", 0), "host_gap_seconds": getattr(runner, "host_gap_s", 0.0),
+            "prefill_launches": getattr(runner, "prefill_launches", 0),
+            "prefill_host_gap_seconds": getattr(runner, "prefill_host_gap_s", 0.0)}

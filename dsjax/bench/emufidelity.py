@@ -3,13 +3,15 @@
 An emulated device removes step-time noise, but two things still separate a run from the
 simulator's replay of its trace:
 
-- **Host time.** The engine's own Python time between a decode step's end and the launch of the
-  next one (scheduling, sampling bookkeeping, streaming tokens, the GIL shared with the router and
-  every other instance of its process) leaves the emulated device idle, as a late host leaves a
-  GPU idle. The emulated runner measures it (`continued_steps`, `host_gap_seconds`,
-  dsjax/runtime/emulated.py); `with_host` replays the run with the measured mean charged before
-  every decode step (SimConfig.decode_host_s). What that closes of the gap is host time; what it
-  leaves is a difference between the simulator's model of the scheduler and the real one.
+- **Host time.** The engine's own Python time between a step's end and the launch of the next
+  one (scheduling, bookkeeping, streaming tokens, the GIL shared with the router and every other
+  instance of its process) leaves the emulated device idle, as a late host leaves a GPU idle. The
+  emulated runner measures it before every decode step that continues running requests and before
+  every prompt batch (InstanceStats `continued_steps`/`host_gap_seconds`,
+  `prefill_launches`/`prefill_host_gap_seconds`; dsjax/runtime/emulated.py); `simulated_with_host`
+  replays the run with the measured means charged (SimConfig.decode_host_s, prefill_host_s). What
+  that closes of the gap is host time; what it leaves is a difference between the simulator's
+  model of the scheduler and the real one.
 - **Chaos at a knee.** Near its capacity a server's attainment depends on the exact order of
   events: the simulator itself, replaying the same trace with every send time moved by up to 1 ms
   (a host's timer jitter), moves by several points there. `jitter_band` gives the range of the
@@ -22,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 JITTER_SEEDS = 6
-HOST_COUNTERS = ("continued_steps", "host_gap_seconds")
+HOST_COUNTERS = ("continued_steps", "host_gap_seconds", "prefill_launches", "prefill_host_gap_seconds")
 
 
 def host_counters(target: str, token: str) -> Callable[[], dict[str, float]]:
@@ -39,17 +41,18 @@ def host_counters(target: str, token: str) -> Callable[[], dict[str, float]]:
             resp = worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), metadata=[(METADATA_KEY, token)],
                                                            timeout=10)
         live = [i for i in resp.instances if i.alive]
-        return {"continued_steps": float(sum(i.continued_steps for i in live)),
-                "host_gap_seconds": float(sum(i.host_gap_seconds for i in live))}
+        return {k: float(sum(getattr(i, k) for i in live)) for k in HOST_COUNTERS}
 
     return read
 
 
-def mean_host_s(counters: dict[str, float] | None) -> float | None:
-    """Mean host time per continued decode step over a run (None when nothing was counted)."""
-    if not counters or counters.get("continued_steps", 0) <= 0:
+def mean_host_s(counters: dict[str, float] | None, gap: str = "host_gap_seconds",
+                count: str = "continued_steps") -> float | None:
+    """Mean host time per continued decode step (or, with the prefill keys, per prompt batch) over
+    a run; None when nothing was counted."""
+    if not counters or counters.get(count, 0) <= 0:
         return None
-    return max(0.0, counters["host_gap_seconds"]) / counters["continued_steps"]
+    return max(0.0, counters[gap]) / counters[count]
 
 
 def attainment(sim, requests, offsets) -> float:
@@ -60,10 +63,13 @@ def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: i
                     jitter: Callable[[list[float], int], list[float]]) -> dict[str, Any]:
     """The row's host-time replay and the simulator's jitter band (keys added to a fidelity row)."""
     out: dict[str, Any] = {}
-    host_s = mean_host_s(run.server_counters)
-    if host_s is not None:
-        with_host = attainment(sim.with_host_time(host_s), requests, offsets)
-        out.update(decode_host_ms=round(1e3 * host_s, 3), continued_steps=int(run.server_counters["continued_steps"]),
+    c = run.server_counters
+    decode_s = mean_host_s(c)
+    prefill_s = mean_host_s(c, "prefill_host_gap_seconds", "prefill_launches")
+    if decode_s is not None or prefill_s is not None:
+        with_host = attainment(sim.with_host_time(decode_s or 0.0, prefill_s or 0.0), requests, offsets)
+        out.update(decode_host_ms=round(1e3 * (decode_s or 0.0), 3), continued_steps=int(c.get("continued_steps", 0)),
+                   prefill_host_ms=round(1e3 * (prefill_s or 0.0), 3), prefill_launches=int(c.get("prefill_launches", 0)),
                    simulated_with_host=with_host, diff_with_host_points=100 * (row["real"] - with_host))
     band = [attainment(sim, requests, jitter(offsets, seed + k)) for k in range(JITTER_SEEDS)] + [row["simulated"]]
     lo, hi = min(band), max(band)

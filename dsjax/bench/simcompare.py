@@ -97,11 +97,12 @@ class TraceSimulator:
                    max_prefill_tokens=max_prefill_tokens, transfer_fixed_s=cal.transfer_fixed_s,
                    link_bytes_per_s=cal.link_bytes_per_s, decode_join_s=cal.decode_join_s)
 
-    def with_host_time(self, host_s: float) -> "TraceSimulator":
-        """This simulator charging `host_s` of host time per decode step (SimConfig.decode_host_s)."""
+    def with_host_time(self, decode_s: float, prefill_s: float = 0.0) -> "TraceSimulator":
+        """This simulator charging host time before every decode step and prompt batch
+        (SimConfig.decode_host_s, prefill_host_s)."""
         other = copy.copy(self)
         other.sim = copy.copy(self.sim)
-        other.sim.config = dataclasses.replace(self.sim.config, decode_host_s=host_s)
+        other.sim.config = dataclasses.replace(self.sim.config, decode_host_s=decode_s, prefill_host_s=prefill_s)
         return other
 
     def result(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]):

@@ -35,6 +35,7 @@ class SimColocatedInstance:
         fused_mixed_steps: bool = True,
         prefill_max_batch_size: int | None = None,
         host_s: float = 0.0,
+        prefill_host_s: float = 0.0,
     ) -> None:
         self.fused_mixed_steps = fused_mixed_steps
         self.prefill_max_batch_size = prefill_max_batch_size  # prompts a prefill batch takes (None: no cap)
@@ -51,6 +52,7 @@ class SimColocatedInstance:
         self.prefill_kv = 0  # KV of admitted requests not running yet (being prefilled)
         self.preemptions = 0
         self.host_s = host_s  # host time before a step that continues running requests
+        self.prefill_host_s = prefill_host_s  # host time before a step that only starts prompts
         self.batch = RunningBatch(latency, host_s)
         self.state = "idle"  # idle | decode (a segment of decode steps) | step (prefill/mixed step)
         self.planned = 0
@@ -167,7 +169,7 @@ class SimColocatedInstance:
             sq += p * p
             longest = p if p > longest else longest
         self.state = "step"
-        self.loop.at(t + self.latency.prefill_s(total, sq, k, longest), self._on_prefill_done, new)
+        self.loop.at(t + self.prefill_host_s + self.latency.prefill_s(total, sq, k, longest), self._on_prefill_done, new)
 
     def _on_prefill_done(self, t: float, new: list[int]) -> None:
         for rid in new:
@@ -218,8 +220,7 @@ class SimColocatedInstance:
         dt = self.latency.mixed_step_s(total, quad, num_decodes, self.batch.sum_ctx, num_chunks=len(chunks),
                                        chunk_max_keys=chunk_keys, decode_max_keys=self.batch.longest,
                                        fused=self.fused_mixed_steps)
-        if num_decodes:
-            dt += self.host_s
+        dt += self.host_s if num_decodes else self.prefill_host_s
         self.loop.at(t + dt, self._on_mixed_done, chunks)
 
     def _on_mixed_done(self, t: float, chunks: list[tuple[int, int]]) -> None:

@@ -44,8 +44,10 @@ class SimPrefillInstance:
         token_budget: int,
         max_batch_size: int,
         on_prefilled: Callable[[float, int, "SimPrefillInstance"], None],
+        host_s: float = 0.0,
     ) -> None:
         self.loop, self.reqs, self.latency = loop, reqs, latency
+        self.host_s = host_s  # host time before each batch reaches the first stage
         self.capacity = capacity_tokens
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
@@ -106,7 +108,7 @@ class SimPrefillInstance:
         self.kv_used += total
         s = self.latency.prefill_stage_s(total, sq, k, longest)
         free = self.stage_free
-        end = t + s
+        end = t + self.host_s + s
         free[0] = end
         for i in range(1, len(free)):
             end = (end if end > free[i] else free[i]) + s
@@ -115,7 +117,7 @@ class SimPrefillInstance:
         if len(free) == 1:
             self.loop.at(end, self._on_done_single, batch)
         else:
-            self.loop.at(t + s, self._on_stage0_free)
+            self.loop.at(free[0], self._on_stage0_free)
             self.loop.at(end, self._on_done, batch)
 
     def _on_stage0_free(self, t: float, _arg: object) -> None:

@@ -64,6 +64,9 @@ class SimConfig:
     # with decodes): the engine's, which an emulated run measures (InstanceStats.host_gap_seconds
     # / continued_steps, dsjax/runtime/emulated.py). 0: the device never waits for its host.
     decode_host_s: float = 0.0
+    # Host time before every prompt batch (a prefill, or a mixed step without such decodes), from
+    # when it could have started: measured the same way (prefill_host_gap_seconds / prefill_launches).
+    prefill_host_s: float = 0.0
     pp_overhead_ms: float = 1.0
     # KV blocks (tokens): a decode instance pulls a request only with one block of growth to spare
     # per request it runs (the engine's DecodeInstance.can_pull, --block-size)
@@ -84,9 +87,9 @@ class SimConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.pull_waiting_fraction <= 1:
             raise ValueError(f"pull_waiting_fraction={self.pull_waiting_fraction} must be in (0, 1]")
-        if self.transfer_fixed_s < 0 or self.decode_join_s < 0 or self.decode_host_s < 0:
-            raise ValueError(f"transfer_fixed_s={self.transfer_fixed_s}, decode_join_s={self.decode_join_s} and "
-                             f"decode_host_s={self.decode_host_s} must be >= 0")
+        for name in ("transfer_fixed_s", "decode_join_s", "decode_host_s", "prefill_host_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.link_bytes_per_s is not None and self.link_bytes_per_s <= 0:
             raise ValueError(f"link_bytes_per_s={self.link_bytes_per_s} must be > 0 (or None for free transfers)")
 
@@ -214,6 +217,7 @@ class Simulator:
                 token_budget=self.prefill_token_budget,
                 max_batch_size=cfg.prefill_max_batch_size,
                 on_prefilled=prefilled,
+                host_s=cfg.prefill_host_s,
             )
             for _ in range(self.prefill.replicas)
         ]
@@ -239,6 +243,7 @@ class Simulator:
                 fused_mixed_steps=cfg.chunked_fused_steps,
                 prefill_max_batch_size=cfg.prefill_max_batch_size,
                 host_s=cfg.decode_host_s,
+                prefill_host_s=cfg.prefill_host_s,
             )
             for _ in range(self.prefill.replicas)
         ]

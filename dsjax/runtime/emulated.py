@@ -136,10 +136,14 @@ class EmulatedRunner:
         self.busy_s = 0.0  # modelled device time so far (prefill stage-seconds count once per stage)
         self.bytes_moved = 0  # real-model KV bytes this runner sent or received
         # Host time that held the device: a decode step that continues a request of the previous
-        # one could have started when the device went free; the time from then to its launch is
-        # the engine's (and its process's) host time per step, which the simulator can charge.
+        # one could have started when the device went free, and a prompt batch when its first
+        # stage went free or its earliest request arrived, whichever is later; the time from then
+        # to the launch is the engine's (and its process's) host time, which the simulator can
+        # charge (SimConfig.decode_host_s, prefill_host_s).
         self.continued_steps = 0
         self.host_gap_s = 0.0
+        self.prefill_launches = 0
+        self.prefill_host_gap_s = 0.0
         self._last_decode: set[int] = set()
 
     # ---- what the engines read -----------------------------------------------------------------
@@ -164,28 +168,44 @@ class EmulatedRunner:
         return list(self._devices)
 
     # ---- the device timeline ---------------------------------------------------------------------
-    def _through_stages(self, stage_s: float) -> float:
-        """Queue one batch through every stage in turn; the time it leaves the last one."""
+    def _through_stages(self, stage_s: float, arrived: float | None = None) -> float:
+        """Queue one batch through every stage in turn; the time it leaves the last one.
+        `arrived`: when its earliest request arrived (this runner's clock)."""
         with self._lock:
             t = self._clock()
+            if arrived is not None:
+                self._count_prefill(t, max(self._stage_free[0], arrived))
             for k, free in enumerate(self._stage_free):
                 t = max(t, free) + stage_s
                 self._stage_free[k] = t
             self.busy_s += stage_s * self.pp
             return t
 
-    def _whole_instance(self, seconds: float, continued: bool = False) -> float:
+    def _whole_instance(self, seconds: float, continued: bool = False, arrived: float | None = None) -> float:
         """Queue work that holds every stage at once (a decode or mixed step, a KV insert);
-        `continued`: a decode step whose requests were ready when the device went free."""
+        `continued`: a decode step whose requests were ready when the device went free;
+        `arrived`: a step with prompts and no such decode, whose earliest request arrived then."""
         with self._lock:
             now, free = self._clock(), max(self._stage_free)
             if continued:
                 self.continued_steps += 1
                 self.host_gap_s += max(0.0, now - free)
+            elif arrived is not None:
+                self._count_prefill(now, max(free, arrived))
             end = max(now, free) + seconds
             self._stage_free = [end] * self.pp
             self.busy_s += seconds
             return end
+
+    def _count_prefill(self, now: float, ready: float) -> None:
+        self.prefill_launches += 1
+        self.prefill_host_gap_s += max(0.0, now - ready)
+
+    def _arrived(self, chunks: list[Chunk]) -> float:
+        """The earliest arrival among the chunks' requests, on this runner's clock (a request's
+        lifecycle is stamped with time.perf_counter)."""
+        offset = self._clock() - time.perf_counter()
+        return offset + min(c.request.lifecycle.arrival for c in chunks)
 
     def stage_free_in(self) -> float:
         """Seconds until the first pipeline stage can start another prefill batch (0: now). An
@@ -220,12 +240,13 @@ class EmulatedRunner:
             tokens = np.array([self.token(c.request, c.end) for c in chunks], np.int64)
             decodes, prompts = chunks[:num_decodes], chunks[num_decodes:]
             if not decodes:
-                ready = self._through_stages(self.prefill_stage_s(prompts))
+                ready = self._through_stages(self.prefill_stage_s(prompts), self._arrived(prompts) if prompts else None)
             else:
                 ids = {id(c.request) for c in decodes}
                 continued = not ids.isdisjoint(self._last_decode)
                 self._last_decode = ids
-                ready = self._whole_instance(self.mixed_step_s(decodes, prompts), continued)
+                ready = self._whole_instance(self.mixed_step_s(decodes, prompts), continued,
+                                             self._arrived(prompts) if prompts else None)
             out.append(_Launched(ready, tokens))
         return out
 

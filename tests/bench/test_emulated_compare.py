@@ -86,6 +86,7 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
     assert all("simulated" in f and "real" in f for f in summary["fidelity"])
     for f in summary["fidelity"]:  # every run decoded: the emulated devices counted their host time
         assert f["continued_steps"] > 0 and f["decode_host_ms"] >= 0 and 0 <= f["simulated_with_host"] <= 1
+        assert f["prefill_launches"] > 0 and f["prefill_host_ms"] >= 0
         lo, hi = f["sim_jitter_band"]
         assert lo <= f["simulated"] <= hi and f["gap_beyond_jitter_points"] <= abs(f["diff_points"]) + 1e-9
     assert summary["max_gap_with_host_points"] is not None and summary["max_gap_beyond_jitter_points"] is not None

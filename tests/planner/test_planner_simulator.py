@@ -237,6 +237,26 @@ def test_decode_host_time_adds_to_every_decode_step(placement):
         SimConfig(decode_host_s=-0.001)
 
 
+@pytest.mark.parametrize("placement", [_disagg(), _disagg(pp=2), Placement.colocated(tp=1),
+                                       Placement.colocated(tp=1, mode="chunked")],
+                         ids=["disaggregated", "prefill-pp2", "colocated", "chunked"])
+def test_prefill_host_time_delays_every_prompt_batch(placement):
+    """`prefill_host_s`: the engine's host time before each prompt batch reaches the device: one
+    request's TTFT grows by it; two prompts that cannot share a batch, by it twice for the second."""
+    alone = _trace([(0.0, 512, 11)])
+    free = _sim(placement, chunk_tokens=4096).run(alone, slo=SLO_)
+    host = _sim(placement, chunk_tokens=4096, prefill_host_s=0.003).run(alone, slo=SLO_)
+    assert host.ttft_s[0] - free.ttft_s[0] == pytest.approx(0.003, rel=1e-6)
+    assert host.tpot_s[0] == pytest.approx(free.tpot_s[0], rel=1e-9)
+    two = _trace([(0.0, 512, 2), (0.0001, 512, 2)])  # the second arrives while the first prefills
+    free2 = _sim(placement, chunk_tokens=512, prefill_token_budget=512, colocated_token_budget=512).run(two, slo=SLO_)
+    host2 = _sim(placement, chunk_tokens=512, prefill_token_budget=512, colocated_token_budget=512,
+                 prefill_host_s=0.003).run(two, slo=SLO_)
+    assert host2.ttft_s[1] - free2.ttft_s[1] == pytest.approx(0.006, rel=1e-3)
+    with pytest.raises(ValueError, match="prefill_host_s"):
+        SimConfig(prefill_host_s=-0.001)
+
+
 def test_dispatch_spreads_over_instances():
     trace = generate_trace(num_requests=400, rate=30.0, lengths=FixedLengths(prompt_len=600, output_len=20), seed=0)
     one = _sim(_disagg()).run(trace, slo=SLO(ttft_s=0.3, tpot_s=0.1))

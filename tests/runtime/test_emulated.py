@@ -101,6 +101,25 @@ def test_host_time_between_steps_leaves_the_device_idle_and_is_counted():
     assert r.continued_steps == 3 and r.host_gap_s == pytest.approx(1.5)
 
 
+def test_a_prompt_batch_launched_after_its_request_was_ready_counts_host_time():
+    r, lat, clock = runner(pp=2)
+    late = req("late", 64)
+    late.lifecycle.arrival = time.perf_counter() - 0.3  # waited 0.3 s on an idle device
+    first = r.launch_prefill([([Chunk(late, 0, 64)], [[1]])])
+    assert r.prefill_launches == 1 and r.prefill_host_gap_s == pytest.approx(0.3, abs=0.01)
+    queued = req("queued", 64)
+    queued.lifecycle.arrival = time.perf_counter() - 5.0
+    r.launch_prefill([([Chunk(queued, 0, 64)], [[2]])])  # the first stage is still busy: nothing lost
+    assert r.prefill_launches == 2 and r.prefill_host_gap_s == pytest.approx(0.3, abs=0.01)
+    r.collect(first)
+    clock.advance(0.2)
+    fresh = req("fresh", 64)  # arrived 0.1 s ago, after the first stage went free
+    fresh.lifecycle.arrival = time.perf_counter() - 0.1
+    r.launch_prefill([([Chunk(fresh, 0, 64)], [[3]])])
+    assert r.prefill_launches == 3 and r.prefill_host_gap_s == pytest.approx(0.4, abs=0.01)
+    assert r.continued_steps == 0
+
+
 def test_real_sleep_matches_the_model():
     r, lat, _ = runner(clock=None)
     r._clock, r._sleep = time.monotonic, time.sleep

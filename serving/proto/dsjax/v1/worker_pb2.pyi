@@ -188,7 +188,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceStats(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "num_blocks", "free_blocks", "waiting", "running", "held", "pulling", "migrations", "kv_bytes", "leases_expired", "alive", "stalled_seconds", "hung", "kv_checksum_failures", "routed", "routed_tokens", "continued_steps", "host_gap_seconds")
+    __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "num_blocks", "free_blocks", "waiting", "running", "held", "pulling", "migrations", "kv_bytes", "leases_expired", "alive", "stalled_seconds", "hung", "kv_checksum_failures", "routed", "routed_tokens", "continued_steps", "host_gap_seconds", "prefill_launches", "prefill_host_gap_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,8 @@ class InstanceStats(_message.Message):
     ROUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTINUED_STEPS_FIELD_NUMBER: _ClassVar[int]
     HOST_GAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_LAUNCHES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HOST_GAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -235,7 +237,9 @@ class InstanceStats(_message.Message):
     routed_tokens: int
     continued_steps: int
     host_gap_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ..., stalled_seconds: _Optional[float] = ..., hung: _Optional[bool] = ..., kv_checksum_failures: _Optional[int] = ..., routed: _Optional[int] = ..., routed_tokens: _Optional[int] = ..., continued_steps: _Optional[int] = ..., host_gap_seconds: _Optional[float] = ...) -> None: ...
+    prefill_launches: int
+    prefill_host_gap_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., held: _Optional[int] = ..., pulling: _Optional[int] = ..., migrations: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., leases_expired: _Optional[int] = ..., alive: _Optional[bool] = ..., stalled_seconds: _Optional[float] = ..., hung: _Optional[bool] = ..., kv_checksum_failures: _Optional[int] = ..., routed: _Optional[int] = ..., routed_tokens: _Optional[int] = ..., continued_steps: _Optional[int] = ..., host_gap_seconds: _Optional[float] = ..., prefill_launches: _Optional[int] = ..., prefill_host_gap_seconds: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "pid", "tp", "pp", "model", "block_size", "dtype", "weights_hash")
