@@ -202,7 +202,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     summary.update(emulation_summary(summary, cluster, plans, search_s))
     summary["emulation"].update(run_seconds=run_s, settle_s=settle_s)
     log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
-        f"host time charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
+        f"host time and front-end hop charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
         f"band: {_pts(summary['max_gap_beyond_jitter_points'])}")
     summary["wall_s"] = time.perf_counter() - t_start
     _write_outputs(cfg, out, sweeps, summary, slos, log)
