@@ -44,7 +44,7 @@ from dsjax.runtime.kv_descriptor import KVDescriptor
 from serving.engine_loop import EngineDead, EngineLoop
 from serving.kv_transfer import DEFAULT_CHUNK_BYTES, descriptor_to_proto, to_chunks
 from serving.leases import LeaseTable
-from serving.messages import FINISH_TO_PROTO
+from serving.messages import FINISH_TO_PROTO, host_time_fields
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
 from serving.worker_checks import Invalid, WorkerLimits, check_ids, pull_chunk_bytes, worker_request
@@ -276,7 +276,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
                 worker_id=self.worker_id, role=wpb.PREFILL, pid=os.getpid(), tp=len(r.devices()) // r.pp, pp=r.pp,
                 num_blocks=b.capacity_blocks, free_blocks=b.num_free_blocks, waiting=len(self.inst.waiting),
                 held=len(self.leases), migrations=self.migrations, kv_bytes=self.kv_bytes,
-                leases_expired=self.leases.num_expired, alive=True,
+                leases_expired=self.leases.num_expired, alive=True, **host_time_fields(r),
             )
 
         return self.call(collect, timeout=timeout)

@@ -76,6 +76,9 @@ def test_inprocess_generate_end_to_end(inprocess):
         assert last.breakdown.decode_seconds >= (n - 2) * 0.0199
     stats = wait_idle(inprocess)
     assert {s.worker_id: (s.tp, s.num_blocks > 4000) for s in stats} == {"prefill-0": (2, True), "decode-0": (1, True)}
+    by_id = {s.worker_id: s for s in stats}
+    assert by_id["prefill-0"].prefill_launches >= 1
+    assert by_id["decode-0"].continued_steps >= max(n for _, n in work) - 2  # the longest request's, after its first
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,10 @@ def test_a_cluster_of_four_emulated_devices_moves_kv_over_grpc(cluster):
     assert sum(s.migrations for w, s in stats.items() if w.startswith("decode")) == len(work)
     assert stats["prefill-0"].kv_bytes == sum(s.kv_bytes for w, s in stats.items() if w.startswith("decode")) \
         == sum(kv_bytes(len(p)) for p, _ in work)
+    # every worker reports its device's host-time counters (the emulated compare reads them)
+    assert stats["prefill-0"].prefill_launches >= len(work) // 8 and stats["prefill-0"].continued_steps == 0
+    assert sum(s.continued_steps for w, s in stats.items() if w.startswith("decode")) >= max(n for _, n in work) - 2
+    assert all(s.host_gap_seconds >= 0 and s.prefill_host_gap_seconds >= 0 for s in stats.values())
     for name in ("prefill-0", "decode-0"):
         assert "attention backend emulated on emulated" in (logs / f"{name}.log").read_text()
     for s in stats.values():  # an emulated worker loads no jax (what lets dozens share a host)
