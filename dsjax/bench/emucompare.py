@@ -198,7 +198,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
         full = sim.result_all(requests, offsets)  # one replay serves both the split and the attainment
         jittered = sim.result_all(requests, jitter_offsets(offsets, cfg.seed))
         f.update(ttft_decomposition(run, full, slos, sim.measured_part(full, offsets).attainment, jittered))
-        f.update(fidelity_extras(f, run, sim, requests, offsets, seed=cfg.seed, jitter=jitter_offsets))
+        f.update(fidelity_extras(f, run, sim, requests, offsets, seed=cfg.seed, jitter=jitter_offsets, jittered=jittered))
     summary.update(emulation_summary(summary, cluster, plans, search_s))
     summary["emulation"].update(run_seconds=run_s, settle_s=settle_s)
     log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
