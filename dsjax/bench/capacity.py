@@ -126,22 +126,17 @@ def wait_workers(target: str, token: str, expected: int, timeout_s: float) -> fl
     """Seconds until the router lists `expected` live instances (every worker registered)."""
     import grpc
 
-    from serving.cluster_auth import METADATA_KEY
-    from serving.proto.dsjax.v1 import worker_pb2 as wpb
-    from serving.proto.dsjax.v1 import worker_pb2_grpc
+    from dsjax.bench.servers import admin_instances
 
     t0, seen = time.monotonic(), 0
-    with grpc.insecure_channel(target) as ch:
-        stub = worker_pb2_grpc.AdminStub(ch)
-        while time.monotonic() - t0 < timeout_s:
-            try:
-                resp = stub.Instances(wpb.InstancesRequest(), metadata=[(METADATA_KEY, token)], timeout=5)
-                seen = sum(i.alive for i in resp.instances)
-                if seen >= expected:
-                    return time.monotonic() - t0
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            seen = sum(i.alive for i in admin_instances(target, token, timeout_s=5))
+            if seen >= expected:
+                return time.monotonic() - t0
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
     raise TimeoutError(f"{seen} of {expected} instances registered after {timeout_s:.0f} s")
 
 

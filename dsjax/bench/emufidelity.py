@@ -33,17 +33,10 @@ HOST_COUNTERS = ("continued_steps", "host_gap_seconds", "prefill_launches", "pre
 def host_counters(target: str, token: str) -> Callable[[], dict[str, float]]:
     """A function summing every live instance's host-time counters (Admin/Instances, with the
     cluster's token): `sweep_target(counters=...)`."""
-    import grpc
-
-    from serving.cluster_auth import METADATA_KEY
-    from serving.proto.dsjax.v1 import worker_pb2 as wpb
-    from serving.proto.dsjax.v1 import worker_pb2_grpc
+    from dsjax.bench.servers import admin_instances
 
     def read() -> dict[str, float]:
-        with grpc.insecure_channel(target) as ch:
-            resp = worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), metadata=[(METADATA_KEY, token)],
-                                                           timeout=10)
-        live = [i for i in resp.instances if i.alive]
+        live = [i for i in admin_instances(target, token) if i.alive]
         return {k: float(sum(getattr(i, k) for i in live)) for k in HOST_COUNTERS}
 
     return read
@@ -82,8 +75,8 @@ def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: i
     if decode_s is not None or prefill_s is not None:
         hop = front_end_s(row)
         with_host = attainment(sim.with_host_time(decode_s or 0.0, prefill_s or 0.0), requests, offsets, hop)
-        out.update(front_end_ms=round(1e3 * hop, 3), decode_host_ms=round(1e3 * (decode_s or 0.0), 3), continued_steps=int(c.get("continued_steps", 0)),
-                   prefill_host_ms=round(1e3 * (prefill_s or 0.0), 3), prefill_launches=int(c.get("prefill_launches", 0)),
+        out.update(front_end_ms=round(1e3 * hop, 3), decode_host_ms=round(1e3 * (decode_s or 0.0), 3),
+                   continued_steps=int(c.get("continued_steps", 0)), prefill_host_ms=round(1e3 * (prefill_s or 0.0), 3), prefill_launches=int(c.get("prefill_launches", 0)),
                    simulated_with_host=with_host, diff_with_host_points=100 * (row["real"] - with_host))
     band = [row["simulated"]]
     for k in range(JITTER_SEEDS):

@@ -39,6 +39,18 @@ from serving.proto import GENERATION_SERVICE
 SYSTEMS = ("disaggregated", "colocated", "chunked")
 
 
+def admin_instances(target: str, token: str, timeout_s: float = 10.0) -> list:
+    """Every instance's stats from a dsjax server's `Admin/Instances` (a cluster-internal call:
+    it carries the cluster token)."""
+    from serving.cluster_auth import METADATA_KEY
+    from serving.proto.dsjax.v1 import worker_pb2 as wpb
+    from serving.proto.dsjax.v1 import worker_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        return list(worker_pb2_grpc.AdminStub(ch).Instances(wpb.InstancesRequest(), metadata=[(METADATA_KEY, token)],
+                                                            timeout=timeout_s).instances)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerOptions:
     """What every system is started with (identical across systems)."""

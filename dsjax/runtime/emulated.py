@@ -201,6 +201,14 @@ class EmulatedRunner:
         self.prefill_launches += 1
         self.prefill_host_gap_s += max(0.0, now - ready)
 
+    def _continues(self, reqs: list[Request]) -> bool:
+        """Whether this decode (or mixed) step carries a request of the previous one; remembers
+        this step's requests for the next."""
+        ids = {id(r) for r in reqs}
+        continued = not ids.isdisjoint(self._last_decode)
+        self._last_decode = ids
+        return continued
+
     def _arrived(self, chunks: list[Chunk]) -> float:
         """The earliest arrival among the chunks' requests, on this runner's clock (a request's
         lifecycle is stamped with time.perf_counter)."""
@@ -242,9 +250,7 @@ class EmulatedRunner:
             if not decodes:
                 ready = self._through_stages(self.prefill_stage_s(prompts), self._arrived(prompts) if prompts else None)
             else:
-                ids = {id(c.request) for c in decodes}
-                continued = not ids.isdisjoint(self._last_decode)
-                self._last_decode = ids
+                continued = self._continues([c.request for c in decodes])
                 ready = self._whole_instance(self.mixed_step_s(decodes, prompts), continued,
                                              self._arrived(prompts) if prompts else None)
             out.append(_Launched(ready, tokens))
@@ -258,10 +264,7 @@ class EmulatedRunner:
         if not reqs:
             return [_Launched(self._clock(), np.zeros(0, np.int64))]
         tokens = np.array([self.token(r, r.num_tokens) for r in reqs], np.int64)
-        ids = {id(r) for r in reqs}
-        continued = not ids.isdisjoint(self._last_decode)
-        self._last_decode = ids
-        return [_Launched(self._whole_instance(self.decode_step_s(reqs), continued), tokens)]
+        return [_Launched(self._whole_instance(self.decode_step_s(reqs), self._continues(reqs)), tokens)]
 
     def collect(self, launched: list[_Launched]) -> list[np.ndarray]:
         """Sleep until the launched work is done; the tokens of each launch."""
