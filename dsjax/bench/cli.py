@@ -177,6 +177,10 @@ def build_compare_parser() -> argparse.ArgumentParser:
                         "workload's request lifetime (dsjax/bench/emucompare.py)")
     e.add_argument("--settle-seconds", type=float, default=None,
                    help="the first seconds of every run load the server unmeasured; default: from the lifetime")
+    e.add_argument("--steady-state", action="store_true",
+                   help="runs of 12 mean request lifetimes (mean output x TPOT SLO; the first third unmeasured) at two "
+                        "rates per system, 0.95x and 1.1x its simulated steady-state goodput: checks what a server "
+                        "sustains, where short runs from an empty server flatter it (dsjax/bench/steadystate.py)")
     e.add_argument("--emulate-workers", choices=("inprocess", "processes"), default="inprocess",
                    help="every system's instances: threads of one server process (default), or worker processes "
                         "(prefill and decode workers; colocated and chunked replica workers)")
@@ -212,7 +216,7 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, num_requests=args.num_requests,
         scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
         source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds,
-        settle_s=args.settle_seconds)
+        settle_s=args.settle_seconds, steady=args.steady_state)
     return run_emulated_compare(ec)
 
 
@@ -267,9 +271,10 @@ def main_compare(argv: list[str]) -> int:
     args = build_compare_parser().parse_args(argv)
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip()) if args.systems else SYSTEMS
     if args.emulate is not None:
-        if args.systems is None:  # --quick measures three systems: the paper's baseline, else chunked prefill
-            systems = ("disaggregated", "colocated") if args.quick else SYSTEMS
-            systems += (BASELINE_SYSTEM,) if args.baseline_profile is not None else ("chunked",) if args.quick else ()
+        if args.systems is None:  # --quick / --steady-state: three systems, the paper's baseline, else chunked
+            short = args.quick or args.steady_state
+            systems = ("disaggregated", "colocated") if short else SYSTEMS
+            systems += (BASELINE_SYSTEM,) if args.baseline_profile is not None else ("chunked",) if short else ()
         return _print_compare(_main_emulated(args, systems), args.model, args.out, args.docs_img)
     if args.devices is not None:
         raise ValueError("--devices needs --emulate (the CPU compare runs on two cores)")

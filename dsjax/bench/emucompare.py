@@ -41,6 +41,8 @@ from dsjax.bench.experiment import (
     _write_outputs,
 )
 from dsjax.bench.prompts import load_bench_requests
+from dsjax.bench.steadystate import STEADY_RATE_FACTORS, steady_run_length, steady_state_goodputs, steady_summary
+from dsjax.bench.steadystate import describe as describe_steady
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
 
 # Each system's scan rates: these factors x the simulator's goodput of its placement on the very
@@ -64,11 +66,19 @@ class EmulatedCompare:
     compare: CompareConfig  # workload, SLOs, sweep settings, out (its server/profile fields are unused)
     cluster: EmulatedCluster
     quick: bool = False
+    steady: bool = False  # --steady-state: runs as long as steadystate.steady_run_length, 2 rates a system
     run_seconds: float | None = None  # every run lasts this long (None: from the lifetime, above)
     settle_s: float | None = None  # of which this long is not measured (None: from the lifetime)
 
     def run_length(self, mean_output_len: float, tpot_slo_s: float) -> tuple[float, float]:
         """(settle_s, run_seconds) of every run."""
+        if self.steady:
+            settle, total = steady_run_length(mean_output_len, tpot_slo_s)
+            settle = settle if self.settle_s is None else self.settle_s
+            total = total if self.run_seconds is None else self.run_seconds
+            if not 0 <= settle < total:
+                raise ValueError(f"settle_s={settle:g} must be >= 0 and below run_seconds={total:g}")
+            return settle, total
         lifetime = mean_output_len * tpot_slo_s / 2
         settle_k, measure_k, min_measure = ((QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S)
                                             if self.quick else
@@ -81,7 +91,7 @@ class EmulatedCompare:
 
 
 def emulated_compare(*, quick: bool, cluster: EmulatedCluster, run_seconds: float | None = None,
-                     settle_s: float | None = None, **overrides: Any) -> EmulatedCompare:
+                     settle_s: float | None = None, steady: bool = False, **overrides: Any) -> EmulatedCompare:
     """The settings of a full run (7 scan rates per system, 3 bisections) or `quick` (3 rates, 1
     bisection), runs as long as `EmulatedCompare.run_length`; no warm-up (nothing compiles); any
     CompareConfig field overrides (`num_requests` then caps the requests of one run)."""
@@ -89,8 +99,10 @@ def emulated_compare(*, quick: bool, cluster: EmulatedCluster, run_seconds: floa
                                 rel_tol=0.05, warmup_requests=0, model=cluster.model)
     if quick:
         base.update(rates_factors=QUICK_EMULATED_RATE_FACTORS, max_bisections=1, rel_tol=0.1)
+    if steady:
+        base.update(rates_factors=STEADY_RATE_FACTORS, max_bisections=0)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster, quick=quick, run_seconds=run_seconds,
+    return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster, quick=quick, steady=steady, run_seconds=run_seconds,
                            settle_s=settle_s)
 
 
@@ -162,6 +174,9 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     probe_rates = {s: scan_rates(plans[s].planner_goodput, tuple(2 ** (i / 4) for i in range(-8, 9)))
                    for s in cfg.systems}
     sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates[s]) for s in cfg.systems}
+    steady = _steady_state(ec, sims, requests, schedule, sim_goodput, plans, sum(o for _, o in lengths) / len(lengths),
+                           slos.tpot_s)
+    log(describe_steady(steady))
     # Each system is scanned around its knee on these traces (the simulator's goodput on them; the
     # planner's, on its own shorter traces, left the baselines' scans below their knees).
     rates = {s: tuple(cfg.rates) if cfg.rates else scan_rates(sim_goodput[s] or plans[s].planner_goodput, cfg.rates_factors)
@@ -200,7 +215,11 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
         f.update(ttft_decomposition(run, full, slos, sim.measured_part(full, offsets).attainment, jittered))
         f.update(fidelity_extras(f, run, sim, requests, offsets, seed=cfg.seed, jitter=jitter_offsets, jittered=jittered))
     summary.update(emulation_summary(summary, cluster, plans, search_s))
-    summary["emulation"].update(run_seconds=run_s, settle_s=settle_s)
+    summary["emulation"].update(run_seconds=run_s, settle_s=settle_s, steady_state_runs=ec.steady)
+    summary["steady_state"] = steady
+    for key, value in steady.items():
+        if key.endswith("_ratio"):
+            summary[f"steady_state_{key}"] = value
     log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
         f"host time and front-end hop charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
         f"band: {_pts(summary['max_gap_beyond_jitter_points'])}")
@@ -208,6 +227,26 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     _plot_fidelity(summary, out / "fidelity.png")
     return summary
+
+
+def _steady_state(ec: EmulatedCompare, sims, requests, schedule, sim_goodput, plans, mean_output: float,
+                  tpot_s: float) -> dict[str, Any]:
+    """The simulator's steady-state goodput of every placement (steadystate.py): the goodput on the
+    runs' own traces when they are steady-state runs, else on a longer sample of the same workload."""
+    cfg = ec.compare
+    devices = {s: plans[s].num_devices for s in sims}
+    starts = {s: sim_goodput[s] or plans[s].planner_goodput for s in sims}
+    if ec.steady:
+        settle_s, run_s = ec.run_length(mean_output, tpot_s)
+        return steady_summary(sim_goodput, devices, {}, settle_s=settle_s, run_s=run_s)
+    settle_s, run_s = steady_run_length(mean_output, tpot_s)
+    sweep = SweepConfig(rates=(1.0,), arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, duration_s=run_s, settle_s=settle_s,
+                        min_requests=MIN_RUN_REQUESTS, warmup_requests=0)
+    top = 1.5 * max(starts.values())
+    long = load_bench_requests(cfg.workload, num_requests=sweep.requests_at(top, 1 << 30), seed=cfg.seed, scale=cfg.scale,
+                               prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
+    return steady_state_goodputs(sims, long, _sized_schedule(cfg, sweep, len(long)), starts, devices,
+                                 settle_s=settle_s, run_s=run_s)
 
 
 def _pts(x: float | None) -> str:

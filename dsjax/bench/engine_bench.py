@@ -166,12 +166,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size (rows per block) of the benchmarked pool")
     ap.add_argument("--only", choices=["prefill", "decode", "context", "migration", "interference"], help="run one section")
     args = ap.parse_args(argv)
     model, weights = load_causal_lm(args.model, dtype=args.dtype, dummy_weights=True, backend="xla")
     params = weights.load()  # one tree on the default device: the plain chain and the weight bytes read it
     config = model.config
-    cache = CacheConfig(num_blocks=2200, block_size=16)
+    cache = CacheConfig(num_blocks=35_200 // args.block_size, block_size=args.block_size)  # 35,200 tokens at any block size
     runner = build_runner(model, params, cache)
     rng = np.random.default_rng(0)
     prefill_shapes = [(1, 128), (1, 512), (4, 128)] if args.quick else [(1, 128), (1, 512), (1, 1024), (4, 128), (8, 128), (4, 512)]

@@ -28,16 +28,23 @@ from dsjax.workloads.trace_gen import Trace, rescale_rate
 class GoodputConfig:
     """How goodput is measured.
 
-    A rate R is simulated with n(R) = clamp(R * horizon_s, min_requests, max_requests) requests, so
-    the run lasts about `horizon_s` seconds whatever the rate: long enough (many request lifetimes)
-    for queues to show overload. A rate passes when the joint attainment of all requests, and of
-    the last `tail_fraction` of arrivals, both reach `attainment_target`.
+    A rate R is simulated with n(R) = clamp(R * H, min_requests, max_requests) requests, so the run
+    lasts about H seconds whatever the rate, and a rate passes when the joint attainment of all
+    requests, and of the last `tail_fraction` of arrivals, both reach `attainment_target`.
+
+    H is the longer of `horizon_s` and `lifetimes` mean request lifetimes at the SLO's pace (mean
+    output x TPOT SLO; `SearchContext.horizon_s`). A run from an empty system needs that long to
+    reach its steady state near the knee: OPT-66B ShareGPT (mean output 325 tokens, TPOT 0.15 s)
+    passes 22 req/s on a 73-s trace and only 16 on a 600-s one, where a fixed 60 s or a fixed
+    request count gave placements with different per-instance rates different run lengths and so
+    different biases (docs/planner.md, "Steady state").
     """
 
     attainment_target: float = 0.9
     horizon_s: float = 60.0
+    lifetimes: float = 12.0
     min_requests: int = 1000
-    max_requests: int = 5000
+    max_requests: int = 10000
     tail_fraction: float = 0.5
     rel_tol: float = 0.02
     min_rate: float = 1e-3
@@ -46,8 +53,8 @@ class GoodputConfig:
     def __post_init__(self) -> None:
         if not 0 < self.attainment_target <= 1:
             raise ValueError(f"attainment_target={self.attainment_target} must be in (0, 1]")
-        if self.horizon_s <= 0:
-            raise ValueError(f"horizon_s={self.horizon_s} must be > 0")
+        if self.horizon_s <= 0 or self.lifetimes < 0:
+            raise ValueError(f"horizon_s={self.horizon_s} must be > 0 and lifetimes={self.lifetimes} >= 0")
         if not 10 <= self.min_requests <= self.max_requests:
             raise ValueError(f"need 10 <= min_requests <= max_requests, got {self.min_requests=}, {self.max_requests=}")
         if not 0 < self.tail_fraction <= 1:
@@ -57,8 +64,9 @@ class GoodputConfig:
         if not 0 < self.min_rate < self.max_rate:
             raise ValueError(f"need 0 < min_rate < max_rate, got {self.min_rate=}, {self.max_rate=}")
 
-    def num_requests(self, rate: float) -> int:
-        return int(min(max(math.ceil(rate * self.horizon_s), self.min_requests), self.max_requests))
+    def num_requests(self, rate: float, horizon_s: float | None = None) -> int:
+        h = self.horizon_s if horizon_s is None else horizon_s
+        return int(min(max(math.ceil(rate * h), self.min_requests), self.max_requests))
 
 
 def find_goodput(
@@ -132,9 +140,17 @@ class SearchContext:
             placement=placement, profile=profile or self.profile, model=self.model, memory=self.memory, config=self.scheduler
         )
 
+    @property
+    def horizon_s(self) -> float:
+        """Seconds of traffic per simulated rate: `horizon_s`, or `lifetimes` mean request lifetimes
+        at the TPOT SLO's pace if longer (GoodputConfig)."""
+        cfg = self.goodput_config
+        lifetime = float(self.workload.output_len.mean()) * self.slo.tpot_s if math.isfinite(self.slo.tpot_s) else 0.0
+        return max(cfg.horizon_s, cfg.lifetimes * lifetime)
+
     def trace_at(self, rate: float) -> Trace:
         """The workload's first n(rate) requests compressed to mean rate `rate`."""
-        return rescale_rate(self.workload.head(self.goodput_config.num_requests(rate)), rate)
+        return rescale_rate(self.workload.head(self.goodput_config.num_requests(rate, self.horizon_s)), rate)
 
     def passes(self, result: SimResult) -> bool:
         cfg = self.goodput_config

@@ -93,7 +93,15 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
     for png in ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "fidelity.png"):
         assert (out / png).stat().st_size > 1000
     assert "largest |measured - simulated|" in (out / "summary.md").read_text()
-    assert '"max_attainment_gap_points"' in capsys.readouterr().out
+    # the simulator's steady-state goodput of both placements, on 60-s runs (12 lifetimes is less)
+    steady = summary["steady_state"]
+    assert steady["run_seconds"] == 60.0 and steady["settle_s"] == 20.0 and set(steady["systems"]) == {"disaggregated", "vllm"}
+    for system, d in steady["systems"].items():
+        assert d["goodput"] > 0 and d["per_device_goodput"] == pytest.approx(d["goodput"] / summary["systems"][system]["num_devices"])
+    assert summary["steady_state_disaggregated_over_vllm_ratio"] == pytest.approx(
+        steady["systems"]["disaggregated"]["per_device_goodput"] / steady["systems"]["vllm"]["per_device_goodput"])
+    printed = capsys.readouterr().out
+    assert '"max_attainment_gap_points"' in printed and '"steady_state_disaggregated_over_vllm_ratio"' in printed
 
 
 def test_devices_without_emulate_is_refused(tmp_path, capsys):
@@ -126,6 +134,11 @@ def test_runs_last_the_same_time_at_every_rate(tmp_path):
                             settle_s=10.0).run_length(97.0, 0.2) == (10.0, 50.0)
     with pytest.raises(ValueError, match="below run_seconds"):
         emulated_compare(quick=True, cluster=ec.cluster, out=tmp_path, run_seconds=5.0, settle_s=10.0).run_length(97.0, 0.2)
+    # --steady-state: 12 lifetimes at the SLO's pace (97 x 0.2 s), the first third settling; two rates, no bisection
+    steady = emulated_compare(quick=False, steady=True, cluster=ec.cluster, out=tmp_path)
+    assert steady.run_length(97.0, 0.2) == pytest.approx((77.6, 232.8), abs=0.06)
+    assert steady.compare.rates_factors == (0.95, 1.1) and steady.compare.max_bisections == 0
+    assert steady.run_length(2.0, 0.2) == (20.0, 60.0)
 
 
 def test_vllm_system_needs_a_baseline_profile(tmp_path):

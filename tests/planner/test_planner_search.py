@@ -47,16 +47,43 @@ def test_goodput_is_cached_and_ordered():
     assert result.attainment >= 0.9
 
 
+# DistServe's public simulator measures a fixed number of requests from an empty system; a
+# 60-s horizon with no lifetime rule is that transient regime.
+TRANSIENT = GoodputConfig(lifetimes=0, max_requests=5000)
+
+
 def test_readme_case_picks_prefill_tp2_decode_tp1():
     """Public README: 1 node x 4 A100, OPT-13B, ShareGPT, TTFT 0.2 s / TPOT 0.1 s -> prefill TP2, decode TP1
-    (1.56 req/s per GPU there; ours is higher, see docs/planner.md)."""
-    ctx = _ctx()
+    (1.56 req/s per GPU there; ours is higher, see docs/planner.md), on DistServe's transient horizon."""
+    ctx = _ctx(goodput=TRANSIENT)
     plan = algorithm1(ctx, ClusterSpec(num_nodes=1, gpus_per_node=4))
     p = plan.placement
     assert (p.prefill.tp, p.prefill.pp, p.decode.tp, p.decode.pp) == (2, 1, 1, 1)
     assert p.num_devices <= 4
     assert 1.5 <= plan.per_device_goodput <= 3.5
     assert 1.5 <= plan.details["pair_per_device_goodput"] <= 3.5
+
+
+def test_steady_state_horizon_follows_the_request_lifetime():
+    """The default horizon is 12 mean lifetimes at the TPOT SLO's pace, the same seconds at every
+    rate; in steady state a decode TP1 instance runs out of KV and throughput, so the README case
+    moves to decode TP2 and every goodput is at most the transient one."""
+    ctx = _ctx()
+    lifetime = float(ctx.workload.output_len.mean()) * 0.1
+    assert ctx.horizon_s == pytest.approx(12 * lifetime) and ctx.horizon_s > 60
+    for rate in (20.0, 40.0):  # above min_requests / horizon: the trace lasts the horizon
+        trace = ctx.trace_at(rate)
+        assert len(trace) == pytest.approx(rate * ctx.horizon_s, abs=1)
+    assert _ctx(tpot=float("inf")).horizon_s == 60.0
+    fast = _ctx(goodput=TRANSIENT)
+    for dtp in (1, 2):
+        pl = Placement(prefill=PhaseParallel(tp=2), decode=PhaseParallel(tp=dtp))
+        assert ctx.goodput(pl, phase="decode") <= fast.goodput(pl, phase="decode")
+    plan = algorithm1(ctx, ClusterSpec(num_nodes=1, gpus_per_node=4))
+    p = plan.placement
+    assert (p.prefill.tp, p.decode.tp, p.num_devices) == (2, 2, 4)
+    with pytest.raises(ValueError, match="lifetimes"):
+        GoodputConfig(lifetimes=-1)
 
 
 def test_pair_methodology_without_kv_limit_matches_readme_config():
