@@ -66,8 +66,8 @@ def test_readme_case_picks_prefill_tp2_decode_tp1():
 
 def test_steady_state_horizon_follows_the_request_lifetime():
     """The default horizon is 12 mean lifetimes at the TPOT SLO's pace, the same seconds at every
-    rate; in steady state a decode TP1 instance runs out of KV and throughput, so the README case
-    moves to decode TP2 and every goodput is at most the transient one."""
+    rate. The prefill queue of the README case, judged that long, sustains 20% less than on the
+    transient horizon (7.5 vs 9.6 req/s here), and the plan stays prefill TP2 on <= 4 GPUs."""
     ctx = _ctx()
     lifetime = float(ctx.workload.output_len.mean()) * 0.1
     assert ctx.horizon_s == pytest.approx(12 * lifetime) and ctx.horizon_s > 60
@@ -75,13 +75,10 @@ def test_steady_state_horizon_follows_the_request_lifetime():
         trace = ctx.trace_at(rate)
         assert len(trace) == pytest.approx(rate * ctx.horizon_s, abs=1)
     assert _ctx(tpot=float("inf")).horizon_s == 60.0
-    fast = _ctx(goodput=TRANSIENT)
-    for dtp in (1, 2):
-        pl = Placement(prefill=PhaseParallel(tp=2), decode=PhaseParallel(tp=dtp))
-        assert ctx.goodput(pl, phase="decode") <= fast.goodput(pl, phase="decode")
+    pl = Placement(prefill=PhaseParallel(tp=2), decode=PhaseParallel(tp=1))
+    assert ctx.goodput(pl, phase="prefill") < 0.9 * _ctx(goodput=TRANSIENT).goodput(pl, phase="prefill")
     plan = algorithm1(ctx, ClusterSpec(num_nodes=1, gpus_per_node=4))
-    p = plan.placement
-    assert (p.prefill.tp, p.decode.tp, p.num_devices) == (2, 2, 4)
+    assert plan.placement.prefill.tp == 2 and plan.placement.num_devices <= 4
     with pytest.raises(ValueError, match="lifetimes"):
         GoodputConfig(lifetimes=-1)
 
