@@ -6,9 +6,11 @@ predicted for the same placements and with DistServe's published gains.
 Per experiment (one compare output directory): per-device goodput measured through the real
 router for each system, the planner's prediction of it (its own 60-s traces, the placement it
 chose), the measured and predicted ratios of disaggregated over each baseline, the simulator's
-largest attainment gap on the very traces sent, and the wall time. The plot draws, per experiment,
-the measured ratio of disaggregated over colocated (same profile) and over vLLM-priced colocated,
-the planner's prediction of each, and the paper's reported gain over vLLM.
+largest attainment gap on the very traces sent, the wall time, and the simulator's steady-state
+ratios (dsjax/bench/steadystate.py; runs of 12 request lifetimes, where a short run from an empty
+server flatters every system). The plot draws, per experiment, the measured ratio of disaggregated
+over colocated (same profile) and over vLLM-priced colocated, the planner's prediction of each, the
+steady-state ratio over vLLM-priced, and the paper's reported gain over vLLM.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ def experiment_row(out: Path) -> dict[str, Any]:
         "max_attainment_gap_points": s.get("max_attainment_gap_points"), "wall_s": s.get("wall_s"),
         "saturated": [k for k, v in s["systems"].items() if v.get("saturated")],
         "paper_gain_over_vllm": PAPER_GAIN_OVER_VLLM.get((cfg["model"], cfg["workload"])),
+        "steady_runs": bool(s["emulation"].get("steady_state_runs")),
     }
     for base in BASELINES:
         if "disaggregated" in measured and base in measured:
             row[f"ratio_{base}"] = _ratio(measured["disaggregated"], measured[base])
             row[f"planned_ratio_{base}"] = _ratio(planned["disaggregated"], planned[base])
+        if f"disaggregated_over_{base}_ratio" in s.get("steady_state", {}):
+            row[f"steady_ratio_{base}"] = s["steady_state"][f"disaggregated_over_{base}_ratio"]
     return row
 
 
@@ -67,8 +72,9 @@ def _g(v: float | None) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| experiment | per-device goodput, measured (planner): disagg / colocated / chunked / vLLM-priced "
-             "| disagg ÷ colocated (planner) | disagg ÷ vLLM-priced (planner) | paper, ÷ vLLM | max gap, points | wall |",
-             "|---|---|---|---|---|---|---|"]
+             "| disagg ÷ colocated (planner) | disagg ÷ vLLM-priced (planner) | steady state, simulated: ÷ colocated / "
+             "÷ vLLM-priced | paper, ÷ vLLM | max gap, points | wall |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         # a system that passed every scan rate: its goodput is a lower bound (and a ratio over it an upper one)
         low = set(r["saturated"])
@@ -84,9 +90,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         paper_text = "—" if paper is None else (f"{paper[0]:g}×" if paper[0] == paper[1] else f"{paper[0]:g}–{paper[1]:g}×")
         gap, wall = r["max_attainment_gap_points"], r["wall_s"]
         lines.append(
-            f"| {r['model'].upper()} {r['workload']}, {r['devices']} ({r['slo'][0]:g} / {r['slo'][1]:g} s) | {cells} "
+            f"| {r['model'].upper()} {r['workload']}, {r['devices']}{' (steady-state runs)' if r['steady_runs'] else ''} ({r['slo'][0]:g} / {r['slo'][1]:g} s) | {cells} "
             f"| {bound('colocated')}{_x(r.get('ratio_colocated'))} ({_x(r.get('planned_ratio_colocated'))}) "
-            f"| {bound('vllm')}{_x(r.get('ratio_vllm'))} ({_x(r.get('planned_ratio_vllm'))}) | {paper_text} "
+            f"| {bound('vllm')}{_x(r.get('ratio_vllm'))} ({_x(r.get('planned_ratio_vllm'))}) "
+            f"| {_x(r.get('steady_ratio_colocated'))} / {_x(r.get('steady_ratio_vllm'))} | {paper_text} "
             f"| {'—' if gap is None else f'{gap:.1f}'} | {'—' if wall is None else f'{wall / 60:.1f} min'} |")
     return "\n".join(lines) + "\n"
 
@@ -98,7 +105,8 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     series = [("ratio_colocated", "measured ÷ colocated", "#1f77b4", None),
               ("planned_ratio_colocated", "planner ÷ colocated", "#1f77b4", "//"),
               ("ratio_vllm", "measured ÷ vLLM-priced", "#d62728", None),
-              ("planned_ratio_vllm", "planner ÷ vLLM-priced", "#d62728", "//")]
+              ("planned_ratio_vllm", "planner ÷ vLLM-priced", "#d62728", "//"),
+              ("steady_ratio_vllm", "steady state (simulated) ÷ vLLM-priced", "#d62728", "..")]
     fig = Figure(figsize=(max(6.0, 2.2 * len(rows)), 4.2))
     ax = fig.add_subplot()
     x = np.arange(len(rows))
@@ -113,7 +121,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.bar(px, hi, width, color="#999999", label="paper ÷ vLLM (range)")
     ax.bar(px, lo, width, color="#555555")
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(x + 2 * width, [f"{r['model'].upper()}\n{r['workload']}, {r['devices']}" for r in rows])
+    ax.set_xticks(x + 2.5 * width, [f"{r['model'].upper()}\n{r['workload']}, {r['devices']}" for r in rows])
     ax.set_ylabel("per-device goodput of disaggregated ÷ baseline")
     ax.set_title("Emulated devices, real router: measured, planner, paper", fontsize=10)
     ax.legend(fontsize=8, ncol=2)

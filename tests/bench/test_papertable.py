@@ -35,6 +35,19 @@ def test_table_ratios_and_plot(tmp_path, capsys):
     assert row["planned_ratio_vllm"] == pytest.approx(1.67 / 0.422)
     assert "1.00× (0.93×)" in text and "4.00× (3.96×)" in text
     assert (tmp_path / "t.png").stat().st_size > 5000
+    assert "| — / — |" in text  # an output without the steady-state block
+
+
+def test_steady_state_ratios_are_a_column(tmp_path, capsys):
+    d = _summary(tmp_path / "sg", disagg=0.7, colo=0.6, vllm=0.4, planner={"disaggregated": 0.6, "colocated": 0.55,
+                                                                           "vllm": 0.35})
+    doc = json.loads((d / "summary.json").read_text())
+    doc["steady_state"] = {"disaggregated_over_colocated_ratio": 1.14, "disaggregated_over_vllm_ratio": 1.75}
+    doc["emulation"]["steady_state_runs"] = True
+    (d / "summary.json").write_text(json.dumps(doc))
+    assert main(["paper-table", str(d)]) == 0
+    text = capsys.readouterr().out
+    assert "| 1.14× / 1.75× |" in text and "32 (steady-state runs) (" in text
 
 
 def test_a_cpu_compare_output_is_refused(tmp_path, capsys):
