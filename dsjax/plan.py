@@ -200,18 +200,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lifetimes(args: argparse.Namespace) -> float:
-    if args.lifetimes is not None:
-        return args.lifetimes
-    return 0.0 if args.semantics == "distserve" else GoodputConfig.lifetimes
-
-
 def _cmd_search(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     profile = load_profile(args.profile)
     model = get_model(args.model)
-    gcfg = GoodputConfig(attainment_target=args.target, rel_tol=args.rel_tol, horizon_s=args.horizon,
-                         lifetimes=_lifetimes(args))
+    lifetimes = args.lifetimes if args.lifetimes is not None else 0.0 if args.semantics == "distserve" else GoodputConfig.lifetimes
+    gcfg = GoodputConfig(attainment_target=args.target, rel_tol=args.rel_tol, horizon_s=args.horizon, lifetimes=lifetimes)
     base = _load_workload(args.workload, num_requests=gcfg.max_requests, seed=args.seed, arrival=args.arrival, cv=args.cv)
     ctx = search_context(
         semantics=args.semantics, criterion=args.criterion,
@@ -253,12 +247,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
             "per_device_goodput": colo.per_device_goodput, "profile": str(baseline_profile.source),
         },
         "ratio_vs_colocated": gain,
-        "horizon_s": ctx.horizon_s,
-        "search_s": search_s,
-        "total_s": elapsed,
+        "horizon_s": ctx.horizon_s, "search_s": search_s, "total_s": elapsed,
         "num_simulations": ctx.num_simulations,
-        "unit": plan.details.get("unit"),
-        "copies": plan.details.get("copies"),
+        "unit": plan.details.get("unit"), "copies": plan.details.get("copies"),
     }
     if "pair_per_device_goodput" in plan.details:
         meta["pair_per_device_goodput"] = plan.details["pair_per_device_goodput"]
@@ -394,12 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--rate", type=float, default=None, help="target traffic rate to size the plan for")
     se.add_argument("--target", type=float, default=0.9, help="attainment target")
     se.add_argument("--rel-tol", type=float, default=0.02, help="goodput bisection tolerance")
-    se.add_argument("--horizon", type=float, default=60.0,
-                    help="seconds of traffic simulated per rate, at least (see --lifetimes)")
-    se.add_argument("--lifetimes", type=float, default=None,
-                    help="simulate at least this many mean request lifetimes (mean output x TPOT SLO) per rate, so "
-                         f"each rate is judged in steady state (default {GoodputConfig.lifetimes:g}); 0: --horizon "
-                         "alone (the default with --semantics distserve: DistServe's runs from an empty system)")
+    se.add_argument("--horizon", type=float, default=60.0, help="seconds of traffic simulated per rate, at least")
+    se.add_argument("--lifetimes", type=float, default=None, help=f"and at least this many mean request lifetimes "
+                    f"(mean output x TPOT SLO; default {GoodputConfig.lifetimes:g}, steady state; 0 with --semantics distserve)")
     se.add_argument("--baseline", choices=("colocated", "chunked"), default="colocated")
     se.add_argument("--baseline-profile", default=None, help="profile for the colocated baseline (default: --profile)")
     se.add_argument("--out", default=None, help="write the plan here (dsjax.engine.placement.save_plan)")

@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "so pulls need not wait for the engine thread (0: export at pull time)")
     s.add_argument("--max-recomputes", type=int, default=2,
                    help="times a request whose KV or worker is lost is prefilled again from its tokens so far")
+    s.add_argument("--max-prefill-inflight", type=int, default=None,
+                   help="Prefill calls one prefill worker holds at once; more wait in the router, first come first "
+                        "served (default: serving.remote.MAX_PREFILL_INFLIGHT, 64)")
     s.add_argument("--max-lease-seconds", type=float, default=None,
                    help="renewals keep held KV at most this long (default 20 x --lease-seconds)")
     s.add_argument("--hung-worker-seconds", type=float, default=60.0,

@@ -329,7 +329,7 @@ def cluster_registry(args: argparse.Namespace, token: str | None, replicas: bool
 
 def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
     from serving.proto.dsjax.v1 import worker_pb2_grpc
-    from serving.remote import RemoteBackend
+    from serving.remote import MAX_PREFILL_INFLIGHT, RemoteBackend
     from serving.supervisor import Supervisor, WorkerSpec, assign_gpus
     from serving.validation import model_config
 
@@ -340,7 +340,8 @@ def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
     token = _cluster_token(create=args.role is None)  # the workers started here inherit it
     replicas = placement.mode != "disaggregated"
     registry = cluster_registry(args, token, replicas)
-    backend = RemoteBackend(registry, max_recomputes=args.max_recomputes, replicas=replicas)
+    backend = RemoteBackend(registry, max_recomputes=args.max_recomputes, replicas=replicas,
+                            max_prefill_inflight=args.max_prefill_inflight or MAX_PREFILL_INFLIGHT)
     fronts = _Fronts(args, backend, config, [(worker_pb2_grpc.add_RegistryServicer_to_server, registry)],
                      cluster_token=token)
     supervisor = None

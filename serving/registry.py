@@ -35,6 +35,17 @@ from serving.worker_checks import Invalid, check_id
 log = logging.getLogger(__name__)
 
 
+class _Busy:
+    """Registry.acquire's answer when every live worker of the role is at its in-flight cap (the
+    caller waits in the router for a slot; None means no worker of the role at all)."""
+
+    def __repr__(self) -> str:
+        return "BUSY"
+
+
+BUSY = _Busy()
+
+
 @dataclasses.dataclass(eq=False)
 class WorkerEntry:
     info: wpb.WorkerInfo
@@ -235,20 +246,30 @@ class Registry(worker_pb2_grpc.RegistryServicer):
                 self._changed.wait(left)
         return True
 
-    def acquire(self, role: int, tokens: int = 0) -> WorkerEntry | None:
+    def acquire(self, role: int, tokens: int = 0, max_inflight: int | None = None) -> WorkerEntry | _Busy | None:
         """The least-loaded live worker of `role`, or None; the request counts on it (`tokens`
         of KV load, one in flight) until `release`. Load is what the in-process engines and the
         simulator balance by (`policies.least_loaded`): a prefill worker's prompt tokens queued or
         being prefilled, a decode worker's peak KV tokens (prompt + max_tokens) of the requests
-        assigned to it; then requests in flight, its reported queue, its id."""
+        assigned to it; then requests in flight, its reported queue, its id. With `max_inflight`,
+        only workers with fewer calls in flight qualify; `BUSY` when live ones exist but none does."""
         with self._lock:
             live = [w for w in self._workers.values() if w.info.role == role and not w.hung]
             if not live:
                 return None
+            if max_inflight is not None:
+                live = [w for w in live if w.inflight < max_inflight]
+                if not live:
+                    return BUSY
             w = min(live, key=lambda w: (w.load, w.inflight, w.stats.waiting if w.stats else 0, w.id))
             w.inflight += 1
             w.load += tokens
             return w
+
+    def has_room(self, role: int, max_inflight: int) -> bool:
+        """Whether a live worker of `role` has fewer than `max_inflight` calls in flight."""
+        with self._lock:
+            return any(w.info.role == role and not w.hung and w.inflight < max_inflight for w in self._workers.values())
 
     def release(self, w: WorkerEntry, tokens: int = 0) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ prefill worker (idempotent; the lease is the backstop).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -36,7 +37,7 @@ from serving.engine_loop import ErrorEvent, Event, FinishEvent, Outbox, TokenEve
 from serving.messages import FINISH_FROM_PROTO, worker_request
 from serving.proto.dsjax.v1 import worker_pb2 as wpb
 from serving.proto.dsjax.v1 import worker_pb2_grpc
-from serving.registry import Registry, WorkerEntry
+from serving.registry import BUSY, Registry, WorkerEntry
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class _RemoteHandle:
             raise
         finally:
             self.registry.release(pw, tokens)
+            self.backend.slot_freed()
         bd = self.breakdown
         bd["queue_s"] = bd.get("queue_s", 0.0) + resp.queue_seconds
         bd["prefill_s"] = bd.get("prefill_s", 0.0) + resp.prefill_seconds
@@ -235,7 +237,7 @@ class _RemoteHandle:
     async def _acquire(self, role: int, tokens: int) -> WorkerEntry:
         if self._cancelled.is_set():
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
-        w = self.registry.acquire(role, tokens)
+        w = await self.backend.slot(role, tokens) if role == wpb.PREFILL else self.registry.acquire(role, tokens)
         # None registered: wait a little for one (a restarted router hears from its workers within
         # a heartbeat, and requests that reach it first should not fail for that), then give up.
         end = time.monotonic() + self.backend.worker_wait_s
@@ -245,6 +247,8 @@ class _RemoteHandle:
         if self._cancelled.is_set():
             if w is not None:
                 self.registry.release(w, tokens)
+                if role == wpb.PREFILL:
+                    self.backend.slot_freed()
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
         if w is None:
             with self._lock:
@@ -322,17 +326,31 @@ def _release(w: WorkerEntry, wid: str) -> None:
     fut.add_done_callback(lambda f: f.exception() and log.info("release of %s on %s failed: %s", wid, w.id, f.exception()))
 
 
+# Prefill calls one prefill worker holds at once (its prefill queue, ~4 batches of 16 prompts);
+# more wait in the router. Each call holds one of the worker's gRPC threads until its prefill is
+# done, and when decode falls behind, the prefill pool fills and calls pile up there: OPT-66B
+# ShareGPT at 17 req/s filled all 256 threads, lease renewals found none and timed out, and
+# thousands of KV leases expired, their requests prefilled again (docs/results.md, "Session 12").
+MAX_PREFILL_INFLIGHT = 64
+
+
 class RemoteBackend:
     """Requests on the workers: each a task on one event loop of the backend's own thread (one
     hand-off per message to a front's loop, no thread per open stream)."""
 
     def __init__(self, registry: Registry, *, max_recomputes: int = 2, call_timeout_s: float = 300.0,
-                 per_token_timeout_s: float = 1.0, worker_wait_s: float = 2.0, replicas: bool = False):
+                 per_token_timeout_s: float = 1.0, worker_wait_s: float = 2.0, replicas: bool = False,
+                 max_prefill_inflight: int = MAX_PREFILL_INFLIGHT):
         """`worker_wait_s`: how long a request waits for a worker of a phase none of which is
         registered (a router just restarted: its workers register within a heartbeat) before it
         ends with UNAVAILABLE. `replicas`: serve on colocated / chunked replica workers instead of
-        prefill and decode workers."""
+        prefill and decode workers. `max_prefill_inflight`: Prefill calls a prefill worker holds
+        at once; more wait in the router, first come first served (`slot`)."""
+        if max_prefill_inflight < 1:
+            raise ValueError(f"max_prefill_inflight={max_prefill_inflight} must be >= 1")
         self.registry = registry
+        self.max_prefill_inflight = max_prefill_inflight
+        self._slot_waiters: collections.deque[tuple[asyncio.Future, int, int]] = collections.deque()
         self.replicas = replicas
         self.worker_wait_s = worker_wait_s
         self.max_recomputes = max_recomputes
@@ -341,6 +359,38 @@ class RemoteBackend:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="remote-backend", daemon=True)
         self._thread.start()
+
+    async def slot(self, role: int, tokens: int) -> WorkerEntry | None:
+        """(On the loop.) The least-loaded worker of `role` with fewer than `max_prefill_inflight`
+        calls in flight, counted on it; while every live one is full the caller waits here, in
+        arrival order, behind any earlier waiter; None when no worker of the role is registered."""
+        if not self._slot_waiters:
+            w = self.registry.acquire(role, tokens, self.max_prefill_inflight)
+            if w is not BUSY:
+                return w
+        fut = self.loop.create_future()
+        self._slot_waiters.append((fut, role, tokens))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.result() is not None:
+                self.registry.release(fut.result(), tokens)  # handed a slot it will not use: pass it on
+                self.slot_freed()
+            raise
+
+    def slot_freed(self) -> None:
+        """(On the loop.) A prefill call ended (or a worker joined): hand each free slot to the
+        first waiter, acquired on its behalf so no later arrival takes it first."""
+        while self._slot_waiters:
+            fut, role, tokens = self._slot_waiters[0]
+            if fut.done():  # cancelled while waiting
+                self._slot_waiters.popleft()
+                continue
+            w = self.registry.acquire(role, tokens, self.max_prefill_inflight)
+            if w is BUSY:
+                return
+            self._slot_waiters.popleft()
+            fut.set_result(w)
 
     def channel(self, w: WorkerEntry):
         """The aio channel to `w` on this backend's loop (on the loop's thread)."""

@@ -92,6 +92,16 @@ class _WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return s
 
 
+def server_threads(max_num_seqs: int) -> int:
+    """gRPC threads of a worker. A Decode (or replica Generate) stream holds one thread for its
+    request's whole life, running or queued for KV, and lease renewals, pulls, stats and health
+    need threads too. A fixed 256 stalled OPT-66B ShareGPT decode workers (batch cap 256) near
+    their knee: new streams waited for a thread before admission, so nobody renewed their prefill
+    KV leases, which expired, and every such request was prefilled again (docs/results.md,
+    "Session 12"). So: room for four times the batch cap in streams, plus control calls."""
+    return 128 + 4 * max_num_seqs
+
+
 def model_backend(flag: str) -> str | None:
     """--attention-backend as `load_causal_lm`'s backend: "auto" is the platform's path, fixed for
     every program shape (dsjax.runtime.builder.platform_backend), so the step log can name it."""
@@ -159,7 +169,8 @@ class WorkerProcess:
         # Messages up to one KV chunk or one request of a whole context (serving/worker_checks.py).
         options = with_message_limit(SERVER_OPTIONS, self.engine.limits.message_bytes())
         guard = cluster_guard(cfg.cluster_token) if cfg.cluster_token else None
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix=cfg.worker_id), options=options,
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(cfg.scheduler.max_num_seqs),
+                                                             thread_name_prefix=cfg.worker_id), options=options,
                                   interceptors=server_interceptors(guard))
         if cfg.role == "prefill":
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server(self.engine, self.server)

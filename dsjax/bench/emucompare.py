@@ -19,6 +19,9 @@
 5. summary.json (per-device goodput, ratios, placements, simulated attainment per run, gaps),
    results.json / .csv, plots (attainment vs rate per device, vs SLO scale, latency breakdown,
    measured vs simulated attainment) and summary.md.
+6. Beside them, each placement's steady-state goodput and ratios (`steady_state`): quick and full
+   runs are a few request lifetimes from an empty server, which flatters systems near their knee
+   (steadystate.py). `--steady-state` makes every run that long instead, at two rates a system.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ MIN_FIDELITY_RATES = 5
 # L = mean output length x TPOT SLO / 2 (a request decoding at half its SLO): the first `settle`
 # seconds load the server without being measured (its queues fill), then `measure` seconds are
 # measured. Near its capacity a server's queues grow slowly, so short runs flatter every system
-# (docs/results.md, "Run length"); the full run is the longer of the two.
+# (docs/results.md, "Run length"; by how much: steadystate.py); the full run is the longer of the two.
 QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S = 1.0, 2.0, 20.0
 FULL_SETTLE_LIFETIMES, FULL_MEASURE_LIFETIMES, FULL_MIN_MEASURE_S = 2.0, 4.0, 60.0
 MIN_RUN_REQUESTS = 100

@@ -27,7 +27,8 @@ import dataclasses
 from typing import Any, Callable
 
 JITTER_SEEDS = 6
-HOST_COUNTERS = ("continued_steps", "host_gap_seconds", "prefill_launches", "prefill_host_gap_seconds")
+HOST_COUNTERS = ("continued_steps", "host_gap_seconds", "prefill_launches", "prefill_host_gap_seconds",
+                 "leases_expired")  # the last: prefill KV freed unpulled (its request recomputed)
 
 
 def host_counters(target: str, token: str) -> Callable[[], dict[str, float]]:
@@ -70,6 +71,8 @@ def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: i
     `jittered`: the replay at `jitter(offsets, seed)` when the caller has it (not run again)."""
     out: dict[str, Any] = {}
     c = run.server_counters
+    if c:
+        out["leases_expired"] = int(c.get("leases_expired", 0))
     decode_s = mean_host_s(c)
     prefill_s = mean_host_s(c, "prefill_host_gap_seconds", "prefill_launches")
     if decode_s is not None or prefill_s is not None:

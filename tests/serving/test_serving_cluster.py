@@ -33,7 +33,8 @@ def cluster(tmp_path_factory):
     port = free_port()
     args = ["--workers", "processes", "--model", "tiny-llama", "--dummy-weights", "--port", str(port), "--metrics-port", "-1", "--http-port", "0",
             "--prefill-tp", "2", "--decode-replicas", "2", "--num-blocks", "160", "--lease-seconds", str(LEASE_S),
-            "--compilation-cache", CACHE_DIR, "--log-dir", str(logs), "--max-tokens-limit", "400"]
+            "--compilation-cache", CACHE_DIR, "--log-dir", str(logs), "--max-tokens-limit", "400",
+            "--max-prefill-inflight", "2"]  # most of the 32 concurrent streams wait in the router for a prefill slot
     proc = launch_server(args, logs / "router.log")
     target = f"localhost:{port}"
     try:
