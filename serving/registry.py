@@ -266,11 +266,6 @@ class Registry(worker_pb2_grpc.RegistryServicer):
             w.load += tokens
             return w
 
-    def has_room(self, role: int, max_inflight: int) -> bool:
-        """Whether a live worker of `role` has fewer than `max_inflight` calls in flight."""
-        with self._lock:
-            return any(w.info.role == role and not w.hung and w.inflight < max_inflight for w in self._workers.values())
-
     def release(self, w: WorkerEntry, tokens: int = 0) -> None:
         with self._lock:
             w.inflight -= 1

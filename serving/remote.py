@@ -379,8 +379,9 @@ class RemoteBackend:
             raise
 
     def slot_freed(self) -> None:
-        """(On the loop.) A prefill call ended (or a worker joined): hand each free slot to the
-        first waiter, acquired on its behalf so no later arrival takes it first."""
+        """(On the loop.) A prefill call ended: hand each free slot to the first waiter, acquired on
+        its behalf so no later arrival takes it first (a worker that joins meanwhile is filled at
+        the next release)."""
         while self._slot_waiters:
             fut, role, tokens = self._slot_waiters[0]
             if fut.done():  # cancelled while waiting

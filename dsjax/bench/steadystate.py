@@ -4,7 +4,7 @@ A run starts with an empty server, and near its capacity a server's queues and r
 grow for many request lifetimes before they stop growing. A run that ends before then measures a
 transient that flatters every system, and not by the same amount. OPT-66B ShareGPT on 32 emulated
 A100s (mean output 325 tokens, TPOT SLO 0.15 s): the simulator passes 22 req/s for the disaggregated
-placement and 16 for vLLM-priced colocated on the quick compare's 73-s runs, and 16 and 11 once a
+placement and 15 for vLLM-priced colocated on the quick compare's 73-s runs, and 16 and 11 once a
 run lasts 12 mean lifetimes (586 s), where more length changes nothing (docs/results.md,
 "Session 12").
 
