@@ -151,8 +151,7 @@ class _RemoteHandle:
             _release(pw, req.request_id)
             raise
         finally:
-            self.registry.release(pw, tokens)
-            self.backend.slot_freed()
+            self.backend.release_slot(pw, tokens)
         bd = self.breakdown
         bd["queue_s"] = bd.get("queue_s", 0.0) + resp.queue_seconds
         bd["prefill_s"] = bd.get("prefill_s", 0.0) + resp.prefill_seconds
@@ -246,9 +245,10 @@ class _RemoteHandle:
             w = self.registry.acquire(role, tokens)
         if self._cancelled.is_set():
             if w is not None:
-                self.registry.release(w, tokens)
                 if role == wpb.PREFILL:
-                    self.backend.slot_freed()
+                    self.backend.release_slot(w, tokens)
+                else:
+                    self.registry.release(w, tokens)
             raise _Stop(FinishEvent(FinishReason.CANCELLED, self.breakdown))
         if w is None:
             with self._lock:
@@ -374,9 +374,13 @@ class RemoteBackend:
             return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.result() is not None:
-                self.registry.release(fut.result(), tokens)  # handed a slot it will not use: pass it on
-                self.slot_freed()
+                self.release_slot(fut.result(), tokens)  # handed a slot it will not use: pass it on
             raise
+
+    def release_slot(self, w: WorkerEntry, tokens: int) -> None:
+        """(On the loop.) The end of a prefill call `slot` gave: release it and wake the waiters."""
+        self.registry.release(w, tokens)
+        self.slot_freed()
 
     def slot_freed(self) -> None:
         """(On the loop.) A prefill call ended: hand each free slot to the first waiter, acquired on

@@ -76,18 +76,16 @@ class EmulatedCompare:
     def run_length(self, mean_output_len: float, tpot_slo_s: float) -> tuple[float, float]:
         """(settle_s, run_seconds) of every run."""
         if self.steady:
-            settle, total = steady_run_length(mean_output_len, tpot_slo_s)
-            settle = settle if self.settle_s is None else self.settle_s
-            total = total if self.run_seconds is None else self.run_seconds
-            if not 0 <= settle < total:
-                raise ValueError(f"settle_s={settle:g} must be >= 0 and below run_seconds={total:g}")
-            return settle, total
-        lifetime = mean_output_len * tpot_slo_s / 2
-        settle_k, measure_k, min_measure = ((QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S)
-                                            if self.quick else
-                                            (FULL_SETTLE_LIFETIMES, FULL_MEASURE_LIFETIMES, FULL_MIN_MEASURE_S))
-        settle = settle_k * lifetime if self.settle_s is None else self.settle_s
-        total = settle + max(min_measure, measure_k * lifetime) if self.run_seconds is None else self.run_seconds
+            default_settle, default_total = steady_run_length(mean_output_len, tpot_slo_s)
+            settle = default_settle if self.settle_s is None else self.settle_s
+            total = default_total if self.run_seconds is None else self.run_seconds
+        else:
+            lifetime = mean_output_len * tpot_slo_s / 2
+            settle_k, measure_k, min_measure = ((QUICK_SETTLE_LIFETIMES, QUICK_MEASURE_LIFETIMES, QUICK_MIN_MEASURE_S)
+                                                if self.quick else
+                                                (FULL_SETTLE_LIFETIMES, FULL_MEASURE_LIFETIMES, FULL_MIN_MEASURE_S))
+            settle = settle_k * lifetime if self.settle_s is None else self.settle_s
+            total = settle + max(min_measure, measure_k * lifetime) if self.run_seconds is None else self.run_seconds
         if not 0 <= settle < total:
             raise ValueError(f"settle_s={settle:g} must be >= 0 and below run_seconds={total:g}")
         return round(settle, 1), round(total, 1)
@@ -178,7 +176,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
                    for s in cfg.systems}
     sim_goodput = {s: sims[s].goodput(requests, schedule, probe_rates[s]) for s in cfg.systems}
     steady = _steady_state(ec, sims, requests, schedule, sim_goodput, plans, sum(o for _, o in lengths) / len(lengths),
-                           slos.tpot_s)
+                           slos.tpot_s, runs=(settle_s, run_s))
     log(describe_steady(steady))
     # Each system is scanned around its knee on these traces (the simulator's goodput on them; the
     # planner's, on its own shorter traces, left the baselines' scans below their knees).
@@ -233,15 +231,15 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
 
 
 def _steady_state(ec: EmulatedCompare, sims, requests, schedule, sim_goodput, plans, mean_output: float,
-                  tpot_s: float) -> dict[str, Any]:
+                  tpot_s: float, *, runs: tuple[float, float]) -> dict[str, Any]:
     """The simulator's steady-state goodput of every placement (steadystate.py): the goodput on the
-    runs' own traces when they are steady-state runs, else on a longer sample of the same workload."""
+    runs' own traces (`runs`: their settle_s, run_seconds) when they are steady-state runs, else on a
+    longer sample of the same workload."""
     cfg = ec.compare
     devices = {s: plans[s].num_devices for s in sims}
     starts = {s: sim_goodput[s] or plans[s].planner_goodput for s in sims}
     if ec.steady:
-        settle_s, run_s = ec.run_length(mean_output, tpot_s)
-        return steady_summary(sim_goodput, devices, {}, settle_s=settle_s, run_s=run_s)
+        return steady_summary(sim_goodput, devices, {}, settle_s=runs[0], run_s=runs[1])
     settle_s, run_s = steady_run_length(mean_output, tpot_s)
     sweep = SweepConfig(rates=(1.0,), arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, duration_s=run_s, settle_s=settle_s,
                         min_requests=MIN_RUN_REQUESTS, warmup_requests=0)
