@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (default: room for max-num-seqs contexts)")
     e.add_argument("--max-num-seqs", type=int, default=32)
     e.add_argument("--max-prefill-tokens", type=int, default=1024)
+    e.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
+                   help="run decode steps one at a time: record a step's tokens before dispatching the next (default: "
+                        "each step is dispatched behind the one in flight, hiding the host's work between steps)")
     e.add_argument("--max-model-len", type=int, default=None,
                    help="cap on prompt + output tokens per request (default: the model's context); bounds the KV "
                         "pool's default size and the program shapes --warmup-shapes compiles")

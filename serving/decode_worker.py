@@ -252,7 +252,7 @@ class DecodeWorker(EngineLoop, worker_pb2_grpc.DecodeWorkerServicer):
             self._pull_failed(e, "lease no longer held")
 
     def busy(self) -> bool:
-        return bool(self.inst.running)
+        return self.inst.busy()
 
     def step(self) -> bool:
         finished, preempted = self.inst.step()

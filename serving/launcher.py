@@ -48,7 +48,7 @@ def _scheduler(args: argparse.Namespace):
     from dsjax.engine.scheduler import SchedulerConfig
 
     return SchedulerConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                           max_model_len=args.max_model_len)
+                           max_model_len=args.max_model_len, overlap_decode=args.overlap_decode)
 
 
 def _cache_and_scheduler(args: argparse.Namespace, config, dtype_bytes: int):
@@ -291,6 +291,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv += ["--num-blocks", str(args.num_blocks)]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    if not args.overlap_decode:
+        argv.append("--no-overlap-decode")
     if args.no_warmup:
         argv.append("--no-warmup")
     if args.step_log:

@@ -188,6 +188,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="servers hold a stream's later tokens this long (serve --stream-interval-ms; TTFT and TPOT "
                         "unchanged, several times fewer messages through the router and the client); default 1000, "
                         "0: every step's tokens at once")
+    e.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
+                   help="servers run decode steps one at a time (serve --no-overlap-decode): the host's work between "
+                        "steps then holds the device, as before session 13")
     return p
 
 
@@ -209,7 +212,8 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         affinity=args.affinity, link_gbps=args.emulate_link_gbps, max_num_seqs=args.max_num_seqs or 256,
         max_prefill_tokens=args.max_prefill_tokens or 1024, baseline_profile=args.baseline_profile,
         workers=args.emulate_workers,
-        stream_interval_ms=STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms)
+        stream_interval_ms=STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms,
+        overlap_decode=args.overlap_decode)
     ec = emulated_compare(
         quick=args.quick, cluster=cluster, out=args.out, workload=args.workload, seed=args.seed,
         prompt_format=args.prompt_format, systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv,

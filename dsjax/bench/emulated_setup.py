@@ -81,6 +81,7 @@ class EmulatedCluster:
     # The router holds a stream's later tokens this long (serve --stream-interval-ms): fewer messages
     # through the router and client on a small host; TTFT and TPOT as measured do not change.
     stream_interval_ms: float = 0.0
+    overlap_decode: bool = True  # serve --no-overlap-decode when False
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.gpus_per_node < 1:
@@ -204,6 +205,8 @@ def server_argv(system: str, placement: Placement, cluster: EmulatedCluster, pla
         argv += ["--emulate-link-gbps", repr(cluster.link_gbps)]
     if cluster.stream_interval_ms:
         argv += ["--stream-interval-ms", repr(cluster.stream_interval_ms)]
+    if not cluster.overlap_decode:
+        argv.append("--no-overlap-decode")
     return argv
 
 

@@ -20,6 +20,13 @@ A prefill-first step is: pick a batch, run it, record the tokens:
 Prefill batches take priority, so a new prompt delays the running decodes by one prefill; chunking
 bounds that delay but slows every step that carries a chunk. That interference is exactly what
 disaggregation removes.
+
+Prefill-first decode steps overlap as a decode instance's do (dsjax/engine/disaggregated.py
+`DecodeInstance`): one decode step is dispatched behind the one in flight and that one is recorded
+after, so the host's work between steps runs while the device computes. A step that would be a
+prefill first records the step in flight (the prefill then sees its finished requests' blocks
+free), so a prompt waits for the same decode step it would wait for without overlap. Chunked
+steps run one at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from dsjax.engine.scheduler import SchedulerConfig, pick_decode_batch, pick_pref
 
 class ColocatedEngine:
     def __init__(self, runner: Runner, scheduler: SchedulerConfig, chunked: bool = False,
-                 fused_mixed_steps: bool | None = None):
+                 fused_mixed_steps: bool | None = None, overlap: bool | None = None):
         self.runner = runner
         self.cfg = scheduler
         self.chunked = chunked
@@ -51,6 +58,12 @@ class ColocatedEngine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        if overlap is None:
+            overlap = not chunked and scheduler.overlap_decode and getattr(runner, "overlaps_decode", False)
+        self.overlap = overlap
+        if self.overlap and chunked:
+            raise ValueError("overlapped decode steps need the prefill-first policy (chunked=False)")
+        self.inflight: tuple[list[Request], object] | None = None  # a decode step dispatched, not yet recorded
 
     # ---- request management --------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -80,7 +93,7 @@ class ColocatedEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or self.inflight is not None
 
     def _finish(self, req: Request, now: float) -> None:
         self.blocks.free(req.request_id)
@@ -96,10 +109,11 @@ class ColocatedEngine:
         """Run one batch; returns the requests that finished in it."""
         if self.chunked:
             return self._chunked_step()
+        finished = []
+        if self.inflight is not None and self._prefill_next():
+            finished = self._record_inflight()  # the prefill runs after it, as it would without overlap
         room = self.cfg.max_num_seqs - len(self.running)
-        batch = []
-        if room > 0 and self._prefill_first():
-            batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg, max_seqs=room)
+        batch = pick_prefill_batch(self.waiting, self.blocks, self.cfg, max_seqs=room) if room > 0 and self._prefill_first() else []
         if batch:
             start = time.perf_counter()
             for r in batch:
@@ -110,26 +124,57 @@ class ColocatedEngine:
                 r.lifecycle.prefill_end = now
                 r.lifecycle.decode_start = r.lifecycle.decode_start or now
                 r.status = Status.RUNNING
-            return self._record(batch, tokens, now, newly_prefilled=True)
+            return finished + self._record(batch, tokens, now, newly_prefilled=True)
         if not self.running:
-            return []
-        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg)
+            return finished + self._record_inflight()
+        prev = self.inflight
+        ahead = frozenset(map(id, prev[0])) if prev is not None else frozenset()
+        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg, ahead=ahead)
         self.waiting.extendleft(reversed(preempted))
-        if not batch:
+        tables = [self.blocks.block_table(r.request_id) for r in batch]
+        if not self.overlap:
+            if not batch:
+                return []
+            tokens = self.runner.decode(batch, tables)
+            return self._record(batch, tokens, time.perf_counter(), newly_prefilled=False)
+        after = prev if not ahead.isdisjoint(map(id, batch)) else None
+        self.inflight = (batch, self.runner.launch_decode(batch, tables, after=after)) if batch else None
+        if prev is None:
             return []
-        tokens = self.runner.decode(batch, [self.blocks.block_table(r.request_id) for r in batch])
-        return self._record(batch, tokens, time.perf_counter(), newly_prefilled=False)
+        return self._record(prev[0], np.concatenate(self.runner.collect(prev[1])), time.perf_counter(), newly_prefilled=False)
 
-    def _prefill_first(self) -> bool:
+    def _record_inflight(self) -> list[Request]:
+        """Wait for the decode step in flight, if any, and record it."""
+        prev, self.inflight = self.inflight, None
+        if prev is None:
+            return []
+        return self._record(prev[0], np.concatenate(self.runner.collect(prev[1])), time.perf_counter(), newly_prefilled=False)
+
+    def _prefill_first(self, freed_blocks: int = 0) -> bool:
         """vLLM's rule (the simulator's too): a prefill step whenever the oldest prompt fits."""
         bs = self.blocks.block_size
         head_blocks = blocks_for(self.waiting[0].num_tokens, bs) if self.waiting else 0
         return colocated_runs_prefill(num_waiting=len(self.waiting), head_need_tokens=head_blocks * bs,
-                                      free_tokens=self.blocks.num_free_blocks * bs)
+                                      free_tokens=(self.blocks.num_free_blocks + freed_blocks) * bs)
+
+    def _prefill_next(self) -> bool:
+        """Whether a prefill follows the decode step in flight, judged as if it were recorded: its
+        requests that end by length leave the batch and free their blocks. (An end on an EOS is
+        not known in advance; a prompt that only its blocks let in waits one decode step more.)"""
+        live = set(map(id, self.running))
+        ending = [r for r in self.inflight[0] if id(r) in live and len(r.output_token_ids) + 1 >= r.sampling.max_tokens]
+        room = self.cfg.max_num_seqs - len(self.running) + len(ending)
+        return room > 0 and self._prefill_first(sum(len(self.blocks.block_table(r.request_id)) for r in ending))
 
     def _record(self, batch: list[Request], tokens, now: float, newly_prefilled: bool) -> list[Request]:
+        """Append each request's token; a decode step's request no longer running (aborted or
+        preempted while an overlapped step was in flight, or ended by a stop id the step before)
+        gets nothing."""
         finished = []
+        live = None if newly_prefilled else set(map(id, self.running))
         for r, tok in zip(batch, tokens):
+            if live is not None and id(r) not in live:
+                continue
             if r.append_token(int(tok), now):
                 if r in self.running:
                     self.running.remove(r)

@@ -111,18 +111,37 @@ class PrefillInstance:
 
 
 class DecodeInstance:
-    def __init__(self, runner: Runner, cfg: SchedulerConfig):
+    """Continuous decode batching on one instance.
+
+    Overlapped steps (`overlap`, on where the runner supports it): the next step is picked and
+    dispatched while the previous one still runs, its requests' input tokens taken on the device
+    from the previous step's output, and only then are the previous step's tokens read back and
+    recorded. The host's work between steps (recording tokens, streaming them, admitting pulled
+    requests, packing the next batch) then runs while the device computes instead of between its
+    steps, as in vLLM's async scheduling and SGLang's overlap scheduler. What it costs: a request
+    that stops on an EOS or stop id has already been given one more step (its token is dropped);
+    one that ends by length sits the step out, since that end is known in advance."""
+
+    def __init__(self, runner: Runner, cfg: SchedulerConfig, overlap: bool | None = None):
         self.runner = runner
         self.cfg = cfg
         self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
         self.running: list[Request] = []
         self.bytes_pulled = 0
         self.migrations = 0
+        if overlap is None:
+            overlap = cfg.overlap_decode and getattr(runner, "overlaps_decode", False)
+        self.overlap = overlap
+        self.inflight: tuple[list[Request], object] | None = None  # overlapped: the step dispatched, not yet recorded
 
     def load(self) -> int:
         """KV tokens reserved by its requests at their peak (prompt + max_tokens): the load the
         simulator assigns prefilled requests by (`SimDecodeInstance.load`)."""
         return sum(r.peak_tokens for r in self.running)
+
+    def busy(self) -> bool:
+        """Requests to decode, or a dispatched step to record."""
+        return bool(self.running) or self.inflight is not None
 
     def can_pull(self, req: Request) -> bool:
         """DistServe's pull rule (`policies.decode_should_pull`, which the simulator calls too):
@@ -159,32 +178,49 @@ class DecodeInstance:
         return moved
 
     def step(self) -> tuple[list[Request], list[Request]]:
-        """One decode step. Returns (finished, preempted-for-recompute)."""
-        batch, preempted, launched = self.launch()
-        if not batch:
+        """One decode step. Returns (finished, preempted-for-recompute). Overlapped: dispatch this
+        step behind the one in flight, then record that one (the tokens returned are a step older)."""
+        if not self.overlap:
+            batch, preempted, launched = self.launch()
+            if not batch:
+                return [], preempted
+            return self.complete(batch, self.runner.collect(launched)), preempted
+        prev = self.inflight
+        batch, preempted, launched = self.launch(after=prev)
+        self.inflight = (batch, launched) if batch else None
+        if prev is None:
             return [], preempted
-        return self.complete(batch, self.runner.collect(launched)), preempted
+        return self.complete(prev[0], self.runner.collect(prev[1])), preempted
 
-    def launch(self):
+    def launch(self, after: tuple[list[Request], object] | None = None):
         """Pick the decode batch (preempting if blocks run out) and dispatch it:
-        (batch, preempted, launched)."""
+        (batch, preempted, launched). `after`: the step in flight, (its batch, its launch), whose
+        sampled tokens the requests it shares with this batch take as input, on the device."""
         if not self.running:
             return [], [], []
-        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg)
+        ahead = frozenset(map(id, after[0])) if after is not None else frozenset()
+        batch, preempted = pick_decode_batch(self.running, self.blocks, self.cfg, ahead=ahead)
         if not batch:
             return [], preempted, []
-        return batch, preempted, self.runner.launch_decode(batch, [self.blocks.block_table(r.request_id) for r in batch])
+        tables = [self.blocks.block_table(r.request_id) for r in batch]
+        if ahead.isdisjoint(map(id, batch)):
+            return batch, preempted, self.runner.launch_decode(batch, tables)
+        return batch, preempted, self.runner.launch_decode(batch, tables, after=after)
 
     def complete(self, batch: list[Request], outs) -> list[Request]:
-        """Record one token per request; returns those that finished (their blocks are freed)."""
+        """Record one token per request; returns those that finished (their blocks are freed).
+        A request no longer running (aborted, preempted, or finished on an EOS while this step was
+        in flight) gets nothing."""
         now = time.perf_counter()
         finished = []
+        live = set(map(id, self.running))
         for r, tok in zip(batch, np.concatenate(outs)):
-            if r.status is Status.FINISHED:  # aborted while its step ran (threaded mode)
+            if r.status is Status.FINISHED or id(r) not in live:
                 continue
             r.lifecycle.decode_start = r.lifecycle.decode_start or now
             if r.append_token(int(tok), now):
                 self.running.remove(r)
+                live.discard(id(r))
                 self.blocks.free(r.request_id)
                 finished.append(r)
         return finished

@@ -10,6 +10,10 @@ Launch/collect split: `launch_*` dispatches work and returns opaque handles at o
 is asynchronous); `collect` waits for them and copies the sampled tokens to the host, once per
 step. With `pp` pipeline stages up to `pp` prefill batches are in flight together.
 
+Overlapped decode (`overlaps_decode`): `launch_decode(..., after=(prev_batch, prev_launched))`
+dispatches a step behind one not yet collected; each request of `prev_batch` is one token ahead of
+its record, and takes the token `prev_launched` samples for it as input without a host round trip.
+
 KV handoff between two runners of the same model (a prefill and a decode instance): `stage_kv`
 gathers a request's blocks out of the pool into arrays of their own, `insert_kv` writes staged
 blocks into this runner's pool, and `pull_kv` does both from another runner (resharding when the
@@ -54,7 +58,12 @@ class Runner(Protocol):
 
     def launch_prefill(self, batches: list[tuple[list[Chunk], list[list[int]]]], num_decodes: int = 0) -> list[Any]: ...
 
-    def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[Any]: ...
+    @property
+    def overlaps_decode(self) -> bool:
+        """Whether `launch_decode` takes `after` (an overlapped decode step)."""
+
+    def launch_decode(self, reqs: list[Request], tables: list[list[int]],
+                      after: tuple[list[Request], list[Any]] | None = None) -> list[Any]: ...
 
     def collect(self, launched: list[Any]) -> list[Sequence[int]]: ...
 

@@ -22,12 +22,15 @@ class SchedulerConfig:
     """`max_prefill_tokens` is DistServe's L_m: prompts are batched until their total length
     reaches it (a longer prompt runs alone). `max_num_seqs` caps a decode batch. `max_model_len`
     caps prompt + output tokens of one request below the model's own context (None: the model's),
-    which bounds the KV a request can hold and the program shapes a server compiles."""
+    which bounds the KV a request can hold and the program shapes a server compiles.
+    `overlap_decode`: dispatch each decode step behind the one in flight where the runner can
+    (dsjax/engine/disaggregated.py `DecodeInstance`; prefill-first colocated engines too)."""
 
     max_num_seqs: int = 32
     max_prefill_tokens: int = 1024
     max_prefill_seqs: int = 16
     max_model_len: int | None = None
+    overlap_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prefill_tokens", "max_prefill_seqs"):
@@ -60,17 +63,29 @@ def pick_prefill_batch(
     return batch
 
 
-def pick_decode_batch(running: list[Request], blocks: BlockManager, cfg: SchedulerConfig) -> tuple[list[Request], list[Request]]:
+def pick_decode_batch(running: list[Request], blocks: BlockManager, cfg: SchedulerConfig,
+                      ahead: frozenset[int] = frozenset()) -> tuple[list[Request], list[Request]]:
     """Choose up to max_num_seqs running requests (oldest first) and make room for the token each
     writes this step. When blocks run out, the newest running request is preempted (its blocks
-    freed, to be recomputed) until the rest fit. Returns (batch, preempted); `running` is updated."""
+    freed, to be recomputed) until the rest fit. Returns (batch, preempted); `running` is updated.
+
+    `ahead`: id() of the requests whose previous step is still in flight (an overlapped decode,
+    dsjax/engine/disaggregated.py): each holds one token more than its record shows, so this step
+    writes one position further, and a request whose in-flight token is its last by length
+    (max_tokens) sits this step out, since it will have finished by then."""
     preempted: list[Request] = []
     gone: set[int] = set()  # id() of the preempted: set lookups keep a step O(batch), not O(batch^2)
     batch: list[Request] = []
-    for req in running[: cfg.max_num_seqs]:  # a copy: preemption pops from `running`
+    for req in list(running):  # a copy: preemption pops from `running`
+        if len(batch) == cfg.max_num_seqs:
+            break
         if id(req) in gone:  # preempted while making room for an older request
             continue
-        need = blocks.blocks_needed_to_grow(req.request_id, req.num_tokens)
+        pending = id(req) in ahead
+        if pending and len(req.output_token_ids) + 1 >= req.sampling.max_tokens:
+            continue
+        tokens = req.num_tokens + pending
+        need = blocks.blocks_needed_to_grow(req.request_id, tokens)
         while need > blocks.num_free_blocks and running:
             victim = running.pop()
             blocks.free(victim.request_id)
@@ -82,7 +97,7 @@ def pick_decode_batch(running: list[Request], blocks: BlockManager, cfg: Schedul
                 break
         if id(req) in gone:
             continue
-        blocks.grow(req.request_id, req.num_tokens)
+        blocks.grow(req.request_id, tokens)
         batch.append(req)
     batch = [r for r in batch if id(r) not in gone]
     return batch, preempted

@@ -142,6 +142,9 @@ class ThreadedDisaggEngine:
                 self.on_update(r)
 
     def _decode_loop(self, inst: DecodeInstance) -> None:
+        """Pull, pick and dispatch under the lock; wait for the tokens outside it. Overlapped
+        (`inst.overlap`): the next step is dispatched before the previous one is waited for."""
+        inflight = None  # (batch, launched) dispatched and not yet recorded
         while True:
             with self._cv:
                 batch: list[Request] = []
@@ -150,15 +153,20 @@ class ThreadedDisaggEngine:
                     self.engine._pull()
                     if sum(d.migrations for d in self.engine.decode) != pulled:
                         self._cv.notify_all()  # a request pulled into an idle instance: wake its thread
-                    batch, preempted, launched = inst.launch()
+                    batch, preempted, launched = inst.launch(after=inflight if inst.overlap else None)
                     self.engine.requeue(preempted)
                     if preempted:
                         self._cv.notify_all()
-                    if batch:
+                    if batch or inflight is not None:
                         break
                     self._cv.wait()
                 if self._stop:
                     return
+            if inst.overlap:  # record the step dispatched before this one
+                prev, inflight = inflight, ((batch, launched) if batch else None)
+                if prev is None:
+                    continue  # nothing was in flight: this step is recorded after the next dispatch
+                batch, launched = prev
             outs = inst.runner.collect(launched)
             with self._cv:
                 self.engine._done(inst.complete(batch, outs))

@@ -90,21 +90,28 @@ def pack_prefill(chunks: list[Chunk], tables: list[list[int]], block_size: int, 
     return token_ids, meta, sampling, out_rows
 
 
-def pack_decode(reqs: list[Request], tables: list[list[int]], block_size: int, min_blocks: int = 1):
+def pack_decode(reqs: list[Request], tables: list[list[int]], block_size: int, min_blocks: int = 1,
+                ahead: list[bool] | None = None):
     """-> (token_ids [B], DecodeMeta, SamplingArrays): each request feeds its last token, which
     sits at position num_tokens - 1 and is attended with kv_len = num_tokens. Block tables are at
-    least `min_blocks` wide (the runner's `decode_min_blocks`)."""
+    least `min_blocks` wide (the runner's `decode_min_blocks`). A request marked in `ahead` holds
+    one token more than its record (an overlapped step: that token is still on the device), so it
+    feeds position num_tokens; its token_ids entry is left 0 for the caller to fill on the device."""
     max_blocks = max(len(t) for t in tables)
     b_pad, mb_pad = shapes.decode_bucket(len(reqs), max_blocks, min_blocks)
     token_ids = np.zeros(b_pad, np.int32)
     positions = np.zeros(b_pad, np.int32)
     slots = np.zeros(b_pad, np.int32)
     kv_lens = np.zeros(b_pad, np.int32)
+    steps = np.zeros(b_pad, np.int32)
     for i, (r, table) in enumerate(zip(reqs, tables)):
-        pos = r.num_tokens - 1
-        token_ids[i] = r.output_token_ids[-1]
+        extra = int(bool(ahead and ahead[i]))
+        pos = r.num_tokens - 1 + extra
+        token_ids[i] = 0 if extra else r.output_token_ids[-1]
         positions[i] = pos
         slots[i] = table[pos // block_size] * block_size + pos % block_size
         kv_lens[i] = pos + 1
+        steps[i] = len(r.output_token_ids) + extra
     meta = DecodeMeta(positions=positions, slots=slots, block_tables=_tables(tables, b_pad, mb_pad), kv_lens=kv_lens)
-    return token_ids, meta, SamplingArrays.from_requests(reqs, b_pad)
+    sampling = SamplingArrays.from_requests(reqs, b_pad)
+    return token_ids, meta, sampling.replace(step=steps)

@@ -256,15 +256,21 @@ class EmulatedRunner:
             out.append(_Launched(ready, tokens))
         return out
 
-    def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[_Launched]:
+    overlaps_decode = True  # `launch_decode` takes `after`: the step queues behind the one in flight
+
+    def launch_decode(self, reqs: list[Request], tables: list[list[int]],
+                      after: tuple[list[Request], list[_Launched]] | None = None) -> list[_Launched]:
         """Queue one decode step of `reqs` (with pp stages: its pp micro-batches back to back, as
-        the latency model prices them)."""
+        the latency model prices them). `after`: the step in flight, whose requests are one token
+        ahead of their records."""
+        ahead = frozenset(map(id, after[0])) if after is not None else frozenset()
+        tokens_now = [r.num_tokens + (id(r) in ahead) for r in reqs]  # context + the token fed
         if self.launch_hook is not None:
-            self.launch_hook("decode", [r.num_tokens - 1 for r in reqs])
+            self.launch_hook("decode", [n - 1 for n in tokens_now])
         if not reqs:
             return [_Launched(self._clock(), np.zeros(0, np.int64))]
-        tokens = np.array([self.token(r, r.num_tokens) for r in reqs], np.int64)
-        return [_Launched(self._whole_instance(self.decode_step_s(reqs), self._continues(reqs)), tokens)]
+        tokens = np.array([self.token(r, n) for r, n in zip(reqs, tokens_now)], np.int64)
+        return [_Launched(self._whole_instance(self.decode_step_s(tokens_now), self._continues(reqs)), tokens)]
 
     def collect(self, launched: list[_Launched]) -> list[np.ndarray]:
         """Sleep until the launched work is done; the tokens of each launch."""
@@ -282,9 +288,9 @@ class EmulatedRunner:
         sum_sq = sum(c.end * c.end - c.start * c.start for c in chunks)
         return self.cost.prefill_stage_s(sum_len, sum_sq, len(chunks), max(c.end for c in chunks))
 
-    def decode_step_s(self, reqs: list[Request]) -> float:
-        ctx_plus_1 = [r.num_tokens for r in reqs]  # context (num_tokens - 1) + the new token
-        return self.cost.decode_step_s(len(reqs), sum(ctx_plus_1), max(ctx_plus_1))
+    def decode_step_s(self, ctx_plus_1: list[int]) -> float:
+        """A decode step over requests of ctx_plus_1 = context + the new token each."""
+        return self.cost.decode_step_s(len(ctx_plus_1), sum(ctx_plus_1), max(ctx_plus_1))
 
     def mixed_step_s(self, decodes: list[Chunk], prompts: list[Chunk]) -> float:
         ends = [c.end for c in decodes]

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -45,7 +46,12 @@ class Stage:
     decode_fn: object
 
     def put(self, x):
-        return x if self.mesh is None else jax.device_put(x, shd.replicated(self.mesh))
+        """Inputs onto this stage's devices, committed: host arrays and device arrays (an
+        overlapped decode's tokens, fed from the step in flight) then hit the same compiled
+        program (jit keys its cache on whether an argument is committed)."""
+        if self.mesh is None:
+            return jax.device_put(x, jax.devices()[0])
+        return jax.device_put(x, shd.replicated(self.mesh))
 
 
 class ModelRunner:
@@ -159,18 +165,33 @@ class ModelRunner:
         """Advance each request one token ([len(reqs)] tokens)."""
         return np.concatenate(self.collect(self.launch_decode(reqs, tables)))
 
-    def launch_decode(self, reqs: list[Request], tables: list[list[int]]) -> list[tuple[object, int]]:
+    @property
+    def overlaps_decode(self) -> bool:
+        """`launch_decode` takes `after`: a step's input tokens gathered on the device from the
+        step in flight (`feed_tokens`)."""
+        return True
+
+    def launch_decode(self, reqs: list[Request], tables: list[list[int]],
+                      after: tuple[list[Request], list[tuple[object, int]]] | None = None) -> list[tuple[object, int]]:
         """Dispatch one decode step without waiting. With pp stages the batch is split into pp
-        micro-batches that flow through the pipeline back to back."""
+        micro-batches that flow through the pipeline back to back. `after`: the step in flight
+        (its batch and launch); its requests are one token ahead and feed that step's output."""
+        prev = {} if after is None else _rows_of(after)
+        ahead = [id(r) in prev for r in reqs]
         if self.launch_hook is not None:
-            self.launch_hook("decode", [r.num_tokens - 1 for r in reqs])
+            self.launch_hook("decode", [r.num_tokens - 1 + a for r, a in zip(reqs, ahead)])
         n = len(reqs)
         parts = max(1, min(self.pp, n))
         bounds = [round(i * n / parts) for i in range(parts + 1)]
-        return [
-            (self._dispatch(pack_decode(reqs[a:b], tables[a:b], self.block_size, self.decode_min_blocks), decode=True), b - a)
-            for a, b in zip(bounds, bounds[1:])
-        ]
+        launched = []
+        for a, b in zip(bounds, bounds[1:]):
+            token_ids, meta, sampling = pack_decode(reqs[a:b], tables[a:b], self.block_size, self.decode_min_blocks, ahead[a:b])
+            if any(ahead[a:b]):
+                src = np.full(token_ids.shape, -1, np.int32)  # row of the in-flight output, -1: host token
+                src[: b - a] = [prev.get(id(r), -1) for r in reqs[a:b]]
+                token_ids = feed_tokens(tuple(out for out, _ in after[1]), token_ids, src)
+            launched.append((self._dispatch((token_ids, meta, sampling), decode=True), b - a))
+        return launched
 
     @staticmethod
     def collect(launched: list[tuple[object, int | np.ndarray]]) -> list[np.ndarray]:
@@ -214,3 +235,23 @@ class ModelRunner:
             num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             block_size=self.block_size, num_tokens=num_tokens, dtype=np.dtype(self.model.dtype).name,
         )
+
+
+def _rows_of(after) -> dict[int, int]:
+    """id(request) -> its row in the concatenated (padded) outputs of an in-flight decode step."""
+    batch, launched = after
+    rows, offset, i = {}, 0, 0
+    for out, n in launched:
+        for j in range(n):
+            rows[id(batch[i + j])] = offset + j
+        i, offset = i + n, offset + out.shape[0]
+    return rows
+
+
+@jax.jit
+def feed_tokens(outs: tuple, host_tokens, src):
+    """A decode step's input tokens: row i takes the in-flight step's sampled token at row src[i]
+    (its micro-batch outputs concatenated), or host_tokens[i] where src[i] < 0. Placed where that
+    step's output lives (the last stage's devices); the next dispatch moves it to the first's."""
+    prev = jnp.concatenate(outs)
+    return jnp.where(src >= 0, prev[jnp.maximum(src, 0)], host_tokens)

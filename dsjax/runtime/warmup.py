@@ -18,6 +18,12 @@ N = max_num_seqs, MB_max = blocks of the longest context):
     decode (B, MB):     B = 1 .. next_pow2(N), MB = m .. next_pow2(MB_max), m the runner's
                         decode_min_blocks (the whole context on the XLA path: one MB)
 
+    feed (B_prev, B):   an overlapped decode step's input tokens gathered from the step in flight
+                        (dsjax/runtime/runner.py `feed_tokens`): every pair of decode batch
+                        buckets, on one-stage runners (with pp stages the micro-batches' outputs
+                        come in more combinations; those compile when first met, ~50 ms each
+                        on one CPU core)
+
 A padding-only batch (no real request: every token writes the null block's slot 0, every length
 is 0, every block table points at the null block) runs the same compiled program as a real batch
 of that shape and changes no real block.
@@ -80,15 +86,29 @@ def _padding_decode(b: int, mb: int):
 def warm_shapes(runner, *, prefill: list[tuple[int, int, int]], decode: list[tuple[int, int]],
                 on_shape: Callable[[int, int], None] | None = None) -> float:
     """Run every listed shape once on a padding-only batch (compiling it, or loading it from the
-    persistent cache); returns the seconds taken. `on_shape(done, total)` reports progress."""
+    persistent cache), and the token feeds between decode shapes; returns the seconds taken.
+    `on_shape(done, total)` reports progress."""
+    from dsjax.runtime.runner import feed_tokens
+
     t0 = time.perf_counter()
-    total = len(prefill) + len(decode)
+    batches = sorted({b for b, _ in decode}) if runner.pp == 1 else []
+    total = len(prefill) + len(decode) + len(batches) ** 2
     done = 0
+    outs: dict[int, object] = {}  # a decode output of each batch bucket, placed as served steps' are
     for packed, is_decode in [(_padding_prefill(*s, fresh=runner.fresh_prefill), False) for s in prefill] + [(_padding_decode(*s), True) for s in decode]:
-        np.asarray(runner._dispatch(packed, decode=is_decode))  # wait: one compilation at a time
+        out = runner._dispatch(packed, decode=is_decode)
+        np.asarray(out)  # wait: one compilation at a time
+        if is_decode:
+            outs.setdefault(out.shape[0], out)
         done += 1
         if on_shape is not None:
             on_shape(done, total)
+    for prev in batches:
+        for b in batches:
+            np.asarray(feed_tokens((outs[prev],), np.zeros(b, np.int32), np.full(b, -1, np.int32)))
+            done += 1
+            if on_shape is not None:
+                on_shape(done, total)
     return time.perf_counter() - t0
 
 
@@ -103,5 +123,6 @@ def warm_runner(runner, scheduler, *, prefill: bool = True, decode: bool = True,
                         min_blocks=runner.decode_min_blocks) if decode else []
     seconds = warm_shapes(runner, prefill=pre, decode=dec)
     if log is not None:
-        log(f"warmed {len(pre)} prefill and {len(dec)} decode shapes in {seconds:.1f} s")
+        feeds = len({b for b, _ in dec}) ** 2 if runner.pp == 1 else 0
+        log(f"warmed {len(pre)} prefill and {len(dec)} decode shapes and {feeds} token feeds in {seconds:.1f} s")
     return seconds

@@ -124,6 +124,44 @@ def test_burst_with_small_decode_memory_drops_nothing(tiny_llama):
         inst.blocks.check_invariants()
 
 
+def test_overlapped_decode_gives_the_same_tokens_sampled_and_stopped(tiny_llama, prompts):
+    """Decode steps dispatched behind the one in flight (input tokens fed on the device) sample
+    the same tokens as steps one at a time, with per-request seeds, and a request that stops on a
+    stop id mid-flight ends there, its extra step's token dropped and its blocks freed."""
+    model, params = tiny_llama
+
+    def outputs(overlap, stop=None):
+        engine = build_engine(model, params, placement=Placement(prefill=P(), decode=P(tp=2)), mode="disaggregated",
+                              cache=CACHE, scheduler=SCHED)
+        for inst in engine.decode:
+            inst.overlap = overlap
+        sps = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_k=40),
+               SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=stop or ()),
+               SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.8),
+               SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)]
+        reqs = [Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp, seed=7 + i)
+                for i, (p, sp) in enumerate(zip(prompts, sps))]
+        for r in reqs:
+            engine.add_request(r)
+        for _ in range(200):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+        assert not engine.has_unfinished()
+        for inst in engine.prefill + engine.decode:
+            assert inst.blocks.num_free_blocks == CACHE.num_blocks - 1
+            inst.blocks.check_invariants()
+        assert all(d.inflight is None for d in engine.decode)
+        return [(r.output_token_ids, r.finish_reason) for r in reqs]
+
+    serial = outputs(False)
+    assert outputs(True) == serial
+    stop = serial[1][0][3]  # the greedy request's 4th token: it ends there
+    stopped = outputs(True, stop=[stop])
+    assert stopped == outputs(False, stop=[stop])
+    assert stopped[1][1] is FinishReason.STOP and stopped[1][0] == serial[1][0][: serial[1][0].index(stop) + 1]
+
+
 def test_pieces_cover_exactly():
     for n in range(0, 70):
         ps = pieces(n)

@@ -68,12 +68,24 @@ def test_greedy_matches_dense_reference(fixture, prompts, request):
     engine.blocks.check_invariants()
 
 
-def test_preemption_under_small_pool_still_exact(tiny_llama, prompts):
-    """A pool too small for all requests forces recompute-preemption; outputs must not change."""
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "one-at-a-time"])
+def test_preemption_under_small_pool_still_exact(tiny_llama, prompts, overlap):
+    """A pool too small for all requests forces recompute-preemption; outputs must not change,
+    with decode steps overlapped (dispatched behind the one in flight, some of whose requests
+    are preempted meanwhile) or one at a time."""
     model, params = tiny_llama
-    engine = ColocatedEngine(ModelRunner(model, params, CacheConfig(num_blocks=9, block_size=8)), SchedulerConfig(max_num_seqs=6, max_prefill_tokens=64))
+    engine = ColocatedEngine(ModelRunner(model, params, CacheConfig(num_blocks=9, block_size=8)), SchedulerConfig(max_num_seqs=6, max_prefill_tokens=64),
+                             overlap=overlap)
+    launch, fed = engine.runner.launch_decode, []
+
+    def spy(reqs, tables, after=None):
+        fed.append(after is not None)
+        return launch(reqs, tables, after=after)
+
+    engine.runner.launch_decode = spy
     reqs = make_requests(prompts, 10)
     run(engine, reqs)
+    assert any(fed) == overlap and engine.inflight is None
     assert sum(r.lifecycle.num_preemptions for r in reqs) > 0, "pool was meant to force preemption"
     for r, p in zip(reqs, prompts):
         assert r.output_token_ids == dense_greedy(model, params, p, 10)

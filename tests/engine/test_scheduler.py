@@ -70,6 +70,32 @@ def test_decode_grows_and_preempts_newest():
     bm.check_invariants()
 
 
+def test_decode_ahead_writes_one_further_and_skips_requests_ending_in_flight():
+    """An overlapped step: requests of the step in flight hold one token more than their records
+    show, and one whose in-flight token is its last by length sits the step out."""
+    def setup():
+        bm = BlockManager(num_blocks=8, block_size=4)
+        a, ending, c = req(0, 3, out=1), req(1, 3, out=1), req(2, 2, out=1)
+        ending.sampling = SamplingParams(max_tokens=2)  # its in-flight token is its second and last
+        for r in (a, ending, c):
+            bm.allocate(r.request_id, r.num_tokens - 1)
+            r.status = Status.RUNNING
+        return bm, [a, ending, c]
+
+    cfg = SchedulerConfig(max_num_seqs=2)
+    bm, running = setup()
+    a, ending, c = running
+    batch, preempted = pick_decode_batch(running, bm, cfg, ahead=frozenset({id(a), id(ending)}))
+    assert batch == [a, c] and not preempted  # `c` takes the seat `ending` leaves
+    assert bm.num_tokens("r0") == 5 and len(bm.block_table("r0")) == 2  # a: 4 recorded + 1 in flight
+    assert bm.num_tokens("r2") == 3  # c: not ahead, writes its recorded last position
+    bm.check_invariants()
+    bm, running = setup()
+    batch, _ = pick_decode_batch(running, bm, cfg)
+    assert batch == running[:2]  # with no step in flight, `ending` still has a token to make
+    assert bm.num_tokens("r0") == 4 and len(bm.block_table("r0")) == 1
+
+
 def test_placement_validation_and_plan_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="tp=0"):
         PhaseParallel(tp=0)

@@ -101,6 +101,39 @@ def test_host_time_between_steps_leaves_the_device_idle_and_is_counted():
     assert r.continued_steps == 3 and r.host_gap_s == pytest.approx(1.5)
 
 
+def decode_run(overlap: bool, host_s: float):
+    """Three requests decoded to their ends on one emulated instance, `host_s` of host work after
+    every step: (tokens, seconds, host gap counted, lengths of the steps' batches)."""
+    from dsjax.engine.disaggregated import DecodeInstance
+
+    r, lat, clock = runner()
+    inst = DecodeInstance(r, SchedulerConfig(max_num_seqs=8), overlap=overlap)
+    reqs = [req(f"r{i}", 10 + i, out=1, max_tokens=n) for i, n in enumerate((3, 6, 5))]
+    for q in reqs:
+        inst.blocks.allocate(q.request_id, q.num_tokens - 1)
+        inst.running.append(q)
+    sizes = []
+    r.launch_hook = lambda kind, ctx: sizes.append(len(ctx))
+    t0 = clock()
+    while inst.busy():
+        inst.step()
+        clock.advance(host_s)
+    assert inst.blocks.num_free_blocks == inst.blocks.capacity_blocks
+    return [q.output_token_ids for q in reqs], clock() - t0, r.host_gap_s, sizes
+
+
+def test_an_overlapped_decode_hides_host_time_and_changes_no_token():
+    tokens, serial, gap, sizes = decode_run(overlap=False, host_s=0.004)
+    assert sizes == [3, 3, 2, 2, 1] and gap == pytest.approx(4 * 0.004)  # every step waited for the host
+    tokens_o, overlapped, gap_o, sizes_o = decode_run(overlap=True, host_s=0.004)
+    assert tokens_o == tokens and [len(t) for t in tokens] == [3, 6, 5]
+    assert sizes_o == sizes  # a request ending by length sits out the step after its last
+    assert gap_o == 0.0  # each step was queued before the device went free
+    step = 0.0201  # the steps take ~20 ms each (the A100 fit); the host's 4 ms per step is hidden
+    assert serial - overlapped == pytest.approx(4 * 0.004, abs=1e-9)
+    assert overlapped == pytest.approx(5 * step + 0.004, rel=0.01)
+
+
 def test_a_prompt_batch_launched_after_its_request_was_ready_counts_host_time():
     r, lat, clock = runner(pp=2)
     late = req("late", 64)
@@ -180,7 +213,7 @@ def test_in_process_kv_moves_take_bytes_over_bandwidth():
     staged = src.stage_kv([1, 2])
     assert dst.insert_kv([5, 6], staged, wait=False) == 2 * BLOCK_BYTES and clock() == t0
     out = dst.launch_decode([req("a", 20, out=1)], [[5, 6]])  # ordered after the insert
-    assert out[0].ready_at - t0 == pytest.approx(2 * BLOCK_BYTES / (25e9 / 8) + dst.decode_step_s([req("a", 20, out=1)]))
+    assert out[0].ready_at - t0 == pytest.approx(2 * BLOCK_BYTES / (25e9 / 8) + dst.decode_step_s([21]))
     assert dst.bytes_moved == 5 * BLOCK_BYTES
     free, _, _ = runner()
     assert free.transfer_s(100) == 0.0  # no link given: transfers are free

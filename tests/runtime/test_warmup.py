@@ -9,7 +9,7 @@ from dsjax.engine.request import Request
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
-from dsjax.runtime.runner import ModelRunner
+from dsjax.runtime.runner import ModelRunner, feed_tokens
 from dsjax.runtime.warmup import decode_shapes, prefill_shapes, warm_runner
 
 
@@ -40,8 +40,9 @@ def test_no_compilation_after_warmup(tiny_llama):
     # decode: batch buckets 1, 2, 4 at one table width (the serving below must compile nothing)
     assert logged and logged[0].startswith(f"warmed {len(pre)} prefill and 3 decode shapes")
     np.testing.assert_array_equal(np.asarray(stage.cache.k[0][5]), np.asarray(marker))
-    sizes = (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size())
+    sizes = (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size(), feed_tokens._cache_size())
     engine = ColocatedEngine(runner, sched)
+    assert engine.overlap  # overlapped decode steps: the token feeds between batch buckets are warm too
     rng = np.random.default_rng(3)
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     reqs = [Request(request_id=f"r{i}", prompt_token_ids=[int(x) for x in rng.integers(0, 500, n)], sampling=sp, seed=0)
@@ -53,4 +54,4 @@ def test_no_compilation_after_warmup(tiny_llama):
             break
         engine.step()
     assert all(len(r.output_token_ids) == 8 for r in reqs)
-    assert (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size()) == sizes
+    assert (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size(), feed_tokens._cache_size()) == sizes

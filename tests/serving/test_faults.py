@@ -44,7 +44,8 @@ def _start_decoding(cluster, prompts, max_tokens=MAX_TOKENS):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(prefill=1, decode=2, max_recomputes=3, num_blocks=96) as c:
+    # 120 tokens at >= 10 ms a step: the requests still decode when a test kills their worker
+    with LocalCluster(prefill=1, decode=2, max_recomputes=3, num_blocks=96, decode_step_s=0.01) as c:
         yield c
 
 

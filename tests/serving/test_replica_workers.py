@@ -92,15 +92,17 @@ def test_killing_a_replica_recomputes_its_requests_on_the_other(cluster, llm):
     victim = [s for s in instances(target) if s.worker_id == "replica-1"][0]
     prompts = [[256, i + 1] for i in range(6)]
     expect = [o.token_ids for o in llm.generate(prompt_token_ids=prompts,
-                                                sampling=SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))]
-    calls = [stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=greedy(300)), timeout=60) for p in prompts]
-    firsts = [next(c) for c in calls] + [next(c) for c in calls]  # every request is decoding
+                                                sampling=SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))]
+    calls = [stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=greedy(400)), timeout=60) for p in prompts]
+    # Every request has its first token, so it is decoding on its replica (a colocated replica
+    # prefills and decodes it): kill one now, while 400-token requests of a tiny model still run.
+    firsts = [next(c) for c in calls]
     on_victim = [s for s in instances(target) if s.worker_id == "replica-1"][0]
     assert on_victim.routed == 3 and on_victim.running > 0, on_victim  # still decoding when it dies
     os.kill(victim.pid, 9)
     outs, recomputes = [], 0
     for i, c in enumerate(calls):
-        msgs = [firsts[i], firsts[i + len(calls)]] + list(c)
+        msgs = [firsts[i]] + list(c)
         outs.append([t for m in msgs for t in m.token_ids])
         assert msgs[-1].finish_reason == pb.LENGTH
         recomputes += msgs[-1].breakdown.num_recomputes

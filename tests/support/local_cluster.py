@@ -40,7 +40,12 @@ def greedy(max_tokens: int) -> pb.SamplingParams:
 
 class LocalCluster:
     def __init__(self, *, prefill: int = 1, decode: int = 2, hung_s: float | None = None, max_recomputes: int = 2,
-                 num_blocks: int = 64, lease_s: float = 30.0, max_lease_s: float | None = None, timeout_s: float = 5.0):
+                 num_blocks: int = 64, lease_s: float = 30.0, max_lease_s: float | None = None, timeout_s: float = 5.0,
+                 decode_step_s: float = 0.0):
+        """`decode_step_s`: every decode step takes at least this long (the decode workers' runners
+        wait it out on collecting a step), so that a test that acts while requests decode does not
+        race a tiny model that finishes them in a fraction of a second."""
+        self.decode_step_s = decode_step_s
         self.token = os.environ[TOKEN_ENV]
         self.config = PRESETS[MODEL]
         self.num_blocks, self.lease_s, self.max_lease_s = num_blocks, lease_s, max_lease_s
@@ -73,6 +78,8 @@ class LocalCluster:
                            cache=CacheConfig(num_blocks=self.num_blocks, block_size=16), lease_s=self.lease_s,
                            max_lease_s=self.max_lease_s, cluster_token=self.token)
         w = self.workers[worker_id] = WorkerProcess(cfg)
+        if role == "decode" and self.decode_step_s > 0:
+            _pace(w.engine.inst.runner, self.decode_step_s)
         t = self._threads[worker_id] = threading.Thread(target=w.serve, name=f"serve-{worker_id}", daemon=True)
         t.start()
         return w
@@ -127,3 +134,17 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+def _pace(runner, step_s: float) -> None:
+    """Make `runner.collect` return no sooner than `step_s` after the previous one returned."""
+    collect, last = runner.collect, [0.0]
+
+    def paced(launched):
+        out = collect(launched)
+        left = last[0] + step_s - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+        last[0] = time.monotonic()
+        return out
+
+    runner.collect = paced
