@@ -153,7 +153,7 @@ class PrefillWorker(EngineLoop, worker_pb2_grpc.PrefillWorkerServicer):
         except _Rejected as e:
             fut.set_exception(e)
             return
-        self._pending[rid] = _Pending(req, fut, time.perf_counter())
+        self._pending[rid] = _Pending(req, fut, req.lifecycle.arrival)  # since the call arrived (the handler built it)
         self.inst.waiting.append(req)
 
     def _drop_pending(self, rid: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 import grpc
 
@@ -85,7 +84,9 @@ class ReplicaWorker(EngineLoop, worker_pb2_grpc.ReplicaWorkerServicer):
         except ValueError as e:  # more KV than this replica has
             outbox.put(ErrorEvent(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return
-        self._entries[rid] = _Entry(req, outbox, time.perf_counter(), sent=len(req.output_token_ids))
+        # Queued since the call arrived (the handler built the request), not since this command ran:
+        # a prompt that arrives during a step waits for it, and that wait is the engine's queue.
+        self._entries[rid] = _Entry(req, outbox, req.lifecycle.arrival, sent=len(req.output_token_ids))
 
     def _abort(self, rid: str) -> None:
         e = self._entries.pop(rid, None)

@@ -21,12 +21,15 @@ Prefill batches take priority, so a new prompt delays the running decodes by one
 bounds that delay but slows every step that carries a chunk. That interference is exactly what
 disaggregation removes.
 
-Prefill-first decode steps overlap as a decode instance's do (dsjax/engine/disaggregated.py
-`DecodeInstance`): one decode step is dispatched behind the one in flight and that one is recorded
-after, so the host's work between steps runs while the device computes. A step that would be a
-prefill first records the step in flight (the prefill then sees its finished requests' blocks
-free), so a prompt waits for the same decode step it would wait for without overlap. Chunked
-steps run one at a time.
+Decode steps run one at a time by default. With `overlap=True` prefill-first decode steps overlap
+as a decode instance's do (dsjax/engine/disaggregated.py `DecodeInstance`): a decode step is
+dispatched behind the one in flight and that one is recorded after, so the host's work between
+steps runs while the device computes. The price is TTFT: a prompt arriving during a step then
+waits for that step *and* the one already queued behind it (a dispatched step cannot be taken
+back), up to one decode step more than vLLM's prefill-first engine and the simulator, whose
+semantics the colocated baselines stand for. A step that would be a prefill first records the step
+in flight (judged as if its length-ending requests had left), so the prefill sees their blocks
+free. Chunked steps always run one at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from dsjax.engine.scheduler import SchedulerConfig, pick_decode_batch, pick_pref
 
 class ColocatedEngine:
     def __init__(self, runner: Runner, scheduler: SchedulerConfig, chunked: bool = False,
-                 fused_mixed_steps: bool | None = None, overlap: bool | None = None):
+                 fused_mixed_steps: bool | None = None, overlap: bool = False):
         self.runner = runner
         self.cfg = scheduler
         self.chunked = chunked
@@ -58,10 +61,8 @@ class ColocatedEngine:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
-        if overlap is None:
-            overlap = not chunked and scheduler.overlap_decode and getattr(runner, "overlaps_decode", False)
-        self.overlap = overlap
-        if self.overlap and chunked:
+        self.overlap = overlap = bool(overlap) and getattr(runner, "overlaps_decode", False)
+        if overlap and chunked:
             raise ValueError("overlapped decode steps need the prefill-first policy (chunked=False)")
         self.inflight: tuple[list[Request], object] | None = None  # a decode step dispatched, not yet recorded
 

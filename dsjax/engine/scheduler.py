@@ -23,8 +23,9 @@ class SchedulerConfig:
     reaches it (a longer prompt runs alone). `max_num_seqs` caps a decode batch. `max_model_len`
     caps prompt + output tokens of one request below the model's own context (None: the model's),
     which bounds the KV a request can hold and the program shapes a server compiles.
-    `overlap_decode`: dispatch each decode step behind the one in flight where the runner can
-    (dsjax/engine/disaggregated.py `DecodeInstance`; prefill-first colocated engines too)."""
+    `overlap_decode`: a decode instance dispatches each decode step behind the one in flight where
+    the runner can (dsjax/engine/disaggregated.py `DecodeInstance`). Colocated engines take no
+    prompts into a queued step, so they overlap only when built with `overlap=True`."""
 
     max_num_seqs: int = 32
     max_prefill_tokens: int = 1024

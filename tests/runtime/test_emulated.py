@@ -134,6 +134,29 @@ def test_an_overlapped_decode_hides_host_time_and_changes_no_token():
     assert overlapped == pytest.approx(5 * step + 0.004, rel=0.01)
 
 
+def test_an_overlapped_colocated_engine_makes_a_new_prompt_wait_for_the_queued_step():
+    """Why colocated engines run decode steps one at a time by default: overlapped, a prompt that
+    arrives while a decode step runs also waits for the step already queued behind it."""
+    waits = {}
+    for overlap in (False, True):
+        r, lat, clock = runner()
+        engine = ColocatedEngine(r, SchedulerConfig(max_num_seqs=8), overlap=overlap)
+        assert engine.overlap == overlap
+        running = req("a", 100, max_tokens=50)
+        engine.add_request(running)
+        while len(running.output_token_ids) < 5:
+            engine.step()
+        arrived, new = clock(), req("b", 100, max_tokens=5)
+        engine.add_request(new)
+        while not new.output_token_ids:
+            engine.step()
+        waits[overlap] = clock() - arrived
+    prefill, step = lat.prefill_s(100, 100**2, 1, 100), lat.decode_step_s(1, 106)
+    assert waits[False] == pytest.approx(prefill)  # it arrived as a step ended: only its prefill
+    assert waits[True] == pytest.approx(step + prefill, rel=1e-4)  # and the decode step queued before it
+    assert not ColocatedEngine(r, SchedulerConfig()).overlap  # the default
+
+
 def test_a_prompt_batch_launched_after_its_request_was_ready_counts_host_time():
     r, lat, clock = runner(pp=2)
     late = req("late", 64)

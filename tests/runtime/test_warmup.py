@@ -41,8 +41,7 @@ def test_no_compilation_after_warmup(tiny_llama):
     assert logged and logged[0].startswith(f"warmed {len(pre)} prefill and 3 decode shapes")
     np.testing.assert_array_equal(np.asarray(stage.cache.k[0][5]), np.asarray(marker))
     sizes = (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size(), feed_tokens._cache_size())
-    engine = ColocatedEngine(runner, sched)
-    assert engine.overlap  # overlapped decode steps: the token feeds between batch buckets are warm too
+    engine = ColocatedEngine(runner, sched, overlap=True)  # overlapped decode steps: the token feeds are warm too
     rng = np.random.default_rng(3)
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     reqs = [Request(request_id=f"r{i}", prompt_token_ids=[int(x) for x in rng.integers(0, 500, n)], sampling=sp, seed=0)
