@@ -30,7 +30,13 @@ def prompts():
 
 def run(engine, prompts, max_tokens=MAX_TOKENS):
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    reqs = [Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp, seed=0) for i, p in enumerate(prompts)]
+    reqs = drive(engine, [Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp, seed=0) for i, p in enumerate(prompts)])
+    assert all(r.finish_reason is FinishReason.LENGTH for r in reqs)
+    return [r.output_token_ids for r in reqs]
+
+
+def drive(engine, reqs):
+    """Add `reqs` and step the engine until every one has finished."""
     for r in reqs:
         engine.add_request(r)
     for _ in range(1000):
@@ -38,8 +44,7 @@ def run(engine, prompts, max_tokens=MAX_TOKENS):
             break
         engine.step()
     assert not engine.has_unfinished()
-    assert all(r.finish_reason is FinishReason.LENGTH for r in reqs)
-    return [r.output_token_ids for r in reqs]
+    return reqs
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +144,8 @@ def test_overlapped_decode_gives_the_same_tokens_sampled_and_stopped(tiny_llama,
                SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=stop or ()),
                SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.8),
                SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)]
-        reqs = [Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp, seed=7 + i)
-                for i, (p, sp) in enumerate(zip(prompts, sps))]
-        for r in reqs:
-            engine.add_request(r)
-        for _ in range(200):
-            if not engine.has_unfinished():
-                break
-            engine.step()
-        assert not engine.has_unfinished()
+        reqs = drive(engine, [Request(request_id=f"r{i}", prompt_token_ids=p, sampling=sp, seed=7 + i)
+                              for i, (p, sp) in enumerate(zip(prompts, sps))])
         for inst in engine.prefill + engine.decode:
             assert inst.blocks.num_free_blocks == CACHE.num_blocks - 1
             inst.blocks.check_invariants()
