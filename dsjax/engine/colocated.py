@@ -140,16 +140,19 @@ class ColocatedEngine:
             return self._record(batch, tokens, time.perf_counter(), newly_prefilled=False)
         after = prev if not ahead.isdisjoint(map(id, batch)) else None
         self.inflight = (batch, self.runner.launch_decode(batch, tables, after=after)) if batch else None
-        if prev is None:
-            return []
-        return self._record(prev[0], np.concatenate(self.runner.collect(prev[1])), time.perf_counter(), newly_prefilled=False)
+        return self._record_step(prev)
 
     def _record_inflight(self) -> list[Request]:
         """Wait for the decode step in flight, if any, and record it."""
         prev, self.inflight = self.inflight, None
-        if prev is None:
+        return self._record_step(prev)
+
+    def _record_step(self, launched: tuple[list[Request], object] | None) -> list[Request]:
+        """Wait for a dispatched decode step (batch, launch), if any, and record its tokens."""
+        if launched is None:
             return []
-        return self._record(prev[0], np.concatenate(self.runner.collect(prev[1])), time.perf_counter(), newly_prefilled=False)
+        batch, handles = launched
+        return self._record(batch, np.concatenate(self.runner.collect(handles)), time.perf_counter(), newly_prefilled=False)
 
     def _prefill_first(self, freed_blocks: int = 0) -> bool:
         """vLLM's rule (the simulator's too): a prefill step whenever the oldest prompt fits."""
