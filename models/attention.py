@@ -272,38 +272,52 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
                          sliding_window: int | None = None) -> jax.Array:
     """Paged decode attention in plain jnp: q [B, Hq, D] -> [B, Hq, D]; padding rows give 0.
 
-    Flash-decoding over the block table: a loop over block-table columns j = 0 .. n-1, where n
-    covers the batch's longest context (a traced trip count, so the cost follows the real
-    context, not the padded table width), gathers block j of every request, [B, Hkv, BS, D] (the
-    pool's head-major blocks, so the per-head dots take them without a transpose), and folds it
-    into a running softmax (max m, denominator l, weighted sum acc per query head). Gathering the
-    whole table at once instead materialised [B, MB * BS, Hkv, D] per layer: tens of MB written
-    and re-read every step, 10-15x the bandwidth floor of reading the KV once on the CPU; with
-    token-major blocks each step's gather was a transposing copy, 3-4x the floor. Covering two or
-    more columns per step measured no faster in the model on one CPU core (docs/results.md,
-    "Decode at the roofline"). With a sliding window the loop starts at the first column any live
-    request's window reaches, and keys before a request's window are masked.
+    Flash-decoding over the block table: a loop over steps j = 0 .. n-1 of _COLUMNS block-table
+    columns each, where n covers the batch's longest context (a traced trip count, so the cost
+    follows the real context, not the padded table width), gathers those blocks of every request
+    straight into [B, Hkv, _COLUMNS * BS, D] (the gather's output puts the heads before the columns,
+    and the pool's head-major blocks make each (block, head) one [BS, D] tile, so the per-head dots
+    take the keys as they lie), and folds them into a running softmax (max m, denominator l,
+    weighted sum acc per query head). Gathering the whole table at once instead materialised
+    [B, MB * BS, Hkv, D] per layer: tens of MB written and re-read every step, 10-15x the bandwidth
+    floor of reading the KV once on the CPU; with token-major blocks each step's gather was a
+    transposing copy, 3-4x the floor. Two columns a step measured 10% faster than one on one CPU
+    core, four slower (docs/results.md, "Decode at the roofline"). With a sliding window the loop
+    starts at the first step any live request's window reaches, and keys before a request's
+    window are masked.
+
+    Rows a request cannot see (past its length, before its window, padding columns) are zeroed in
+    the gathered K and V by a bitwise AND with a mask of the pool's bit width (all ones or all
+    zeros per row), built once per call for every table position and sliced per step. A freed
+    block may hold NaN from a previous owner and 0 * NaN is NaN, so hidden rows must be zeroed, not
+    merely given zero probability. On XLA:CPU this form also fuses the gather into a vectorised
+    loop: a bare gather, or a select whose mask is computed per element from the key position, ran
+    at about half the memory bandwidth (the loop took 1.3x as long on one core).
     """
     b, hq, d = q.shape
     _, hkv, bs, _ = k_cache.shape
     g = hq // hkv
+    span = _COLUMNS * bs  # key positions per step
     tables = meta.block_tables  # [B, MB], null-block padded
+    tables = jnp.pad(tables, ((0, 0), (0, -tables.shape[1] % _COLUMNS)))  # whole steps: more null blocks
     qg = q.reshape(b, hkv, g, d).astype(jnp.float32) * sm_scale
-    num_steps = jnp.minimum((jnp.max(meta.kv_lens) + bs - 1) // bs, tables.shape[1])
+    num_steps = jnp.minimum((jnp.max(meta.kv_lens) + span - 1) // span, tables.shape[1] // _COLUMNS)
     first_step = 0
     if sliding_window is not None:  # padding rows (kv_len 0) do not hold the loop back
-        window_start = jnp.maximum(meta.kv_lens - sliding_window, 0) // bs
+        window_start = jnp.maximum(meta.kv_lens - sliding_window, 0) // span
         first_step = jnp.min(jnp.where(meta.kv_lens > 0, window_start, num_steps))
+
+    key_pos = jnp.arange(tables.shape[1] * bs, dtype=jnp.int32)[None, :]  # every table position
+    visible = _visible(key_pos, meta.kv_lens[:, None] - 1, sliding_window)  # [B, MB * BS]
+    keep_bits = _row_bits(k_cache.dtype, visible)
 
     def fold(j, carry):
         m, l, acc = carry  # [B, Hkv, G] running max and denominator, [B, Hkv, G, D] weighted sum
-        blocks = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [B]
-        key_pos = j * bs + jnp.arange(bs, dtype=jnp.int32)[None, :]  # [1, BS]
-        live = _visible(key_pos, meta.kv_lens[:, None] - 1, sliding_window)  # [B, BS]
-        keys = k_cache[blocks]  # [B, Hkv, BS, D]
-        # Rows past a request's length may hold anything a block's previous owner left (NaN
-        # included), and 0 * NaN is NaN: zero them rather than trust the zero probabilities.
-        vals = jnp.where(live[:, None, :, None], v_cache[blocks], 0)
+        blocks = jax.lax.dynamic_slice_in_dim(tables, j * _COLUMNS, _COLUMNS, axis=1)  # [B, C]
+        keep = jax.lax.dynamic_slice_in_dim(keep_bits, j * span, span, axis=1)  # [B, C * BS]
+        live = keep != 0
+        keys = _zero_rows(_gather_columns(k_cache, blocks), keep)  # [B, Hkv, C * BS, D]
+        vals = _zero_rows(_gather_columns(v_cache, blocks), keep)
         scores = jnp.einsum("bkgd,bkcd->bkgc", qg, keys, preferred_element_type=jnp.float32)
         scores = jnp.where(live[:, None, None, :], scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(-1))  # finite: m starts at _NO_SCORE, not -inf
@@ -321,6 +335,36 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
 
 # The running max's start: below any real score, yet finite, so exp(m - m_new) never sees inf - inf.
 _NO_SCORE = -1e30
+
+# Block-table columns a decode-attention loop step covers.
+_COLUMNS = 2
+
+
+def _gather_columns(cache: jax.Array, blocks: jax.Array) -> jax.Array:
+    """[NB, Hkv, BS, D] pool, [B, C] block ids -> [B, Hkv, C * BS, D]: request b's C blocks of each
+    head, in column order. The gather writes its output in that order itself (offset dims placed
+    around the column axis), so no transpose follows it."""
+    _, hkv, bs, d = cache.shape
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3, 4), collapsed_slice_dims=(0,), start_index_map=(0,))
+    out = jax.lax.gather(cache, blocks[..., None], dims, slice_sizes=(1, hkv, bs, d),
+                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [B, Hkv, C, BS, D]
+    return out.reshape(blocks.shape[0], hkv, blocks.shape[1] * bs, d)
+
+
+def _row_bits(dtype, visible: jax.Array) -> jax.Array:
+    """[B, P] visibility -> an unsigned integer of `dtype`'s width per position: all ones where
+    visible, zero where not (the AND mask of `_zero_rows`)."""
+    uint = jnp.dtype(f"uint{8 * jnp.dtype(dtype).itemsize}")
+    return jnp.where(visible, jnp.array(jnp.iinfo(uint).max, uint), jnp.array(0, uint))
+
+
+def _zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """x [B, Hkv, BS, D] with row s of request b kept bit for bit where keep[b, s] is all ones and
+    replaced by +0 where it is zero (NaN and inf included, unlike a multiply)."""
+    uint = keep.dtype
+    bits = jax.lax.bitcast_convert_type(x, uint) if x.dtype != uint else x
+    bits = bits & keep[:, None, :, None]
+    return jax.lax.bitcast_convert_type(bits, x.dtype) if x.dtype != uint else bits
 
 
 def _tp_mesh():

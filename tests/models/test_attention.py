@@ -67,6 +67,7 @@ def test_split_rejects_a_decode_region_without_prefill_region(num_decode_rows):
     ([1], 4, 4, 8, 8),
     ([64, 64], 2, 1, 16, 4),
     ([3, 50, 17, 9, 33, 1, 0, 24], 8, 2, 8, 8),
+    ([20, 3], 4, 2, 4, 5),  # odd table width: the loop's last two-column step reads a padding column
 ])
 def test_decode_attention_matches_dense_attention(kv_lens, hq, hkv, block_size, width):
     """The blockwise online-softmax decode against dense float64 attention per request, on a pool
@@ -84,6 +85,22 @@ def test_decode_attention_matches_dense_attention(kv_lens, hq, hkv, block_size, 
             continue
         want = naive_attention(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], sm_scale=SM_SCALE, q_positions=[n - 1])
         np.testing.assert_allclose(out[b], want[0], atol=ATOL, rtol=1e-5)
+
+
+def test_decode_attention_masks_a_bfloat16_pool_bit_for_bit():
+    """The hidden-row mask works on the pool's own bit width (16 here): NaN past each length
+    never reaches the output, and the result matches float64 attention to bfloat16 precision."""
+    kv_lens = [13, 6, 0]
+    rng = np.random.default_rng(3)
+    kv = make_paged_kv(rng, kv_lens=kv_lens, num_kv_heads=2, head_dim=8, block_size=4, dtype=jnp.bfloat16, max_blocks=6)
+    q = jnp.asarray(rng.standard_normal((3, 4, 8)), jnp.bfloat16)
+    meta = DecodeMeta(positions=jnp.maximum(kv.kv_lens - 1, 0), slots=jnp.zeros(3, jnp.int32),
+                      block_tables=kv.block_tables, kv_lens=kv.kv_lens)
+    out = np.asarray(decode_attention_xla(q, kv.k_cache, kv.v_cache, meta, sm_scale=SM_SCALE), np.float32)
+    assert np.isfinite(out).all() and (out[2] == 0).all()
+    for b, n in enumerate(kv_lens[:2]):
+        want = naive_attention(q[b:b + 1], kv.k_seqs[b], kv.v_seqs[b], sm_scale=SM_SCALE, q_positions=[n - 1])
+        np.testing.assert_allclose(out[b], want[0], atol=3e-2, rtol=3e-2)
 
 
 def test_one_row_kv_write_keeps_the_donated_pool_in_place():
