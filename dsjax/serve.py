@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="before serving, compile every program shape the scheduler limits allow (dsjax/runtime/warmup.py): "
                         "no first-compilation stalls inside served steps; ~1 min on one CPU core the first time, "
                         "then loaded from --compilation-cache")
+    s.add_argument("--warmup-share", default="0/1", metavar="I/N",
+                   help="with --warmup-shapes: this server (or worker) is replica I of N warming the same shapes into one "
+                        "--compilation-cache at once; it starts at shape I/N of the list, so the N compile disjoint parts "
+                        "first (the launcher sets it for its worker processes)")
     s.add_argument("--step-log", metavar="DIR", default=None,
                    help="time every served engine step into DIR/<worker>.jsonl (serving/step_log.py); "
                         "`python -m dsjax.plan fit-served` turns the logs into a latency profile")

@@ -165,7 +165,7 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     if not args.no_warmup:
         backend.warmup()
     if args.warmup_shapes:
-        _warm_engine_shapes(backend, engine, sched)
+        _warm_engine_shapes(backend, engine, sched, share=_share(getattr(args, "warmup_share", "0/1")))
     backend.warm = True
     step_log = _attach_step_log(args, backend, engine)
     log.info("%s %s ready in %.1fs (%s, attention backend %s)", args.model, placement.mode, time.perf_counter() - t0,
@@ -244,8 +244,9 @@ def _colocated_engines(engine) -> list:
     return list(engine.engines) if isinstance(engine, ReplicatedEngine) else []
 
 
-def _warm_engine_shapes(backend, engine, sched) -> None:
-    """--warmup-shapes for in-process engines (the disaggregated one: both instances' runners)."""
+def _warm_engine_shapes(backend, engine, sched, share: tuple[int, int] = (0, 1)) -> None:
+    """--warmup-shapes for in-process engines (the disaggregated one: both instances' runners);
+    `share` (--warmup-share): this server is one of several replicas warming at once."""
     from dsjax.engine.disaggregated import DisaggEngine
     from dsjax.runtime.warmup import warm_runner
 
@@ -254,10 +255,10 @@ def _warm_engine_shapes(backend, engine, sched) -> None:
         jobs = [(i.runner, dict(decode=False)) for i in engine.prefill] + \
                [(i.runner, dict(prefill=False)) for i in engine.decode]
         for runner, kw in jobs:  # the threaded backend: no loop thread runs steps before warm = True
-            warm_runner(runner, sched, log=say, **kw)
+            warm_runner(runner, sched, log=say, share=share, **kw)
         return
     for e in _colocated_engines(engine):
-        backend.call(lambda e=e: warm_runner(e.runner, sched, prefix=e.chunked, log=say), timeout=None)
+        backend.call(lambda e=e: warm_runner(e.runner, sched, prefix=e.chunked, log=say, share=share), timeout=None)
 
 
 def _attach_step_log(args: argparse.Namespace, backend, engine):
@@ -357,6 +358,8 @@ def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
                 wid = f"{role}-{i}"
                 argv = _worker_argv(args, role, wid, address) + [f"--{flag}-tp", str(phase.tp), f"--{flag}-pp", str(phase.pp)]
                 argv += ["--mode", placement.mode]
+                if args.warmup_shapes and phase.replicas > 1:  # the replicas split the compiling (warm_shapes' share)
+                    argv += ["--warmup-share", f"{i}/{phase.replicas}"]
                 argv += emulation.worker_argv() if emulation is not None else []
                 specs.append(WorkerSpec(wid, argv, phase.tp * phase.pp))
         if args.gpus:
@@ -369,6 +372,17 @@ def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
     fronts.close()
     backend.close()
     return 0
+
+
+def _share(text: str) -> tuple[int, int]:
+    """--warmup-share "I/N" -> (I, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--warmup-share {text!r}: want I/N, e.g. 1/2") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--warmup-share {text!r}: want 0 <= I < N")
+    return i, n
 
 
 def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
@@ -403,7 +417,7 @@ def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, max_lease_s=args.max_lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
-        max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
+        warmup_share=_share(getattr(args, "warmup_share", "0/1")), max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
         mode=placement.mode if args.role == "replica" else "colocated",
     )
     worker = WorkerProcess(cfg, runner=runner)

@@ -71,6 +71,7 @@ class WorkerConfig:
     exit_with_parent: bool = False
     step_log_dir: str | None = None  # time served steps into DIR/<worker_id>.jsonl (serving/step_log.py)
     warmup_shapes: bool = False  # compile every reachable program shape before registering (dsjax/runtime/warmup.py)
+    warmup_share: tuple[int, int] = (0, 1)  # this worker is i of n warming the same shapes at once (warm_shapes' share)
     cluster_token: str | None = None  # required on this worker's services and sent on its calls (serving/cluster_auth.py)
     tls_dir: str | None = None  # mutual TLS on this worker's services and on its calls (serving/tls.py)
     mode: str = "colocated"  # a replica's: "colocated" (prefill first) or "chunked"
@@ -158,7 +159,8 @@ class WorkerProcess:
             prefill, decode = cfg.role != "decode", cfg.role != "prefill"
             self.engine.call(lambda: warm_runner(inst.runner, cfg.scheduler, prefill=prefill, decode=decode,
                                                  prefix=cfg.role == "replica" and cfg.mode == "chunked",
-                                                 log=lambda m: log.info("%s: %s", cfg.worker_id, m)), timeout=None)
+                                                 log=lambda m: log.info("%s: %s", cfg.worker_id, m),
+                                                 share=cfg.warmup_share), timeout=None)
         self.step_log = None
         if cfg.step_log_dir:
             from serving.step_log import StepLog

@@ -54,6 +54,7 @@ SUBCOMMANDS: dict[str, str] = {
     "regimes": "profiles side by side: prefill vs decode cost and how decode grows with the batch",
     "capacity": "router capacity on emulated devices: the rate its CPU sustains, added latency, CPU per process",
     "paper-table": "the paper-scale table: compare --emulate outputs beside the planner's predictions and the paper",
+    "resimulate": "replay a compare --emulate run's rates through the current simulator (no servers)",
     **{name: line for name, (_, _, _, line) in FORWARDED.items()},
 }
 
@@ -411,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module("dsjax.bench.capacity").main(argv[1:])
         if argv[:1] == ["paper-table"]:
             return importlib.import_module("dsjax.bench.papertable").main(argv[1:])
+        if argv[:1] == ["resimulate"]:
+            return importlib.import_module("dsjax.bench.resimulate").main(argv[1:])
         return main_run(argv)
     except (ValueError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -214,7 +214,8 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
         full = sim.result_all(requests, offsets)  # one replay serves both the split and the attainment
         jittered = sim.result_all(requests, jitter_offsets(offsets, cfg.seed))
         f.update(ttft_decomposition(run, full, slos, sim.measured_part(full, offsets).attainment, jittered))
-        f.update(fidelity_extras(f, run, sim, requests, offsets, seed=cfg.seed, jitter=jitter_offsets, jittered=jittered))
+        f.update(fidelity_extras(f, run, sim, requests, offsets, seed=cfg.seed, jitter=jitter_offsets, jittered=jittered,
+                                 schedule=schedule))
     summary.update(emulation_summary(summary, cluster, plans, search_s))
     summary["emulation"].update(run_seconds=run_s, settle_s=settle_s, steady_state_runs=ec.steady)
     summary["steady_state"] = steady
@@ -223,7 +224,8 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
             summary[f"steady_state_{key}"] = value
     log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
         f"host time and front-end hop charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
-        f"band: {_pts(summary['max_gap_beyond_jitter_points'])}")
+        f"band: {_pts(summary['max_gap_beyond_jitter_points'])}; read as a rate: "
+        f"{_pct(summary['max_rate_equivalent_gap_pct'])}")
     summary["wall_s"] = time.perf_counter() - t_start
     _write_outputs(cfg, out, sweeps, summary, slos, log)
     _plot_fidelity(summary, out / "fidelity.png")
@@ -252,6 +254,10 @@ def _steady_state(ec: EmulatedCompare, sims, requests, schedule, sim_goodput, pl
 
 def _pts(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1f} points"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a (beyond 25%, or no row)" if x is None else f"{x:.1f}% of the rate"
 
 
 def _sized_schedule(cfg: CompareConfig, sweep_cfg: SweepConfig, available: int) -> Callable[[float], list[float]]:

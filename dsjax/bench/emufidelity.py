@@ -19,6 +19,11 @@ simulator's replay of its trace:
   (a host's timer jitter), moves by several points there. `jitter_band` gives the range of the
   simulator's attainment over `JITTER_SEEDS` such replays; a gap inside that band is below what
   any implementation could be held to at that rate.
+- **The gap as a rate.** Past a long-output workload's knee, attainment falls tens of points
+  within a few percent of rate (the cliff of docs/results.md, session 12), so points there say
+  little. `rate_equivalent_gap_pct` reads the gap on the rate axis: the change of the run's rate
+  at which the simulator, replaying the same arrival pattern compressed or stretched, attains
+  what the run measured (+2: the run did as the simulator does at a 2% higher rate).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import dataclasses
 from typing import Any, Callable
 
 JITTER_SEEDS = 6
+RATE_SPAN = 0.25  # the rate-equivalent gap is searched within +-25% of the run's rate
+RATE_STEPS = 7  # its bisection steps: 0.25 / 2^7, 0.2% of the rate
 HOST_COUNTERS = ("continued_steps", "host_gap_seconds", "prefill_launches", "prefill_host_gap_seconds",
                  "leases_expired")  # the last: prefill KV freed unpulled (its request recomputed)
 
@@ -66,8 +73,10 @@ def front_end_s(row: dict[str, Any]) -> float:
 
 
 def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: int,
-                    jitter: Callable[[list[float], int], list[float]], jittered=None) -> dict[str, Any]:
-    """The row's host-time replay and the simulator's jitter band (keys added to a fidelity row).
+                    jitter: Callable[[list[float], int], list[float]], jittered=None,
+                    schedule: Callable[[float], list[float]] | None = None) -> dict[str, Any]:
+    """The row's host-time replay, the simulator's jitter band and, given `schedule` (the send
+    offsets of a run at a rate), the gap as a rate (keys added to a fidelity row).
     `jittered`: the replay at `jitter(offsets, seed)` when the caller has it (not run again)."""
     out: dict[str, Any] = {}
     c = run.server_counters
@@ -91,7 +100,45 @@ def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: i
     lo, hi = min(band), max(band)
     out["sim_jitter_band"] = [lo, hi]
     out["gap_beyond_jitter_points"] = 100 * max(0.0, lo - row["real"], row["real"] - hi)
+    if schedule is not None:
+        rate = row["rate"]
+        f = rate_equivalent(row["real"], lambda k: row["simulated"] if k == 1.0 else attainment(sim, requests, schedule(rate * k)),
+                            span=RATE_SPAN, steps=RATE_STEPS)
+        if f is None:  # beyond the span: its end, a lower bound of the gap, and a flag
+            sign = 1 if row["real"] < row["simulated"] else -1
+            out.update(rate_equivalent_gap_pct=sign * 100 * RATE_SPAN, rate_equivalent_beyond_span=True)
+        else:
+            out["rate_equivalent_gap_pct"] = round(100 * (f - 1), 2)
     return out
+
+
+def rate_equivalent(real: float, attainment_at: Callable[[float], float], *, span: float = 0.25,
+                    steps: int = 10, tol: float = 1e-9) -> float | None:
+    """The rate factor f within [1 - span, 1 + span] at which the simulator's attainment,
+    `attainment_at(f)` (at f x the run's rate; f = 1 is the run), equals the run's `real`
+    attainment: bisection on the simulator's attainment, which falls with the rate. 1.0 when they
+    agree; None when the span's end does not reach the run's attainment."""
+    def gap(f: float) -> float:
+        return attainment_at(f) - real
+
+    at_one = gap(1.0)
+    if abs(at_one) <= tol:
+        return 1.0
+    if at_one > 0:  # the run attained less: it behaved as the simulator at a higher rate
+        lo, hi = 1.0, 1.0 + span
+        if gap(hi) > 0:
+            return None
+    else:
+        lo, hi = 1.0 - span, 1.0
+        if gap(lo) < 0:
+            return None
+    for _ in range(steps):  # invariant: gap(lo) > 0 >= gap(hi)
+        mid = (lo + hi) / 2
+        if gap(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 def extras_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -101,4 +148,5 @@ def extras_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return max(vals) if vals else None
 
     return {"max_gap_with_host_points": worst("diff_with_host_points"),
-            "max_gap_beyond_jitter_points": worst("gap_beyond_jitter_points")}
+            "max_gap_beyond_jitter_points": worst("gap_beyond_jitter_points"),
+            "max_rate_equivalent_gap_pct": worst("rate_equivalent_gap_pct")}

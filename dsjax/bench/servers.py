@@ -281,8 +281,11 @@ def launch_system(name: str, options: ServerOptions, log_dir: str | Path) -> Lau
     else:
         for i, core in enumerate(options.cores):
             port = free_port()
+            # the replicas split the first compilation of their shared programs (warm_shapes' share)
+            share = ["--warmup-share", f"{i}/{len(options.cores)}"] if options.warmup_shapes else []
             system.start_process(f"replica-{i}", ["--workers", "inprocess", "--mode", name, "--port", str(port),
-                                                  "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "0", *common],
+                                                  "--host", "127.0.0.1", "--metrics-port", "-1", "--http-port", "0",
+                                                  *common, *share],
                                  core=core, options=options, log_dir=log_dir)
             system.targets.append(f"127.0.0.1:{port}")
     try:

@@ -21,6 +21,7 @@ Speed: one event per prefill batch and one per decode-batch membership change, n
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Literal
@@ -77,10 +78,17 @@ class SimConfig:
     # Cost batches at the engine's padded shapes when the profile records them (our profiler's do;
     # DistServe's do not, so this changes nothing for them).
     shape_buckets: bool = True
+    # The router's cap on Prefill calls a prefill instance holds at once (serving/remote.py,
+    # --max-prefill-inflight; the emulated servers run with 64): past it requests wait in the
+    # router, first come first served, for the next freed slot. None: no cap (requests go to an
+    # instance on arrival; the planner's and DistServe's model).
+    prefill_max_inflight: int | None = None
 
     def __post_init__(self) -> None:
         if self.prefill_token_budget is not None and self.prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget={self.prefill_token_budget} must be >= 1")
+        if self.prefill_max_inflight is not None and self.prefill_max_inflight < 1:
+            raise ValueError(f"prefill_max_inflight={self.prefill_max_inflight} must be >= 1 (or None for no cap)")
         for name in ("prefill_max_batch_size", "decode_max_batch_size", "colocated_token_budget", "chunk_tokens",
                      "kv_block_size"):
             if getattr(self, name) < 1:
@@ -204,6 +212,8 @@ class Simulator:
             return submit_decode
 
         def prefilled(t: float, rid: int, src: SimPrefillInstance) -> None:
+            if slots is not None:
+                slots.release(t, rid)
             if phase == "prefill" or reqs.done[rid] + 1 >= reqs.output[rid]:
                 reqs.finish[rid] = t
                 src.release(t, reqs.plen[rid])
@@ -226,6 +236,9 @@ class Simulator:
             # the engine's DisaggEngine.requeue: the front of the queue with the fewest prompt tokens
             prefills[least_loaded([p.queued_tokens for p in prefills]) if len(prefills) > 1 else 0].submit(t, rid, front=True)
 
+        slots = None if cfg.prefill_max_inflight is None else _PrefillSlots(prefills, cfg.prefill_max_inflight)
+        if slots is not None:
+            return slots.submit
         if len(prefills) == 1:
             return lambda t, rid: prefills[0].submit(t, rid)
         return lambda t, rid: prefills[least_loaded([p.load() for p in prefills])].submit(t, rid)
@@ -272,3 +285,39 @@ def md1_mean_ttft(service_s: float, rate: float) -> float:
     """M/D/1 mean sojourn time D + R D^2 / (2 (1 - R D)) (paper section 3.1); inf when R D >= 1."""
     rho = rate * service_s
     return math.inf if rho >= 1 else service_s + rate * service_s * service_s / (2.0 * (1.0 - rho))
+
+
+class _PrefillSlots:
+    """The router's Prefill slots (serving/remote.py, RemoteBackend.slot): a prefill instance holds
+    at most `cap` requests, from dispatch until their first token; while every instance is full,
+    new requests wait here, first come first served, and each freed slot goes to the first waiter,
+    on the least loaded instance with room (the registry's choice, as without a cap)."""
+
+    def __init__(self, prefills: list[SimPrefillInstance], cap: int):
+        self.prefills = prefills
+        self.cap = cap
+        self.held = [0] * len(prefills)
+        self.on: dict[int, int] = {}  # request -> the instance holding its slot
+        self.waiting: collections.deque[int] = collections.deque()
+
+    def submit(self, t: float, rid: int) -> None:
+        if self.waiting or not self._dispatch(t, rid):
+            self.waiting.append(rid)
+
+    def release(self, t: float, rid: int) -> None:
+        i = self.on.pop(rid, None)
+        if i is None:  # a recomputed request: requeued on an instance directly, as the engine does
+            return
+        self.held[i] -= 1
+        while self.waiting and self._dispatch(t, self.waiting[0]):
+            self.waiting.popleft()
+
+    def _dispatch(self, t: float, rid: int) -> bool:
+        room = [i for i in range(len(self.prefills)) if self.held[i] < self.cap]
+        if not room:
+            return False
+        i = room[least_loaded([self.prefills[j].load() for j in room])]
+        self.held[i] += 1
+        self.on[rid] = i
+        self.prefills[i].submit(t, rid)
+        return True

@@ -84,10 +84,16 @@ def _padding_decode(b: int, mb: int):
 
 
 def warm_shapes(runner, *, prefill: list[tuple[int, int, int]], decode: list[tuple[int, int]],
-                on_shape: Callable[[int, int], None] | None = None) -> float:
+                on_shape: Callable[[int, int], None] | None = None, share: tuple[int, int] = (0, 1)) -> float:
     """Run every listed shape once on a padding-only batch (compiling it, or loading it from the
     persistent cache), and the token feeds between decode shapes; returns the seconds taken.
-    `on_shape(done, total)` reports progress."""
+    `on_shape(done, total)` reports progress.
+
+    `share` = (i, n): this process is number i of n that warm the same shapes at the same time into
+    one persistent compilation cache (replicas of one placement). It starts at shape i * total / n
+    and wraps around, so the n processes first compile disjoint parts of the list, then reach the
+    parts the others compiled and load them from the cache (~0.8 s a program instead of ~2.4 s on
+    one CPU core for opt-125m) instead of all compiling every shape."""
     from dsjax.runtime.runner import feed_tokens
 
     t0 = time.perf_counter()
@@ -95,7 +101,10 @@ def warm_shapes(runner, *, prefill: list[tuple[int, int, int]], decode: list[tup
     total = len(prefill) + len(decode) + len(batches) ** 2
     done = 0
     outs: dict[int, object] = {}  # a decode output of each batch bucket, placed as served steps' are
-    for packed, is_decode in [(_padding_prefill(*s, fresh=runner.fresh_prefill), False) for s in prefill] + [(_padding_decode(*s), True) for s in decode]:
+    jobs = [(s, False) for s in prefill] + [(s, True) for s in decode]
+    jobs = _rotated(jobs, share)
+    for shape, is_decode in jobs:
+        packed = _padding_decode(*shape) if is_decode else _padding_prefill(*shape, fresh=runner.fresh_prefill)
         out = runner._dispatch(packed, decode=is_decode)
         np.asarray(out)  # wait: one compilation at a time
         if is_decode:
@@ -112,8 +121,16 @@ def warm_shapes(runner, *, prefill: list[tuple[int, int, int]], decode: list[tup
     return time.perf_counter() - t0
 
 
+def _rotated(items: list, share: tuple[int, int]) -> list:
+    i, n = share
+    if not 0 <= i < n:
+        raise ValueError(f"share={share}: want (i, n) with 0 <= i < n")
+    start = i * len(items) // n
+    return items[start:] + items[:start]
+
+
 def warm_runner(runner, scheduler, *, prefill: bool = True, decode: bool = True, prefix: bool = False,
-                log: Callable[[str], None] | None = None) -> float:
+                log: Callable[[str], None] | None = None, share: tuple[int, int] = (0, 1)) -> float:
     """`warm_shapes` for the shapes `scheduler` (dsjax.engine.scheduler.SchedulerConfig) can produce on
     `runner`; `prefix` for engines that prefill chunks after a cached prefix (chunked mode)."""
     context = scheduler.context_len(runner.model.config.max_position)
@@ -121,7 +138,7 @@ def warm_runner(runner, scheduler, *, prefill: bool = True, decode: bool = True,
                          max_context=context, block_size=runner.block_size, prefix=prefix) if prefill else []
     dec = decode_shapes(max_num_seqs=scheduler.max_num_seqs, max_context=context, block_size=runner.block_size,
                         min_blocks=runner.decode_min_blocks) if decode else []
-    seconds = warm_shapes(runner, prefill=pre, decode=dec)
+    seconds = warm_shapes(runner, prefill=pre, decode=dec, share=share)
     if log is not None:
         feeds = len({b for b, _ in dec}) ** 2 if runner.pp == 1 else 0
         log(f"warmed {len(pre)} prefill and {len(dec)} decode shapes and {feeds} token feeds in {seconds:.1f} s")

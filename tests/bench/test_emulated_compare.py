@@ -90,6 +90,18 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
         lo, hi = f["sim_jitter_band"]
         assert lo <= f["simulated"] <= hi and f["gap_beyond_jitter_points"] <= abs(f["diff_points"]) + 1e-9
     assert summary["max_gap_with_host_points"] is not None and summary["max_gap_beyond_jitter_points"] is not None
+    for f in summary["fidelity"]:  # the gap read as a rate: 0 where the simulator agrees, else its sign
+        g = f["rate_equivalent_gap_pct"]
+        assert abs(g) <= 25 and (g == 0) == (f["real"] == f["simulated"]) and (g > 0) == (f["real"] < f["simulated"])
+    assert summary["max_rate_equivalent_gap_pct"] == max(abs(f["rate_equivalent_gap_pct"]) for f in summary["fidelity"])
+    # the run's simulators rebuilt from summary.json replay every rate exactly as the run did
+    from dsjax.bench.resimulate import resimulate
+
+    again = resimulate(out, around=(1.1,))
+    assert [(r["system"], r["rate"], r["simulated_now"]) for r in again] == \
+        [(f["system"], f["rate"], f["simulated"]) for f in summary["fidelity"]]
+    capped = resimulate(out, prefill_cap=1, systems=("disaggregated",))
+    assert {r["system"] for r in capped} == {"disaggregated"} and all(0 <= r["simulated_now"] <= 1 for r in capped)
     for png in ("attainment_vs_rate.png", "attainment_vs_slo_scale.png", "fidelity.png"):
         assert (out / png).stat().st_size > 1000
     assert "largest |measured - simulated|" in (out / "summary.md").read_text()

@@ -318,3 +318,26 @@ def test_colocated_prefill_batches_take_at_most_prefill_max_batch_size_prompts()
     res = _sim(Placement.colocated(tp=1), prefill_max_batch_size=2, colocated_token_budget=4096).run(trace, slo=SLO_)
     assert len(set(np.round(res.ttft_s, 9))) == 3
     assert len(set(np.round(_sim(Placement.colocated(tp=1)).run(trace, slo=SLO_).ttft_s, 9))) == 2
+
+
+def test_router_prefill_cap_holds_requests_in_the_router():
+    """prefill_max_inflight (the router's cap on Prefill calls an instance holds): past it requests
+    wait in the router for a freed slot, first come first served, instead of joining a queue."""
+    trace = _trace([(0.0, 100, 1), (0.001, 100, 1), (0.002, 100, 1)])
+    p1 = COEFFS.prefill_ms(100, 100**2) * 1e-3
+    free = _sim(_disagg(), prefill_token_budget=1024).run(trace, slo=SLO_)
+    capped = _sim(_disagg(), prefill_token_budget=1024, prefill_max_inflight=1).run(trace, slo=SLO_)
+    # no cap: the two later prompts queue on the instance and run as one batch after the first
+    p2 = COEFFS.prefill_ms(200, 2 * 100**2) * 1e-3
+    assert free.ttft_s[2] + 0.002 == pytest.approx(p1 + p2)
+    # capped at one call: each reaches the instance only when the one before it returned
+    assert capped.ttft_s[2] + 0.002 == pytest.approx(3 * p1)
+    assert capped.ttft_s[1] + 0.001 == pytest.approx(2 * p1)
+    # a cap the load never reaches changes nothing
+    busy = generate_trace(num_requests=300, rate=20.0, lengths=FixedLengths(prompt_len=300, output_len=8), seed=1)
+    placement = _disagg(n=2, m=2)
+    a = _sim(placement).run(busy, slo=SLO_)
+    b = _sim(placement, prefill_max_inflight=10_000).run(busy, slo=SLO_)
+    np.testing.assert_array_equal(a.ttft_s, b.ttft_s)
+    with pytest.raises(ValueError, match="prefill_max_inflight"):
+        SimConfig(prefill_max_inflight=0)

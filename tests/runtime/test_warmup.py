@@ -3,6 +3,7 @@ nothing new, and the padding-only batches leave the real KV blocks untouched."""
 
 import jax
 import numpy as np
+import pytest
 
 from dsjax.engine.colocated import ColocatedEngine
 from dsjax.engine.request import Request
@@ -10,7 +11,7 @@ from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.runtime.runner import ModelRunner, feed_tokens
-from dsjax.runtime.warmup import decode_shapes, prefill_shapes, warm_runner
+from dsjax.runtime.warmup import decode_shapes, prefill_shapes, warm_runner, warm_shapes
 
 
 def test_shape_lists_follow_the_limits():
@@ -54,3 +55,37 @@ def test_no_compilation_after_warmup(tiny_llama):
         engine.step()
     assert all(len(r.output_token_ids) == 8 for r in reqs)
     assert (stage.prefill_fn._cache_size(), stage.decode_fn._cache_size(), feed_tokens._cache_size()) == sizes
+
+
+class _OrderRecorder:
+    """A runner stand-in that records the order warm_shapes dispatches its shapes in."""
+    pp = 2  # no token feeds to warm
+    fresh_prefill = False
+
+    def __init__(self):
+        self.seen = []
+
+    def _dispatch(self, packed, decode):
+        tokens, meta, _ = packed
+        self.seen.append(("decode" if decode else "prefill", len(tokens), *meta.block_tables.shape))
+        return np.zeros(len(tokens), np.int32)
+
+
+def test_replicas_sharing_the_warmup_start_on_disjoint_parts():
+    """Replica i of n starts at shape i * total / n and wraps: every replica warms every shape once,
+    and at the start the n replicas compile different programs (the rest come from the cache)."""
+    pre = prefill_shapes(max_prefill_tokens=32, max_prefill_seqs=2, max_context=64, block_size=8)
+    dec = decode_shapes(max_num_seqs=4, max_context=64, block_size=8)
+    orders = []
+    for i in range(3):
+        r = _OrderRecorder()
+        warm_shapes(r, prefill=pre, decode=dec, share=(i, 3))
+        orders.append(r.seen)
+    total = len(pre) + len(dec)
+    assert all(len(o) == total and sorted(o) == sorted(orders[0]) for o in orders)
+    third = total // 3
+    firsts = [set(o[:third]) for o in orders]
+    assert not (firsts[0] & firsts[1]) and not (firsts[1] & firsts[2]) and not (firsts[0] & firsts[2])
+    assert orders[1][:total - third] == orders[0][third:]  # the same list, rotated
+    with pytest.raises(ValueError, match="share"):
+        warm_shapes(_OrderRecorder(), prefill=pre, decode=dec, share=(2, 2))
