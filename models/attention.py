@@ -131,10 +131,15 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
 
 def _gather_kv(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     """[NB, Hkv, BS, D] gathered through [B, MB] block tables -> [B, Hkv, MB * BS, D]: each
-    request's keys of one head in logical order (the prefill paths' operand; one copy)."""
+    request's keys of one head in logical order (the prefill paths' operand; one copy, and each
+    decode-attention step's C = MB columns). The gather writes its output in that order itself
+    (offset dims placed around the column axis), so no transpose follows it."""
     b, mb = block_tables.shape
-    _, h, bs, d = cache.shape
-    return cache[block_tables].transpose(0, 2, 1, 3, 4).reshape(b, h, mb * bs, d)
+    _, hkv, bs, d = cache.shape
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3, 4), collapsed_slice_dims=(0,), start_index_map=(0,))
+    out = jax.lax.gather(cache, block_tables[..., None], dims, slice_sizes=(1, hkv, bs, d),
+                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [B, Hkv, MB, BS, D]
+    return out.reshape(b, hkv, mb * bs, d)
 
 
 def _softmax_masked(scores, mask):
@@ -316,8 +321,8 @@ def decode_attention_xla(q, k_cache, v_cache, meta: DecodeMeta, *, sm_scale: flo
         blocks = jax.lax.dynamic_slice_in_dim(tables, j * _COLUMNS, _COLUMNS, axis=1)  # [B, C]
         keep = jax.lax.dynamic_slice_in_dim(keep_bits, j * span, span, axis=1)  # [B, C * BS]
         live = keep != 0
-        keys = _zero_rows(_gather_columns(k_cache, blocks), keep)  # [B, Hkv, C * BS, D]
-        vals = _zero_rows(_gather_columns(v_cache, blocks), keep)
+        keys = _zero_rows(_gather_kv(k_cache, blocks), keep)  # [B, Hkv, C * BS, D]
+        vals = _zero_rows(_gather_kv(v_cache, blocks), keep)
         scores = jnp.einsum("bkgd,bkcd->bkgc", qg, keys, preferred_element_type=jnp.float32)
         scores = jnp.where(live[:, None, None, :], scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(-1))  # finite: m starts at _NO_SCORE, not -inf
@@ -338,17 +343,6 @@ _NO_SCORE = -1e30
 
 # Block-table columns a decode-attention loop step covers.
 _COLUMNS = 2
-
-
-def _gather_columns(cache: jax.Array, blocks: jax.Array) -> jax.Array:
-    """[NB, Hkv, BS, D] pool, [B, C] block ids -> [B, Hkv, C * BS, D]: request b's C blocks of each
-    head, in column order. The gather writes its output in that order itself (offset dims placed
-    around the column axis), so no transpose follows it."""
-    _, hkv, bs, d = cache.shape
-    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1, 3, 4), collapsed_slice_dims=(0,), start_index_map=(0,))
-    out = jax.lax.gather(cache, blocks[..., None], dims, slice_sizes=(1, hkv, bs, d),
-                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # [B, Hkv, C, BS, D]
-    return out.reshape(blocks.shape[0], hkv, blocks.shape[1] * bs, d)
 
 
 def _row_bits(dtype, visible: jax.Array) -> jax.Array:

@@ -128,9 +128,6 @@ def resolve_slos(cfg: CompareConfig) -> tuple[SLOs, dict[str, Any]]:
 def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = print,
                          launcher: Callable[..., Any] = launch_emulated) -> dict[str, Any]:
     """Runs the whole experiment; returns (and writes to out/summary.json) the summary."""
-    from dsjax.bench.simcompare import TraceSimulator
-    from dsjax.planner.latency import load_profile
-
     cfg, cluster = ec.compare, ec.cluster
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,16 +158,11 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     needed = sweep_config((top,)).requests_at(top, 1 << 30)
     requests = load_bench_requests(cfg.workload, num_requests=min(needed, cfg.num_requests or needed), seed=cfg.seed,
                                    scale=cfg.scale, prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
-    schedule = _sized_schedule(cfg, sweep_config((top,)), len(requests))
+    schedule = sized_schedule(sweep_config((top,)), len(requests))
     log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {cfg.workload} runs of "
         f"{run_s:g} s, the first {settle_s:g} s not measured (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})")
 
-    sims = {s: TraceSimulator(system=s, profile=load_profile(cluster.profile_for(s)), model=cluster.model, slos=slos,
-                              max_num_seqs=cluster.max_num_seqs, max_prefill_tokens=cluster.max_prefill_tokens,
-                              placement=plans[s].placement, config=cluster.sim_config(), memory=cluster.memory())
-            for s in cfg.systems}
-    for sim in sims.values():
-        sim.settle_s = settle_s
+    sims = {s: trace_simulator(cluster, s, plans[s].placement, slos, settle_s) for s in cfg.systems}
     # The simulator's goodput on the very traces a run sends, bisected around the planner's.
     probe_rates = {s: scan_rates(plans[s].planner_goodput, tuple(2 ** (i / 4) for i in range(-8, 9)))
                    for s in cfg.systems}
@@ -248,7 +240,7 @@ def _steady_state(ec: EmulatedCompare, sims, requests, schedule, sim_goodput, pl
     top = 1.5 * max(starts.values())
     long = load_bench_requests(cfg.workload, num_requests=sweep.requests_at(top, 1 << 30), seed=cfg.seed, scale=cfg.scale,
                                prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
-    return steady_state_goodputs(sims, long, _sized_schedule(cfg, sweep, len(long)), starts, devices,
+    return steady_state_goodputs(sims, long, sized_schedule(sweep, len(long)), starts, devices,
                                  settle_s=settle_s, run_s=run_s)
 
 
@@ -257,15 +249,28 @@ def _pts(x: float | None) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return "n/a (beyond 25%, or no row)" if x is None else f"{x:.1f}% of the rate"
+    return "n/a" if x is None else f"{x:.1f}% of the rate"
 
 
-def _sized_schedule(cfg: CompareConfig, sweep_cfg: SweepConfig, available: int) -> Callable[[float], list[float]]:
+def sized_schedule(sweep_cfg: SweepConfig, available: int) -> Callable[[float], list[float]]:
     """Send offsets of the run at a rate, as sweep_target makes them (sweep.requests_at of the sample)."""
     from dsjax.bench.loadgen import send_schedule
 
-    return lambda rate: send_schedule(sweep_cfg.requests_at(rate, available), rate=rate, arrival=cfg.arrival,
-                                      cv=cfg.cv, seed=cfg.seed)
+    return lambda rate: send_schedule(sweep_cfg.requests_at(rate, available), rate=rate, arrival=sweep_cfg.arrival,
+                                      cv=sweep_cfg.cv, seed=sweep_cfg.seed)
+
+
+def trace_simulator(cluster: EmulatedCluster, system: str, placement, slos: SLOs, settle_s: float, config=None):
+    """The simulator of one system's runs on the emulated cluster (its profile, limits and memory;
+    `config` replaces the cluster's SimConfig)."""
+    from dsjax.bench.simcompare import TraceSimulator
+    from dsjax.planner.latency import load_profile
+
+    sim = TraceSimulator(system=system, profile=load_profile(cluster.profile_for(system)), model=cluster.model, slos=slos,
+                         max_num_seqs=cluster.max_num_seqs, max_prefill_tokens=cluster.max_prefill_tokens,
+                         placement=placement, config=config or cluster.sim_config(), memory=cluster.memory())
+    sim.settle_s = settle_s
+    return sim
 
 
 def _search_lengths(cfg: CompareConfig) -> list[tuple[int, int]]:

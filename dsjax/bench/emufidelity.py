@@ -101,15 +101,21 @@ def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: i
     out["sim_jitter_band"] = [lo, hi]
     out["gap_beyond_jitter_points"] = 100 * max(0.0, lo - row["real"], row["real"] - hi)
     if schedule is not None:
-        rate = row["rate"]
-        f = rate_equivalent(row["real"], lambda k: row["simulated"] if k == 1.0 else attainment(sim, requests, schedule(rate * k)),
-                            span=RATE_SPAN, steps=RATE_STEPS)
-        if f is None:  # beyond the span: its end, a lower bound of the gap, and a flag
-            sign = 1 if row["real"] < row["simulated"] else -1
-            out.update(rate_equivalent_gap_pct=sign * 100 * RATE_SPAN, rate_equivalent_beyond_span=True)
-        else:
-            out["rate_equivalent_gap_pct"] = round(100 * (f - 1), 2)
+        out.update(rate_gap(row["real"], row["simulated"], sim, requests, schedule, row["rate"]))
     return out
+
+
+def rate_gap(real: float, simulated: float, sim, requests, schedule: Callable[[float], list[float]],
+             rate: float) -> dict[str, Any]:
+    """A fidelity row's gap read as a rate (`rate_equivalent` within RATE_SPAN): the key
+    `rate_equivalent_gap_pct`; beyond the span, the span's end (a lower bound of the gap) and
+    `rate_equivalent_beyond_span`. `simulated` is the simulator's attainment at `rate` itself."""
+    f = rate_equivalent(real, lambda k: simulated if k == 1.0 else attainment(sim, requests, schedule(rate * k)),
+                        span=RATE_SPAN, steps=RATE_STEPS)
+    if f is None:
+        sign = 1 if real < simulated else -1
+        return {"rate_equivalent_gap_pct": sign * 100 * RATE_SPAN, "rate_equivalent_beyond_span": True}
+    return {"rate_equivalent_gap_pct": round(100 * (f - 1), 2)}
 
 
 def rate_equivalent(real: float, attainment_at: Callable[[float], float], *, span: float = 0.25,

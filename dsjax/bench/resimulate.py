@@ -25,13 +25,12 @@ from typing import Any
 
 def rebuild(out_dir: str | Path) -> dict[str, Any]:
     """What a replay of `out_dir`'s runs needs: the cluster, the SLOs, the sample, a function from
-    rate to send offsets (as the run made them), and the summary."""
+    rate to send offsets (as the run made them), the settle time and the summary."""
     from dsjax.bench.analysis import SLOs
-    from dsjax.bench.emucompare import MIN_RUN_REQUESTS
+    from dsjax.bench.emucompare import MIN_RUN_REQUESTS, sized_schedule
     from dsjax.bench.emulated_setup import EmulatedCluster
-    from dsjax.bench.loadgen import send_schedule
     from dsjax.bench.prompts import load_bench_requests
-    from dsjax.bench.sweep import requests_at
+    from dsjax.bench.sweep import SweepConfig
 
     summary = json.loads((Path(out_dir) / "summary.json").read_text())
     c, slo, em = summary["config"], summary["slo"], summary.get("emulation")
@@ -41,57 +40,39 @@ def rebuild(out_dir: str | Path) -> dict[str, Any]:
     kw = {k: v for k, v in em["cluster"].items() if k in fields}
     kw["profile_path"] = Path(kw["profile_path"])
     kw["baseline_profile"] = kw.get("baseline_profile") and Path(kw["baseline_profile"])
-    cluster = EmulatedCluster(**kw)
     requests = load_bench_requests(c["workload"], num_requests=c["num_requests"], seed=c["seed"], scale=c["scale"],
                                    prompt_format=c["prompt_format"], source_limit=c.get("source_limit"))
-    run_s = em["run_seconds"]
-
-    def schedule(rate: float) -> list[float]:
-        n = requests_at(rate, len(requests), duration_s=run_s, min_requests=MIN_RUN_REQUESTS)
-        return send_schedule(n, rate=rate, arrival=c["arrival"], cv=c["cv"], seed=c["seed"])
-
-    return {"summary": summary, "cluster": cluster, "requests": requests, "schedule": schedule,
-            "slos": SLOs(ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"], target=slo["target"]), "settle_s": em["settle_s"]}
-
-
-def simulator(run: dict[str, Any], system: str, *, prefill_cap: int | None = None):
-    """The TraceSimulator the compare built for `system`, with the router's prefill cap if given."""
-    from dsjax.bench.simcompare import TraceSimulator
-    from dsjax.engine.placement import Placement
-    from dsjax.planner.latency import load_profile
-
-    cluster = run["cluster"]
-    config = dataclasses.replace(cluster.sim_config(), prefill_max_inflight=prefill_cap)
-    placement = Placement.from_dict(run["summary"]["emulation"]["systems"][system]["placement"])
-    sim = TraceSimulator(system=system, profile=load_profile(cluster.profile_for(system)), model=cluster.model,
-                         slos=run["slos"], max_num_seqs=cluster.max_num_seqs, max_prefill_tokens=cluster.max_prefill_tokens,
-                         placement=placement, config=config, memory=cluster.memory())
-    sim.settle_s = run["settle_s"]
-    return sim
+    sweep = SweepConfig(rates=(1.0,), arrival=c["arrival"], cv=c["cv"], seed=c["seed"], duration_s=em["run_seconds"],
+                        settle_s=em["settle_s"], min_requests=MIN_RUN_REQUESTS, warmup_requests=0)
+    return {"summary": summary, "cluster": EmulatedCluster(**kw), "requests": requests,
+            "schedule": sized_schedule(sweep, len(requests)), "settle_s": em["settle_s"],
+            "slos": SLOs(ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"], target=slo["target"])}
 
 
 def resimulate(out_dir: str | Path, *, prefill_cap: int | None = None, around: tuple[float, ...] = (),
                systems: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One row per measured (system, rate) of `out_dir`: measured, recorded and current simulated
     attainment, the gap in points and as a rate, and the current simulator at `around` x the rate."""
-    from dsjax.bench.emufidelity import RATE_SPAN, RATE_STEPS, attainment, rate_equivalent
+    from dsjax.bench.emucompare import trace_simulator
+    from dsjax.bench.emufidelity import attainment, rate_gap
+    from dsjax.engine.placement import Placement
 
     run = rebuild(out_dir)
-    requests, schedule = run["requests"], run["schedule"]
+    cluster, requests, schedule = run["cluster"], run["requests"], run["schedule"]
+    config = dataclasses.replace(cluster.sim_config(), prefill_max_inflight=prefill_cap)
     rows, sims = [], {}
     for f in run["summary"]["fidelity"]:
         system, rate = f["system"], f["rate"]
         if systems and system not in systems:
             continue
         if system not in sims:
-            sims[system] = simulator(run, system, prefill_cap=prefill_cap)
+            placement = Placement.from_dict(run["summary"]["emulation"]["systems"][system]["placement"])
+            sims[system] = trace_simulator(cluster, system, placement, run["slos"], run["settle_s"], config)
         sim = sims[system]
         now = attainment(sim, requests, schedule(rate))
-        factor = rate_equivalent(f["real"], lambda k: now if k == 1.0 else attainment(sim, requests, schedule(rate * k)),
-                                 span=RATE_SPAN, steps=RATE_STEPS)
         rows.append({"system": system, "rate": rate, "real": f["real"], "simulated_recorded": f["simulated"],
                      "simulated_now": now, "gap_points": 100 * (f["real"] - now),
-                     "rate_equivalent_gap_pct": None if factor is None else round(100 * (factor - 1), 2),
+                     **rate_gap(f["real"], now, sim, requests, schedule, rate),
                      "around": {k: attainment(sim, requests, schedule(rate * k)) for k in around}})
     return rows
 
@@ -102,9 +83,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head += [f"now at {k:g}x" for k in around]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        rate_gap = "beyond ±25%" if r["rate_equivalent_gap_pct"] is None else f"{r['rate_equivalent_gap_pct']:+.1f}%"
+        as_rate = f"{r['rate_equivalent_gap_pct']:+.1f}%" + (" or more" if r.get("rate_equivalent_beyond_span") else "")
         cells = [r["system"], f"{r['rate']:g}", f"{100 * r['real']:.1f}", f"{100 * r['simulated_recorded']:.1f}",
-                 f"{100 * r['simulated_now']:.1f}", f"{r['gap_points']:+.1f}", rate_gap]
+                 f"{100 * r['simulated_now']:.1f}", f"{r['gap_points']:+.1f}", as_rate]
         cells += [f"{100 * r['around'][k]:.1f}" for k in around]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
