@@ -182,6 +182,10 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="runs of 12 mean request lifetimes (mean output x TPOT SLO; the first third unmeasured) at two "
                         "rates per system, 0.95x and 1.1x its simulated steady-state goodput: checks what a server "
                         "sustains, where short runs from an empty server flatter it (dsjax/bench/steadystate.py)")
+    e.add_argument("--plan-only", action="store_true",
+                   help="plan and simulate only: the placements, each system's simulated goodput on the runs' traces "
+                        "and in steady state, and the scan rates, in summary.json; no server is started (for clusters "
+                        "larger than this host can drive)")
     e.add_argument("--emulate-workers", choices=("inprocess", "processes"), default="inprocess",
                    help="every system's instances: threads of one server process (default), or worker processes "
                         "(prefill and decode workers; colocated and chunked replica workers)")
@@ -221,7 +225,7 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, num_requests=args.num_requests,
         scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
         source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds,
-        settle_s=args.settle_seconds, steady=args.steady_state)
+        settle_s=args.settle_seconds, steady=args.steady_state, plan_only=args.plan_only)
     return run_emulated_compare(ec)
 
 
@@ -301,6 +305,14 @@ def main_compare(argv: list[str]) -> int:
 def _print_compare(summary: dict, model: str, out: Path, docs_img: str | None) -> int:
     from dsjax.bench.report import copy_plots
 
+    if summary.get("plan_only"):  # nothing was measured: the placements and the simulator's goodputs
+        systems = summary["systems"]
+        print("planned only (no server started): " + "; ".join(
+            f"{s} {d['placement_text']}, simulated {d['simulated_goodput']:.3g} req/s on the runs' traces"
+            for s, d in systems.items()) + f"; results in {out}")
+        print(json.dumps({"plan_only": True, "model": model, "devices": summary["devices"],
+                          "steady_state": summary["steady_state"], "wall_s": summary["wall_s"]}, indent=1, default=str))
+        return 0
     if docs_img:
         copied = copy_plots(out, Path(__file__).resolve().parents[2] / "docs" / "img", docs_img)
         print("plots copied to " + ", ".join(str(p) for p in copied))

@@ -72,6 +72,7 @@ class EmulatedCompare:
     steady: bool = False  # --steady-state: runs as long as steadystate.steady_run_length, 2 rates a system
     run_seconds: float | None = None  # every run lasts this long (None: from the lifetime, above)
     settle_s: float | None = None  # of which this long is not measured (None: from the lifetime)
+    plan_only: bool = False  # --plan-only: placements and simulated goodputs, no server started
 
     def run_length(self, mean_output_len: float, tpot_slo_s: float) -> tuple[float, float]:
         """(settle_s, run_seconds) of every run."""
@@ -92,7 +93,8 @@ class EmulatedCompare:
 
 
 def emulated_compare(*, quick: bool, cluster: EmulatedCluster, run_seconds: float | None = None,
-                     settle_s: float | None = None, steady: bool = False, **overrides: Any) -> EmulatedCompare:
+                     settle_s: float | None = None, steady: bool = False, plan_only: bool = False,
+                     **overrides: Any) -> EmulatedCompare:
     """The settings of a full run (7 scan rates per system, 3 bisections) or `quick` (3 rates, 1
     bisection), runs as long as `EmulatedCompare.run_length`; no warm-up (nothing compiles); any
     CompareConfig field overrides (`num_requests` then caps the requests of one run)."""
@@ -104,7 +106,7 @@ def emulated_compare(*, quick: bool, cluster: EmulatedCluster, run_seconds: floa
         base.update(rates_factors=STEADY_RATE_FACTORS, max_bisections=0)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return EmulatedCompare(compare=CompareConfig(**base), cluster=cluster, quick=quick, steady=steady, run_seconds=run_seconds,
-                           settle_s=settle_s)
+                           settle_s=settle_s, plan_only=plan_only)
 
 
 def scan_rates(planner_goodput: float, factors) -> tuple[float, ...]:
@@ -177,6 +179,9 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     sweep_cfgs = {s: sweep_config(rates[s]) for s in cfg.systems}
     log("simulated goodput on the runs' traces (req/s): " + ", ".join(f"{s} {g:.3g}" for s, g in sim_goodput.items())
         + "; scan rates " + "; ".join(f"{s} {list(r)}" for s, r in rates.items()))
+    if ec.plan_only:
+        return _plan_only_summary(ec, out, plans, sim_goodput, steady, rates, slos, slo_source, search_s, started,
+                                  time.perf_counter() - t_start)
 
     sweeps: dict[str, SweepResult] = {}
     processes: dict[str, Any] = {}
@@ -242,6 +247,32 @@ def _steady_state(ec: EmulatedCompare, sims, requests, schedule, sim_goodput, pl
                                prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
     return steady_state_goodputs(sims, long, sized_schedule(sweep, len(long)), starts, devices,
                                  settle_s=settle_s, run_s=run_s)
+
+
+def _plan_only_summary(ec: EmulatedCompare, out: Path, plans, sim_goodput, steady, rates, slos: SLOs,
+                       slo_source: dict[str, Any], search_s: float, started: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """summary.json of a `--plan-only` compare: what the experiment would run and what the
+    simulator expects of it (placements, the simulated goodput on the runs' traces and in steady
+    state, the scan rates), with no server started and nothing measured."""
+    cfg = ec.compare
+    summary: dict[str, Any] = {
+        "plan_only": True,
+        "config": dataclasses.asdict(cfg) | {"out": str(cfg.out)},
+        "slo": {"ttft_s": slos.ttft_s, "tpot_s": slos.tpot_s, "target": slos.target, **slo_source},
+        "devices": ec.cluster.devices,
+        "machine": started,
+        "planner_search_s": search_s,
+        "systems": {s: {"placement": plans[s].placement.to_dict(), "placement_text": describe_placement(plans[s].placement),
+                        "num_devices": plans[s].num_devices, "planner_goodput": plans[s].planner_goodput,
+                        "simulated_goodput": sim_goodput[s], "scan_rates": list(rates[s])} for s in plans},
+        "steady_state": steady,
+        "wall_s": wall_s,
+    }
+    for key, value in steady.items():
+        if key.endswith("_ratio"):
+            summary[f"steady_state_{key}"] = value
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def _pts(x: float | None) -> str:

@@ -143,6 +143,30 @@ def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (index 0 is the state), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> list[int]:
+    """Live descendants of `root`, from every process's parent id in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _proc_stat(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        kids = children.get(frontier.pop(), [])
+        found += kids
+        frontier += kids
+    return found
+
+
 @dataclasses.dataclass
 class ServerProcess:
     name: str  # e.g. "prefill", "replica-0"
@@ -152,11 +176,22 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float | None:
         """utime + stime of the process (all its threads), from /proc; None once it is gone."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = _proc_stat(self.proc.pid)
+        return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def descendants_cpu_seconds(self) -> float | None:
+        """CPU seconds of the processes this one started (a launcher's worker processes): the live
+        descendants' utime + stime plus what the reaped ones left in cutime + cstime. None once the
+        process is gone or has never had any."""
+        fields = _proc_stat(self.proc.pid)
+        if fields is None:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks, kids = int(fields[13]) + int(fields[14]), _descendants(self.proc.pid)
+        for pid in kids:
+            child = _proc_stat(pid)
+            if child is not None:
+                ticks += int(child[11]) + int(child[12])
+        return ticks / os.sysconf("SC_CLK_TCK") if kids or ticks else None
 
     def affinity(self) -> list[int] | None:
         try:
@@ -224,7 +259,14 @@ class LaunchedSystem:
                 raise RuntimeError(f"{self.name}: {p.name} exited with {p.proc.returncode}\n{tails}")
 
     def cpu_seconds(self) -> dict[str, float | None]:
-        return {p.name: p.cpu_seconds() for p in self.processes}
+        """CPU seconds of each process started here and, under "<name> worker processes", of the
+        processes it started (so a launcher's workers are not counted as other processes)."""
+        out: dict[str, float | None] = {}
+        for p in self.processes:
+            out[p.name] = p.cpu_seconds()
+            if (workers := p.descendants_cpu_seconds()) is not None:
+                out[f"{p.name} worker processes"] = workers
+        return out
 
     def describe(self) -> list[dict]:
         return [{"name": p.name, "pid": p.proc.pid, "core": p.core, "affinity": p.affinity(), "threads": p.num_threads(),

@@ -116,6 +116,33 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
     assert '"max_attainment_gap_points"' in printed and '"steady_state_disaggregated_over_vllm_ratio"' in printed
 
 
+def test_plan_only_starts_no_server(tmp_path, capsys, monkeypatch):
+    """--plan-only: the placements, the simulated goodputs and the steady-state ratios, and no
+    run (a sweep would raise)."""
+    import dsjax.bench.emucompare as emucompare
+
+    def no_run(*a, **k):
+        raise AssertionError("--plan-only ran a server")
+
+    monkeypatch.setattr(emucompare, "sweep_target", no_run)
+    out = tmp_path / "plan"
+    rc = main(["compare", "--emulate", str(write_profile(tmp_path / "p.json")), "--model", "opt-13b",
+               "--workload", "humaneval", "--devices", "2", "--source-limit", "20",
+               "--baseline-profile", str(write_profile(tmp_path / "vllm.json", slower=1.5)),
+               "--systems", "disaggregated,vllm", "--ttft", "0.1", "--tpot", "0.02", "--plan-only",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plan_only"] and summary["devices"] == 2 and not (out / "results.json").exists()
+    for system, d in summary["systems"].items():
+        assert Placement.from_dict(d["placement"]).num_devices == d["num_devices"] <= 2
+        assert d["simulated_goodput"] > 0 and d["scan_rates"]
+    steady = summary["steady_state"]["systems"]
+    assert summary["steady_state_disaggregated_over_vllm_ratio"] == pytest.approx(
+        steady["disaggregated"]["per_device_goodput"] / steady["vllm"]["per_device_goodput"])
+    assert '"plan_only": true' in capsys.readouterr().out
+
+
 def test_devices_without_emulate_is_refused(tmp_path, capsys):
     assert main(["compare", "--devices", "4", "--out", str(tmp_path)]) == 2
     assert "--devices needs --emulate" in capsys.readouterr().err
