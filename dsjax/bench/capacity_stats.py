@@ -43,6 +43,12 @@ def _stat(path: str) -> tuple[str, int, float] | None:
     return head.partition("(")[2], int(fields[1]), (int(fields[11]) + int(fields[12])) / _TCK
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), seconds; None when it is gone."""
+    st = _stat(f"/proc/{pid}/stat")
+    return None if st is None else st[2]
+
+
 def descendants(root: int) -> list[int]:
     """`root` and every process below it (children of children ...), from /proc."""
     children: dict[int, list[int]] = collections.defaultdict(list)

@@ -33,6 +33,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsjax.bench.capacity_stats import descendants, process_cpu_s
 from serving.cluster_auth import TOKEN_ENV
 from serving.proto import GENERATION_SERVICE
 
@@ -143,30 +144,6 @@ def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (index 0 is the state), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(root: int) -> list[int]:
-    """Live descendants of `root`, from every process's parent id in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _proc_stat(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found, frontier = [], [root]
-    while frontier:
-        kids = children.get(frontier.pop(), [])
-        found += kids
-        frontier += kids
-    return found
-
-
 @dataclasses.dataclass
 class ServerProcess:
     name: str  # e.g. "prefill", "replica-0"
@@ -176,22 +153,13 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float | None:
         """utime + stime of the process (all its threads), from /proc; None once it is gone."""
-        fields = _proc_stat(self.proc.pid)
-        return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_s(self.proc.pid)
 
     def descendants_cpu_seconds(self) -> float | None:
-        """CPU seconds of the processes this one started (a launcher's worker processes): the live
-        descendants' utime + stime plus what the reaped ones left in cutime + cstime. None once the
-        process is gone or has never had any."""
-        fields = _proc_stat(self.proc.pid)
-        if fields is None:
-            return None
-        ticks, kids = int(fields[13]) + int(fields[14]), _descendants(self.proc.pid)
-        for pid in kids:
-            child = _proc_stat(pid)
-            if child is not None:
-                ticks += int(child[11]) + int(child[12])
-        return ticks / os.sysconf("SC_CLK_TCK") if kids or ticks else None
+        """utime + stime of the live processes this one started (a launcher's worker processes);
+        None once it is gone or while it has none."""
+        kids = descendants(self.proc.pid)[1:] if process_cpu_s(self.proc.pid) is not None else []
+        return sum(process_cpu_s(pid) or 0.0 for pid in kids) if kids else None
 
     def affinity(self) -> list[int] | None:
         try:
