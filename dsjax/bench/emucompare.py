@@ -216,9 +216,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     summary.update(emulation_summary(summary, cluster, plans, search_s))
     summary["emulation"].update(run_seconds=run_s, settle_s=settle_s, steady_state_runs=ec.steady)
     summary["steady_state"] = steady
-    for key, value in steady.items():
-        if key.endswith("_ratio"):
-            summary[f"steady_state_{key}"] = value
+    summary.update(steady_ratios(steady))
     log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
         f"host time and front-end hop charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
         f"band: {_pts(summary['max_gap_beyond_jitter_points'])}; read as a rate: "
@@ -268,11 +266,14 @@ def _plan_only_summary(ec: EmulatedCompare, out: Path, plans, sim_goodput, stead
         "steady_state": steady,
         "wall_s": wall_s,
     }
-    for key, value in steady.items():
-        if key.endswith("_ratio"):
-            summary[f"steady_state_{key}"] = value
+    summary.update(steady_ratios(steady))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def steady_ratios(steady: dict[str, Any]) -> dict[str, float]:
+    """The steady-state ratios as top-level summary keys (steady_state_disaggregated_over_*_ratio)."""
+    return {f"steady_state_{k}": v for k, v in steady.items() if k.endswith("_ratio")}
 
 
 def _pts(x: float | None) -> str:

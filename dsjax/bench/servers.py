@@ -158,7 +158,7 @@ class ServerProcess:
     def descendants_cpu_seconds(self) -> float | None:
         """utime + stime of the live processes this one started (a launcher's worker processes);
         None once it is gone or while it has none."""
-        kids = descendants(self.proc.pid)[1:] if process_cpu_s(self.proc.pid) is not None else []
+        kids = descendants(self.proc.pid)[1:]  # a gone process has no children left in /proc
         return sum(process_cpu_s(pid) or 0.0 for pid in kids) if kids else None
 
     def affinity(self) -> list[int] | None:
