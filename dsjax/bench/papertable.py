@@ -1,9 +1,13 @@
 """The paper-scale table: several `compare --emulate` outputs side by side with what the planner
 predicted for the same placements and with DistServe's published gains.
 
-    python -m dsjax.bench paper-table OUT_DIR [OUT_DIR ...] [--md table.md] [--png table.png]
+    python -m dsjax.bench paper-table OUT_DIR[+OUT_DIR...] [...] [--md table.md] [--png table.png]
 
-Per experiment (one compare output directory): per-device goodput measured through the real
+An experiment measured system by system (`compare --emulate ... --systems X --rates R`, one output
+directory each) is one row: join its directories with `+`. They must be the same experiment (model,
+workload, devices, SLOs, run kind), and each system measured in only one of them.
+
+Per experiment (one compare output directory, or several joined): per-device goodput measured through the real
 router for each system, the planner's prediction of it (its own 60-s traces, the placement it
 chose), the measured and predicted ratios of disaggregated over each baseline, the simulator's
 largest attainment gap on the very traces sent, the wall time, and the simulator's steady-state
@@ -32,30 +36,59 @@ PAPER_GAIN_OVER_VLLM: dict[tuple[str, str], tuple[float, float]] = {
 BASELINES = ("colocated", "chunked", "vllm")
 
 
-def experiment_row(out: Path) -> dict[str, Any]:
-    """One compare --emulate output directory, as a row of the table."""
-    s = json.loads((Path(out) / "summary.json").read_text())
+def experiment_row(out: Path | str) -> dict[str, Any]:
+    """One experiment as a row of the table: a compare --emulate output directory, or several
+    joined with `+` (one system or more measured in each)."""
+    parts = [_one_output(Path(d)) for d in str(out).split("+")]
+    row = parts[0]
+    for other in parts[1:]:
+        for key in ("model", "workload", "devices", "slo", "steady_runs"):
+            if other[key] != row[key]:
+                raise ValueError(f"{other['dir']} is not the same experiment as {row['dir']}: "
+                                 f"{key} {other[key]!r} vs {row[key]!r}")
+        if twice := set(other["measured"]) & set(row["measured"]):
+            raise ValueError(f"{', '.join(sorted(twice))} measured in both {row['dir']} and {other['dir']}")
+        for key in ("measured", "planned", "placements", "steady"):
+            row[key] = {**row[key], **other[key]}
+        row["saturated"] += other["saturated"]
+        row["dir"] += "+" + other["dir"]
+        gaps = [g for g in (row["max_attainment_gap_points"], other["max_attainment_gap_points"]) if g is not None]
+        row["max_attainment_gap_points"] = max(gaps) if gaps else None
+        walls = [w for w in (row["wall_s"], other["wall_s"]) if w is not None]
+        row["wall_s"] = sum(walls) if walls else None
+        row["steady_keys"] = {}  # a joined row's steady-state ratios come from its systems' goodputs
+    measured, planned, steady = row["measured"], row["planned"], row["steady"]
+    for base in BASELINES:
+        if "disaggregated" in measured and base in measured:
+            row[f"ratio_{base}"] = _ratio(measured["disaggregated"], measured[base])
+            row[f"planned_ratio_{base}"] = _ratio(planned["disaggregated"], planned[base])
+        if f"disaggregated_over_{base}_ratio" in row["steady_keys"]:
+            row[f"steady_ratio_{base}"] = row["steady_keys"][f"disaggregated_over_{base}_ratio"]
+        elif "disaggregated" in steady and base in steady:
+            row[f"steady_ratio_{base}"] = _ratio(steady["disaggregated"], steady[base])
+    del row["steady"], row["steady_keys"]
+    return row
+
+
+def _one_output(out: Path) -> dict[str, Any]:
+    s = json.loads((out / "summary.json").read_text())
     if "emulation" not in s:
         raise ValueError(f"{out} is not a `compare --emulate` output (no 'emulation' in its summary.json)")
     cfg, emu = s["config"], s["emulation"]["systems"]
-    measured = {k: v for k, v in s["per_device_goodput"].items()}
-    planned = {k: v["planner_goodput"] / v["num_devices"] for k, v in emu.items()}
-    row: dict[str, Any] = {
+    steady = s.get("steady_state", {})
+    return {
         "dir": str(out), "model": cfg["model"], "workload": cfg["workload"], "devices": s["devices"],
-        "slo": [s["slo"]["ttft_s"], s["slo"]["tpot_s"]], "measured": measured, "planned": planned,
+        "slo": [s["slo"]["ttft_s"], s["slo"]["tpot_s"]], "measured": dict(s["per_device_goodput"]),
+        "planned": {k: v["planner_goodput"] / v["num_devices"] for k, v in emu.items()},
         "placements": {k: v["placement_text"] for k, v in emu.items()},
         "max_attainment_gap_points": s.get("max_attainment_gap_points"), "wall_s": s.get("wall_s"),
         "saturated": [k for k, v in s["systems"].items() if v.get("saturated")],
         "paper_gain_over_vllm": PAPER_GAIN_OVER_VLLM.get((cfg["model"], cfg["workload"])),
         "steady_runs": bool(s["emulation"].get("steady_state_runs")),
+        # the simulator's steady-state goodput per device of each system, and the ratios it printed
+        "steady": {k: v["per_device_goodput"] for k, v in steady.get("systems", {}).items()},
+        "steady_keys": {k: v for k, v in steady.items() if k.endswith("_ratio")},
     }
-    for base in BASELINES:
-        if "disaggregated" in measured and base in measured:
-            row[f"ratio_{base}"] = _ratio(measured["disaggregated"], measured[base])
-            row[f"planned_ratio_{base}"] = _ratio(planned["disaggregated"], planned[base])
-        if f"disaggregated_over_{base}_ratio" in s.get("steady_state", {}):
-            row[f"steady_ratio_{base}"] = s["steady_state"][f"disaggregated_over_{base}_ratio"]
-    return row
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -82,6 +115,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                            if s in r["measured"] else "—" for s in ("disaggregated", *BASELINES))
 
         def bound(base: str) -> str:
+            if r.get(f"ratio_{base}") is None:
+                return ""
             if "disaggregated" in low and base not in low:
                 return "≥"
             return "≤" if base in low and "disaggregated" not in low else ""
@@ -134,7 +169,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m dsjax.bench paper-table", description=__doc__.split("\n\n")[0])
-    p.add_argument("dirs", nargs="+", type=Path, help="compare --emulate output directories")
+    p.add_argument("dirs", nargs="+", help="compare --emulate output directories; join one experiment's with +")
     p.add_argument("--md", type=Path, default=None, help="write the markdown table here (default: print it)")
     p.add_argument("--png", type=Path, default=None, help="draw the ratios here")
     p.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")

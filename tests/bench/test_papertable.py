@@ -65,3 +65,43 @@ def test_a_baseline_that_passed_every_rate_is_a_bound(tmp_path, capsys):
     assert main(["paper-table", str(d)]) == 0
     text = capsys.readouterr().out
     assert "≥0.28 (0.24)" in text and "≤1.21×" in text and "| 1.70×" in text
+
+
+def _one_system(out, system, *, goodput, devices, steady, saturated=True, model="opt-66b", wall=300.0, gap=1.0):
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({
+        "config": {"model": model, "workload": "humaneval"}, "devices": 32, "wall_s": wall,
+        "slo": {"ttft_s": 0.125, "tpot_s": 0.2}, "max_attainment_gap_points": gap,
+        "per_device_goodput": {system: goodput}, "systems": {system: {"saturated": saturated}},
+        "emulation": {"steady_state_runs": True,
+                      "systems": {system: {"planner_goodput": goodput * devices, "num_devices": devices,
+                                           "placement_text": f"{system} placement"}}},
+        "steady_state": {"systems": {system: {"per_device_goodput": steady}}},
+    }))
+    return str(out)
+
+
+def test_an_experiment_measured_system_by_system_is_one_row(tmp_path, capsys):
+    d = _one_system(tmp_path / "d", "disaggregated", goodput=1.8, devices=24, steady=2.1, gap=1.7, wall=600.0)
+    c = _one_system(tmp_path / "c", "colocated", goodput=1.5, devices=32, steady=1.7, gap=2.4, wall=500.0)
+    v = _one_system(tmp_path / "v", "vllm", goodput=0.45, devices=32, steady=0.5, gap=1.0, wall=400.0)
+    rows = tmp_path / "rows.json"
+    assert main(["paper-table", f"{d}+{c}+{v}", "--json", str(rows)]) == 0
+    text = capsys.readouterr().out
+    row = json.loads(rows.read_text())[0]
+    assert row["ratio_colocated"] == pytest.approx(1.2) and row["ratio_vllm"] == pytest.approx(4.0)
+    assert row["steady_ratio_colocated"] == pytest.approx(2.1 / 1.7) and row["steady_ratio_vllm"] == pytest.approx(4.2)
+    assert row["max_attainment_gap_points"] == pytest.approx(2.4) and row["wall_s"] == pytest.approx(1500.0)
+    assert sorted(row["saturated"]) == ["colocated", "disaggregated", "vllm"]
+    assert "≥1.8 (1.8) / ≥1.5 (1.5) / — / ≥0.45 (0.45)" in text and "25.0 min" in text
+    assert text.count("\n| OPT-66B") == 1
+
+
+def test_joined_outputs_must_be_one_experiment_each_system_once(tmp_path, capsys):
+    d = _one_system(tmp_path / "d", "disaggregated", goodput=1.8, devices=24, steady=2.1)
+    d2 = _one_system(tmp_path / "d2", "disaggregated", goodput=1.9, devices=24, steady=2.1)
+    other = _one_system(tmp_path / "o", "colocated", goodput=1.5, devices=32, steady=1.7, model="opt-13b")
+    assert main(["paper-table", f"{d}+{d2}"]) == 2
+    assert "disaggregated measured in both" in capsys.readouterr().err
+    assert main(["paper-table", f"{d}+{other}"]) == 2
+    assert "not the same experiment" in capsys.readouterr().err
