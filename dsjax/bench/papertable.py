@@ -56,17 +56,14 @@ def experiment_row(out: Path | str) -> dict[str, Any]:
         row["max_attainment_gap_points"] = max(gaps) if gaps else None
         walls = [w for w in (row["wall_s"], other["wall_s"]) if w is not None]
         row["wall_s"] = sum(walls) if walls else None
-        row["steady_keys"] = {}  # a joined row's steady-state ratios come from its systems' goodputs
     measured, planned, steady = row["measured"], row["planned"], row["steady"]
     for base in BASELINES:
         if "disaggregated" in measured and base in measured:
             row[f"ratio_{base}"] = _ratio(measured["disaggregated"], measured[base])
             row[f"planned_ratio_{base}"] = _ratio(planned["disaggregated"], planned[base])
-        if f"disaggregated_over_{base}_ratio" in row["steady_keys"]:
-            row[f"steady_ratio_{base}"] = row["steady_keys"][f"disaggregated_over_{base}_ratio"]
-        elif "disaggregated" in steady and base in steady:
+        if "disaggregated" in steady and base in steady:  # as steadystate.steady_summary's ratios
             row[f"steady_ratio_{base}"] = _ratio(steady["disaggregated"], steady[base])
-    del row["steady"], row["steady_keys"]
+    del row["steady"]
     return row
 
 
@@ -85,9 +82,8 @@ def _one_output(out: Path) -> dict[str, Any]:
         "saturated": [k for k, v in s["systems"].items() if v.get("saturated")],
         "paper_gain_over_vllm": PAPER_GAIN_OVER_VLLM.get((cfg["model"], cfg["workload"])),
         "steady_runs": bool(s["emulation"].get("steady_state_runs")),
-        # the simulator's steady-state goodput per device of each system, and the ratios it printed
+        # the simulator's steady-state goodput per device of each system
         "steady": {k: v["per_device_goodput"] for k, v in steady.get("systems", {}).items()},
-        "steady_keys": {k: v for k, v in steady.items() if k.endswith("_ratio")},
     }
 
 

@@ -42,7 +42,8 @@ def test_steady_state_ratios_are_a_column(tmp_path, capsys):
     d = _summary(tmp_path / "sg", disagg=0.7, colo=0.6, vllm=0.4, planner={"disaggregated": 0.6, "colocated": 0.55,
                                                                            "vllm": 0.35})
     doc = json.loads((d / "summary.json").read_text())
-    doc["steady_state"] = {"disaggregated_over_colocated_ratio": 1.14, "disaggregated_over_vllm_ratio": 1.75}
+    doc["steady_state"] = {"systems": {"disaggregated": {"per_device_goodput": 0.7}, "colocated": {"per_device_goodput": 0.7 / 1.14},
+                                       "vllm": {"per_device_goodput": 0.4}}}
     doc["emulation"]["steady_state_runs"] = True
     (d / "summary.json").write_text(json.dumps(doc))
     assert main(["paper-table", str(d)]) == 0
