@@ -6,7 +6,7 @@ meshes by device_put (no gRPC between phases).
   tokens against what it has sent and posts the new ones to the request's outbox.
 - `ThreadedBackend`: a disaggregated engine run by `dsjax.engine.threaded.ThreadedDisaggEngine`, one
   thread per instance, so decode steps do not wait behind prefills; its `on_update` callback
-  (under the engine's lock) posts the new tokens.
+  (on the instance thread, outside the engine's lock, once per batch) posts the new tokens.
 
 Handlers never read engine state: they read their outbox.
 """
@@ -201,18 +201,27 @@ class ThreadedBackend:
             a.outbox.put(ErrorEvent(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
         return _ThreadedHandle(self, req.request_id, a.outbox)
 
-    def _on_update(self, req: Request) -> None:
+    def _on_update(self, reqs: list[Request]) -> None:
+        """One batch's updates under one acquisition of the lock (ten decode threads taking it
+        once per request convoyed on it and on the interpreter lock).
+
+        Another instance's thread may append to a request while this reads it (a prefill
+        collector's update runs after the request was pulled to decode), so the tokens sent are
+        the slice taken, counted by its length, and a finish is believed only if seen before
+        the slice (a request's tokens are appended before it is marked finished)."""
         with self._lock:
-            a = self._active.get(req.request_id)
-            if a is None:
-                return
-            out = req.output_token_ids
-            if len(out) > a.sent:
-                a.outbox.put(TokenEvent(tuple(out[a.sent :])))
-                a.sent = len(out)
-            if req.status is Status.FINISHED:
-                del self._active[req.request_id]
-                a.outbox.put(FinishEvent(req.finish_reason, _breakdown(self.engine, req)))
+            for req in reqs:
+                a = self._active.get(req.request_id)
+                if a is None:
+                    continue
+                done = req.status is Status.FINISHED
+                new = req.output_token_ids[a.sent :]
+                if new:
+                    a.outbox.put(TokenEvent(tuple(new)))
+                    a.sent += len(new)
+                if done:
+                    del self._active[req.request_id]
+                    a.outbox.put(FinishEvent(req.finish_reason, _breakdown(self.engine, req)))
 
     def abort(self, request_id: str) -> None:
         self.threaded.abort(request_id)

@@ -21,7 +21,8 @@ and gives the admission slot back.
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
+import weakref
 from typing import AsyncIterator
 
 from serving.engine_loop import Outbox, TokenEvent
@@ -38,18 +39,55 @@ async def outputs(stream: GenerateStream, gone: asyncio.Event | None = None) -> 
         stream.close()
 
 
+class _LoopWaker:
+    """Sets asyncio events of one loop from other threads with one wake-up of the loop per batch:
+    the first `set` after the loop ran the last batch schedules it, later ones join it. A decode
+    step updates a hundred streams; one `call_soon_threadsafe` each was a write to the loop's
+    self-pipe each, under the writer's lock."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+
+    def set(self, event: asyncio.Event) -> None:
+        with self._lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:
+                return  # a batch is already scheduled and not yet run
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop is gone (server shutting down)
+            pass
+
+    def _run(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for event in pending:
+            event.set()
+
+
+_loop_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker]" = weakref.WeakKeyDictionary()
+
+
+def _waker_of(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    """The loop's waker (created on the loop's own thread, the only one that asks)."""
+    waker = _loop_wakers.get(loop)
+    if waker is None:
+        waker = _loop_wakers[loop] = _LoopWaker(loop)
+    return waker
+
+
 async def _from_outbox(stream: GenerateStream, outbox: Outbox, gone: asyncio.Event) -> AsyncIterator[Output]:
     loop = asyncio.get_running_loop()
+    loop_waker = _waker_of(loop)
     wake = asyncio.Event()
     holding = False  # read by the writer's thread: a bool swap is atomic under the GIL
 
     def waker() -> None:  # on the engine thread, after every put
         if holding and not outbox.final_put:
             return  # a token during a hold: it waits in the outbox until the hold ends
-        try:
-            loop.call_soon_threadsafe(wake.set)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            pass
+        loop_waker.set(wake)
 
     gone_task = asyncio.ensure_future(gone.wait())
     gone_task.add_done_callback(lambda _: wake.set())
@@ -71,15 +109,15 @@ async def _from_outbox(stream: GenerateStream, outbox: Outbox, gone: asyncio.Eve
                     return
             if interval > 0 and sent_tokens and not gone.is_set():
                 # Hold: sleep out the interval unless a finish, an error or the client's leaving wakes us.
+                # A timer, not asyncio.wait_for: that wraps the wait in a task of its own per hold.
                 holding = True
                 wake.clear()
-                deadline = time.monotonic() + interval
+                timer = loop.call_later(interval, wake.set)
                 try:
                     if not outbox.final_put:
-                        await asyncio.wait_for(wake.wait(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    pass
+                        await wake.wait()
                 finally:
+                    timer.cancel()
                     holding = False
     finally:
         outbox.set_waker(None)

@@ -101,10 +101,14 @@ class PrefillInstance:
         return prefilled, finished
 
     def release(self, req: Request) -> None:
-        """Free a request's prefill blocks (after its KV has landed on decode, or on abort)."""
-        if req in self.ready:
+        """Free a request's prefill blocks (after its KV has landed on decode, or on abort).
+        A pulled request is the head of `ready` and, not being WAITING, in no queue: neither
+        queue is scanned for it, however long."""
+        if self.ready and self.ready[0] is req:
+            self.ready.popleft()
+        elif req in self.ready:
             self.ready.remove(req)
-        if req in self.waiting:
+        if req.status is Status.WAITING and req in self.waiting:  # only WAITING requests queue
             self.waiting.remove(req)
         self.staged.pop(req.request_id, None)
         self.blocks.free(req.request_id)
@@ -236,7 +240,8 @@ class DisaggEngine:
         self.decode = decode
         self._where: dict[str, Request] = {}
 
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request) -> PrefillInstance:
+        """Queue `req` on the prefill instance with the least load; returns that instance."""
         if req.request_id in self._where:
             raise ValueError(f"request_id={req.request_id!r} is already in the engine")
         cap = min(min(i.blocks.capacity_blocks for i in self.prefill), min(i.blocks.capacity_blocks for i in self.decode))
@@ -244,7 +249,9 @@ class DisaggEngine:
         if need > cap:
             raise ValueError(f"prompt_len={req.prompt_len} + max_tokens={req.sampling.max_tokens} needs {need} KV blocks, an instance has {cap}")
         self._where[req.request_id] = req
-        self.prefill[least_loaded([(i.load(), len(i.waiting)) for i in self.prefill])].waiting.append(req)
+        inst = self.prefill[least_loaded([(i.load(), len(i.waiting)) for i in self.prefill])]
+        inst.waiting.append(req)
+        return inst
 
     def has_unfinished(self) -> bool:
         return bool(self._where)
@@ -271,15 +278,28 @@ class DisaggEngine:
             r.lifecycle.finish = now
             self._where.pop(r.request_id, None)
 
-    def _pull(self) -> None:
+    def _pull(self) -> list[tuple[PrefillInstance, DecodeInstance]]:
         """FCFS over all prefilled requests; each goes to the least-loaded decode instance that can
-        take it. Stops at the first request nobody can take (no overtaking)."""
-        ready = sorted(((r, p) for p in self.prefill for r in p.ready), key=lambda rp: rp[0].lifecycle.prefill_end)
-        for req, src in ready:
+        take it. Stops at the first request nobody can take (no overtaking). Returns a (source,
+        destination) pair per request moved."""
+        moved = []
+        while True:
+            # Each instance's `ready` is in prefill-end order (its batches complete in order), so
+            # the oldest request overall is the oldest of the heads (ties: the lowest instance).
+            # Merging the heads keeps a call that pulls nothing O(instances) however long the
+            # queues behind them are; it runs at every decode step of every instance.
+            heads = [p for p in self.prefill if p.ready]
+            if not heads:
+                break
+            src = min(heads, key=lambda p: p.ready[0].lifecycle.prefill_end)
+            req = src.ready[0]
             takers = [d for d in self.decode if d.can_pull(req)]
             if not takers:
-                return
-            takers[least_loaded([d.load() for d in takers])].pull(req, src)
+                break
+            dst = takers[least_loaded([d.load() for d in takers])]
+            dst.pull(req, src)
+            moved.append((src, dst))
+        return moved
 
     def step(self) -> list[Request]:
         """Prefill on every prefill instance, pull what fits, decode on every decode instance."""

@@ -120,6 +120,7 @@ class EmulatedRunner:
         if link_bytes_per_s is not None and link_bytes_per_s <= 0:
             raise ValueError(f"link_bytes_per_s={link_bytes_per_s} must be > 0 (None: transfers are free)")
         self.model = EmulatedModel(config, np.dtype(dtype))
+        self._model_eos = frozenset(config.all_eos_token_ids)
         self.cache_config = cache_config
         self.cost = cost
         self.tp = tp
@@ -305,8 +306,10 @@ class EmulatedRunner:
         """The placeholder sampled at `position` (0-based) of `req`: a hash of (request id,
         position) in the vocabulary, stepping past the request's EOS and stop ids."""
         vocab = self.model.config.vocab_size
-        banned = set(req.eos_token_ids) | set(req.sampling.stop_token_ids) | set(self.model.config.all_eos_token_ids)
         tok = zlib.crc32(f"{req.request_id}/{position}".encode()) % vocab
+        if tok not in self._model_eos and tok not in req.eos_token_ids and tok not in req.sampling.stop_token_ids:
+            return tok  # the common case, without building the banned set (one call per token)
+        banned = set(req.eos_token_ids) | set(req.sampling.stop_token_ids) | self._model_eos
         for _ in range(len(banned) + 1):
             if tok not in banned:
                 return tok

@@ -1,6 +1,8 @@
 """The threaded in-process disaggregated engine: same tokens as the single-loop engine, aborts
 and completion free every block."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,7 @@ def test_threaded_matches_single_loop(tiny_llama, prompts, placement):
     engine = build_engine(model, params, placement=placement, mode="disaggregated", cache=CACHE, scheduler=SCHED)
     updates = []
     got = make(prompts)
-    with ThreadedDisaggEngine(engine, on_update=lambda r: updates.append(r.request_id)) as threaded:
+    with ThreadedDisaggEngine(engine, on_update=lambda rs: updates.extend(r.request_id for r in rs)) as threaded:
         for r in got:
             threaded.add_request(r)
         assert threaded.wait(timeout=120)
@@ -72,3 +74,45 @@ def test_threaded_abort_frees_blocks(tiny_llama, prompts):
         assert inst.blocks.num_free_blocks == CACHE.num_blocks - 1
         inst.blocks.check_invariants()
     assert not any(inst.staged for inst in engine.prefill)
+
+
+class _CountingCondition(threading.Condition):
+    """A condition that counts the times its waiter was woken (or timed out)."""
+
+    def __init__(self, lock):
+        super().__init__(lock)
+        self.wakeups = 0
+
+    def wait(self, timeout=None):
+        got = super().wait(timeout)
+        self.wakeups += 1
+        return got
+
+
+def test_an_idle_instance_thread_sleeps_through_the_others_steps():
+    """One request on three emulated decode instances: the two that never pull it are not woken by
+    its 40 decode steps (each woke every thread when one condition was shared)."""
+    from dsjax.engine.disaggregated import DecodeInstance, DisaggEngine, PrefillInstance
+    from dsjax.planner.latency import LatencyCoeffs, LatencyModel
+    from dsjax.runtime.emulated import EmulatedRunner
+    from models.config import PRESETS
+
+    coeffs = LatencyCoeffs(prefill=(2.0, 0.0, 0.0), decode_small=(2.0, 0.0, 0.0), decode_large=(2.0, 0.0, 0.0))  # 2-ms steps
+
+    def runner():
+        return EmulatedRunner(PRESETS["opt-13b"], CacheConfig(num_blocks=64, block_size=16), LatencyModel(coeffs=coeffs))
+
+    cfg = SchedulerConfig(max_num_seqs=8, max_prefill_tokens=256)
+    engine = DisaggEngine([PrefillInstance(runner(), cfg)], [DecodeInstance(runner(), cfg) for _ in range(3)])
+    threaded = ThreadedDisaggEngine(engine)
+    counted = {key: _CountingCondition(threaded._lock) for key in threaded._decode_cv}
+    threaded._decode_cv.update(counted)
+    (req,) = make([[5] * 20], max_tokens=40)
+    with threaded:
+        threaded.add_request(req)
+        assert threaded.wait(timeout=30)
+        woken = sorted(counted[id(d)].wakeups for d in engine.decode)
+    assert req.finish_reason is FinishReason.LENGTH and len(req.output_token_ids) == 40
+    assert sum(d.migrations for d in engine.decode) == 1
+    assert woken[:2] == [0, 0], woken  # the idle two; the third woke to pull the request
+    assert woken[2] <= 2, woken

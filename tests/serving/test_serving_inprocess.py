@@ -133,3 +133,56 @@ def test_a_failing_engine_command_fails_its_request_not_the_loop(weights):
     finally:
         router.stop(0)
         backend.close()
+
+
+class _GrowsWhileRead(list):
+    """A request's output tokens that another instance thread extends right after a reader slices
+    them: `on_slice()` runs between the slice and the reader's next look."""
+
+    def __init__(self, items, on_slice):
+        super().__init__(items)
+        self.on_slice = on_slice
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        if isinstance(i, slice) and self.on_slice is not None:
+            hook, self.on_slice = self.on_slice, None
+            hook(self)
+        return got
+
+
+@pytest.mark.parametrize("finishes_during_read", [False, True], ids=["appended", "appended-and-finished"])
+def test_a_token_recorded_while_an_update_reads_its_request_is_streamed(finishes_during_read):
+    """The threaded backend's update (a prefill collector's, running after decode took the request)
+    can read a request while the decode thread appends to it: no token is lost, none sent twice."""
+    from dsjax.engine.disaggregated import DecodeInstance, DisaggEngine, PrefillInstance
+    from dsjax.engine.request import FinishReason, Request, Status
+    from dsjax.planner.latency import LatencyCoeffs, LatencyModel
+    from dsjax.runtime.emulated import EmulatedRunner
+    from models.config import PRESETS
+    from serving.engine_loop import FinishEvent, Outbox, TokenEvent
+    from serving.inprocess import _Active
+
+    lat = LatencyModel(coeffs=LatencyCoeffs(prefill=(1.0, 0, 0), decode_small=(1.0, 0, 0), decode_large=(1.0, 0, 0)))
+    runner = lambda: EmulatedRunner(PRESETS["opt-13b"], CacheConfig(num_blocks=8, block_size=16), lat)  # noqa: E731
+    backend = ThreadedBackend(DisaggEngine([PrefillInstance(runner(), SCHED)], [DecodeInstance(runner(), SCHED)]))
+    req = Request(request_id="r", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=3), seed=0)
+    outbox = Outbox()
+    backend._active["r"] = _Active(req, outbox)
+
+    def decode_thread_records(out):
+        out.append(12)
+        if finishes_during_read:
+            out.append(13)
+            req.status, req.finish_reason = Status.FINISHED, FinishReason.LENGTH
+
+    req.output_token_ids = _GrowsWhileRead([11], decode_thread_records)
+    backend._on_update([req])  # the prefill collector's update
+    if not finishes_during_read:
+        req.output_token_ids.append(13)
+        req.status, req.finish_reason = Status.FINISHED, FinishReason.LENGTH
+    backend._on_update([req])  # the decode thread's update of its last step
+    events = outbox.drain()
+    assert [t for e in events if isinstance(e, TokenEvent) for t in e.token_ids] == [11, 12, 13]
+    assert isinstance(events[-1], FinishEvent) and events[-1].reason is FinishReason.LENGTH
+    assert "r" not in backend._active

@@ -93,3 +93,28 @@ def test_async_reader_left_early_cancels_and_frees_the_slot(monkeypatch):
     stream, got = _read_async(generation, _request(50), stop_after=2)
     assert len(got) == 2 and stream.request_id in backend.cancelled
     assert not generation._active
+
+
+def test_a_writers_batch_wakes_the_readers_loop_once():
+    """A decode step updates many streams from an engine thread: the reader loop is woken once for
+    the batch (one call_soon_threadsafe), and every stream's event is set."""
+    import asyncio
+
+    from serving.stream_reader import _LoopWaker
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        calls = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (calls.append(a), real(*a))[1]
+        waker, events = _LoopWaker(loop), [asyncio.Event() for _ in range(100)]
+        writer = threading.Thread(target=lambda: [waker.set(e) for e in events])
+        writer.start()
+        writer.join()  # the loop has not run meanwhile: the whole batch is pending
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 5)
+        first = len(calls)
+        waker.set(events[0])  # after the batch ran, the next set schedules a new one
+        await asyncio.sleep(0)
+        return first, len(calls)
+
+    assert asyncio.run(run()) == (1, 2)
