@@ -92,18 +92,9 @@ class _CountingCondition(threading.Condition):
 def test_an_idle_instance_thread_sleeps_through_the_others_steps():
     """One request on three emulated decode instances: the two that never pull it are not woken by
     its 40 decode steps (each woke every thread when one condition was shared)."""
-    from dsjax.engine.disaggregated import DecodeInstance, DisaggEngine, PrefillInstance
-    from dsjax.planner.latency import LatencyCoeffs, LatencyModel
-    from dsjax.runtime.emulated import EmulatedRunner
-    from models.config import PRESETS
+    from tests.support.emulated import fixed_step_disagg_engine
 
-    coeffs = LatencyCoeffs(prefill=(2.0, 0.0, 0.0), decode_small=(2.0, 0.0, 0.0), decode_large=(2.0, 0.0, 0.0))  # 2-ms steps
-
-    def runner():
-        return EmulatedRunner(PRESETS["opt-13b"], CacheConfig(num_blocks=64, block_size=16), LatencyModel(coeffs=coeffs))
-
-    cfg = SchedulerConfig(max_num_seqs=8, max_prefill_tokens=256)
-    engine = DisaggEngine([PrefillInstance(runner(), cfg)], [DecodeInstance(runner(), cfg) for _ in range(3)])
+    engine = fixed_step_disagg_engine(SchedulerConfig(max_num_seqs=8, max_prefill_tokens=256), num_decode=3, step_ms=2.0)
     threaded = ThreadedDisaggEngine(engine)
     counted = {key: _CountingCondition(threaded._lock) for key in threaded._decode_cv}
     threaded._decode_cv.update(counted)

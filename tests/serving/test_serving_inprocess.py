@@ -155,17 +155,12 @@ class _GrowsWhileRead(list):
 def test_a_token_recorded_while_an_update_reads_its_request_is_streamed(finishes_during_read):
     """The threaded backend's update (a prefill collector's, running after decode took the request)
     can read a request while the decode thread appends to it: no token is lost, none sent twice."""
-    from dsjax.engine.disaggregated import DecodeInstance, DisaggEngine, PrefillInstance
     from dsjax.engine.request import FinishReason, Request, Status
-    from dsjax.planner.latency import LatencyCoeffs, LatencyModel
-    from dsjax.runtime.emulated import EmulatedRunner
-    from models.config import PRESETS
     from serving.engine_loop import FinishEvent, Outbox, TokenEvent
     from serving.inprocess import _Active
+    from tests.support.emulated import fixed_step_disagg_engine
 
-    lat = LatencyModel(coeffs=LatencyCoeffs(prefill=(1.0, 0, 0), decode_small=(1.0, 0, 0), decode_large=(1.0, 0, 0)))
-    runner = lambda: EmulatedRunner(PRESETS["opt-13b"], CacheConfig(num_blocks=8, block_size=16), lat)  # noqa: E731
-    backend = ThreadedBackend(DisaggEngine([PrefillInstance(runner(), SCHED)], [DecodeInstance(runner(), SCHED)]))
+    backend = ThreadedBackend(fixed_step_disagg_engine(SCHED, num_blocks=8))
     req = Request(request_id="r", prompt_token_ids=[5, 6], sampling=SamplingParams(max_tokens=3), seed=0)
     outbox = Outbox()
     backend._active["r"] = _Active(req, outbox)
