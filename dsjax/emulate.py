@@ -10,6 +10,12 @@ model's bytes on emulated A100-80GB devices, and KV transfers move a placeholder
 real bytes, taking bytes / --emulate-link-gbps. The router, the worker processes, the scheduler,
 the block manager, leases and gRPC are the real code. No jax is loaded and no weights are read.
 
+`--emulate-time-scale K` runs the cluster in slow motion: every step and transfer takes K x its
+modelled time, while the host's own time per step (Python, gRPC, the GIL) does not stretch. A
+client that sends K x slower and divides what it measures by K then sees the cluster as a host K x
+faster would drive it: how a 2-core machine measures 32 emulated devices whose token rate it
+cannot keep up with at full speed (`python -m dsjax.bench compare --time-scale K`).
+
 The profile: DistServe's schema (`dsjax.plan profile` writes the same), keyed by model name and TP
 degree; a TP the profile lacks is refused. The model: a preset (opt-13b, opt-66b, ...) or a
 checkpoint folder's config.json, for its byte counts. The dtype of those bytes: --dtype, else the
@@ -31,7 +37,15 @@ from dsjax.engine.disaggregated import DecodeInstance, DisaggEngine, PrefillInst
 from dsjax.engine.placement import PhaseParallel, Placement
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.planner.latency import LatencyModel, Profile, load_profile
-from dsjax.runtime.emulated import A100_80G_BYTES, GIB, GPU_MEMORY_UTILIZATION, EmulatedRunner, emulated_cache
+from dsjax.runtime.emulated import (
+    A100_80G_BYTES,
+    GIB,
+    GPU_MEMORY_UTILIZATION,
+    EmulatedRunner,
+    SlowMotion,
+    StepCost,
+    emulated_cache,
+)
 from dsjax.runtime.kv_cache import CacheConfig
 from models.config import ModelConfig
 
@@ -55,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emulate-link-gbps", type=float, default=None,
                    help="KV transfer bandwidth in Gbit/s: a transfer takes the real KV bytes / this (default: free, "
                         "as `dsjax.plan --link-gbps`)")
+    g.add_argument("--emulate-time-scale", type=float, default=1.0, metavar="K",
+                   help="slow motion: every emulated step and transfer takes K x its modelled time, so a host too "
+                        "small for the cluster drives it at 1/K of its speed (a client then sends K x slower and "
+                        "divides what it measures by K: `dsjax.bench compare --time-scale`)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -69,6 +87,7 @@ class Emulation:
     utilization: float = GPU_MEMORY_UTILIZATION
     link_bytes_per_s: float | None = None
     pp_overhead_ms: float = 1.0
+    time_scale: float = 1.0  # slow motion (runtime/emulated.py SlowMotion): device time x this
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -79,6 +98,8 @@ class Emulation:
             raise ValueError(f"memory {self.memory_bytes} B must be > 0 and utilization {self.utilization} in (0, 1]")
         if self.link_bytes_per_s is not None and self.link_bytes_per_s <= 0:
             raise ValueError(f"link bandwidth {self.link_bytes_per_s} B/s must be > 0")
+        if not self.time_scale > 0:
+            raise ValueError(f"--emulate-time-scale={self.time_scale} must be > 0")
         self.profile.tp_degrees(self.model_key)  # the profile must know the model
 
     @classmethod
@@ -90,7 +111,7 @@ class Emulation:
         return cls(profile_path=args.emulate, profile=profile, model=args.model, config=model_config(args.model),
                    dtype=args.dtype or str(profile.metadata.get("dtype") or DEFAULT_DTYPE), num_devices=args.emulate_devices,
                    memory_bytes=args.emulate_memory_gib * GIB, utilization=args.emulate_utilization,
-                   link_bytes_per_s=None if gbps is None else gbps * 1e9 / 8)
+                   link_bytes_per_s=None if gbps is None else gbps * 1e9 / 8, time_scale=args.emulate_time_scale)
 
     @property
     def model_key(self) -> str:
@@ -113,11 +134,24 @@ class Emulation:
                 "--emulate-utilization", repr(self.utilization)]
         if self.link_bytes_per_s is not None:
             argv += ["--emulate-link-gbps", repr(self.link_bytes_per_s * 8 / 1e9)]
+        if self.time_scale != 1:
+            argv += ["--emulate-time-scale", repr(self.time_scale)]
         return argv
 
     # ---- one instance --------------------------------------------------------------------------------
     def latency(self, tp: int, pp: int) -> LatencyModel:
+        """The profile's model of one (tp, pp) instance, at full speed."""
         return self.profile.latency(self.model_key, tp=tp, pp=pp, pp_overhead_ms=self.pp_overhead_ms)
+
+    def cost(self, tp: int, pp: int) -> StepCost:
+        """What the instance's runner sleeps: the latency model, in slow motion when time_scale != 1."""
+        lat = self.latency(tp, pp)
+        return lat if self.time_scale == 1 else SlowMotion(lat, self.time_scale)
+
+    @property
+    def runner_link_bytes_per_s(self) -> float | None:
+        """The link as the runners see it: in slow motion a transfer stretches as a step does."""
+        return None if self.link_bytes_per_s is None else self.link_bytes_per_s / self.time_scale
 
     def cache(self, phase: PhaseParallel, *, block_size: int, num_blocks: int | None = None) -> CacheConfig:
         return emulated_cache(self.config, tp=phase.tp, pp=phase.pp, block_size=block_size, dtype_bytes=self.dtype_bytes,
@@ -127,8 +161,8 @@ class Emulation:
                devices: list[int] | None = None) -> EmulatedRunner:
         """One (tp, pp) instance; ValueError when the profile lacks its TP or its weights do not fit."""
         return EmulatedRunner(self.config, self.cache(phase, block_size=block_size, num_blocks=num_blocks),
-                              self.latency(phase.tp, phase.pp), tp=phase.tp, pp=phase.pp, dtype=self.dtype,
-                              link_bytes_per_s=self.link_bytes_per_s, devices=devices)
+                              self.cost(phase.tp, phase.pp), tp=phase.tp, pp=phase.pp, dtype=self.dtype,
+                              link_bytes_per_s=self.runner_link_bytes_per_s, devices=devices)
 
     # ---- a placement ---------------------------------------------------------------------------------
     def check(self, placement: Placement) -> Placement:
@@ -175,5 +209,6 @@ class Emulation:
         parts = [f"{name} tp={p.tp} pp={p.pp} x{p.replicas}: {self.cache(p, block_size=block_size, num_blocks=num_blocks).num_blocks - 1} blocks"
                  for name, p in phases]
         link = "free" if self.link_bytes_per_s is None else f"{self.link_bytes_per_s * 8 / 1e9:g} Gbit/s"
+        slow = "" if self.time_scale == 1 else f", in slow motion x{self.time_scale:g}"
         return (f"emulated {self.model} ({self.dtype}) on {self.memory_bytes / GIB:g} GiB devices, profile "
-                f"{self.profile_path}, KV link {link}; " + "; ".join(parts))
+                f"{self.profile_path}, KV link {link}{slow}; " + "; ".join(parts))

@@ -49,6 +49,20 @@ def test_flags_build_an_emulation(tmp_path):
         emulation(["--emulate", prof, "--model", "opt-66b"])
 
 
+def test_slow_motion_stretches_steps_and_transfers_and_reaches_workers(tmp_path):
+    prof = write_profile(tmp_path / "p.json")
+    e = emulation(["--emulate", prof, "--model", "opt-13b", "--emulate-link-gbps", "200", "--emulate-time-scale", "2.5"])
+    r = e.runner(PhaseParallel(tp=2, pp=1, replicas=1), block_size=16)
+    assert r.cost.decode_step_s(4, 400.0) == pytest.approx(2.5 * e.latency(2, 1).decode_step_s(4, 400.0))
+    assert r.link_bytes_per_s == pytest.approx(25e9 / 2.5) and e.link_bytes_per_s == 25e9
+    assert emulation(e.worker_argv() + ["--model", "opt-13b"]).time_scale == 2.5
+    assert "slow motion x2.5" in e.describe(Placement.colocated(tp=2, replicas=1), 16)
+    assert emulation(["--emulate", prof, "--model", "opt-13b"]).runner(PhaseParallel(tp=1, pp=1, replicas=1),
+                                                                      block_size=16).cost == e.latency(1, 1)
+    with pytest.raises(ValueError, match="time-scale"):
+        emulation(["--emulate", prof, "--model", "opt-13b", "--emulate-time-scale", "0"])
+
+
 def test_runners_take_the_profiles_tp_and_the_devices_memory(tmp_path):
     e = emulation(["--emulate", write_profile(tmp_path / "p.json"), "--model", "opt-13b", "--emulate-memory-gib", "40"])
     r = e.runner(PhaseParallel(tp=2, pp=2), block_size=16)

@@ -196,6 +196,11 @@ def build_compare_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-overlap-decode", dest="overlap_decode", action="store_false",
                    help="servers run decode steps one at a time (serve --no-overlap-decode): the host's work between "
                         "steps then holds the device, as before session 13")
+    e.add_argument("--time-scale", type=float, default=1.0, metavar="K",
+                   help="slow motion: the servers' emulated devices take K x their modelled time (serve "
+                        "--emulate-time-scale), requests go out K x slower and every run is read back at 1/K, so rates "
+                        "and latencies are the cluster's at full speed while the host's own time per emulated second "
+                        "shrinks K x; runs take K x longer (for clusters whose token rate this host cannot keep up with)")
     return p
 
 
@@ -218,7 +223,7 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         max_prefill_tokens=args.max_prefill_tokens or 1024, baseline_profile=args.baseline_profile,
         workers=args.emulate_workers,
         stream_interval_ms=STREAM_INTERVAL_MS if args.stream_interval_ms is None else args.stream_interval_ms,
-        overlap_decode=args.overlap_decode)
+        overlap_decode=args.overlap_decode, time_scale=args.time_scale)
     ec = emulated_compare(
         quick=args.quick, cluster=cluster, out=args.out, workload=args.workload, seed=args.seed,
         prompt_format=args.prompt_format, systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv,

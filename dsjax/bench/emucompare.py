@@ -22,6 +22,10 @@
 6. Beside them, each placement's steady-state goodput and ratios (`steady_state`): quick and full
    runs are a few request lifetimes from an empty server, which flatters systems near their knee
    (steadystate.py). `--steady-state` makes every run that long instead, at two rates a system.
+7. `--time-scale K` (slow motion): the servers' devices take K x their modelled time, requests go
+   out K x slower and every run is read back at 1/K (sweep.SweepConfig.time_scale), so every rate,
+   latency and attainment is the cluster's at full speed, measured with K x less host time per
+   emulated second; for clusters whose token rate the host cannot drive at full speed.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     def sweep_config(rates: tuple[float, ...]) -> SweepConfig:
         return SweepConfig(rates=rates, arrival=cfg.arrival, cv=cfg.cv, seed=cfg.seed, rel_tol=cfg.rel_tol,
                            max_bisections=cfg.max_bisections, warmup_requests=0, duration_s=run_s, settle_s=settle_s,
-                           min_requests=MIN_RUN_REQUESTS)
+                           min_requests=MIN_RUN_REQUESTS, time_scale=cluster.time_scale)
 
     # One sample, long enough for a run at twice the highest rate the planner's goodput suggests
     # (the scan is placed after the simulator has priced these very traces, below); every system
@@ -162,7 +166,9 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
                                    scale=cfg.scale, prompt_format=cfg.prompt_format, source_limit=cfg.source_limit)
     schedule = sized_schedule(sweep_config((top,)), len(requests))
     log(f"SLOs: TTFT {slos.ttft_s:g} s, TPOT {slos.tpot_s:g} s ({slo_source['rule']}); {cfg.workload} runs of "
-        f"{run_s:g} s, the first {settle_s:g} s not measured (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})")
+        f"{run_s:g} s, the first {settle_s:g} s not measured (>= {MIN_RUN_REQUESTS} requests, sample of {len(requests)})"
+        + ("" if cluster.time_scale == 1 else f"; in slow motion x{cluster.time_scale:g}: {run_s * cluster.time_scale:g} s "
+           "of wall time a run, times read back at full speed"))
 
     sims = {s: trace_simulator(cluster, s, plans[s].placement, slos, settle_s) for s in cfg.systems}
     # The simulator's goodput on the very traces a run sends, bisected around the planner's.

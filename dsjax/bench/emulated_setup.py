@@ -82,12 +82,18 @@ class EmulatedCluster:
     # through the router and client on a small host; TTFT and TPOT as measured do not change.
     stream_interval_ms: float = 0.0
     overlap_decode: bool = True  # serve --no-overlap-decode when False
+    # Slow motion: the servers' devices take time_scale x their modelled time (serve
+    # --emulate-time-scale) and the sweeps send and read back in the same units (SweepConfig.time_scale).
+    # Everything of this cluster (the stream interval, the link) is given in the cluster's own time.
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.gpus_per_node < 1:
             raise ValueError(f"devices={self.devices} and gpus_per_node={self.gpus_per_node} must be >= 1")
         if self.devices > self.gpus_per_node and self.devices % self.gpus_per_node:
             raise ValueError(f"devices={self.devices} must be a multiple of gpus_per_node={self.gpus_per_node}")
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale={self.time_scale} must be > 0")
         if self.affinity not in AFFINITIES or self.workers not in WORKERS:
             raise ValueError(f"affinity={self.affinity!r} must be in {AFFINITIES}, workers={self.workers!r} in {WORKERS}")
 
@@ -204,7 +210,9 @@ def server_argv(system: str, placement: Placement, cluster: EmulatedCluster, pla
     if cluster.link_gbps is not None:
         argv += ["--emulate-link-gbps", repr(cluster.link_gbps)]
     if cluster.stream_interval_ms:
-        argv += ["--stream-interval-ms", repr(cluster.stream_interval_ms)]
+        argv += ["--stream-interval-ms", repr(cluster.stream_interval_ms * cluster.time_scale)]
+    if cluster.time_scale != 1:
+        argv += ["--emulate-time-scale", repr(cluster.time_scale)]
     if not cluster.overlap_decode:
         argv.append("--no-overlap-decode")
     return argv

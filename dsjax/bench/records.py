@@ -89,6 +89,30 @@ class LoadRun:
     # host time per decode step), after minus before; None when not asked.
     server_counters: dict[str, float] | None = None
 
+    def time_scaled(self, factor: float) -> LoadRun:
+        """This run with every duration x `factor` (schedule, send and token times, the server's
+        breakdown and TTFT, the run's wall time and send lag, counters in seconds); counts, the
+        rate and the wall-clock start unchanged. A run against a cluster in slow motion x K
+        (`sweep.SweepConfig.time_scale`) read at 1/K is the run of that cluster at full speed."""
+        if factor == 1:
+            return self
+
+        def result(r: RequestResult) -> RequestResult:
+            rec = dataclasses.replace(r.record, send_s=r.record.send_s * factor,
+                                      token_times_s=tuple(t * factor for t in r.record.token_times_s))
+            bd = r.breakdown and dataclasses.replace(r.breakdown, queue_s=r.breakdown.queue_s * factor,
+                                                     prefill_s=r.breakdown.prefill_s * factor,
+                                                     transfer_s=r.breakdown.transfer_s * factor,
+                                                     decode_s=r.breakdown.decode_s * factor)
+            ttft = None if r.server_ttft_s is None else r.server_ttft_s * factor
+            return dataclasses.replace(r, scheduled_s=r.scheduled_s * factor, record=rec, breakdown=bd, server_ttft_s=ttft)
+
+        counters = None if self.server_counters is None else {
+            k: v * factor if k.endswith("seconds") else v for k, v in self.server_counters.items()}
+        return dataclasses.replace(self, results=tuple(result(r) for r in self.results), wall_s=self.wall_s * factor,
+                                   send_lag_p99_s=self.send_lag_p99_s * factor, send_lag_max_s=self.send_lag_max_s * factor,
+                                   server_counters=counters)
+
     @property
     def measured(self) -> tuple[RequestResult, ...]:
         return self.results[self.measured_from:]

@@ -54,6 +54,11 @@ class SweepConfig:
     # (LoadRun.measured_from): attainment is that of a server in its steady state, not of one
     # whose queues are still filling. Bisection probes then run in full (no early stop).
     settle_s: float = 0.0
+    # Slow motion (serve --emulate-time-scale K): every time above, each schedule, the SLOs and
+    # the request timeout are in the cluster's own time; requests go out K x slower and every run
+    # is read back at 1/K (LoadRun.time_scaled), so rates and latencies are the cluster's at full
+    # speed. 1: real time.
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
@@ -72,6 +77,8 @@ class SweepConfig:
             raise ValueError(f"duration_s={self.duration_s} must be >= 0 and min_requests={self.min_requests} >= 1")
         if self.settle_s < 0 or (self.settle_s and self.settle_s >= self.duration_s):
             raise ValueError(f"settle_s={self.settle_s} must be >= 0 and below duration_s={self.duration_s}")
+        if not self.time_scale > 0:
+            raise ValueError(f"time_scale={self.time_scale} must be > 0")
 
     def requests_at(self, rate: float, available: int) -> int:
         """How many of `available` requests a run at `rate` sends."""
@@ -132,25 +139,36 @@ def sweep_target(
     """
     labels = {"system": label, **(labels or {})}
     n = len(requests)
+    k_time = config.time_scale
+
+    def load(reqs, offsets, *, rate, stop_rule=None, tag) -> LoadRun:
+        """One run_load, in slow motion when time_scale != 1 (read back at full speed by the caller)."""
+        if stop_rule is not None and k_time != 1:
+            stop_rule = dataclasses.replace(stop_rule, ttft_slo_s=stop_rule.ttft_slo_s * k_time,
+                                            tpot_slo_s=stop_rule.tpot_slo_s * k_time)
+        return run_load(target, reqs, [o * k_time for o in offsets], rate=rate, stop_rule=stop_rule,
+                        timeout_s=config.timeout_s * k_time, connect_timeout_s=config.connect_timeout_s,
+                        progress=progress, tag=tag)
+
     k = min(config.warmup_requests, n)
     warmup_runs = []
     warm_start = time.time()
     for rate in config.warmup_rates if k else ():
         offsets = [0.0] * k if rate is None else send_schedule(k, rate=rate, seed=config.seed + 1)
         log(f"[{label}] warm-up: {k} requests {'at once' if rate is None else f'at {rate:g} req/s'} (not measured)")
-        warmup_runs.append(run_load(target, requests[:k], offsets, rate=rate or math.inf, timeout_s=config.timeout_s,
-                                    connect_timeout_s=config.connect_timeout_s, progress=progress, tag=f"{label}-warmup"))
+        warmup_runs.append(load(requests[:k], offsets, rate=rate or math.inf, tag=f"{label}-warmup").time_scaled(1 / k_time))
     warmup_window = (warm_start, time.time()) if warmup_runs else None
     stop_rule = StopRule(ttft_slo_s=slos.ttft_s, tpot_slo_s=slos.tpot_s, target=slos.target)
     probe_windows: dict[float, tuple[float, float]] = {}
 
     def run_at(rate: float, early_stop: bool) -> LoadRun:
         if counters is None:
-            return _run_at(rate, early_stop)
+            return _run_at(rate, early_stop).time_scaled(1 / k_time)
         before = counters()
         run = _run_at(rate, early_stop)
         after = counters()
-        return dataclasses.replace(run, server_counters={k: after[k] - before.get(k, 0) for k in after})
+        run = dataclasses.replace(run, server_counters={k: after[k] - before.get(k, 0) for k in after})
+        return run.time_scaled(1 / k_time)
 
     def _run_at(rate: float, early_stop: bool) -> LoadRun:
         if config.pause_s:
@@ -158,19 +176,15 @@ def sweep_target(
         if config.probe_s > 0:
             k = min(n, max(20, math.ceil(rate * config.probe_s)))
             start = time.time()
-            run_load(target, requests[:k], send_schedule(k, rate=rate, seed=config.seed + 2), rate=rate,
-                     timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
-                     tag=f"{label}-probe")
+            load(requests[:k], send_schedule(k, rate=rate, seed=config.seed + 2), rate=rate, tag=f"{label}-probe")
             probe_windows[rate] = (start, time.time())
         m = config.requests_at(rate, n)
         offsets = send_schedule(m, rate=rate, arrival=config.arrival, cv=config.cv, seed=config.seed)
         if config.settle_s > 0:
-            run = run_load(target, requests[:m], offsets, rate=rate, stop_rule=None, timeout_s=config.timeout_s,
-                           connect_timeout_s=config.connect_timeout_s, progress=progress, tag=f"{label}-{rate:.4g}")
+            run = load(requests[:m], offsets, rate=rate, tag=f"{label}-{rate:.4g}")
             return dataclasses.replace(run, measured_from=settled_index(offsets, config.settle_s))
-        return run_load(target, requests[:m], offsets, rate=rate, stop_rule=stop_rule if early_stop and config.early_stop else None,
-                        timeout_s=config.timeout_s, connect_timeout_s=config.connect_timeout_s, progress=progress,
-                        tag=f"{label}-{rate:.4g}")
+        return load(requests[:m], offsets, rate=rate, stop_rule=stop_rule if early_stop and config.early_stop else None,
+                    tag=f"{label}-{rate:.4g}")
 
     def on_run(run: LoadRun) -> None:
         row = run_row(run, slos, **labels)

@@ -28,6 +28,10 @@ layer of whole blocks. A transfer takes bytes / `link_bytes_per_s` (the simulato
 None: free): on the sender's PullKV thread between processes (`kv_to_host`, concurrent with both
 instances' steps), and on the receiving instance's timeline in one process (`insert_kv`,
 `pull_kv`: the insert is ordered before its next step, as on the real in-process path).
+
+Slow motion. `SlowMotion(cost, k)` prices every step k x (and dsjax/emulate.py divides the link's
+bandwidth by k): the cluster runs k x slower in wall time while the host's own time per step stays
+what it is, as on a host k x faster once the client rescales time (dsjax/bench/sweep.py).
 """
 
 from __future__ import annotations
@@ -62,6 +66,29 @@ class StepCost(Protocol):
     def mixed_step_s(self, chunk_tokens: int, chunk_quad: float, batch_size: int, sum_ctx_plus_1: float, *,
                      num_chunks: int = 1, chunk_max_keys: float | None = None, decode_max_keys: float | None = None,
                      fused: bool = True) -> float: ...
+
+
+class SlowMotion:
+    """A StepCost whose every time is `factor` x `cost`'s: the emulated cluster in slow motion
+    (`serve --emulate-time-scale`). Device time stretches while host time does not, so a host
+    too small to drive a cluster at full speed drives it at 1/factor of the speed with
+    proportionally less of its own time per emulated second; a client that sends factor x slower
+    and divides what it measures by factor (dsjax/bench/sweep.py, `time_scale`) sees the cluster
+    at full speed on a host factor x faster."""
+
+    def __init__(self, cost: StepCost, factor: float):
+        if not factor > 0:
+            raise ValueError(f"time scale {factor} must be > 0")
+        self.cost, self.factor = cost, float(factor)
+
+    def prefill_stage_s(self, *args, **kwargs) -> float:
+        return self.factor * self.cost.prefill_stage_s(*args, **kwargs)
+
+    def decode_step_s(self, *args, **kwargs) -> float:
+        return self.factor * self.cost.decode_step_s(*args, **kwargs)
+
+    def mixed_step_s(self, *args, **kwargs) -> float:
+        return self.factor * self.cost.mixed_step_s(*args, **kwargs)
 
 
 def emulated_num_blocks(config: ModelConfig, *, tp: int, pp: int, block_size: int, dtype_bytes: int,

@@ -14,7 +14,7 @@ from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.planner.latency import LatencyCoeffs, LatencyModel
 from dsjax.planner.model_spec import MemoryModel, get_model
-from dsjax.runtime.emulated import EmulatedRunner, emulated_num_blocks
+from dsjax.runtime.emulated import EmulatedRunner, SlowMotion, emulated_num_blocks
 from dsjax.runtime.kv_cache import CacheConfig
 from models.config import PRESETS
 from serving.kv_transfer import KVAssembler, to_chunks
@@ -51,6 +51,22 @@ def test_prefill_and_decode_take_the_latency_models_time():
     r.decode(reqs, [[1], [2]])
     assert clock() - t0 == pytest.approx(lat.decode_step_s(2, 101 + 305, 305))
     assert clock() - t0 == pytest.approx((19.93 + 6.27e-4 * 406 + 0.0385 * 2) * 1e-3)
+
+
+def test_slow_motion_stretches_every_step_by_its_factor():
+    clock = ManualClock()
+    lat = LatencyModel(coeffs=A100_TP1, tp=1, pp=2)
+    r = EmulatedRunner(OPT13B, CacheConfig(num_blocks=4096, block_size=16), SlowMotion(lat, 3.0), pp=2, dtype="float16",
+                       clock=clock, sleep=clock.sleep)
+    t0 = clock()
+    r.prefill([Chunk(req("a", 300), 0, 300)], [[1]])
+    assert clock() - t0 == pytest.approx(3 * lat.prefill_s(300, 300**2, 1, 300))
+    t0 = clock()
+    r.decode([req("a", 300, out=1)], [[1]])
+    assert clock() - t0 == pytest.approx(3 * lat.decode_step_s(1, 301, 301))
+    assert SlowMotion(lat, 2.0).mixed_step_s(50, 2500.0, 1, 302.0) == pytest.approx(2 * lat.mixed_step_s(50, 2500.0, 1, 302.0))
+    with pytest.raises(ValueError, match="must be > 0"):
+        SlowMotion(lat, 0.0)
 
 
 def test_chunks_after_a_prefix_and_mixed_steps():
