@@ -25,6 +25,7 @@ from dsjax.engine.block_manager import BlockManager, blocks_for
 from dsjax.engine.policies import decode_should_pull, least_loaded
 from dsjax.engine.request import Chunk, FinishReason, Request, Status
 from dsjax.engine.runner_interface import Runner
+from dsjax.engine.running import RunningRequests
 from dsjax.engine.scheduler import SchedulerConfig, pick_decode_batch, pick_prefill_batch
 
 PULL_WAITING_FRACTION = 0.05
@@ -130,7 +131,7 @@ class DecodeInstance:
         self.runner = runner
         self.cfg = cfg
         self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
-        self.running: list[Request] = []
+        self.running: list[Request] = RunningRequests()  # keeps load() O(1) (dsjax/engine/running.py)
         self.bytes_pulled = 0
         self.migrations = 0
         if overlap is None:
@@ -141,7 +142,8 @@ class DecodeInstance:
     def load(self) -> int:
         """KV tokens reserved by its requests at their peak (prompt + max_tokens): the load the
         simulator assigns prefilled requests by (`SimDecodeInstance.load`)."""
-        return sum(r.peak_tokens for r in self.running)
+        running = self.running
+        return running.peak_tokens if isinstance(running, RunningRequests) else sum(r.peak_tokens for r in running)
 
     def busy(self) -> bool:
         """Requests to decode, or a dispatched step to record."""
@@ -152,8 +154,9 @@ class DecodeInstance:
         room for the request's KV plus one growth block per running request, and the requests
         pulled but not yet batched hold < 5% of the pool."""
         bs = self.blocks.block_size
-        idle = self.running[self.cfg.max_num_seqs :]
-        growth = len(self.running[: self.cfg.max_num_seqs])
+        n, cap = len(self.running), self.cfg.max_num_seqs
+        idle = self.running[cap:] if n > cap else ()
+        growth = min(n, cap)
         return decode_should_pull(
             need_tokens=(blocks_for(req.num_tokens, bs) + growth) * bs,
             free_tokens=self.blocks.num_free_blocks * bs,
