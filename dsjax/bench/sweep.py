@@ -162,12 +162,11 @@ def sweep_target(
     probe_windows: dict[float, tuple[float, float]] = {}
 
     def run_at(rate: float, early_stop: bool) -> LoadRun:
-        if counters is None:
-            return _run_at(rate, early_stop).time_scaled(1 / k_time)
-        before = counters()
+        before = counters() if counters is not None else None
         run = _run_at(rate, early_stop)
-        after = counters()
-        run = dataclasses.replace(run, server_counters={k: after[k] - before.get(k, 0) for k in after})
+        if counters is not None:
+            after = counters()
+            run = dataclasses.replace(run, server_counters={k: after[k] - before.get(k, 0) for k in after})
         return run.time_scaled(1 / k_time)
 
     def _run_at(rate: float, early_stop: bool) -> LoadRun:

@@ -131,7 +131,7 @@ class DecodeInstance:
         self.runner = runner
         self.cfg = cfg
         self.blocks = BlockManager(runner.cache_config.num_blocks, runner.cache_config.block_size)
-        self.running: list[Request] = RunningRequests()  # keeps load() O(1) (dsjax/engine/running.py)
+        self.running = RunningRequests()  # keeps load() O(1) (dsjax/engine/running.py)
         self.bytes_pulled = 0
         self.migrations = 0
         if overlap is None:
@@ -142,8 +142,7 @@ class DecodeInstance:
     def load(self) -> int:
         """KV tokens reserved by its requests at their peak (prompt + max_tokens): the load the
         simulator assigns prefilled requests by (`SimDecodeInstance.load`)."""
-        running = self.running
-        return running.peak_tokens if isinstance(running, RunningRequests) else sum(r.peak_tokens for r in running)
+        return self.running.peak_tokens
 
     def busy(self) -> bool:
         """Requests to decode, or a dispatched step to record."""

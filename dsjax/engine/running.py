@@ -8,7 +8,7 @@ with 16 instances at 70 req/s of OPT-13B ShareGPT (docs/results.md, "Session 18"
 the sum as requests come and go, so the read is O(1).
 
 Invariant: `peak_tokens == sum(r.peak_tokens for r in self)`. The mutations the engines and
-workers use (append, remove, pop) adjust it by the request's own peak, which does not change while
+workers use (append, remove, pop; insert too) adjust it by the request's own peak, which does not change while
 it runs (its prompt changes only when it is recomputed, after it has left); any other mutation
 recounts.
 """
@@ -24,7 +24,7 @@ from dsjax.engine.request import Request
 class RunningRequests(list):
     def __init__(self, reqs: Iterable[Request] = ()):
         super().__init__(reqs)
-        self.peak_tokens = sum(r.peak_tokens for r in self)
+        self._recount()
 
     def _recount(self) -> None:
         self.peak_tokens = sum(r.peak_tokens for r in self)
@@ -42,7 +42,7 @@ class RunningRequests(list):
         self.peak_tokens -= req.peak_tokens
         return req
 
-    # Everything else that changes the members recounts (none is on a hot path).
+    # insert adds its request's peak too; every other mutation recounts (none is on a hot path).
     def extend(self, reqs: Iterable[Request]) -> None:
         super().extend(reqs)
         self._recount()
