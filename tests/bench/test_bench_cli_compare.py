@@ -50,7 +50,7 @@ def test_slo_rule_and_auto_rates():
 class _FakeSystem:
     """Stands in for servers.launch_system: two fake replicas (or one 'router') per system."""
 
-    TIMINGS = {"disaggregated": 0.004, "colocated": 0.030, "chunked": 0.015}
+    TIMINGS = {"disaggregated": 0.004, "colocated": 0.020, "chunked": 0.015}
 
     def __init__(self, name, options, log_dir):
         self.name, self.num_devices = name, 2
@@ -85,7 +85,7 @@ def test_compare_orchestration_with_fake_systems(tmp_path):
     assert set(systems) == {"disaggregated", "colocated", "chunked"}
     for s in systems.values():
         assert s["per_device_goodput"] == pytest.approx(s["goodput"] / 2) and s["simulated_goodput"] > 0
-    # Capacity 250 vs 33 req/s against 80 req/s: disaggregated passes the top rate, colocated fails it.
+    # Capacity 250 vs 50 req/s against 80 req/s: disaggregated passes the top rate, colocated fails it.
     assert systems["disaggregated"]["goodput"] == 80.0, systems["disaggregated"]["probes"]
     assert systems["colocated"]["goodput"] < 80.0, systems["colocated"]["probes"]
     ratio = summary["ratios"]["disaggregated_over_colocated"]
