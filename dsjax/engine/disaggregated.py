@@ -103,13 +103,15 @@ class PrefillInstance:
 
     def release(self, req: Request) -> None:
         """Free a request's prefill blocks (after its KV has landed on decode, or on abort).
-        A pulled request is the head of `ready` and, not being WAITING, in no queue: neither
-        queue is scanned for it, however long."""
+        A pulled request is the head of `ready`, and a request in `ready` is in no other queue:
+        neither is scanned for it, however long. Only an abort scans `waiting`, whatever the
+        request's status says (a worker marks a cancelled request FINISHED before releasing it:
+        left queued, it would be prefilled into blocks nobody frees)."""
         if self.ready and self.ready[0] is req:
             self.ready.popleft()
         elif req in self.ready:
             self.ready.remove(req)
-        if req.status is Status.WAITING and req in self.waiting:  # only WAITING requests queue
+        elif req in self.waiting:
             self.waiting.remove(req)
         self.staged.pop(req.request_id, None)
         self.blocks.free(req.request_id)

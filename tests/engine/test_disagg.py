@@ -164,3 +164,25 @@ def test_pieces_cover_exactly():
     for n in range(0, 70):
         ps = pieces(n)
         assert sum(b - a for a, b in ps) == n and all((b - a) & (b - a - 1) == 0 and b - a <= 16 for a, b in ps)
+
+
+def test_a_request_released_while_queued_leaves_the_prefill_queue_whatever_its_status():
+    """The prefill worker marks a cancelled request FINISHED, then releases it: it must leave the
+    waiting queue, or a later batch prefills it into blocks nobody frees (a leak a cluster test
+    caught as 3 blocks held on prefill-0 after cancels)."""
+    from dsjax.engine.request import Status
+    from dsjax.engine.scheduler import SchedulerConfig
+    from tests.support.emulated import fixed_step_disagg_engine
+
+    engine = fixed_step_disagg_engine(SchedulerConfig(max_num_seqs=8, max_prefill_tokens=512))
+    inst = engine.prefill[0]
+    kept, cancelled = (Request(request_id=f"r{i}", prompt_token_ids=[3] * 40, seed=0, sampling=SamplingParams(max_tokens=5))
+                       for i in range(2))
+    engine.add_request(kept)
+    engine.add_request(cancelled)
+    cancelled.status = Status.FINISHED  # serving/prefill_worker.py, a Prefill call ended early
+    inst.release(cancelled)
+    assert list(inst.waiting) == [kept]
+    batches, _ = inst.launch()
+    assert [r.request_id for b in batches for r in b] == ["r0"]
+    assert inst.blocks.num_free_blocks == inst.blocks.capacity_blocks - 3  # only r0's 41 tokens

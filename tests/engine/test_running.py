@@ -67,3 +67,4 @@ def test_a_disaggregated_engines_loads_stay_exact_through_pulls_preemption_and_a
         assert [d.load() for d in engine.decode] == [sum(r.peak_tokens for r in d.running) for d in engine.decode]
     assert sum(r.lifecycle.num_preemptions for r in reqs) > 0, "the pools were meant to force preemption"
     assert all(d.load() == 0 for d in engine.decode)
+
