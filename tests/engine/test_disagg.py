@@ -6,12 +6,13 @@ import pytest
 
 from dsjax.engine.disaggregated import DisaggEngine
 from dsjax.engine.placement import PhaseParallel, Placement
-from dsjax.engine.request import FinishReason, Request
+from dsjax.engine.request import FinishReason, Request, Status
 from dsjax.engine.sampling_params import SamplingParams
 from dsjax.engine.scheduler import SchedulerConfig
 from dsjax.runtime.builder import build_engine
 from dsjax.runtime.kv_cache import CacheConfig
 from dsjax.runtime.migration import pieces
+from tests.support.emulated import fixed_step_disagg_engine
 
 CACHE = CacheConfig(num_blocks=48, block_size=8)
 SCHED = SchedulerConfig(max_num_seqs=8, max_prefill_tokens=128)
@@ -170,10 +171,6 @@ def test_a_request_released_while_queued_leaves_the_prefill_queue_whatever_its_s
     """The prefill worker marks a cancelled request FINISHED, then releases it: it must leave the
     waiting queue, or a later batch prefills it into blocks nobody frees (a leak a cluster test
     caught as 3 blocks held on prefill-0 after cancels)."""
-    from dsjax.engine.request import Status
-    from dsjax.engine.scheduler import SchedulerConfig
-    from tests.support.emulated import fixed_step_disagg_engine
-
     engine = fixed_step_disagg_engine(SchedulerConfig(max_num_seqs=8, max_prefill_tokens=512))
     inst = engine.prefill[0]
     kept, cancelled = (Request(request_id=f"r{i}", prompt_token_ids=[3] * 40, seed=0, sampling=SamplingParams(max_tokens=5))
@@ -185,4 +182,4 @@ def test_a_request_released_while_queued_leaves_the_prefill_queue_whatever_its_s
     assert list(inst.waiting) == [kept]
     batches, _ = inst.launch()
     assert [r.request_id for b in batches for r in b] == ["r0"]
-    assert inst.blocks.num_free_blocks == inst.blocks.capacity_blocks - 3  # only r0's 41 tokens
+    assert inst.blocks.num_free_blocks == inst.blocks.capacity_blocks - 3  # only r0's 40 prompt tokens, 3 blocks of 16
