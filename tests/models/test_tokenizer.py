@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -94,6 +95,28 @@ def test_byte_stream_holds_back_then_flushes_incomplete_sequence():
 def test_invalid_byte_is_released_once_followed():
     tok = ByteTokenizer(512)
     assert "".join(stream(tok, [0xFF, 98])) == "\ufffdb"
+
+
+def test_byte_stream_joins_to_the_full_decode_in_any_chunking():
+    """Random bytes (valid, split and invalid UTF-8) mixed with ids >= 256, fed in random chunks:
+    the deltas and the flush join to the one-shot decode, and only the flush may end broken."""
+    tok = ByteTokenizer(512)
+    rng = random.Random(0)
+    pool = list(TEXT.encode()) + [0x80, 0xC3, 0xE2, 0xF0, 0xFF, BYTE_EOS, BYTE_PAD, 300, 511]
+    for _ in range(200):
+        ids = [rng.choice(pool) for _ in range(rng.randint(0, 40))]
+        dec, deltas, n = tok.incremental_decoder(), [], 0
+        while n < len(ids):
+            n = min(len(ids), n + rng.randint(0, 4))
+            deltas.append(dec.step(ids[:n]))
+        assert "".join(deltas) + dec.flush() == tok.decode(ids)
+
+
+def test_byte_stream_skips_placeholder_ids_without_holding_text():
+    """An emulated model emits ids past the bytes: they decode to nothing and hold nothing back."""
+    dec = ByteTokenizer(512).incremental_decoder()
+    ids = [300] * 1000 + [104, 105]
+    assert dec.step(ids[:1000]) == "" and dec.step(ids) == "hi" and dec.flush() == ""
 
 
 def test_stream_rejects_shrinking_token_list():
