@@ -58,6 +58,12 @@ SUBCOMMANDS: dict[str, str] = {
     **{name: line for name, (_, _, _, line) in FORWARDED.items()},
 }
 
+def _positive_floats(spec: str) -> tuple[float, ...]:
+    if min(values := _floats(spec)) <= 0:
+        raise argparse.ArgumentTypeError(f"{spec!r}: every factor must be > 0")
+    return values
+
+
 def _floats(spec: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in spec.split(",") if x.strip())
@@ -136,6 +142,9 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    help="model preset served with dummy weights (default opt-125m: decode bound by memory bandwidth)")
     _add_workload(p, num_requests=None)
     p.add_argument("--rates", type=_floats, default=None, help="scan rates, req/s (default: around the simulated goodputs)")
+    p.add_argument("--rate-factors", type=_positive_floats, default=None, metavar="F1,F2,...",
+                   help="scan each system at these multiples of its own simulated goodput, instead of --rates (default "
+                        "0.3,0.5,0.75,1,1.5, --quick 0.5,1,1.5; --emulate 0.6,0.8,0.9,1,1.1,1.25,1.5, --quick 0.7,0.9,1.15)")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated subset of {', '.join(SYSTEMS)} (default: all; --emulate with --baseline-profile "
                         "adds 'vllm', colocated priced by that profile)")
@@ -226,8 +235,9 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         overlap_decode=args.overlap_decode, time_scale=args.time_scale)
     ec = emulated_compare(
         quick=args.quick, cluster=cluster, out=args.out, workload=args.workload, seed=args.seed,
-        prompt_format=args.prompt_format, systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv,
-        target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, num_requests=args.num_requests,
+        prompt_format=args.prompt_format, systems=systems, rates=args.rates, rates_factors=args.rate_factors,
+        arrival=args.arrival, cv=args.cv, target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot,
+        num_requests=args.num_requests,
         scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
         source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds,
         settle_s=args.settle_seconds, steady=args.steady_state, plan_only=args.plan_only)
@@ -283,6 +293,9 @@ def main_compare(argv: list[str]) -> int:
     from dsjax.bench.servers import SYSTEMS, ServerOptions
 
     args = build_compare_parser().parse_args(argv)
+    if args.rates is not None and args.rate_factors is not None:
+        raise ValueError("give --rates (one list for every system) or --rate-factors (around each system's "
+                         "simulated goodput), not both")
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip()) if args.systems else SYSTEMS
     if args.emulate is not None:
         if args.systems is None:  # --quick / --steady-state: three systems, the paper's baseline, else chunked
@@ -297,8 +310,8 @@ def main_compare(argv: list[str]) -> int:
                            pin=not args.no_pin, cores=args.cores, warmup_shapes=not args.no_warmup_shapes)
     overrides = {k: v for k, v in dict(
         out=args.out, model=args.model, workload=args.workload, seed=args.seed, prompt_format=args.prompt_format,
-        systems=systems, rates=args.rates, arrival=args.arrival, cv=args.cv, target=args.target_attainment,
-        ttft_s=args.ttft, tpot_s=args.tpot, profile=args.profile, reprofile=args.reprofile,
+        systems=systems, rates=args.rates, rates_factors=args.rate_factors, arrival=args.arrival, cv=args.cv,
+        target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot, profile=args.profile, reprofile=args.reprofile,
         quick_profile=not args.full_profile, server=server, progress=not args.no_progress,
         num_requests=args.num_requests, scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol,
         warmup_requests=args.warmup, source_limit=args.source_limit, speed_probe_s=args.speed_probe,

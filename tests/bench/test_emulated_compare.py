@@ -7,7 +7,7 @@ import pytest
 
 from dsjax.bench.analysis import SLOs
 from dsjax.bench.cli import main
-from dsjax.bench.emucompare import emulated_compare, resolve_slos
+from dsjax.bench.emucompare import emulated_compare, resolve_slos, scan_rates
 from dsjax.bench.emulated_setup import EmulatedCluster, plan_systems, server_argv
 from dsjax.engine.placement import Placement
 from dsjax.planner.latency import load_profile
@@ -130,13 +130,14 @@ def test_plan_only_starts_no_server(tmp_path, capsys, monkeypatch):
                "--workload", "humaneval", "--devices", "2", "--source-limit", "20",
                "--baseline-profile", str(write_profile(tmp_path / "vllm.json", slower=1.5)),
                "--systems", "disaggregated,vllm", "--ttft", "0.1", "--tpot", "0.02", "--plan-only",
-               "--no-progress", "--out", str(out)])
+               "--rate-factors", "0.5,0.75,1", "--no-progress", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["plan_only"] and summary["devices"] == 2 and not (out / "results.json").exists()
     for system, d in summary["systems"].items():
         assert Placement.from_dict(d["placement"]).num_devices == d["num_devices"] <= 2
-        assert d["simulated_goodput"] > 0 and d["scan_rates"]
+        # --rate-factors: each system is scanned at those multiples of its own simulated goodput
+        assert d["simulated_goodput"] > 0 and d["scan_rates"] == list(scan_rates(d["simulated_goodput"], (0.5, 0.75, 1.0)))
     steady = summary["steady_state"]["systems"]
     assert summary["steady_state_disaggregated_over_vllm_ratio"] == pytest.approx(
         steady["disaggregated"]["per_device_goodput"] / steady["vllm"]["per_device_goodput"])
@@ -148,10 +149,17 @@ def test_devices_without_emulate_is_refused(tmp_path, capsys):
     assert "--devices needs --emulate" in capsys.readouterr().err
 
 
+def test_rates_and_rate_factors_are_refused_together(tmp_path, capsys):
+    assert main(["compare", "--rates", "1,2", "--rate-factors", "0.5,1", "--out", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--rate-factors", "0.5,0", "--out", str(tmp_path)])
+    assert "every factor must be > 0" in capsys.readouterr().err
+
+
 def test_runs_last_the_same_time_at_every_rate(tmp_path):
     """A run at rate r sends r x run_seconds requests (>= min_requests, <= the sample), so a high
     rate is sustained load rather than a burst; the simulator replays exactly that prefix."""
-    from dsjax.bench.emucompare import scan_rates
     from dsjax.bench.sweep import SweepConfig, requests_at
 
     assert requests_at(50.0, 10_000, duration_s=30.0, min_requests=100) == 1500
