@@ -237,10 +237,9 @@ def _main_emulated(args: argparse.Namespace, systems: tuple[str, ...]) -> dict:
         quick=args.quick, cluster=cluster, out=args.out, workload=args.workload, seed=args.seed,
         prompt_format=args.prompt_format, systems=systems, rates=args.rates, rates_factors=args.rate_factors,
         arrival=args.arrival, cv=args.cv, target=args.target_attainment, ttft_s=args.ttft, tpot_s=args.tpot,
-        num_requests=args.num_requests,
-        scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol, warmup_requests=args.warmup,
-        source_limit=args.source_limit, progress=not args.no_progress, run_seconds=args.run_seconds,
-        settle_s=args.settle_seconds, steady=args.steady_state, plan_only=args.plan_only)
+        num_requests=args.num_requests, scale=args.scale, max_bisections=args.max_bisections, rel_tol=args.rel_tol,
+        warmup_requests=args.warmup, source_limit=args.source_limit, progress=not args.no_progress,
+        run_seconds=args.run_seconds, settle_s=args.settle_seconds, steady=args.steady_state, plan_only=args.plan_only)
     return run_emulated_compare(ec)
 
 
