@@ -99,7 +99,7 @@ def test_invalid_byte_is_released_once_followed():
 
 def test_byte_stream_joins_to_the_full_decode_in_any_chunking():
     """Random bytes (valid, split and invalid UTF-8) mixed with ids >= 256, fed in random chunks:
-    the deltas and the flush join to the one-shot decode, and only the flush may end broken."""
+    the deltas and the flush join to the one-shot decode."""
     tok = ByteTokenizer(512)
     rng = random.Random(0)
     pool = list(TEXT.encode()) + [0x80, 0xC3, 0xE2, 0xF0, 0xFF, BYTE_EOS, BYTE_PAD, 300, 511]
