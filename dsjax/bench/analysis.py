@@ -161,7 +161,8 @@ def read_run(path: str | Path, row: Mapping[str, Any]) -> LoadRun:
             bd = d.get("breakdown")
             results.append(RequestResult(index=d["index"], request_id=d["request_id"], scheduled_s=d["scheduled_s"],
                                          record=record, breakdown=None if bd is None else Breakdown(**bd),
-                                         server_ttft_s=d["server_ttft_s"], finish_reason=d["finish_reason"]))
+                                         server_ttft_s=d["server_ttft_s"], finish_reason=d["finish_reason"],
+                                         server_arrival_s=d.get("server_arrival_s")))
     nan = math.nan
     return LoadRun(rate=float(row["rate"]), results=tuple(results), wall_s=row.get("wall_s") or nan,
                    stopped_early=bool(row.get("stopped_early")), send_lag_p99_s=row.get("send_lag_p99_s") or nan,

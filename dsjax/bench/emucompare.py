@@ -225,7 +225,8 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     summary.update(steady_ratios(steady))
     log(f"largest gap to the simulator: {_pts(summary['max_attainment_gap_points'])}; with the engine's measured "
         f"host time and front-end hop charged: {_pts(summary['max_gap_with_host_points'])}; beyond the simulator's own 1-ms jitter "
-        f"band: {_pts(summary['max_gap_beyond_jitter_points'])}; read as a rate: "
+        f"band: {_pts(summary['max_gap_beyond_jitter_points'])}; with the router's arrival times replayed: "
+        f"{_pts(summary['max_arrival_replay_gap_points'])}; read as a rate: "
         f"{_pct(summary['max_rate_equivalent_gap_pct'])}")
     summary["wall_s"] = time.perf_counter() - t_start
     _write_outputs(cfg, out, sweeps, summary, slos, log)

@@ -19,6 +19,13 @@ simulator's replay of its trace:
   (a host's timer jitter), moves by several points there. `jitter_band` gives the range of the
   simulator's attainment over `JITTER_SEEDS` such replays; a gap inside that band is below what
   any implementation could be held to at that rate.
+- **Arrivals.** The simulator replays the *scheduled* send times; the server saw each request
+  when the client sent it and the router parsed it, a fraction of a millisecond to milliseconds
+  later, and at a knee that alone moves the attainment (the jitter band above). `arrival_replay`
+  replays the router's own arrival times (`RequestResult.server_arrival_s`) and compares with the
+  attainment the router measured (its TTFT from that arrival, TPOT as the client saw it): what
+  is left is the scheduler against its model, the engines' host time and the router's internal
+  hop, with the client's sending and delivery taken out.
 - **The gap as a rate.** Past a long-output workload's knee, attainment falls tens of points
   within a few percent of rate (the cliff of docs/results.md, session 12), so points there say
   little. `rate_equivalent_gap_pct` reads the gap on the rate axis: the change of the run's rate
@@ -100,9 +107,42 @@ def fidelity_extras(row: dict[str, Any], run, sim, requests, offsets, *, seed: i
     lo, hi = min(band), max(band)
     out["sim_jitter_band"] = [lo, hi]
     out["gap_beyond_jitter_points"] = 100 * max(0.0, lo - row["real"], row["real"] - hi)
+    out.update(arrival_replay(run, sim, requests, offsets))
     if schedule is not None:
         out.update(rate_gap(row["real"], row["simulated"], sim, requests, schedule, row["rate"]))
     return out
+
+
+def arrival_replay(run, sim, requests, offsets) -> dict[str, Any]:
+    """The run's gap with the router's arrival times replayed (module docstring, "Arrivals"):
+    `router_side_attainment` (TTFT from the router's arrival to its first token, TPOT as the
+    client saw it; a failed or unsent request misses), `simulated_at_arrivals` (the simulator with
+    every request arriving when the router received it, a request it never received at its
+    scheduled time), their `arrival_replay_gap_points`, and `arrival_lag_ms` (router arrival minus
+    schedule, p50 / p90 / max). Empty when the run has no router arrival times or is not one
+    request per offset."""
+    import numpy as np
+
+    from dsjax.bench.metrics import tpot_s
+
+    results = run.results
+    if len(results) != len(offsets) or all(r.server_arrival_s is None for r in results):
+        return {}
+    arrivals = [float(offsets[i]) if r.server_arrival_s is None else max(0.0, r.server_arrival_s)
+                for i, r in enumerate(results)]
+    full = sim.result_at(requests, arrivals)
+    k0 = run.measured_from
+    simulated = dataclasses.replace(full, ttft_s=full.ttft_s[k0:], tpot_s=full.tpot_s[k0:]).attainment
+    ok = []
+    for r in run.measured:
+        tpot = tpot_s(r.record)
+        ok.append(r.record.ok and r.server_ttft_s is not None and r.server_ttft_s <= sim.slos.ttft_s
+                  and (tpot is None or tpot <= sim.slos.tpot_s))
+    router_side = float(np.mean(ok)) if ok else 1.0
+    lag = [r.server_arrival_s - r.scheduled_s for r in results if r.server_arrival_s is not None]
+    return {"router_side_attainment": router_side, "simulated_at_arrivals": simulated,
+            "arrival_replay_gap_points": 100 * (router_side - simulated),
+            "arrival_lag_ms": [round(1e3 * float(v), 3) for v in (*np.percentile(lag, [50, 90]), max(lag))]}
 
 
 def rate_gap(real: float, simulated: float, sim, requests, schedule: Callable[[float], list[float]],
@@ -155,4 +195,5 @@ def extras_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"max_gap_with_host_points": worst("diff_with_host_points"),
             "max_gap_beyond_jitter_points": worst("gap_beyond_jitter_points"),
-            "max_rate_equivalent_gap_pct": worst("rate_equivalent_gap_pct")}
+            "max_rate_equivalent_gap_pct": worst("rate_equivalent_gap_pct"),
+            "max_arrival_replay_gap_points": worst("arrival_replay_gap_points")}

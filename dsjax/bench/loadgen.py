@@ -189,18 +189,21 @@ async def _one_http(client, model: str, tr: _Tracker, request_id: str, t0: float
             tr.error = f"HTTP {getattr(e, 'status_code', '?')}: {e.message}"
 
 
-def _result(tr: _Tracker, request_id: str) -> RequestResult:
-    breakdown = server_ttft = None
+def _result(tr: _Tracker, request_id: str, started_at: float) -> RequestResult:
+    breakdown = server_ttft = server_arrival = None
     if tr.last is not None:
         if tr.last.HasField("breakdown"):
             breakdown = Breakdown.from_proto(tr.last.breakdown)
         timing = tr.last.timing
         if timing.first_token_time > 0 and timing.arrival_time > 0:
             server_ttft = timing.first_token_time - timing.arrival_time
+        if timing.arrival_time > 0:
+            server_arrival = timing.arrival_time - started_at
     if tr.send_s is None and tr.error is None:
         tr.error = "not sent: run stopped early"
     return RequestResult(index=tr.req.index, request_id=request_id, scheduled_s=tr.scheduled_s, record=tr.record(),
-                         breakdown=breakdown, server_ttft_s=server_ttft, finish_reason=tr.finish)
+                         breakdown=breakdown, server_ttft_s=server_ttft, finish_reason=tr.finish,
+                         server_arrival_s=server_arrival)
 
 
 async def run_load_async(
@@ -291,7 +294,7 @@ async def run_load_async(
     lags = [tr.send_s - tr.scheduled_s for tr in trackers if tr.send_s is not None]
     return LoadRun(
         rate=rate,
-        results=tuple(_result(tr, rid) for tr, rid in zip(trackers, ids)),
+        results=tuple(_result(tr, rid, started_at) for tr, rid in zip(trackers, ids)),
         wall_s=wall,
         stopped_early=stopped,
         send_lag_p99_s=float(np.percentile(lags, 99)) if lags else math.nan,

@@ -60,6 +60,10 @@ class RequestResult:
     breakdown: Breakdown | None
     server_ttft_s: float | None  # router-side first_token_time - arrival_time
     finish_reason: str
+    # When the router received it, on the run's clock: the router's wall-clock arrival_time minus
+    # the run's wall-clock start (`LoadRun.started_at`). Comparable with send_s only where client
+    # and router read one clock (one host, as in the emulated compare); None where not reported.
+    server_arrival_s: float | None = None
 
     def to_json(self) -> dict:
         r = self.record
@@ -67,6 +71,7 @@ class RequestResult:
             "index": self.index, "request_id": self.request_id, "scheduled_s": self.scheduled_s, "send_s": r.send_s,
             "prompt_len": r.prompt_len, "output_len": r.output_len, "error": r.error, "finish_reason": self.finish_reason,
             "token_times_s": list(r.token_times_s), "server_ttft_s": self.server_ttft_s,
+            "server_arrival_s": self.server_arrival_s,
             "breakdown": None if self.breakdown is None else dataclasses.asdict(self.breakdown),
         }
 
@@ -105,7 +110,9 @@ class LoadRun:
                                                      transfer_s=r.breakdown.transfer_s * factor,
                                                      decode_s=r.breakdown.decode_s * factor)
             ttft = None if r.server_ttft_s is None else r.server_ttft_s * factor
-            return dataclasses.replace(r, scheduled_s=r.scheduled_s * factor, record=rec, breakdown=bd, server_ttft_s=ttft)
+            arrived = None if r.server_arrival_s is None else r.server_arrival_s * factor
+            return dataclasses.replace(r, scheduled_s=r.scheduled_s * factor, record=rec, breakdown=bd, server_ttft_s=ttft,
+                                       server_arrival_s=arrived)
 
         counters = None if self.server_counters is None else {
             k: v * factor if k.endswith("seconds") else v for k, v in self.server_counters.items()}

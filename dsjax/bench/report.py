@@ -80,7 +80,8 @@ def summary_markdown(summary: dict) -> str:
                   f"**{summary['max_attainment_gap_points']:.1f} points**", ""]
         lines += [f"- {s}: {d['placement_text']}, gap {d['max_attainment_gap_points']:.1f} points over "
                   f"{len(d['rates'])} rates; with TTFT taken at the engine (scheduler only, no router or client): "
-                  f"{_num(d.get('max_engine_side_gap_points'), 1):.1f} points"
+                  f"{_num(d.get('max_engine_side_gap_points'), 1):.1f} points; with the router's arrival times "
+                  f"replayed (no client): {_num(d.get('max_arrival_replay_gap_points'), 1):.1f} points"
                   for s, d in emu["systems"].items() if d["max_attainment_gap_points"] is not None]
         lines += ["", "TTFT parts, ms, request against request (p50/p90), except: *quantiles* = engine p50/p90 minus "
                   "the simulator's p50/p90; *sim noise* = the simulator against itself with arrivals moved <= 1 ms "

@@ -132,6 +132,18 @@ class TraceSimulator:
         )
         return self.sim.run(trace, slo=SLO(ttft_s=self.slos.ttft_s, tpot_s=self.slos.tpot_s))
 
+    def result_at(self, requests: Sequence[BenchRequest], arrivals_s: Sequence[float]):
+        """`result_all` with request i arriving at `arrivals_s[i]`, in any order (a server's own
+        arrival times, where two requests sent close together may land the other way round); the
+        SimResult's arrays are in request order (result_all's are in arrival order: the trace is
+        sorted by arrival)."""
+        arrivals = np.asarray(arrivals_s, dtype=np.float64)
+        order = np.argsort(arrivals, kind="stable")
+        full = self.result_all([requests[int(i)] for i in order], arrivals[order])
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return dataclasses.replace(full, ttft_s=full.ttft_s[back], tpot_s=full.tpot_s[back])
+
     def run(self, requests: Sequence[BenchRequest], offsets_s: Sequence[float]) -> SimulatedRun:
         result = self.result(requests, offsets_s)
         s = result.summary()

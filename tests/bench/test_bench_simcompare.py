@@ -59,3 +59,27 @@ def test_speed_scaled_follows_the_window_and_slows_the_simulator(tmp_path):
     fast_att = TraceSimulator.calibrated(same, **kw).run(reqs, offsets).attainment
     slow_att = TraceSimulator.calibrated(slow, **kw).run(reqs, offsets).attainment
     assert fast_att >= 0.9 and slow_att <= 0.1
+
+
+def test_result_at_pairs_each_request_with_its_own_arrival():
+    """Arrival times out of order: request i arrives at arrivals[i] and the arrays come back in
+    request order (result_all's come back in arrival order: the trace is sorted)."""
+    import numpy as np
+
+    from dsjax.bench.analysis import SLOs
+    from dsjax.bench.records import BenchRequest
+    from dsjax.bench.simcompare import TraceSimulator
+    from dsjax.planner.latency import LatencyCoeffs, Profile
+
+    coeffs = LatencyCoeffs(prefill=(5.0, 0.08, 3e-4), decode_small=(2.3, 1e-3, 0.1), decode_large=(2.3, 1e-3, 0.1))
+    sim = TraceSimulator(system="colocated", profile=Profile(entries={"small-llama": {1: coeffs}}), model="small-llama",
+                         slos=SLOs(ttft_s=0.5, tpot_s=0.01), max_num_seqs=8, max_prefill_tokens=512)
+    # long prompts far apart, so each request's TTFT is its own prefill: it tells which prompt ran
+    reqs = [BenchRequest(index=i, prompt_len=50 + 200 * i, output_len=4, prompt_text="x") for i in range(3)]
+    alone = sim.result_all(reqs, [0.0, 10.0, 20.0]).ttft_s
+    assert alone[0] < alone[1] < alone[2]
+    swapped = sim.result_at(reqs, [20.0, 10.0, 0.0])  # the same requests, arriving the other way round
+    np.testing.assert_allclose(swapped.ttft_s, alone, rtol=1e-9)
+    np.testing.assert_allclose(sim.result_at(reqs, [0.0, 10.0, 20.0]).ttft_s, alone, rtol=1e-9)
+    # result_all of the same: the same pairs, listed by arrival
+    np.testing.assert_allclose(sim.result_all(reqs, [20.0, 10.0, 0.0]).ttft_s, alone[::-1], rtol=1e-9)

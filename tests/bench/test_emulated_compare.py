@@ -94,6 +94,13 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
         g = f["rate_equivalent_gap_pct"]
         assert abs(g) <= 25 and (g == 0) == (f["real"] == f["simulated"]) and (g > 0) == (f["real"] < f["simulated"])
     assert summary["max_rate_equivalent_gap_pct"] == max(abs(f["rate_equivalent_gap_pct"]) for f in summary["fidelity"])
+    for f in summary["fidelity"]:  # the router's own arrival times replayed: after the schedule, by little
+        assert 0 <= f["router_side_attainment"] <= 1 and 0 <= f["simulated_at_arrivals"] <= 1
+        p50, p90, worst = f["arrival_lag_ms"]
+        assert 0 < p50 <= p90 <= worst < 5000
+    assert summary["max_arrival_replay_gap_points"] == max(abs(f["arrival_replay_gap_points"]) for f in summary["fidelity"])
+    sent = [json.loads(line) for line in next(out.glob("requests-vllm-*.jsonl")).read_text().splitlines()]
+    assert all(r["server_arrival_s"] >= r["send_s"] for r in sent)
     # the run's simulators rebuilt from summary.json replay every rate exactly as the run did
     from dsjax.bench.resimulate import resimulate
 

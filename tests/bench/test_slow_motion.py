@@ -56,9 +56,11 @@ def test_a_slow_motion_run_reports_the_cluster_at_full_speed(tmp_path):
     assert summary["emulation"]["cluster"]["time_scale"] == 3.0
     rows = summary["fidelity"]
     assert [f["rate"] for f in rows] == [20.0, 60.0]
-    for f in rows:  # read back at full speed: the simulator's latencies (not 3x them)
-        assert f["real_ttft_p90_s"] == pytest.approx(f["sim_ttft_p90_s"], rel=0.3, abs=2e-3)
-        assert f["real_tpot_p90_s"] == pytest.approx(f["sim_tpot_p90_s"], rel=0.3, abs=1e-3)
+    for f in rows:  # read back at full speed: the simulator's latencies, not 3x them (a p90 of six
+        # requests is their slowest but one: one host hiccup of a few ms moves it, hence the slack)
+        sim_ttft, sim_tpot = f["sim_ttft_p90_s"], f["sim_tpot_p90_s"]
+        assert 0.7 * sim_ttft - 2e-3 <= f["real_ttft_p90_s"] <= 1.5 * sim_ttft + 2e-3 < 3 * sim_ttft
+        assert f["real_tpot_p90_s"] == pytest.approx(sim_tpot, rel=0.3, abs=1e-3)
     # ... while the server ran 3x slower: each run's last token, read back, came >= 1/3 of its wall time in
     last = [max(max(r["token_times_s"]) for r in map(json.loads, p.read_text().splitlines()))
             for p in sorted(out.glob("requests-disaggregated-*.jsonl"))]
