@@ -34,10 +34,22 @@ import os
 import sys
 
 from dsjax.engine.placement import MODES
+from serving import gc_pauses
 from models.checkpoints import DEFAULT_MODEL, resolve_model
 
 # models.attention.BACKENDS; spelled out here because this module must not import jax (XLA_FLAGS first).
 ATTENTION_BACKENDS = ("auto", "pallas", "xla")
+
+
+def _share(text: str) -> tuple[int, int]:
+    """--warmup-share "I/N" -> (I, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want I/N, e.g. 1/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: want 0 <= I < N")
+    return i, n
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,11 +119,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--gpus", type=int, default=0, help="processes mode on a GPU host: split GPUs 0..N-1 among the workers")
     s.add_argument("--log-dir", help="worker process logs (processes mode); default: inherit stderr")
     s.add_argument("--no-warmup", action="store_true")
+    s.add_argument("--no-gc-freeze", action="store_true",
+                   help="keep start-up's objects in the garbage collector's generations (default: frozen once warm, "
+                        "so full collections, which stop every engine loop, traverse only what serving allocates; "
+                        "serving/gc_pauses.py)")
+    s.add_argument("--gc-young-threshold", type=int, default=gc_pauses.YOUNG_THRESHOLD, metavar="N",
+                   help="once warm, collect generation 0 after N net allocations (CPython's default 700; 0 keeps it): "
+                        "fewer stop-the-world pauses, a fifth of the stopped time in an emulated 32-device server")
     s.add_argument("--warmup-shapes", action="store_true",
                    help="before serving, compile every program shape the scheduler limits allow (dsjax/runtime/warmup.py): "
                         "no first-compilation stalls inside served steps; ~1 min on one CPU core the first time, "
                         "then loaded from --compilation-cache")
-    s.add_argument("--warmup-share", default="0/1", metavar="I/N",
+    s.add_argument("--warmup-share", default="0/1", metavar="I/N", type=_share,
                    help="with --warmup-shapes: this server (or worker) is replica I of N warming the same shapes into one "
                         "--compilation-cache at once; it starts at shape I/N of the list, so the N compile disjoint parts "
                         "first (the launcher sets it for its worker processes)")

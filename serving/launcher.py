@@ -19,8 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+from serving.gc_pauses import log_pauses, process_pauses, serving_ready
+
 log = logging.getLogger("dsjax.serve")
 DEFAULT_CLUSTER_PORT = 50052  # the cluster's own listener (with TLS on, or --cluster-port)
+
+
+def _ready(args: argparse.Namespace) -> None:
+    serving_ready(freeze=not getattr(args, "no_gc_freeze", False), young_threshold=getattr(args, "gc_young_threshold", None), log=log)
 
 
 def _wait_for_signal() -> None:
@@ -123,6 +129,7 @@ class _Fronts:
                                    ssl_keyfile=args.api_tls_key).start()
             log.info("OpenAI HTTP%s API on %s:%d (/v1/completions, /v1/chat/completions, /v1/models)",
                      "S" if api_tls else "", args.host, self.http.port)
+        self.router.metrics.registry.register(process_pauses())  # dsjax_gc_* on both /metrics
         self.metrics = None
         if args.metrics_port >= 0:
             self.metrics = MetricsServer(self.router.metrics, backend.instances, args.metrics_port, host=args.host,
@@ -165,9 +172,10 @@ def run_inprocess(args: argparse.Namespace, placement) -> int:
     if not args.no_warmup:
         backend.warmup()
     if args.warmup_shapes:
-        _warm_engine_shapes(backend, engine, sched, share=_share(getattr(args, "warmup_share", "0/1")))
+        _warm_engine_shapes(backend, engine, sched, share=getattr(args, "warmup_share", (0, 1)))
     backend.warm = True
     step_log = _attach_step_log(args, backend, engine)
+    _ready(args)
     log.info("%s %s ready in %.1fs (%s, attention backend %s)", args.model, placement.mode, time.perf_counter() - t0,
              placement.to_dict(), model.backend)
     return _serve_until_signal(fronts, backend, step_log)
@@ -180,6 +188,7 @@ def _serve_until_signal(fronts, backend, step_log) -> int:
     backend.close()
     if step_log is not None:
         step_log.close()
+    log_pauses(log)
     return 0
 
 
@@ -207,6 +216,7 @@ def run_emulated(args: argparse.Namespace, placement, emulation) -> int:
     backend.start()
     backend.warm = True
     step_log = _attach_step_log(args, backend, engine)
+    _ready(args)
     log.info("%s ready in %.1fs: %s", placement.mode, time.perf_counter() - t0, emulation.describe(placement, args.block_size, args.num_blocks))
     return _serve_until_signal(fronts, backend, step_log)
 
@@ -304,6 +314,8 @@ def _worker_argv(args: argparse.Namespace, role: str, worker_id: str, router: st
         argv += ["--stream-interval-ms", repr(args.stream_interval_ms)]
     if args.tls_dir:
         argv += ["--tls-dir", os.path.abspath(args.tls_dir)]
+    argv += (["--no-gc-freeze"] if getattr(args, "no_gc_freeze", False) else []) + \
+        ["--gc-young-threshold", str(getattr(args, "gc_young_threshold", 0) or 0)]
     return argv
 
 
@@ -366,23 +378,14 @@ def run_router(args: argparse.Namespace, placement, emulation=None) -> int:
             for spec, gpus in zip(specs, assign_gpus([s.num_devices for s in specs], args.gpus)):
                 spec.gpus = gpus
         supervisor = Supervisor(specs, restart=not args.no_restart, log_dir=args.log_dir)
+    _ready(args)
     _wait_for_signal()
     if supervisor:
         supervisor.stop()
     fronts.close()
     backend.close()
+    log_pauses(log)
     return 0
-
-
-def _share(text: str) -> tuple[int, int]:
-    """--warmup-share "I/N" -> (I, N)."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"--warmup-share {text!r}: want I/N, e.g. 1/2") from None
-    if not 0 <= i < n:
-        raise SystemExit(f"--warmup-share {text!r}: want 0 <= I < N")
-    return i, n
 
 
 def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
@@ -417,19 +420,22 @@ def run_worker(args: argparse.Namespace, placement, emulation=None) -> int:
         cache=cache, scheduler=sched, host=args.host, port=args.port, advertise_host=args.advertise_host,
         lease_s=args.lease_seconds, max_lease_s=args.max_lease_seconds, chunk_bytes=args.kv_chunk_bytes, warmup=not args.no_warmup,
         exit_with_parent=args.exit_with_parent, step_log_dir=args.step_log, warmup_shapes=args.warmup_shapes,
-        warmup_share=_share(getattr(args, "warmup_share", "0/1")), max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
+        warmup_share=getattr(args, "warmup_share", (0, 1)), max_staged_bytes=args.kv_staging_mib << 20, cluster_token=_cluster_token(), tls_dir=args.tls_dir,
         mode=placement.mode if args.role == "replica" else "colocated",
     )
     worker = WorkerProcess(cfg, runner=runner)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.request_stop())
+    _ready(args)  # the worker has warmed up
     worker.serve()
+    log_pauses(log)
     return 0
 
 
 def run(args: argparse.Namespace, placement, emulation=None) -> int:
     """`emulation`: the --emulate runner factory (dsjax/emulate.py), None on real devices."""
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process_pauses()  # every collection of this process timed from here on (serving/gc_pauses.py)
     from serving.engine_loop import Outbox
 
     Outbox.stream_interval_s = max(0.0, getattr(args, "stream_interval_ms", 0.0)) / 1e3

@@ -51,6 +51,7 @@ from dsjax.bench.prompts import load_bench_requests
 from dsjax.bench.steadystate import STEADY_RATE_FACTORS, steady_run_length, steady_state_goodputs, steady_summary
 from dsjax.bench.steadystate import describe as describe_steady
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
+from serving.gc_pauses import GCPauses, quiet_gc
 
 # Each system's scan rates: these factors x the simulator's goodput of its placement on the very
 # traces the runs send (the planner's, on its own 60-s traces, when that finds none), so every
@@ -191,8 +192,14 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
 
     sweeps: dict[str, SweepResult] = {}
     processes: dict[str, Any] = {}
+    # The client is a Python process too: the sample, the plans and the simulators' traces are
+    # frozen out of its collector's way, so a full collection does not stop it for tens of ms
+    # mid-run, late to send and late to stamp tokens (serving/gc_pauses.py; each system's own
+    # pauses are in processes.*.client_gc).
+    quiet_gc()
     for system in cfg.systems:
         t0 = time.perf_counter()
+        client_gc = GCPauses().install()
         with launcher(system, plans[system].placement, cluster, out / "logs") as launched:
             ready_s = time.perf_counter() - t0
             cpu0, w0, me0, busy0 = launched.cpu_seconds(), time.perf_counter(), _own_cpu_s(), _machine_busy_s()
@@ -204,8 +211,10 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
             used = {k: (cpu1[k] - cpu0[k]) / (w1 - w0) for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None}
             used["benchmark client"] = (me1 - me0) / (w1 - w0)
             used["other processes"] = max(0.0, (busy1 - busy0) / (w1 - w0) - sum(used.values()))
+            client_gc.uninstall()
             processes[system] = {"ready_s": ready_s, "processes": launched.describe(), "cpu_utilisation": used,
-                                 "num_devices": launched.num_devices, "sweep_wall_s": w1 - w0}
+                                 "num_devices": launched.num_devices, "sweep_wall_s": w1 - w0,
+                                 "client_gc": client_gc.snapshot()}
         log(f"[{system}] goodput {sweeps[system].goodput:.3g} req/s ({sweeps[system].goodput / launched.num_devices:.3g} "
             f"per device); CPU cores used: " + json.dumps({k: round(v, 2) for k, v in used.items()}))
 

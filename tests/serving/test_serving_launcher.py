@@ -3,6 +3,7 @@ devices) answers health checks within 60 s and streams to `python -m dsjax.clien
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -65,6 +66,10 @@ def test_default_server_streams_to_the_client(default_server):
     assert all(i["free_blocks"] == i["num_blocks"] for i in doc["instances"])
     metrics = urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=5).read().decode()
     assert 'dsjax_requests_total{finish_reason="length"} 2.0' in metrics
+    # the router process's garbage-collection pauses: at least the full collection before the freeze
+    full = re.search(r'^dsjax_gc_collections_total\{generation="2"\} (\S+)$', metrics, re.M)
+    assert full and float(full.group(1)) >= 1
+    assert re.search(r'^dsjax_gc_pause_max_seconds\{generation="2"\} (\S+)$', metrics, re.M)
 
 
 def test_client_reports_errors(default_server):
