@@ -125,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "serving/gc_pauses.py)")
     s.add_argument("--gc-young-threshold", type=int, default=gc_pauses.YOUNG_THRESHOLD, metavar="N",
                    help="once warm, collect generation 0 after N net allocations (CPython's default 700; 0 keeps it): "
-                        "fewer stop-the-world pauses, a fifth of the stopped time in an emulated 32-device server")
+                        "fewer stop-the-world pauses, a sixth of the stopped time in an emulated 32-device server")
     s.add_argument("--warmup-shapes", action="store_true",
                    help="before serving, compile every program shape the scheduler limits allow (dsjax/runtime/warmup.py): "
                         "no first-compilation stalls inside served steps; ~1 min on one CPU core the first time, "

@@ -19,10 +19,10 @@ points below what its scheduler can do.
 - **a larger young generation** (`young_threshold`, CPython's default 700): a serving process
   allocates thousands of short-lived containers a step (token events, stream messages, asyncio
   futures and coroutines), and the cyclic ones among them (a coroutine and its frame, an
-  exception and its traceback) wait for a collection whose cost is mostly freeing them. With 700
-  the server above collected 470 times a run, 650 ms in all with 58 pauses of 5 ms or more; with
-  20,000, 11 times, 131 ms with 5 (the longest pause 43 ms against 16: fewer, larger pauses, a
-  fifth of the stopped time).
+  exception and its traceback) wait for a collection whose cost is mostly freeing them. Frozen,
+  with 700, the server above collected 515 times in a 95-s run, 1,060 ms in all, 58 pauses of 5 ms
+  or more; with 20,000, 12 times, 164 ms, 5 such pauses (the longest young one 43 ms against 19:
+  fewer, longer pauses, a sixth of the stopped time).
 
 The collector stays on: cycles created while serving are still found.
 
