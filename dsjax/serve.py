@@ -52,6 +52,16 @@ def _share(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 0")
+    return n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dsjax.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -123,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep start-up's objects in the garbage collector's generations (default: frozen once warm, "
                         "so full collections, which stop every engine loop, traverse only what serving allocates; "
                         "serving/gc_pauses.py)")
-    s.add_argument("--gc-young-threshold", type=int, default=gc_pauses.YOUNG_THRESHOLD, metavar="N",
+    s.add_argument("--gc-young-threshold", type=_non_negative, default=gc_pauses.YOUNG_THRESHOLD, metavar="N",
                    help="once warm, collect generation 0 after N net allocations (CPython's default 700; 0 keeps it): "
                         "fewer stop-the-world pauses, a sixth of the stopped time in an emulated 32-device server")
     s.add_argument("--warmup-shapes", action="store_true",

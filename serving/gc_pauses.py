@@ -48,6 +48,8 @@ def quiet_gc(*, freeze: bool = True, young_threshold: int | None = YOUNG_THRESHO
     """After start-up: one full collection, then (with `freeze`) every surviving object moved to
     the permanent generation, and (with `young_threshold`) young collections that rare; None or 0
     keeps the interpreter's thresholds. Returns the number of objects frozen (0 without `freeze`)."""
+    if young_threshold is not None and young_threshold < 0:
+        raise ValueError(f"young_threshold={young_threshold} must be >= 0 (0 keeps the interpreter's)")
     gc.collect()
     if young_threshold:
         _, older, oldest = gc.get_threshold()

@@ -68,3 +68,17 @@ def test_prometheus_exposition():
         pauses.uninstall()
     assert float(text.split('dsjax_gc_collections_total{generation="2"} ')[1].split()[0]) >= 1
     assert 'dsjax_gc_pause_seconds_total{generation="0"}' in text and "dsjax_gc_pause_max_seconds" in text
+
+
+def test_thresholds_are_validated_before_anything_changes():
+    from dsjax.serve import parse_args
+
+    before = gc.get_threshold()
+    with pytest.raises(ValueError, match="young_threshold=-1 must be >= 0"):
+        quiet_gc(young_threshold=-1)
+    assert gc.get_threshold() == before
+    assert parse_args(["--gc-young-threshold", "0"]).gc_young_threshold == 0
+    assert parse_args([]).gc_young_threshold == YOUNG_THRESHOLD and not parse_args([]).no_gc_freeze
+    for bad in ("-5", "many"):
+        with pytest.raises(SystemExit):
+            parse_args(["--gc-young-threshold", bad])
