@@ -60,6 +60,13 @@ def quiet_gc(*, freeze: bool = True, young_threshold: int | None = YOUNG_THRESHO
     return gc.get_freeze_count()
 
 
+def restore_gc(thresholds: tuple[int, int, int]) -> None:
+    """Undo `quiet_gc` (a library caller's process gets its collector back as it was): frozen
+    objects back into the oldest generation, the thresholds `gc.get_threshold()` gave before."""
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
 def serving_ready(*, freeze: bool, young_threshold: int | None, log: logging.Logger) -> None:
     """Start-up and warm-up are over: `quiet_gc`, said in the log."""
     frozen = quiet_gc(freeze=freeze, young_threshold=young_threshold)

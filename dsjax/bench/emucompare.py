@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ from dsjax.bench.prompts import load_bench_requests
 from dsjax.bench.steadystate import STEADY_RATE_FACTORS, steady_run_length, steady_state_goodputs, steady_summary
 from dsjax.bench.steadystate import describe as describe_steady
 from dsjax.bench.sweep import SweepConfig, SweepResult, sweep_target
-from serving.gc_pauses import GCPauses, quiet_gc
+from serving.gc_pauses import GCPauses, quiet_gc, restore_gc
 
 # Each system's scan rates: these factors x the simulator's goodput of its placement on the very
 # traces the runs send (the planner's, on its own 60-s traces, when that finds none), so every
@@ -196,6 +197,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
     # frozen out of its collector's way, so a full collection does not stop it for tens of ms
     # mid-run, late to send and late to stamp tokens (serving/gc_pauses.py; each system's own
     # pauses are in processes.*.client_gc).
+    gc_before = gc.get_threshold()
     quiet_gc()
     for system in cfg.systems:
         t0 = time.perf_counter()
@@ -218,6 +220,7 @@ def run_emulated_compare(ec: EmulatedCompare, *, log: Callable[[str], None] = pr
         log(f"[{system}] goodput {sweeps[system].goodput:.3g} req/s ({sweeps[system].goodput / launched.num_devices:.3g} "
             f"per device); CPU cores used: " + json.dumps({k: round(v, 2) for k, v in used.items()}))
 
+    restore_gc(gc_before)  # the caller's collector as it was (a library call, a test)
     summary = _summarize(cfg, sweeps, processes, sims, sim_goodput, requests, schedule, slos, slo_source,
                          cluster.profile_path, sorted({r for rs in rates.values() for r in rs}), started, regime=None)
     for f in summary["fidelity"]:

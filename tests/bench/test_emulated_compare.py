@@ -63,7 +63,10 @@ def test_cluster_and_slo_validation(tmp_path):
 def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
     """Two real emulated servers (python -m dsjax.serve --emulate), five rates each, the
     simulator beside every run, the summary's keys and the plots."""
+    import gc
+
     out = tmp_path / "cmp"
+    thresholds = gc.get_threshold()
     rc = main(["compare", "--emulate", str(write_profile(tmp_path / "p.json")), "--model", "opt-13b",
                "--workload", "humaneval", "--devices", "2", "--num-requests", "6", "--source-limit", "20",
                "--baseline-profile", str(write_profile(tmp_path / "vllm.json", slower=1.5)),
@@ -71,8 +74,12 @@ def test_two_device_emulated_compare_end_to_end(tmp_path, capsys):
                "--rates", "20,40,60,80,100", "--max-bisections", "0", "--settle-seconds", "0", "--ttft", "0.1", "--tpot", "0.02",
                "--no-progress", "--out", str(out)])
     assert rc == 0
+    # the client quieted its collector for the sweeps and gave it back as it was
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["per_device_goodput"]) == {"disaggregated", "vllm"}
+    for system in ("disaggregated", "vllm"):  # and counted its own pauses while they ran
+        assert set(summary["systems"][system]["client_gc"]) == {"gen0", "gen1", "gen2"}
     assert summary["devices"] == 2 and summary["emulation"]["enough_fidelity_rates"]
     assert summary["emulation"]["fidelity_rates_per_system"] == {"disaggregated": 5, "vllm": 5}
     assert 0 <= summary["max_attainment_gap_points"] <= 100

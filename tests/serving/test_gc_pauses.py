@@ -4,7 +4,7 @@ import gc
 
 import pytest
 
-from serving.gc_pauses import YOUNG_THRESHOLD, GCPauses, quiet_gc
+from serving.gc_pauses import YOUNG_THRESHOLD, GCPauses, quiet_gc, restore_gc
 
 
 @pytest.fixture
@@ -53,6 +53,9 @@ def test_quiet_gc_takes_start_up_objects_out_of_full_collections(unfrozen):
     assert gc.collect() >= 2
     assert quiet_gc(freeze=False, young_threshold=0) == 0 and len(start_up) == 50_000
     assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)  # 0: left as it was
+    restore_gc((700, 10, 10))
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == (700, 10, 10)
+    assert len(gc.get_objects(generation=2)) >= 50_000  # back where a full collection sees them
 
 
 def test_prometheus_exposition():
