@@ -44,7 +44,8 @@ def test_quiet_gc_takes_start_up_objects_out_of_full_collections(unfrozen):
     assert len(gc.get_objects(generation=2)) >= 50_000
     gc.set_threshold(700, 10, 10)
     frozen = quiet_gc()
-    assert frozen >= 50_000 and gc.get_freeze_count() == frozen
+    # (the count only falls from there: a frozen object is still freed when its last reference goes)
+    assert frozen >= 50_000 and 50_000 <= gc.get_freeze_count() <= frozen
     assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)  # young collections rarer, the older ones as they were
     assert len(gc.get_objects(generation=2)) < 1_000  # a full collection now walks almost nothing
     a, b = _Node(), _Node()
