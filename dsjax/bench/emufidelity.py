@@ -123,7 +123,7 @@ def arrival_replay(run, sim, requests, offsets) -> dict[str, Any]:
     request per offset."""
     import numpy as np
 
-    from dsjax.bench.metrics import tpot_s
+    from dsjax.bench.metrics import meets_tpot
 
     results = run.results
     if len(results) != len(offsets) or all(r.server_arrival_s is None for r in results):
@@ -133,11 +133,8 @@ def arrival_replay(run, sim, requests, offsets) -> dict[str, Any]:
     full = sim.result_at(requests, arrivals)
     k0 = run.measured_from
     simulated = dataclasses.replace(full, ttft_s=full.ttft_s[k0:], tpot_s=full.tpot_s[k0:]).attainment
-    ok = []
-    for r in run.measured:
-        tpot = tpot_s(r.record)
-        ok.append(r.record.ok and r.server_ttft_s is not None and r.server_ttft_s <= sim.slos.ttft_s
-                  and (tpot is None or tpot <= sim.slos.tpot_s))
+    ok = [r.server_ttft_s is not None and r.server_ttft_s <= sim.slos.ttft_s and meets_tpot(r.record, sim.slos.tpot_s)
+          for r in run.measured]
     router_side = float(np.mean(ok)) if ok else 1.0
     lag = [r.server_arrival_s - r.scheduled_s for r in results if r.server_arrival_s is not None]
     return {"router_side_attainment": router_side, "simulated_at_arrivals": simulated,
